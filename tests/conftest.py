@@ -1,0 +1,22 @@
+"""Test settings: vmap fallbacks are errors, so a per-member loop can never hide behind vmap."""
+
+import warnings
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _vmap_fallback_is_an_error():
+    """Turn on functorch's fallback warning and make it an error for every test."""
+    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*we have not yet implemented the batching rule.*")
+        yield
+    torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

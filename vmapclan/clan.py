@@ -1,0 +1,557 @@
+"""The Clan: a population of one model, trained in rounds of cooperation and competition."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .data import ClanLoader, LoaderState
+from .genome import ADAMW_GENES, GRAD_ACCUM_GENE, Gene, autobind_genes, check_genome, mutate
+from .optim import AdamWHyper, BatchedAdamW
+from .population import PopulationModel
+from .selection import rank, truncation_sources, winner_sources
+
+__all__ = ["Clan", "Member", "DivergenceError", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_HYPER_FIELDS = dict(zip(ADAMW_GENES, AdamWHyper._fields))  # gene name -> AdamWHyper field
+COOPERATIVE, COMPETITIVE = "cooperative", "competitive"
+
+
+class DivergenceError(RuntimeError):
+    """Every member's validation loss is NaN or infinite: there is no member to select."""
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Clan: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def competitive_steps(round_length: int, duty_cycle: float) -> int:
+    """``C = max(1, floor(duty_cycle * round_length + 0.5))``: competitive steps per round."""
+    return max(1, math.floor(duty_cycle * round_length + 0.5))
+
+
+def _check_optimizer(optimizer, model: nn.Module) -> None:
+    if not isinstance(optimizer, torch.optim.AdamW):
+        raise TypeError(
+            f"Clan: the optimizer must be torch.optim.AdamW (the population trains with a batched AdamW), "
+            f"got {type(optimizer).__name__}"
+        )
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(f"Clan: the AdamW must have one param group, got {len(optimizer.param_groups)}")
+    group = optimizer.param_groups[0]
+    for flag in ("amsgrad", "maximize"):
+        if group.get(flag):
+            raise ValueError(f"Clan: AdamW({flag}=True) is not supported by the batched AdamW")
+    in_optimizer = {id(p) for p in group["params"]}
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for i, n in trainable.items() if i not in in_optimizer]
+    if missing:
+        raise ValueError(f"Clan: parameters missing from the optimizer: {missing}")
+    if len(in_optimizer - set(trainable)) > 0:
+        raise ValueError("Clan: the optimizer holds tensors that are not trainable parameters of the model")
+
+
+class Clan:
+    """A population of P members of one model, evolving their hyperparameters in rounds.
+
+    Training time is a sequence of rounds of ``round_length`` steps (``member.step()`` calls).
+    The first ``round_length - C`` steps are *cooperative*: all members hold the same weights and
+    the incumbent genome, each gets its own shard of data, and ``sync_context()`` averages
+    their gradients (data-parallel training at batch ``P x B``). The last
+    ``C = max(1, floor(duty_cycle * round_length + 0.5))`` steps are *competitive*: each member
+    trains with its own genome (member 0 the incumbent, the others mutations of it) on the same
+    data. ``clan.step(val_losses)`` then selects: with ``selection="winner"`` every member takes
+    the best member's parameters, buffers and optimizer state, and its genome becomes the
+    incumbent.
+
+    Args:
+        model: The model to train (copied; the original is not trained in place). ``None``
+            makes a genome-only clan that evolves genes for the user's own training code.
+        optimizer: A ``torch.optim.AdamW`` over ``model``'s trainable parameters, one param group.
+            Its values seed the incumbent genome and fix the hyperparameters that are not genes.
+        population_size: P.
+        round_length: Steps per round.
+        duty_cycle: Fraction of the round that is competitive, in (0, 1]. ``1.0`` is classic
+            PBT (always competitive).
+        autobind: ``"adamw"`` adds genes lr, weight_decay, betas/0, betas/1, eps;
+            ``"gradient_accumulation"`` adds num_grad_accum.
+        genome_config: ``{name: Gene | dict}``: more genes, or overrides of autobound ones (a dict
+            updates the autobound spec's fields).
+        selection: ``"winner"`` (default), ``"truncation"`` (bottom quantile copies the top, then
+            mutates; needs ``duty_cycle=1``) or ``None`` (a vectorized sweep; needs ``duty_cycle=1``).
+        truncation_fraction: The quantile for ``"truncation"``, in (0, 0.5].
+        init: ``"copy"`` or ``"independent"`` member weights (see :class:`PopulationModel`).
+        seed: Seeds mutations, independent init and the loader's permutations.
+        device: Where the members live (default: the model's device).
+
+    Example:
+        >>> clan = Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
+        ...             population_size=8, round_length=100, duty_cycle=0.2, autobind=["adamw"])  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
+                 population_size: int = 8, round_length: int = 1000, duty_cycle: float = 0.15,
+                 autobind: Sequence[str] | str = (), genome_config: Mapping | None = None,
+                 selection: str | None = "winner", truncation_fraction: float = 0.25, init: str = "copy",
+                 seed: int = 0, device: torch.device | str | None = None):
+        self.population_size = _positive_int(population_size, "population_size")
+        self.round_length = _positive_int(round_length, "round_length")
+        if isinstance(duty_cycle, bool) or not isinstance(duty_cycle, (int, float)) or not 0 < duty_cycle <= 1:
+            raise ValueError(f"Clan: duty_cycle must be in (0, 1], got {duty_cycle!r}")
+        self.duty_cycle = float(duty_cycle)
+        self.competitive_steps = competitive_steps(round_length, duty_cycle)
+        self.cooperative_steps = round_length - self.competitive_steps
+        if self.duty_cycle < 1 and self.cooperative_steps < 1:
+            raise ValueError(
+                f"Clan: round_length={round_length} with duty_cycle={duty_cycle} leaves no cooperative step "
+                f"({self.competitive_steps} competitive); use a longer round or duty_cycle=1.0"
+            )
+        if selection not in ("winner", "truncation", None):
+            raise ValueError(f"Clan: selection must be 'winner', 'truncation' or None, got {selection!r}")
+        if selection is not None and self.population_size < 2:
+            raise ValueError(f"Clan: selection={selection!r} needs population_size >= 2, got {population_size}")
+        if selection != "winner" and self.duty_cycle != 1:
+            raise ValueError(
+                f"Clan: selection={selection!r} keeps members that differ, so it needs duty_cycle=1.0 "
+                f"(a cooperative phase averages gradients over identical members), got {duty_cycle}"
+            )
+        if not 0 < truncation_fraction <= 0.5:
+            raise ValueError(f"Clan: truncation_fraction must be in (0, 0.5], got {truncation_fraction!r}")
+        self.selection, self.truncation_fraction = selection, float(truncation_fraction)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"Clan: seed must be an int, got {type(seed).__name__}")
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+        if model is None and optimizer is not None:
+            raise ValueError("Clan: an optimizer was given without a model")
+        if model is not None and optimizer is None:
+            raise ValueError("Clan: a model needs its optimizer (a torch.optim.AdamW over its parameters)")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"Clan: model must be an nn.Module, got {type(model).__name__}")
+        if model is not None:
+            _check_optimizer(optimizer, model)
+        self.genes = self._gene_specs(autobind, optimizer, genome_config)
+        self.incumbent = {n: torch.tensor(g.init, dtype=g.torch_dtype) for n, g in self.genes.items()}
+        self.genomes = {n: v.expand(self.population_size).clone() for n, v in self.incumbent.items()}
+        if selection is not None:
+            challengers = torch.arange(self.population_size) > 0
+            self.genomes = mutate(self.genomes, self.genes, self._generator, mask=challengers)
+
+        self.population: PopulationModel | None = None
+        self.optimizer: BatchedAdamW | None = None
+        if model is not None:
+            self.population = PopulationModel(model, self.population_size, init=init, generator=self._generator,
+                                              device=device)
+            self.device = self.population.device
+            group = optimizer.param_groups[0]
+            constants = {"lr": group["lr"], "weight_decay": group["weight_decay"], "betas/0": group["betas"][0],
+                         "betas/1": group["betas"][1], "eps": group["eps"]}
+            hyper = AdamWHyper(**{
+                field: torch.full((self.population_size,), float(constants[gene]), dtype=torch.float64,
+                                  device=self.device)
+                for gene, field in _HYPER_FIELDS.items()
+            })
+            accum = (torch.ones(self.population_size, dtype=torch.long, device=self.device)
+                     if GRAD_ACCUM_GENE in self.genes else None)
+            self.optimizer = BatchedAdamW(self.population, hyper, accum)
+            for leaf in self.population.parameters():
+                leaf.register_post_accumulate_grad_hook(self._check_backward_synced)
+        else:
+            self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+        loader_seed = int(torch.randint(2**62, (1,), generator=self._generator).item())
+        self._loader_state = LoaderState(torch.Generator().manual_seed(loader_seed))
+        self._round = 0
+        self._round_step = 0
+        self._global_step = 0
+        self._syncing = False
+        self.history: list[dict] = []
+        self._apply_genes()
+
+    # -- genes ----------------------------------------------------------------------------------
+    @staticmethod
+    def _gene_specs(autobind, optimizer, genome_config) -> dict[str, Gene]:
+        genes = autobind_genes(autobind, optimizer)
+        for name, spec in (genome_config or {}).items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"Clan: gene names must be non-empty strings, got {name!r}")
+            if isinstance(spec, Mapping):
+                base = genes.get(name)
+                try:
+                    spec = dataclasses.replace(base, **spec) if base is not None else Gene(**spec)
+                except TypeError as err:
+                    raise ValueError(f"Clan: genome_config[{name!r}]: {err}") from None
+            elif not isinstance(spec, Gene):
+                raise TypeError(f"Clan: genome_config[{name!r}] must be a Gene or a dict, got {type(spec).__name__}")
+            if spec.init is None:
+                bound = genes.get(name)
+                init = bound.init if bound is not None and bound.init is not None else spec.default_init()
+                spec = dataclasses.replace(spec, init=init)
+            genes[name] = spec
+        return genes
+
+    def _genes_in_force(self) -> dict[str, torch.Tensor]:
+        if self.phase == COOPERATIVE:
+            return {n: v.expand(self.population_size) for n, v in self.incumbent.items()}
+        return dict(self.genomes)
+
+    def _apply_genes(self) -> None:
+        """Write the genes in force into the optimizer's ``[P]`` hyperparameter tensors."""
+        if self.optimizer is None:
+            return
+        genes = self._genes_in_force()
+        for gene, field in _HYPER_FIELDS.items():
+            if gene in genes:
+                getattr(self.optimizer.hyper, field).copy_(genes[gene])
+        if GRAD_ACCUM_GENE in genes:
+            self.optimizer.num_grad_accum.copy_(genes[GRAD_ACCUM_GENE])
+
+    def set_genome(self, name: str, values) -> None:
+        """Set gene ``name`` of every member (``[P]`` values within the gene's bounds), e.g. for a sweep.
+
+        The values take effect at once in the competitive phase (and in the next one otherwise).
+        """
+        if name not in self.genes:
+            raise ValueError(f"Clan.set_genome: unknown gene {name!r}; the genes are {sorted(self.genes)}")
+        values = torch.as_tensor(values, dtype=self.genes[name].torch_dtype).flatten()
+        check_genome({name: values}, {name: self.genes[name]}, self.population_size)
+        self.genomes[name] = values.clone()
+        self._apply_genes()
+
+    # -- the round clock --------------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        """``"cooperative"`` or ``"competitive"``: the phase of the current step."""
+        return COOPERATIVE if self._round_step < self.cooperative_steps else COMPETITIVE
+
+    def _next_phase(self) -> str:
+        return self.phase
+
+    @property
+    def round_index(self) -> int:
+        """Rounds completed so far (the current round's number, from 0)."""
+        return self._round
+
+    @property
+    def step_in_round(self) -> int:
+        """``member.step()`` calls so far in the current round."""
+        return self._round_step
+
+    @property
+    def global_step(self) -> int:
+        """``member.step()`` calls since the start."""
+        return self._global_step
+
+    @property
+    def round_done(self) -> bool:
+        """Whether the current round has run all its steps (time for ``clan.step``)."""
+        return self._round_step >= self.round_length
+
+    def round(self) -> Member:
+        """The view of the current round. No side effects: calling it twice gives equal views."""
+        return Member(self, self._round)
+
+    def loader(self, dataset, batch_size: int, *, device: torch.device | str | None = None) -> ClanLoader:
+        """A loader yielding ``[P, B, ...]`` batches as the phase requires (see :class:`ClanLoader`)."""
+        return ClanLoader(self, dataset, batch_size, device=device)
+
+    def _advance(self) -> None:
+        if self.round_done:
+            raise RuntimeError(
+                f"member.step(): round {self._round} is done ({self.round_length} steps); "
+                "call clan.step(val_losses) and take the next member from clan.round()"
+            )
+        self._round_step += 1
+        self._global_step += 1
+        if self._round_step == self.cooperative_steps:
+            self._apply_genes()  # entering the competitive phase: each member's own genome
+
+    def _check_backward_synced(self, _leaf) -> None:
+        if self.phase == COOPERATIVE and not self._syncing:
+            raise RuntimeError(
+                "backward ran outside member.sync_context() in the cooperative phase: members would drift apart; "
+                "wrap it as `with member.sync_context(): loss.sum().backward()`"
+            )
+
+    @contextlib.contextmanager
+    def _sync_context(self):
+        self._syncing = True
+        try:
+            yield
+        finally:
+            self._syncing = False
+        if self.population is not None and self.phase == COOPERATIVE:
+            with torch.no_grad():
+                grads = self.population.grad_flat
+                grads.copy_(grads.mean(0, keepdim=True).expand_as(grads))
+
+    # -- selection ------------------------------------------------------------------------------
+    def _check_losses(self, val_losses) -> torch.Tensor:
+        if not isinstance(val_losses, torch.Tensor):
+            try:
+                val_losses = torch.as_tensor(val_losses, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(
+                    f"clan.step: val_losses must be a tensor of shape [{self.population_size}], "
+                    f"got {type(val_losses).__name__}"
+                ) from None
+        if val_losses.shape != (self.population_size,):
+            raise ValueError(
+                f"clan.step: val_losses must have shape [{self.population_size}] (one loss per member), "
+                f"got {list(val_losses.shape)}"
+            )
+        if not (val_losses.is_floating_point() or val_losses.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"clan.step: val_losses must be real numbers, got dtype {val_losses.dtype}")
+        return val_losses.detach().to("cpu", torch.float64)
+
+    def step(self, val_losses) -> dict:
+        """End the round: select on ``val_losses`` ([P], lower is better), mutate, start the next round.
+
+        Non-finite losses rank last; ties go to the lowest index. Returns the round's history record.
+
+        Raises:
+            RuntimeError: if the round is not done.
+            ValueError, TypeError: for losses of the wrong shape or type.
+            DivergenceError: if every loss is NaN or infinite.
+        """
+        if not self.round_done:
+            raise RuntimeError(
+                f"clan.step() called at step {self._round_step} of {self.round_length} in round {self._round}: "
+                "the round is not done (check member.done)"
+            )
+        losses = self._check_losses(val_losses)
+        order = rank(losses)
+        if not math.isfinite(losses[order[0]].item()):
+            raise DivergenceError(
+                f"clan.step: every member's validation loss is NaN or infinite in round {self._round}: "
+                f"{losses.tolist()}"
+            )
+        best = order[0]
+        used = {n: v.tolist() for n, v in self.genomes.items()}
+        identity = torch.arange(self.population_size)
+        if self.selection == "winner":
+            sources = winner_sources(order)
+            self.incumbent = {n: v[best].clone() for n, v in self.genomes.items()}
+            genomes = {n: v.expand(self.population_size).clone() for n, v in self.incumbent.items()}
+            self.genomes = mutate(genomes, self.genes, self._generator, mask=identity > 0)
+        elif self.selection == "truncation":
+            sources = truncation_sources(order, self.truncation_fraction, self._generator)
+            self.incumbent = {n: v[best].clone() for n, v in self.genomes.items()}
+            copied = {n: v[sources] for n, v in self.genomes.items()}
+            self.genomes = mutate(copied, self.genes, self._generator, mask=sources != identity)
+        else:
+            sources = identity
+            self.incumbent = {n: v[best].clone() for n, v in self.genomes.items()}
+        if self.population is not None and not torch.equal(sources, identity):
+            self.population.gather_(sources)
+            self.optimizer.gather_(sources)
+        record = {
+            "round": self._round,
+            "step": self._global_step,
+            "genomes": used,
+            "val_losses": losses.tolist(),
+            "winner": best,
+            "incumbent": {n: v.item() for n, v in self.incumbent.items()},
+        }
+        self.history.append(record)
+        self._round += 1
+        self._round_step = 0
+        self._apply_genes()
+        return record
+
+    # -- results ----------------------------------------------------------------------------------
+    def best_model(self) -> nn.Module:
+        """A new plain ``nn.Module`` with member 0's current weights (after selection, the winner's)."""
+        if self.population is None:
+            raise ValueError("Clan.best_model: this clan has no model (a genome-only clan)")
+        return self.population.member_module(0)
+
+    # -- state ------------------------------------------------------------------------------------
+    def _config(self) -> dict:
+        return {
+            "population_size": self.population_size,
+            "round_length": self.round_length,
+            "duty_cycle": self.duty_cycle,
+            "selection": self.selection,
+            "truncation_fraction": self.truncation_fraction,
+            "genes": {n: dataclasses.asdict(g) for n, g in self.genes.items()},
+        }
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly, as a plain dict of tensors and values.
+
+        Includes weights, gradients (partial accumulation sums), buffers, optimizer moments and
+        counters, genomes, the incumbent, the round clock, the loader's position, the clan's
+        generators, torch's global RNG state (dropout under vmap draws from it) and the history.
+        """
+        state = {
+            "format_version": FORMAT_VERSION,
+            "config": self._config(),
+            "round": self._round,
+            "round_step": self._round_step,
+            "global_step": self._global_step,
+            "genomes": {n: v.clone() for n, v in self.genomes.items()},
+            "incumbent": {n: v.clone() for n, v in self.incumbent.items()},
+            "generator": self._generator.get_state(),
+            "loader": self._loader_state.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "history": copy.deepcopy(self.history),
+            "model": None,
+            "optimizer": None,
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.population is not None:
+            pop = self.population
+            state["model"] = {
+                "shapes": {n: list(s) for n, s in pop.shapes.items()},
+                "params": pop.flat.detach().clone(),
+                "grads": pop.grad_flat.clone(),
+                "buffers": {n: b.clone() for n, b in pop.buffers.items()},
+            }
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a :meth:`state_dict`, in place (the loader, member views and optimizer stay valid).
+
+        Also restores torch's global RNG state, so dropout continues as in the saved run.
+
+        Raises:
+            ValueError: for another format version, clan configuration or model.
+        """
+        if not isinstance(state, Mapping) or "format_version" not in state:
+            raise ValueError("Clan.load_state_dict: not a vmapclan state dict (no 'format_version')")
+        if state["format_version"] != FORMAT_VERSION:
+            raise ValueError(
+                f"Clan.load_state_dict: checkpoint format version {state['format_version']!r}, "
+                f"this vmapclan reads version {FORMAT_VERSION}"
+            )
+        mine, theirs = self._config(), state["config"]
+        for key in mine:
+            if mine[key] != theirs.get(key):
+                raise ValueError(f"Clan.load_state_dict: the checkpoint's {key} is {theirs.get(key)!r}, this clan's is {mine[key]!r}")
+        saved_model = state["model"]
+        if (saved_model is None) != (self.population is None):
+            raise ValueError("Clan.load_state_dict: the checkpoint and this clan disagree on having a model")
+        if self.population is not None:
+            pop = self.population
+            shapes = {n: list(s) for n, s in pop.shapes.items()}
+            if saved_model["shapes"] != shapes or set(saved_model["buffers"]) != set(pop.buffers):
+                raise ValueError(
+                    "Clan.load_state_dict: the checkpoint is of another model: parameters "
+                    f"{saved_model['shapes']} vs this model's {shapes}"
+                )
+            with torch.no_grad():
+                pop.flat.copy_(saved_model["params"])
+                pop.grad_flat.copy_(saved_model["grads"])
+                for n, b in pop.buffers.items():
+                    b.copy_(saved_model["buffers"][n])
+            self.optimizer.load_state_dict(state["optimizer"])
+        check_genome(state["genomes"], self.genes, self.population_size)
+        self.genomes = {n: v.clone() for n, v in state["genomes"].items()}
+        self.incumbent = {n: v.clone() for n, v in state["incumbent"].items()}
+        self._round, self._round_step, self._global_step = state["round"], state["round_step"], state["global_step"]
+        self._generator.set_state(state["generator"])
+        self._loader_state.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.history = copy.deepcopy(state["history"])
+        self._apply_genes()
+
+
+class Member:
+    """This round's view of the population: model, optimizer, genes and the round clock.
+
+    Obtained from :meth:`Clan.round`; it goes stale when the round ends (``clan.step``), and
+    using a stale member is an error.
+
+    Attributes:
+        model: The :class:`PopulationModel` (``None`` for a genome-only clan).
+        optimizer: The :class:`BatchedAdamW` (``None`` for a genome-only clan).
+    """
+
+    def __init__(self, clan: Clan, round_index: int):
+        self._clan = clan
+        self._round = round_index
+
+    def _live(self) -> Clan:
+        if self._round != self._clan._round:
+            raise RuntimeError(
+                f"stale member: it belongs to round {self._round} but the clan is in round {self._clan._round}; "
+                "take the current one from clan.round()"
+            )
+        return self._clan
+
+    @property
+    def model(self) -> PopulationModel | None:
+        """The stacked model; call it with ``[P, B, ...]`` inputs."""
+        return self._live().population
+
+    @property
+    def optimizer(self) -> BatchedAdamW | None:
+        """The batched AdamW."""
+        return self._live().optimizer
+
+    @property
+    def phase(self) -> str:
+        """``"cooperative"`` or ``"competitive"``."""
+        return self._live().phase
+
+    @property
+    def done(self) -> bool:
+        """Whether this round has run all its steps: time to validate and call ``clan.step``."""
+        return self._live().round_done
+
+    @property
+    def round_index(self) -> int:
+        """The round this member view belongs to."""
+        return self._round
+
+    def step(self) -> None:
+        """Advance the round clock by one step (call once per batch, after the optimizer)."""
+        self._live()._advance()
+
+    def sync_context(self):
+        """Context for ``backward()``: in the cooperative phase, averages gradients over members on exit.
+
+        In the competitive phase it does nothing. A backward outside it in the cooperative
+        phase is an error.
+        """
+        return self._live()._sync_context()
+
+    @property
+    def genome(self) -> dict[str, torch.Tensor]:
+        """Every gene in force, ``{name: [P]}`` (the incumbent broadcast when cooperating)."""
+        return self._live()._genes_in_force()
+
+    def get_gene(self, name: str) -> torch.Tensor:
+        """Gene ``name`` in force for each member, ``[P]`` on the CPU (``long`` for integer genes).
+
+        Raises:
+            ValueError: for a gene the clan does not have.
+        """
+        genes = self.genome
+        if name not in genes:
+            raise ValueError(f"member.get_gene: unknown gene {name!r}; the genes are {sorted(genes)}")
+        return genes[name]
+
+    def share(self, data):
+        """``data`` with a member dimension, as a view: every member sees the same values."""
+        clan = self._live()
+        if clan.population is not None:
+            return clan.population.share(data)
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"member.share: expected a tensor, got {type(data).__name__}")
+        return data.unsqueeze(0).expand(clan.population_size, *data.shape)

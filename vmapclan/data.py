@@ -1,0 +1,118 @@
+"""The clan's data loader: disjoint shards when cooperating, one common window when competing."""
+
+from __future__ import annotations
+
+import dataclasses
+import einops
+import optree
+import torch
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+__all__ = ["ClanLoader", "LoaderState"]
+
+
+@dataclasses.dataclass
+class LoaderState:
+    """Where the loader stands in its epoch; part of the clan's state.
+
+    Attributes:
+        generator: CPU generator drawing each epoch's permutation.
+        perm: The current epoch's permutation, or ``None`` between epochs.
+        position: How many samples of ``perm`` were handed out.
+        epoch: Epochs started so far.
+    """
+
+    generator: torch.Generator
+    perm: torch.Tensor | None = None
+    position: int = 0
+    epoch: int = 0
+
+    def state_dict(self) -> dict:
+        """Plain-dict form (generator state included)."""
+        return {"generator": self.generator.get_state(), "perm": self.perm, "position": self.position,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.generator.set_state(state["generator"])
+        self.perm, self.position, self.epoch = state["perm"], int(state["position"]), int(state["epoch"])
+
+
+class ClanLoader:
+    """Yields batches with a member dimension, ``[P, B, ...]``, as the clan's phase requires.
+
+    Made by :meth:`Clan.loader`. One pass over it is one epoch of a fresh random permutation;
+    for each batch it asks the clan which phase the next step is in:
+
+    - cooperative: the next ``P * B`` samples, member ``i`` taking the ``i``-th block of ``B``
+      (disjoint shards; together one data-parallel batch of ``P * B``);
+    - competitive: the next ``B`` samples, shared by every member as an expanded view (no copy).
+
+    The epoch ends when fewer samples remain than the next step needs, so no sample repeats
+    within an epoch. The position and the generator belong to the clan (saved by
+    ``clan.state_dict()``), so a loader made after ``clan.load_state_dict`` continues where the
+    saved one stopped, and breaking out of a loop and iterating again continues the epoch.
+
+    ``TensorDataset`` (or a tuple of tensors) is indexed directly; any map-style ``Dataset`` works
+    through ``default_collate``.
+    """
+
+    def __init__(self, clan, dataset, batch_size: int, *, device: torch.device | str | None = None):
+        if isinstance(dataset, (tuple, list)) and dataset and all(isinstance(t, torch.Tensor) for t in dataset):
+            dataset = TensorDataset(*dataset)
+        if not (isinstance(dataset, Dataset) or hasattr(dataset, "__getitem__")) or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"clan.loader: expected a map-style Dataset (with __len__ and __getitem__) or a tuple of tensors, "
+                f"got {type(dataset).__name__}"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"clan.loader: batch_size must be a positive int, got {batch_size!r}")
+        self.clan, self.dataset, self.batch_size = clan, dataset, batch_size
+        self.device = torch.device(device) if device is not None else clan.device
+        p = clan.population_size
+        smallest = batch_size * (p if clan.cooperative_steps > 0 else 1)
+        if len(dataset) < smallest:
+            raise ValueError(
+                f"clan.loader: the dataset has {len(dataset)} samples, fewer than one step needs "
+                f"({smallest} = {'population_size x ' if clan.cooperative_steps else ''}batch_size)"
+            )
+
+    @property
+    def state(self) -> LoaderState:
+        """The clan's loader state (shared by every loader of the clan)."""
+        return self.clan._loader_state
+
+    def __iter__(self):
+        state = self.state
+        n, p, b = len(self.dataset), self.clan.population_size, self.batch_size
+        while True:
+            if state.perm is None or state.perm.numel() != n:
+                state.perm = torch.randperm(n, generator=state.generator)
+                state.position = 0
+                state.epoch += 1
+            cooperative = self.clan._next_phase() == "cooperative"
+            need = p * b if cooperative else b
+            if n - state.position < need:
+                state.perm = None  # epoch over: the next pass draws a new permutation
+                return
+            index = state.perm[state.position:state.position + need]
+            state.position += need
+            batch = self._fetch(index)
+            if cooperative:
+                yield optree.tree_map(lambda t: einops.rearrange(t, "(p b) ... -> p b ...", p=p), batch)
+            else:
+                yield optree.tree_map(lambda t: t.unsqueeze(0).expand(p, *t.shape), batch)
+
+    def _fetch(self, index: torch.Tensor):
+        if isinstance(self.dataset, TensorDataset):
+            batch = tuple(t[index.to(t.device)] for t in self.dataset.tensors)
+        else:
+            batch = default_collate([self.dataset[i] for i in index.tolist()])
+        return optree.tree_map(
+            lambda t: t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch
+        )
+
+    def steps_per_epoch(self) -> int:
+        """Batches in one epoch if every step were cooperative (a lower bound when some compete)."""
+        p = self.clan.population_size if self.clan.cooperative_steps > 0 else 1
+        return len(self.dataset) // (p * self.batch_size)

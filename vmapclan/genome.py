@@ -1,0 +1,209 @@
+"""Genes: hyperparameters that evolve, their bounds, and how they mutate.
+
+A genome is a dict ``{name: tensor[P]}`` holding one value per member (``float64`` for float
+genes, ``torch.long`` for integer genes). Mutation is a pure function of the genome, the gene
+specs and random draws from an explicit ``torch.Generator``, so a run is reproducible from its
+seed and a mutation can never leave a gene's bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+
+__all__ = ["Gene", "ADAMW_GENES", "GRAD_ACCUM_GENE", "autobind_genes", "mutate", "check_genome"]
+
+Scale = Literal["log", "linear", "log1m"]
+
+ADAMW_GENES = ("lr", "weight_decay", "betas/0", "betas/1", "eps")
+GRAD_ACCUM_GENE = "num_grad_accum"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gene:
+    """One evolvable hyperparameter.
+
+    Args:
+        low: Smallest allowed value (inclusive).
+        high: Largest allowed value (inclusive).
+        init: Starting value of the incumbent. ``None`` takes the value bound from the optimizer
+            or, for user genes, the midpoint of the bounds in the gene's scale.
+        scale: Space in which the gene moves. ``"log"`` multiplies the value by a factor,
+            ``"linear"`` multiplies it too (so 0 stays 0 unless resampled, as in classic PBT),
+            ``"log1m"`` multiplies ``1 - value`` (for momentum-like genes close to 1).
+        dtype: ``"float"`` or ``"int"``. Integer genes move by at least one step when perturbed.
+        factors: Perturbation factors; each mutation picks one uniformly at random.
+        resample_prob: Probability that a mutation draws a fresh value uniformly in the gene's
+            scale instead of perturbing.
+
+    Example:
+        >>> Gene(1e-5, 1e-1, init=1e-3)  # a log-scale learning rate
+        Gene(low=1e-05, high=0.1, init=0.001, scale='log', dtype='float', factors=(0.8, 1.25), resample_prob=0.0)
+    """
+
+    low: float
+    high: float
+    init: float | None = None
+    scale: Scale = "log"
+    dtype: Literal["float", "int"] = "float"
+    factors: tuple[float, ...] = (0.8, 1.25)
+    resample_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.scale not in ("log", "linear", "log1m"):
+            raise ValueError(f"Gene: scale must be 'log', 'linear' or 'log1m', got {self.scale!r}")
+        if self.dtype not in ("float", "int"):
+            raise ValueError(f"Gene: dtype must be 'float' or 'int', got {self.dtype!r}")
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"Gene: {name} must be a finite number, got {value!r}")
+        if not self.low < self.high:
+            raise ValueError(f"Gene: bounds must satisfy low < high, got low={self.low!r}, high={self.high!r}")
+        if self.scale == "log" and self.low <= 0:
+            raise ValueError(f"Gene: a log-scale gene needs low > 0, got low={self.low!r}")
+        if self.scale == "log1m" and self.high >= 1:
+            raise ValueError(f"Gene: a log1m-scale gene needs high < 1, got high={self.high!r}")
+        if self.dtype == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"Gene: an int gene needs integer bounds, got low={self.low!r}, high={self.high!r}")
+        factors = tuple(self.factors)
+        if not factors or any(not (isinstance(f, (int, float)) and f > 0 and math.isfinite(f)) for f in factors):
+            raise ValueError(f"Gene: factors must be a non-empty tuple of positive numbers, got {self.factors!r}")
+        if all(f == 1 for f in factors):
+            raise ValueError(f"Gene: factors {self.factors!r} never change the value; give at least one factor != 1")
+        object.__setattr__(self, "factors", factors)
+        if not 0.0 <= self.resample_prob <= 1.0:
+            raise ValueError(f"Gene: resample_prob must be in [0, 1], got {self.resample_prob!r}")
+        if self.init is not None:
+            self.check_value(self.init, "init")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``torch.long`` for integer genes, ``torch.float64`` for float genes."""
+        return torch.long if self.dtype == "int" else torch.float64
+
+    def check_value(self, value: float, what: str = "value") -> None:
+        """Raise ``ValueError`` if ``value`` lies outside ``[low, high]``."""
+        if not (self.low <= value <= self.high):
+            raise ValueError(f"Gene: {what} {value!r} is outside the bounds [{self.low!r}, {self.high!r}]")
+
+    def default_init(self) -> float:
+        """The midpoint of the bounds in the gene's scale (rounded for integer genes)."""
+        lo, hi = self._to_unit(torch.tensor([self.low, self.high], dtype=torch.float64))
+        mid = self._from_unit((lo + hi) / 2).item()
+        return float(round(mid)) if self.dtype == "int" else mid
+
+    def _to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale == "log":
+            return x.log()
+        if self.scale == "log1m":
+            return torch.log1p(-x)
+        return x
+
+    def _from_unit(self, u: torch.Tensor) -> torch.Tensor:
+        if self.scale == "log":
+            return u.exp()
+        if self.scale == "log1m":
+            return -torch.expm1(u)
+        return u
+
+
+def autobind_genes(names, optimizer: torch.optim.Optimizer | None) -> dict[str, Gene]:
+    """The genes that ``autobind`` names create, seeded from the user's optimizer.
+
+    ``"adamw"`` binds ``lr``, ``weight_decay``, ``betas/0``, ``betas/1`` and ``eps`` with bounds
+    around the optimizer's values (two decades either side for lr, weight decay and eps; one
+    decade of ``1 - beta``); ``"gradient_accumulation"`` binds ``num_grad_accum`` in ``[1, 8]``.
+
+    Raises:
+        ValueError: for an unknown name, or ``"adamw"`` without an AdamW optimizer.
+    """
+    if isinstance(names, str):
+        names = [names]
+    genes: dict[str, Gene] = {}
+    for name in names:
+        if name == "adamw":
+            if not isinstance(optimizer, torch.optim.AdamW):
+                raise ValueError(
+                    "Clan: autobind=['adamw'] needs optimizer=torch.optim.AdamW(...), "
+                    f"got {type(optimizer).__name__ if optimizer is not None else None}"
+                )
+            group = optimizer.param_groups[0]
+            lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+            beta1, beta2 = (float(b) for b in group["betas"])
+            genes["lr"] = Gene(lr / 100, lr * 100, init=lr)
+            genes["weight_decay"] = (
+                Gene(wd / 100, wd * 100, init=wd) if wd > 0 else Gene(0.0, 1.0, init=0.0, scale="linear")
+            )
+            for key, beta in (("betas/0", beta1), ("betas/1", beta2)):
+                # 1 - beta may grow 10x (capped at 0.5, i.e. beta >= 0.5) or shrink 10x.
+                lo = 1 - max(min((1 - beta) * 10, 0.5), 1 - beta)
+                hi = 1 - (1 - beta) / 10
+                genes[key] = Gene(lo, hi, init=beta, scale="log1m")
+            genes["eps"] = Gene(eps / 100, eps * 100, init=eps)
+        elif name == "gradient_accumulation":
+            genes[GRAD_ACCUM_GENE] = Gene(1, 8, init=1, scale="linear", dtype="int")
+        else:
+            raise ValueError(f"Clan: unknown autobind name {name!r}; expected 'adamw' or 'gradient_accumulation'")
+    return genes
+
+
+def mutate(genome: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], generator: torch.Generator,
+           mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Return a mutated copy of ``genome``; members where ``mask`` is False keep their values.
+
+    Each gene of each member is resampled uniformly in the gene's scale with probability
+    ``resample_prob``, else multiplied by one of ``factors`` (in the gene's scale; integer genes
+    move by at least one step), then clipped to ``[low, high]``. The random draws come from
+    ``generator`` in a fixed order (genes in ``specs`` order), so the result depends only on the
+    generator's state.
+
+    Args:
+        genome: ``{name: tensor[P]}`` on the CPU.
+        specs: The gene specs, same names as ``genome``.
+        generator: A CPU ``torch.Generator``.
+        mask: Optional ``bool[P]``: which members mutate (default: all).
+
+    Returns:
+        A new genome dict.
+    """
+    out = {}
+    for name, spec in specs.items():
+        x = genome[name]
+        p = x.shape[0]
+        coin = torch.rand(p, generator=generator, dtype=torch.float64)
+        pick = torch.randint(len(spec.factors), (p,), generator=generator)
+        uniform = torch.rand(p, generator=generator, dtype=torch.float64)
+        xf = x.to(torch.float64)
+        factor = torch.tensor(spec.factors, dtype=torch.float64)[pick]
+        if spec.scale == "linear":
+            perturbed = xf * factor
+        else:
+            perturbed = spec._from_unit(spec._to_unit(xf) + factor.log())
+        lo_u, hi_u = spec._to_unit(torch.tensor([spec.low, spec.high], dtype=torch.float64))
+        resampled = spec._from_unit(lo_u + (hi_u - lo_u) * uniform)
+        if spec.dtype == "int":
+            perturbed = perturbed.round()
+            stuck = perturbed == xf  # a factor too small to move an integer: take one step its way
+            perturbed = torch.where(stuck, xf + factor.log().sign(), perturbed)
+            resampled = (spec.low + (uniform * (spec.high - spec.low + 1)).floor()).clamp(max=spec.high)
+        new = torch.where(coin < spec.resample_prob, resampled, perturbed).clamp(spec.low, spec.high)
+        new = new.to(spec.torch_dtype)
+        out[name] = new if mask is None else torch.where(mask, new, x)
+    return out
+
+
+def check_genome(genome: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], population_size: int) -> None:
+    """Raise ``ValueError`` unless ``genome`` has exactly the genes of ``specs``, shape ``[P]``, in bounds."""
+    if set(genome) != set(specs):
+        raise ValueError(f"genome has genes {sorted(genome)}, expected {sorted(specs)}")
+    for name, spec in specs.items():
+        values = genome[name]
+        if values.shape != (population_size,):
+            raise ValueError(f"gene {name!r}: expected shape [{population_size}], got {list(values.shape)}")
+        if not bool(((values >= spec.low) & (values <= spec.high)).all()):
+            raise ValueError(f"gene {name!r}: values {values.tolist()} leave the bounds [{spec.low}, {spec.high}]")

@@ -1,0 +1,195 @@
+"""Batched AdamW: one AdamW per member, each with its own hyperparameters, in a few tensor ops.
+
+``torch.optim.AdamW`` takes one set of hyperparameters per parameter group; a population needs P
+of them, changing every round. Here the hyperparameters are ``[P]`` tensors held next to the
+optimizer state, so mutation and selection are tensor writes and nothing is recompiled.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["AdamWHyper", "AdamWState", "adamw_init", "adamw_step_", "BatchedAdamW"]
+
+
+class AdamWHyper(NamedTuple):
+    """Per-member AdamW hyperparameters, each a ``float64`` tensor ``[P]``."""
+
+    lr: torch.Tensor
+    weight_decay: torch.Tensor
+    beta1: torch.Tensor
+    beta2: torch.Tensor
+    eps: torch.Tensor
+
+
+class AdamWState(NamedTuple):
+    """Per-member AdamW state.
+
+    Attributes:
+        step: ``float64 [P]``: updates applied so far (for bias correction).
+        exp_avg: ``[P, N]``: first moment.
+        exp_avg_sq: ``[P, N]``: second moment.
+        accum_count: ``long [P]``: micro-batches accumulated since the member's last update.
+    """
+
+    step: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    accum_count: torch.Tensor
+
+
+def adamw_init(params: torch.Tensor) -> AdamWState:
+    """Fresh state for member-major parameters ``params[P, N]``."""
+    p = params.shape[0]
+    return AdamWState(
+        step=torch.zeros(p, dtype=torch.float64, device=params.device),
+        exp_avg=torch.zeros_like(params),
+        exp_avg_sq=torch.zeros_like(params),
+        accum_count=torch.zeros(p, dtype=torch.long, device=params.device),
+    )
+
+
+def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hyper: AdamWHyper,
+                num_grad_accum: torch.Tensor | None = None) -> None:
+    """One batched AdamW step, in place on ``params`` and ``state``.
+
+    For each member ``i`` with gradient ``g`` (``grads[i]``, or with accumulation the sum of the
+    member's micro-batch gradients divided by their count) and ``t = step[i] + 1``::
+
+        p  <- p * (1 - lr * weight_decay)
+        m  <- beta1 * m + (1 - beta1) * g
+        v  <- beta2 * v + (1 - beta2) * g * g
+        p  <- p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+    which is ``torch.optim.AdamW`` (without amsgrad) with member ``i``'s hyperparameters.
+
+    With ``num_grad_accum`` (``long [P]``) every call counts one micro-batch per member; only the
+    members whose count reaches their ``num_grad_accum`` are updated (their count restarts),
+    the others are left exactly as they were. No host synchronisation happens.
+
+    Args:
+        params: ``[P, N]`` member-major parameters.
+        grads: ``[P, N]`` gradients (summed over accumulated micro-batches).
+        state: The state from :func:`adamw_init`, updated in place.
+        hyper: ``[P]`` hyperparameters.
+        num_grad_accum: Optional ``long [P]`` accumulation counts.
+    """
+    p = params.shape[0]
+    dtype = params.dtype
+
+    def column(t: torch.Tensor) -> torch.Tensor:  # [P] float64 -> [P, 1] in the parameters' dtype
+        return t.to(dtype).view(p, 1)
+
+    lr, wd, beta1, beta2, eps = hyper
+    if num_grad_accum is None:
+        ready = None
+        state.step.add_(1)
+        g = grads
+    else:
+        state.accum_count.add_(1)
+        ready = state.accum_count >= num_grad_accum
+        g = grads / column(state.accum_count.to(torch.float64))
+        state.step.add_(ready.to(torch.float64))
+    t = state.step.clamp(min=1)  # members that never stepped are masked out below
+    decay = column(1 - lr * wd)
+    step_size = column(lr / (1 - beta1**t))
+    bias2_sqrt = column((1 - beta2**t).sqrt())
+    m, v = state.exp_avg, state.exp_avg_sq
+    if ready is None:
+        params.mul_(decay)
+        m.lerp_(g, column(1 - beta1))
+        v.mul_(column(beta2)).addcmul_(g, g * column(1 - beta2))
+        denom = v.sqrt().div_(bias2_sqrt).add_(column(eps))
+        params.sub_(m.div(denom).mul_(step_size))
+    else:
+        mask = ready.view(p, 1)
+        m_new = torch.lerp(m, g, column(1 - beta1))
+        v_new = (v * column(beta2)).addcmul_(g, g * column(1 - beta2))
+        denom = v_new.sqrt().div_(bias2_sqrt).add_(column(eps))
+        p_new = params * decay - m_new.div(denom).mul_(step_size)
+        params.copy_(torch.where(mask, p_new, params))
+        m.copy_(torch.where(mask, m_new, m))
+        v.copy_(torch.where(mask, v_new, v))
+        state.accum_count.masked_fill_(ready, 0)
+
+
+class BatchedAdamW(torch.optim.Optimizer):
+    """The population's optimizer: AdamW per member, over the stacked parameters.
+
+    It behaves like a ``torch.optim.Optimizer`` (``step``, ``zero_grad``, ``state_dict``,
+    ``load_state_dict``) whose parameters are the stacked ``[P, ...]`` tensors of a
+    :class:`~vmapclan.PopulationModel`. The math is :func:`adamw_step_`; the hyperparameters
+    are the ``[P]`` tensors of ``hyper``, which the clan rewrites in place at phase boundaries
+    and selection.
+
+    Args:
+        population: The :class:`~vmapclan.PopulationModel` to train.
+        hyper: ``[P]`` hyperparameters on the population's device.
+        num_grad_accum: Optional ``long [P]`` accumulation counts (also rewritten in place).
+
+    Note:
+        ``zero_grad`` always zeroes in place (reusing the gradient buffer; ``set_to_none`` is
+        accepted and ignored) and, with accumulation, zeroes only the members that have no
+        micro-batches pending, so the usual ``step(); zero_grad()`` loop accumulates correctly.
+    """
+
+    def __init__(self, population, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None = None):
+        super().__init__(list(population.parameters()), defaults={})
+        self.population = population
+        self.hyper = hyper
+        self.num_grad_accum = num_grad_accum
+        self.adamw_state = adamw_init(population.flat)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update every member whose accumulation count is reached (every member without one).
+
+        Args:
+            closure: Optional callable that re-evaluates the loss (runs with grad enabled).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.population.restore_grad_views()
+        adamw_step_(self.population.flat, self.population.grad_flat, self.adamw_state, self.hyper,
+                    self.num_grad_accum)
+        return loss
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients in place (of members with no pending micro-batches)."""
+        self.population.restore_grad_views()
+        grads = self.population.grad_flat
+        if self.num_grad_accum is None:
+            grads.zero_()
+        else:
+            idle = (self.adamw_state.accum_count == 0).view(-1, 1)
+            grads.masked_fill_(idle, 0)
+
+    def gather_(self, index: torch.Tensor) -> None:
+        """Member ``i`` takes member ``index[i]``'s optimizer state, in place."""
+        with torch.no_grad():
+            for t in self.adamw_state:
+                t.copy_(t.index_select(0, index.to(t.device)))
+
+    def state_dict(self) -> dict:
+        """The optimizer state as a plain dict of tensors."""
+        return {name: t.clone() for name, t in self.adamw_state._asdict().items()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state from :meth:`state_dict`, in place."""
+        for name, t in self.adamw_state._asdict().items():
+            if name not in state_dict:
+                raise ValueError(f"BatchedAdamW.load_state_dict: missing {name!r}")
+            src = state_dict[name]
+            if src.shape != t.shape:
+                raise ValueError(
+                    f"BatchedAdamW.load_state_dict: {name!r} has shape {list(src.shape)}, expected {list(t.shape)}"
+                )
+            t.copy_(src)

@@ -1,0 +1,290 @@
+"""Stacking a module into P members and running them at once under ``torch.func.vmap``.
+
+All trainable parameters of all members live in one member-major buffer ``flat[P, N]``; each
+parameter is a view ``flat[:, offset:offset + n].view(P, *shape)`` and a leaf of autograd, and
+its ``.grad`` is the matching view of a second buffer ``grad_flat[P, N]``. The optimizer,
+gradient averaging and selection then work on two tensors instead of one per parameter.
+Buffers (BatchNorm running statistics) and frozen parameters are stacked per name, ``[P, ...]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+
+import optree
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+__all__ = ["PopulationModel", "member_loss"]
+
+# The parameter views into ``flat`` are strided across members, so autograd notes once that
+# ``.grad`` (a view of ``grad_flat`` with the same strides) is not dense. Accumulation into it is
+# correct and in place, which is the point: gradients land directly in ``grad_flat``.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
+def _check_module(module: nn.Module) -> None:
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.momentum is None and sub.track_running_stats:
+            raise ValueError(
+                f"PopulationModel: {name or 'the model'} is a BatchNorm with momentum=None (cumulative average), "
+                "which reads its batch count with .item() and cannot run under vmap; set a momentum, e.g. 0.1"
+            )
+
+
+@contextlib.contextmanager
+def _batchable_attention(device: torch.device):
+    """Route attention to kernels that vmap can batch.
+
+    On CPU the flash kernel of ``scaled_dot_product_attention`` and the fused
+    ``TransformerEncoderLayer`` fast path have no batching rule, so vmap would silently fall
+    back to a per-member loop; the math kernel gives the same result, batched.
+    """
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        if device.type == "cpu":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+class PopulationModel:
+    """P copies of one module, stacked along a leading member dimension.
+
+    Calling it runs every member's forward at once: each tensor argument must carry the member
+    dimension first (``[P, B, ...]``; use :meth:`share` for data every member sees) and the
+    output has it too. Dropout draws different masks per member (``randomness="different"``).
+
+    Args:
+        module: The model to copy. It is deep-copied and never modified.
+        population_size: P.
+        init: ``"copy"`` (every member starts from ``module``'s weights) or ``"independent"``
+            (member 0 keeps ``module``'s weights, the others are re-initialised with each
+            submodule's ``reset_parameters()`` under seeds drawn from ``generator``).
+        generator: CPU generator for ``init="independent"``.
+        device: Where the members live (default: the module's device).
+
+    Note:
+        An input whose first dimension happens to equal P cannot be told from a member batch:
+        it is taken as one. Wrap data that every member should see in :meth:`share`.
+    """
+
+    def __init__(self, module: nn.Module, population_size: int, *, init: str = "copy",
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"PopulationModel: expected an nn.Module, got {type(module).__name__}")
+        if init not in ("copy", "independent"):
+            raise ValueError(f"PopulationModel: init must be 'copy' or 'independent', got {init!r}")
+        _check_module(module)
+        self.population_size = p = int(population_size)
+        self.module = copy.deepcopy(module)
+        trainable = [(n, t) for n, t in self.module.named_parameters() if t.requires_grad]
+        if not trainable:
+            raise ValueError("PopulationModel: the model has no trainable parameters")
+        first = trainable[0][1]
+        device = torch.device(device) if device is not None else first.device
+        for name, t in trainable:
+            if t.dtype != first.dtype or not t.is_floating_point():
+                raise ValueError(
+                    f"PopulationModel: all trainable parameters must share one floating dtype; "
+                    f"{trainable[0][0]} is {first.dtype} but {name} is {t.dtype}"
+                )
+            if t.device != first.device:
+                raise ValueError(
+                    f"PopulationModel: all parameters must be on one device; "
+                    f"{trainable[0][0]} is on {first.device} but {name} is on {t.device}"
+                )
+        self.module.to(device)
+        self.device, self.dtype = device, first.dtype
+        self.shapes = {n: t.shape for n, t in trainable}
+        self.numel = sum(t.numel() for _, t in trainable)
+
+        members = [self.module] * p
+        if init == "independent":
+            members = [self.module] + [_reinit(self.module, generator) for _ in range(p - 1)]
+
+        self.flat = torch.empty(p, self.numel, dtype=self.dtype, device=device)
+        self.grad_flat = torch.zeros_like(self.flat)
+        self.params: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, shape in self.shapes.items():
+            n = shape.numel()
+            with torch.no_grad():
+                for i, m in enumerate(members):
+                    self.flat[i, offset:offset + n].copy_(m.get_parameter(name).reshape(-1))
+            leaf = self.flat[:, offset:offset + n].view(p, *shape).detach().requires_grad_()
+            leaf.grad = self.grad_flat[:, offset:offset + n].view(p, *shape)
+            self.params[name] = leaf
+            offset += n
+        # Buffers and frozen parameters: per member, not optimized.
+        state = {n: b for n, b in self.module.named_buffers()}
+        state.update((n, t) for n, t in self.module.named_parameters() if not t.requires_grad)
+        self.buffers: dict[str, torch.Tensor] = {}
+        for name in state:
+            get = (lambda m, n=name: m.get_buffer(n)) if name in dict(self.module.named_buffers()) else (
+                lambda m, n=name: m.get_parameter(n))
+            self.buffers[name] = torch.stack([get(m).detach() for m in members]).to(device)
+        self._grad_views = {n: t.grad for n, t in self.params.items()}
+
+    # -- nn.Module-like surface -------------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        """Whether the members run in training mode."""
+        return self.module.training
+
+    def train(self, mode: bool = True) -> PopulationModel:
+        """Set training mode for every member (as ``nn.Module.train``)."""
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> PopulationModel:
+        """Set evaluation mode for every member (as ``nn.Module.eval``)."""
+        return self.train(False)
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        """The stacked trainable parameters, each ``[P, *shape]``."""
+        return iter(self.params.values())
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, [P, *shape])`` for each trainable parameter."""
+        return iter(self.params.items())
+
+    def share(self, data):
+        """Give ``data`` (a tensor or pytree of tensors) a member dimension as a view.
+
+        Every member sees the same values; no copy is made (an expanded view, stride 0).
+        """
+        def expand(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            t = t.to(self.device)
+            return t.unsqueeze(0).expand(self.population_size, *t.shape)
+
+        return optree.tree_map(expand, data)
+
+    def __call__(self, *args, **kwargs):
+        """Run every member's forward. Tensor arguments must be ``[P, ...]``."""
+        p = self.population_size
+        leaves, spec = optree.tree_flatten((args, kwargs))
+        in_dims = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                if leaf.dim() == 0 or leaf.shape[0] != p:
+                    raise ValueError(
+                        f"member.model: expected every tensor input to have the member dimension first "
+                        f"([{p}, ...]), got shape {list(leaf.shape)}; use member.share(x) for data every member sees"
+                    )
+                in_dims.append(0)
+            else:
+                in_dims.append(None)
+        module = self.module
+
+        def one_member(params, buffers, *flat_inputs):
+            a, kw = optree.tree_unflatten(spec, list(flat_inputs))
+            return functional_call(module, (params, buffers), a, kw)
+
+        batched = vmap(one_member, in_dims=(0, 0, *in_dims), randomness="different")
+        with _batchable_attention(self.device):
+            return batched(self.params, self.buffers, *leaves)
+
+    # -- members as plain modules -----------------------------------------------------------
+    def member_module(self, index: int) -> nn.Module:
+        """A new plain ``nn.Module`` holding member ``index``'s current weights and buffers."""
+        if not -self.population_size <= index < self.population_size:
+            raise IndexError(f"member index {index} out of range for a population of {self.population_size}")
+        module = copy.deepcopy(self.module)
+        with torch.no_grad():
+            for name, stacked in self.params.items():
+                module.get_parameter(name).copy_(stacked[index])
+            buffer_names = dict(module.named_buffers())
+            for name, stacked in self.buffers.items():
+                target = buffer_names[name] if name in buffer_names else module.get_parameter(name)
+                target.copy_(stacked[index])
+        return module
+
+    def restore_grad_views(self) -> None:
+        """Re-attach each parameter's ``.grad`` to ``grad_flat`` if user code replaced it.
+
+        A ``p.grad = None`` (or a new tensor) from outside would otherwise make the optimizer
+        read stale gradients. What the detached ``.grad`` held is added back into ``grad_flat``.
+        """
+        for name, leaf in self.params.items():
+            view = self._grad_views[name]
+            if leaf.grad is not view:
+                stray = leaf.grad
+                view.zero_()
+                if stray is not None:
+                    view.add_(stray)
+                leaf.grad = view
+
+    def gather_(self, index: torch.Tensor) -> None:
+        """Member ``i`` takes member ``index[i]``'s parameters, gradients and buffers, in place."""
+        with torch.no_grad():
+            for t in (self.flat, self.grad_flat, *self.buffers.values()):
+                t.copy_(t.index_select(0, index.to(t.device)))
+
+
+def _reinit(module: nn.Module, generator: torch.Generator | None) -> nn.Module:
+    seed = int(torch.randint(2**62, (1,), generator=generator).item())
+    fresh = copy.deepcopy(module)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for sub in fresh.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+    return fresh
+
+
+def member_loss(fn, output, target, **kwargs) -> torch.Tensor:
+    """Each member's loss: ``fn(output[i], target[i], **kwargs)`` for every member ``i``, as ``[P]``.
+
+    ``fn`` is an ordinary loss such as ``F.cross_entropy`` that reduces one member's batch to a
+    scalar (its default mean reduction). It is vmapped over the member dimension, so both
+    ``output`` and ``target`` must carry it (use ``member.share(y)`` for shared targets).
+
+    Args:
+        fn: ``fn(output, target, **kwargs) -> scalar``.
+        output: ``[P, B, ...]`` (or a pytree of such tensors).
+        target: ``[P, B, ...]`` (or a pytree of such tensors).
+        **kwargs: Passed to ``fn`` unbatched (e.g. ``label_smoothing=0.1``).
+
+    Returns:
+        ``[P]``: one loss per member.
+
+    Raises:
+        ValueError: if the member dimensions disagree or ``fn`` does not reduce to a scalar.
+
+    Example:
+        >>> loss = member_loss(F.cross_entropy, member.model(x), y)  # doctest: +SKIP
+        >>> loss.sum().backward()  # doctest: +SKIP
+    """
+    out_leaves = [t for t in optree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+    tgt_leaves = [t for t in optree.tree_leaves(target) if isinstance(t, torch.Tensor)]
+    if not out_leaves:
+        raise TypeError(f"member_loss: output must be a tensor with a member dimension, got {type(output).__name__}")
+    p = out_leaves[0].shape[0] if out_leaves[0].dim() else None
+    for what, leaves in (("output", out_leaves), ("target", tgt_leaves)):
+        for t in leaves:
+            if t.dim() == 0 or t.shape[0] != p:
+                raise ValueError(
+                    f"member_loss: {what} must have the member dimension first ([{p}, ...]), "
+                    f"got shape {list(t.shape)}"
+                )
+    loss = vmap(lambda o, t: fn(o, t, **kwargs), randomness="different")(output, target)
+    if not isinstance(loss, torch.Tensor) or loss.shape != (p,):
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"member_loss: fn must reduce each member's batch to a scalar (loss of shape [{p}]), got {shape}; "
+            "use a mean or sum reduction"
+        )
+    return loss
