@@ -39,6 +39,22 @@ def competitive_steps(round_length: int, duty_cycle: float) -> int:
     return max(1, math.floor(duty_cycle * round_length + 0.5))
 
 
+def _check_round_settings(round_length: int, duty_cycle, selection) -> None:
+    if isinstance(duty_cycle, bool) or not isinstance(duty_cycle, (int, float)) or not 0 < duty_cycle <= 1:
+        raise ValueError(f"Clan: duty_cycle must be in (0, 1], got {duty_cycle!r}")
+    competitive = competitive_steps(round_length, duty_cycle)
+    if duty_cycle < 1 and round_length - competitive < 1:
+        raise ValueError(
+            f"Clan: round_length={round_length} with duty_cycle={duty_cycle} leaves no cooperative step "
+            f"({competitive} competitive); use a longer round or duty_cycle=1.0"
+        )
+    if selection != "winner" and duty_cycle != 1:
+        raise ValueError(
+            f"Clan: selection={selection!r} keeps members that differ, so it needs duty_cycle=1.0 "
+            f"(a cooperative phase averages gradients over identical members), got {duty_cycle}"
+        )
+
+
 def _check_optimizer(optimizer, model: nn.Module) -> None:
     if not isinstance(optimizer, torch.optim.AdamW):
         raise TypeError(
@@ -105,25 +121,14 @@ class Clan:
                  seed: int = 0, device: torch.device | str | None = None):
         self.population_size = _positive_int(population_size, "population_size")
         self.round_length = _positive_int(round_length, "round_length")
-        if isinstance(duty_cycle, bool) or not isinstance(duty_cycle, (int, float)) or not 0 < duty_cycle <= 1:
-            raise ValueError(f"Clan: duty_cycle must be in (0, 1], got {duty_cycle!r}")
-        self.duty_cycle = float(duty_cycle)
-        self.competitive_steps = competitive_steps(round_length, duty_cycle)
-        self.cooperative_steps = round_length - self.competitive_steps
-        if self.duty_cycle < 1 and self.cooperative_steps < 1:
-            raise ValueError(
-                f"Clan: round_length={round_length} with duty_cycle={duty_cycle} leaves no cooperative step "
-                f"({self.competitive_steps} competitive); use a longer round or duty_cycle=1.0"
-            )
         if selection not in ("winner", "truncation", None):
             raise ValueError(f"Clan: selection must be 'winner', 'truncation' or None, got {selection!r}")
         if selection is not None and self.population_size < 2:
             raise ValueError(f"Clan: selection={selection!r} needs population_size >= 2, got {population_size}")
-        if selection != "winner" and self.duty_cycle != 1:
-            raise ValueError(
-                f"Clan: selection={selection!r} keeps members that differ, so it needs duty_cycle=1.0 "
-                f"(a cooperative phase averages gradients over identical members), got {duty_cycle}"
-            )
+        _check_round_settings(round_length, duty_cycle, selection)
+        self.duty_cycle = float(duty_cycle)
+        self.competitive_steps = competitive_steps(round_length, duty_cycle)
+        self.cooperative_steps = round_length - self.competitive_steps
         if not 0 < truncation_fraction <= 0.5:
             raise ValueError(f"Clan: truncation_fraction must be in (0, 0.5], got {truncation_fraction!r}")
         self.selection, self.truncation_fraction = selection, float(truncation_fraction)
@@ -256,6 +261,29 @@ class Clan:
     def round_done(self) -> bool:
         """Whether the current round has run all its steps (time for ``clan.step``)."""
         return self._round_step >= self.round_length
+
+    def reconfigure(self, *, round_length: int | None = None, duty_cycle: float | None = None) -> None:
+        """Change the round settings between rounds (a phase schedule does this at phase boundaries).
+
+        Args:
+            round_length: New steps per round (default: unchanged).
+            duty_cycle: New competitive fraction, in (0, 1] (default: unchanged).
+
+        Raises:
+            RuntimeError: in the middle of a round.
+            ValueError: for settings ``Clan`` itself would refuse.
+        """
+        if self._round_step != 0:
+            raise RuntimeError(
+                f"Clan.reconfigure: only between rounds; round {self._round} is at step {self._round_step}"
+            )
+        round_length = self.round_length if round_length is None else _positive_int(round_length, "round_length")
+        duty_cycle = self.duty_cycle if duty_cycle is None else duty_cycle
+        _check_round_settings(round_length, duty_cycle, self.selection)
+        self.round_length, self.duty_cycle = round_length, float(duty_cycle)
+        self.competitive_steps = competitive_steps(round_length, duty_cycle)
+        self.cooperative_steps = round_length - self.competitive_steps
+        self._apply_genes()
 
     def round(self) -> Member:
         """The view of the current round. No side effects: calling it twice gives equal views."""
