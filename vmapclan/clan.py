@@ -148,9 +148,9 @@ class Clan:
         self.genes = self._gene_specs(autobind, optimizer, genome_config)
         self.incumbent = {n: torch.tensor(g.init, dtype=g.torch_dtype) for n, g in self.genes.items()}
         self.genomes = {n: v.expand(self.population_size).clone() for n, v in self.incumbent.items()}
-        if selection is not None:
-            challengers = torch.arange(self.population_size) > 0
-            self.genomes = mutate(self.genomes, self.genes, self._generator, mask=challengers)
+        # Member 0 keeps the incumbent as a control; the others start from mutations of it.
+        challengers = torch.arange(self.population_size) > 0
+        self.genomes = mutate(self.genomes, self.genes, self._generator, mask=challengers)
 
         self.population: PopulationModel | None = None
         self.optimizer: BatchedAdamW | None = None
