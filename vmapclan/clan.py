@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -108,6 +109,13 @@ class Clan:
         init: ``"copy"`` or ``"independent"`` member weights (see :class:`PopulationModel`).
         seed: Seeds mutations, independent init and the loader's permutations.
         device: Where the members live (default: the model's device).
+        max_grad_norm: Optional per-member gradient-norm clipping before each update.
+        on_divergence: What ``clan.step`` does when every member's validation loss is NaN or
+            infinite (with ``selection="winner"`` and a model): ``"restore"`` (default) goes back to
+            the weights, optimizer state and incumbent of the start of the last good round, halves
+            the incumbent's lr (within its bounds), records the event in the history and warns;
+            ``"raise"`` raises :class:`DivergenceError`.
+        max_restores: Consecutive restores allowed before :class:`DivergenceError` is raised anyway.
 
     Example:
         >>> clan = Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
@@ -118,7 +126,8 @@ class Clan:
                  population_size: int = 8, round_length: int = 1000, duty_cycle: float = 0.15,
                  autobind: Sequence[str] | str = (), genome_config: Mapping | None = None,
                  selection: str | None = "winner", truncation_fraction: float = 0.25, init: str = "copy",
-                 seed: int = 0, device: torch.device | str | None = None):
+                 seed: int = 0, device: torch.device | str | None = None, max_grad_norm: float | None = None,
+                 on_divergence: str = "restore", max_restores: int = 3):
         self.population_size = _positive_int(population_size, "population_size")
         self.round_length = _positive_int(round_length, "round_length")
         if selection not in ("winner", "truncation", None):
@@ -132,6 +141,10 @@ class Clan:
         if not 0 < truncation_fraction <= 0.5:
             raise ValueError(f"Clan: truncation_fraction must be in (0, 0.5], got {truncation_fraction!r}")
         self.selection, self.truncation_fraction = selection, float(truncation_fraction)
+        if on_divergence not in ("restore", "raise"):
+            raise ValueError(f"Clan: on_divergence must be 'restore' or 'raise', got {on_divergence!r}")
+        self.on_divergence = on_divergence
+        self.max_restores = _positive_int(max_restores, "max_restores")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"Clan: seed must be an int, got {type(seed).__name__}")
         self.seed = seed
@@ -168,7 +181,7 @@ class Clan:
             })
             accum = (torch.ones(self.population_size, dtype=torch.long, device=self.device)
                      if GRAD_ACCUM_GENE in self.genes else None)
-            self.optimizer = BatchedAdamW(self.population, hyper, accum)
+            self.optimizer = BatchedAdamW(self.population, hyper, accum, max_grad_norm=max_grad_norm)
             for leaf in self.population.parameters():
                 leaf.register_post_accumulate_grad_hook(self._check_backward_synced)
         else:
@@ -181,6 +194,9 @@ class Clan:
         self._global_step = 0
         self._syncing = False
         self.history: list[dict] = []
+        self._restores = 0
+        self._last_good: dict | None = None
+        self._snapshot()
         self._apply_genes()
 
     # -- genes ----------------------------------------------------------------------------------
@@ -359,13 +375,10 @@ class Clan:
             )
         losses = self._check_losses(val_losses)
         order = rank(losses)
-        if not math.isfinite(losses[order[0]].item()):
-            raise DivergenceError(
-                f"clan.step: every member's validation loss is NaN or infinite in round {self._round}: "
-                f"{losses.tolist()}"
-            )
-        best = order[0]
         used = {n: v.tolist() for n, v in self.genomes.items()}
+        if not math.isfinite(losses[order[0]].item()):
+            return self._recover(losses, used)
+        best = order[0]
         identity = torch.arange(self.population_size)
         if self.selection == "winner":
             sources = winner_sources(order)
@@ -392,9 +405,75 @@ class Clan:
             "incumbent": {n: v.item() for n, v in self.incumbent.items()},
         }
         self.history.append(record)
+        self._restores = 0
+        self._next_round()
+        return record
+
+    def _next_round(self) -> None:
         self._round += 1
         self._round_step = 0
+        self._snapshot()
         self._apply_genes()
+
+    # -- divergence -------------------------------------------------------------------------------
+    def _snapshot(self) -> None:
+        """Remember the start of this round, to come back to if the whole population diverges.
+
+        Only with winner selection, where every member starts the round as a copy of member 0,
+        so one row of each tensor is the whole population's state.
+        """
+        if self.population is None or self.selection != "winner":
+            return
+        pop, opt = self.population, self.optimizer
+        self._last_good = {
+            "round": self._round,
+            "params": pop.flat[0].detach().clone(),
+            "grads": pop.grad_flat[0].clone(),
+            "buffers": {n: b[0].clone() for n, b in pop.buffers.items()},
+            "optimizer": {n: t[0].clone() for n, t in opt.adamw_state._asdict().items()},
+            "incumbent": {n: v.clone() for n, v in self.incumbent.items()},
+        }
+
+    def _recover(self, losses: torch.Tensor, used: dict) -> dict:
+        message = (f"clan.step: every member's validation loss is NaN or infinite in round {self._round}: "
+                   f"{losses.tolist()}")
+        if self._last_good is None or self.on_divergence == "raise":
+            raise DivergenceError(message)
+        if self._restores >= self.max_restores:
+            raise DivergenceError(f"{message}; gave up after {self._restores} consecutive restores")
+        good = self._last_good
+        pop, opt = self.population, self.optimizer
+        with torch.no_grad():
+            pop.flat.copy_(good["params"].expand_as(pop.flat))
+            pop.grad_flat.copy_(good["grads"].expand_as(pop.grad_flat))
+            for n, b in pop.buffers.items():
+                b.copy_(good["buffers"][n].expand_as(b))
+            for n, t in opt.adamw_state._asdict().items():
+                t.copy_(good["optimizer"][n].expand_as(t))
+        incumbent = {n: v.clone() for n, v in good["incumbent"].items()}
+        if "lr" in incumbent:  # a more conservative incumbent: half the learning rate
+            incumbent["lr"] = (incumbent["lr"] * 0.5).clamp(min=self.genes["lr"].low)
+        self.incumbent = incumbent
+        genomes = {n: v.expand(self.population_size).clone() for n, v in incumbent.items()}
+        self.genomes = mutate(genomes, self.genes, self._generator, mask=torch.arange(self.population_size) > 0)
+        self._restores += 1
+        record = {
+            "round": self._round,
+            "step": self._global_step,
+            "genomes": used,
+            "val_losses": losses.tolist(),
+            "winner": None,
+            "incumbent": {n: v.item() for n, v in incumbent.items()},
+            "event": "diverged",
+            "restored_round": good["round"],
+        }
+        self.history.append(record)
+        warnings.warn(
+            f"vmapclan: the whole population diverged in round {self._round}; restored the state of the start of "
+            f"round {good['round']} with lr {record['incumbent'].get('lr', 'unchanged')}",
+            RuntimeWarning, stacklevel=3,
+        )
+        self._next_round()  # its snapshot is the restored state with the halved lr
         return record
 
     # -- results ----------------------------------------------------------------------------------
@@ -434,6 +513,8 @@ class Clan:
             "loader": self._loader_state.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "history": copy.deepcopy(self.history),
+            "restores": self._restores,
+            "last_good": copy.deepcopy(self._last_good),
             "model": None,
             "optimizer": None,
         }
@@ -496,6 +577,8 @@ class Clan:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.history = copy.deepcopy(state["history"])
+        self._restores = state["restores"]
+        self._last_good = copy.deepcopy(state["last_good"])
         self._apply_genes()
 
 

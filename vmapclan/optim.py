@@ -52,7 +52,7 @@ def adamw_init(params: torch.Tensor) -> AdamWState:
 
 
 def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hyper: AdamWHyper,
-                num_grad_accum: torch.Tensor | None = None) -> None:
+                num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None) -> None:
     """One batched AdamW step, in place on ``params`` and ``state``.
 
     For each member ``i`` with gradient ``g`` (``grads[i]``, or with accumulation the sum of the
@@ -69,12 +69,16 @@ def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hy
     members whose count reaches their ``num_grad_accum`` are updated (their count restarts),
     the others are left exactly as they were. No host synchronisation happens.
 
+    With ``max_grad_norm``, each member's gradient ``g`` is first scaled by
+    ``min(1, max_grad_norm / (||g|| + 1e-6))`` (``torch.nn.utils.clip_grad_norm_`` per member).
+
     Args:
         params: ``[P, N]`` member-major parameters.
         grads: ``[P, N]`` gradients (summed over accumulated micro-batches).
         state: The state from :func:`adamw_init`, updated in place.
         hyper: ``[P]`` hyperparameters.
         num_grad_accum: Optional ``long [P]`` accumulation counts.
+        max_grad_norm: Optional per-member gradient-norm limit.
     """
     p = params.shape[0]
     dtype = params.dtype
@@ -92,6 +96,9 @@ def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hy
         ready = state.accum_count >= num_grad_accum
         g = grads / column(state.accum_count.to(torch.float64))
         state.step.add_(ready.to(torch.float64))
+    if max_grad_norm is not None:
+        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+        g = g * (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
     t = state.step.clamp(min=1)  # members that never stepped are masked out below
     decay = column(1 - lr * wd)
     step_size = column(lr / (1 - beta1**t))
@@ -128,6 +135,7 @@ class BatchedAdamW(torch.optim.Optimizer):
         population: The :class:`~vmapclan.PopulationModel` to train.
         hyper: ``[P]`` hyperparameters on the population's device.
         num_grad_accum: Optional ``long [P]`` accumulation counts (also rewritten in place).
+        max_grad_norm: Optional per-member gradient-norm clipping (see :func:`adamw_step_`).
 
     Note:
         ``zero_grad`` always zeroes in place (reusing the gradient buffer; ``set_to_none`` is
@@ -135,11 +143,15 @@ class BatchedAdamW(torch.optim.Optimizer):
         micro-batches pending, so the usual ``step(); zero_grad()`` loop accumulates correctly.
     """
 
-    def __init__(self, population, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None = None):
+    def __init__(self, population, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None = None,
+                 max_grad_norm: float | None = None):
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"BatchedAdamW: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         super().__init__(list(population.parameters()), defaults={})
         self.population = population
         self.hyper = hyper
         self.num_grad_accum = num_grad_accum
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.adamw_state = adamw_init(population.flat)
 
     @torch.no_grad()
@@ -158,7 +170,7 @@ class BatchedAdamW(torch.optim.Optimizer):
                 loss = closure()
         self.population.restore_grad_views()
         adamw_step_(self.population.flat, self.population.grad_flat, self.adamw_state, self.hyper,
-                    self.num_grad_accum)
+                    self.num_grad_accum, self.max_grad_norm)
         return loss
 
     @torch.no_grad()
