@@ -80,6 +80,9 @@ class Gene:
             raise ValueError(f"Gene: resample_prob must be in [0, 1], got {self.resample_prob!r}")
         if self.init is not None:
             self.check_value(self.init, "init")
+            # torch.tensor(2.5, dtype=torch.long) would silently truncate the incumbent to 2.
+            if self.dtype == "int" and self.init != int(self.init):
+                raise ValueError(f"Gene: an int gene needs an integer init, got {self.init!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
