@@ -1,0 +1,301 @@
+"""The stacked population: vmapped forwards equal per-member forwards, and stacking is a faithful copy."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vmapclan import Clan, PopulationModel, member_loss
+
+P = 3
+
+
+def independent(module, population_size=P, seed=0):
+    """A population whose members all differ (member 0 keeps ``module``'s weights)."""
+    return PopulationModel(module, population_size, init="independent", generator=torch.Generator().manual_seed(seed))
+
+
+def assert_matches_members(pop, *inputs, atol=1e-10, **kwargs):
+    """``pop(*inputs)`` equals each member's plain module run on its own slice of the inputs.
+
+    Args:
+        pop: The population.
+        *inputs: ``[P, ...]`` tensors.
+        atol: Absolute tolerance (float64 models: only summation order differs).
+        **kwargs: ``[P, ...]`` keyword tensors.
+
+    Returns:
+        The population's output.
+    """
+    out = pop(*inputs, **kwargs)
+    for i in range(pop.population_size):
+        module = pop.member_module(i).train(pop.training)
+        expected = module(*(x[i] for x in inputs), **{k: v[i] for k, v in kwargs.items()})
+        torch.testing.assert_close(out[i], expected, atol=atol, rtol=1e-7)
+    return out
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+
+
+def test_mlp_matches_per_member_forwards():
+    pop = independent(mlp())
+    x = torch.randn(P, 7, 5, dtype=torch.float64)
+    out = assert_matches_members(pop, x)
+    assert out.shape == (P, 7, 3)
+    assert not torch.allclose(out[0], out[1])  # the members really differ
+
+
+def test_cnn_with_batchnorm_matches_in_train_and_eval_with_per_member_running_stats():
+    pop = independent(cnn())
+    x = torch.randn(P, 6, 1, 6, 6, dtype=torch.float64) + torch.arange(P, dtype=torch.float64).view(P, 1, 1, 1, 1)
+    references = [pop.member_module(i).train() for i in range(P)]
+    out = pop(x)  # train mode: batch statistics, running statistics updated per member
+    for i, ref in enumerate(references):
+        torch.testing.assert_close(out[i], ref(x[i]), atol=1e-10, rtol=1e-7)
+        bn = ref[1]
+        torch.testing.assert_close(pop.buffers["1.running_mean"][i], bn.running_mean, atol=1e-12, rtol=0)
+        torch.testing.assert_close(pop.buffers["1.running_var"][i], bn.running_var, atol=1e-12, rtol=0)
+        assert pop.buffers["1.num_batches_tracked"][i] == 1
+    assert not torch.allclose(pop.buffers["1.running_mean"][0], pop.buffers["1.running_mean"][1])
+    pop.eval()
+    assert not pop.training
+    with torch.no_grad():
+        assert_matches_members(pop, x)  # eval mode: each member's own running statistics
+
+
+class Scaled(nn.Module):
+    """A model with keyword tensor inputs, to check that kwargs are batched too."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2).double()
+
+    def forward(self, x, *, scale, shift=None, power=1):
+        out = self.linear(x) * scale
+        if shift is not None:
+            out = out + shift
+        return out**power
+
+
+def test_keyword_tensors_are_batched():
+    pop = independent(Scaled())
+    x = torch.randn(P, 5, 4, dtype=torch.float64)
+    scale = torch.tensor([1.0, 2.0, -3.0], dtype=torch.float64).view(P, 1, 1)
+    shift = torch.randn(P, 1, 2, dtype=torch.float64)
+    out = pop(x, scale=scale, shift=shift, power=2)  # power: a plain Python value, passed through
+    for i in range(P):
+        expected = pop.member_module(i)(x[i], scale=scale[i], shift=shift[i], power=2)
+        torch.testing.assert_close(out[i], expected, atol=1e-10, rtol=1e-7)
+    assert_matches_members(pop, x, scale=scale)  # shift=None default
+
+
+class DropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 32).double()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.linear(x))
+
+
+def test_dropout_eval_is_exact_and_train_draws_different_masks_per_member():
+    pop = PopulationModel(DropoutNet(), P)  # identical members
+    x = pop.share(torch.randn(4, 6, dtype=torch.float64))  # identical inputs
+    pop.eval()
+    assert_matches_members(pop, x, atol=0)
+    pop.train()
+    out = pop(x)
+    clean = pop.member_module(0).linear(x[0])
+    for i in range(P):
+        kept = out[i] != 0
+        torch.testing.assert_close(out[i][kept], 2 * clean[kept])  # kept units scaled by 1 / (1 - p)
+        assert 0.2 < kept.double().mean() < 0.8
+    for i in range(1, P):
+        assert not torch.equal(out[i] != 0, out[0] != 0)  # masks differ across members
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_transformer_encoder_layer_matches_per_member_forwards(train):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0 if train else 0.1, batch_first=True).double()
+    pop = independent(layer).train(train)
+    x = torch.randn(P, 2, 5, 8, dtype=torch.float64)
+    if train:
+        assert_matches_members(pop, x)
+    else:
+        with torch.no_grad():  # the plain module takes its fused fast path here; same numbers
+            assert_matches_members(pop, x, atol=1e-9)
+
+
+def test_transformer_encoder_layer_gradients_match():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
+    pop = independent(layer)
+    x = torch.randn(P, 2, 5, 8, dtype=torch.float64)
+    pop(x).square().sum().backward()
+    for i in range(P):
+        ref = pop.member_module(i)
+        ref(x[i]).square().sum().backward()
+        for name, stacked in pop.named_parameters():
+            torch.testing.assert_close(stacked.grad[i], ref.get_parameter(name).grad, atol=1e-9, rtol=1e-7)
+
+
+def test_inputs_without_the_member_dimension_are_errors():
+    pop = PopulationModel(mlp(), P)
+    with pytest.raises(ValueError, match=r"member.model: expected every tensor input to have the member dimension "
+                                         r"first \(\[3, \.\.\.\]\), got shape \[7, 5\]; use member.share\(x\)"):
+        pop(torch.randn(7, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"member.model: .* got shape \[\]"):
+        pop(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"member.model: .* got shape \[2, 5\]"):
+        independent(Scaled())(torch.randn(P, 5, 4, dtype=torch.float64), scale=torch.ones(2, 5))
+
+
+def test_batchnorm_with_momentum_none_is_an_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None))
+    with pytest.raises(ValueError, match=r"PopulationModel: 1 is a BatchNorm with momentum=None \(cumulative average\), "
+                                         r"which reads its batch count with .item\(\) and cannot run under vmap"):
+        PopulationModel(model, P)
+    with pytest.raises(ValueError, match=r"BatchNorm with momentum=None"):
+        Clan(model, torch.optim.AdamW(model.parameters()), population_size=2, round_length=4)
+    PopulationModel(nn.BatchNorm1d(4, momentum=None, track_running_stats=False), P)  # no running stats: fine
+
+
+def test_bad_population_arguments_are_errors():
+    with pytest.raises(TypeError, match=r"PopulationModel: expected an nn.Module, got function"):
+        PopulationModel(lambda x: x, P)
+    with pytest.raises(ValueError, match=r"PopulationModel: init must be 'copy' or 'independent', got 'random'"):
+        PopulationModel(mlp(), P, init="random")
+    with pytest.raises(ValueError, match=r"PopulationModel: the model has no trainable parameters"):
+        PopulationModel(nn.ReLU(), P)
+    mixed = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
+    with pytest.raises(ValueError, match=r"PopulationModel: all trainable parameters must share one floating dtype; "
+                                         r"0.weight is torch.float32 but 1.weight is torch.float64"):
+        PopulationModel(mixed, P)
+
+
+def test_member_loss_returns_one_loss_per_member():
+    logits = torch.randn(P, 6, 4, dtype=torch.float64)
+    target = torch.randint(0, 4, (P, 6))
+    loss = member_loss(F.cross_entropy, logits, target)
+    assert loss.shape == (P,)
+    for i in range(P):
+        torch.testing.assert_close(loss[i], F.cross_entropy(logits[i], target[i]))
+    smoothed = member_loss(F.cross_entropy, logits, target, label_smoothing=0.1)
+    torch.testing.assert_close(smoothed[1], F.cross_entropy(logits[1], target[1], label_smoothing=0.1))
+
+
+def test_member_loss_wrong_shapes_are_errors():
+    logits = torch.randn(P, 6, 4)
+    with pytest.raises(ValueError, match=r"member_loss: fn must reduce each member's batch to a scalar "
+                                         r"\(loss of shape \[3\]\), got \[3, 6\]; use a mean or sum reduction"):
+        member_loss(F.cross_entropy, logits, torch.randint(0, 4, (P, 6)), reduction="none")
+    with pytest.raises(ValueError, match=r"member_loss: target must have the member dimension first \(\[3, \.\.\.\]\), "
+                                         r"got shape \[2, 6\]"):
+        member_loss(F.cross_entropy, logits, torch.randint(0, 4, (2, 6)))
+    with pytest.raises(ValueError, match=r"member_loss: target must have the member dimension first .* got shape \[\]"):
+        member_loss(F.mse_loss, logits, torch.tensor(0.0))
+    with pytest.raises(TypeError, match=r"member_loss: output must be a tensor with a member dimension, got float"):
+        member_loss(F.mse_loss, 1.0, logits)
+
+
+def test_share_is_a_view_without_copy():
+    pop = PopulationModel(mlp(), P)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    shared = pop.share(x)
+    assert shared.shape == (P, 7, 5)
+    assert shared.stride(0) == 0 and shared.data_ptr() == x.data_ptr()
+    x[0, 0] = 42.0  # a view: it sees later writes
+    assert bool((shared[:, 0, 0] == 42.0).all())
+    tree = pop.share({"a": x, "b": [x[0]], "n": 3})
+    assert tree["a"].data_ptr() == x.data_ptr() and tree["b"][0].shape == (P, 5) and tree["n"] == 3
+    out = pop(shared)
+    torch.testing.assert_close(out[1], out[0])
+
+
+def test_member_module_is_a_plain_module_with_that_members_weights():
+    original = cnn()
+    pop = independent(original)
+    with torch.no_grad():
+        pop.buffers["1.running_mean"].copy_(torch.arange(P, dtype=torch.float64).view(P, 1).expand(P, 4))
+    for i in range(P):
+        module = pop.member_module(i)
+        assert type(module) is nn.Sequential and not isinstance(module, PopulationModel)
+        state = module.state_dict()
+        for name, stacked in pop.named_parameters():
+            assert torch.equal(state[name], stacked[i].detach())
+            assert module.get_parameter(name).requires_grad
+        for name, stacked in pop.buffers.items():
+            assert torch.equal(state[name], stacked[i])
+        with torch.no_grad():  # independent of the population
+            module[0].weight.zero_()
+        assert not bool((pop.params["0.weight"][i] == 0).all())
+    assert torch.equal(pop.member_module(-1).state_dict()["1.running_mean"], torch.full((4,), float(P - 1),
+                                                                                          dtype=torch.float64))
+    with pytest.raises(IndexError, match=r"member index 3 out of range for a population of 3"):
+        pop.member_module(P)
+
+
+def test_training_does_not_modify_the_users_module():
+    model = cnn()
+    before = copy.deepcopy(model.state_dict())
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), lr=0.1), population_size=P, round_length=2,
+                duty_cycle=0.5, autobind=["adamw"])
+    member = clan.round()
+    for _ in range(2):
+        x, y = torch.randn(P, 4, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (P, 4))
+        with member.sync_context():
+            member_loss(F.cross_entropy, member.model(x), y).sum().backward()
+        member.optimizer.step()
+        member.optimizer.zero_grad()
+        member.step()
+    clan.step(torch.arange(P, dtype=torch.float64))
+    assert not torch.equal(clan.population.params["0.weight"][0], before["0.weight"])  # training happened
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    best = clan.best_model()
+    assert best is not model and torch.equal(best.state_dict()["0.weight"], clan.population.params["0.weight"][0])
+
+
+def test_independent_init_gives_different_members_reproducibly():
+    original = mlp()
+    first, again, other = independent(original, seed=1), independent(original, seed=1), independent(original, seed=2)
+    assert torch.equal(first.flat, again.flat)
+    assert torch.equal(first.flat[0], other.flat[0])  # member 0 keeps the module's own weights
+    assert not torch.equal(first.flat[1:], other.flat[1:])
+    for i in range(P):
+        for j in range(i):
+            assert not torch.equal(first.flat[i], first.flat[j])
+    torch.testing.assert_close(first.member_module(0).state_dict()["0.weight"], original.state_dict()["0.weight"],
+                               rtol=0, atol=0)
+    copies = PopulationModel(original, P)
+    assert all(torch.equal(copies.flat[i], copies.flat[0]) for i in range(P))
+    # Through the clan: the seed decides the members.
+    clans = [Clan(original, torch.optim.AdamW(original.parameters()), population_size=P, round_length=4,
+                  init="independent", seed=s) for s in (5, 5, 6)]
+    assert torch.equal(clans[0].population.flat, clans[1].population.flat)
+    assert not torch.equal(clans[0].population.flat, clans[2].population.flat)
+
+
+def test_parameters_are_views_of_the_flat_buffer_and_grads_of_grad_flat():
+    pop = PopulationModel(mlp(), P)
+    x = torch.randn(P, 2, 5, dtype=torch.float64)
+    pop(x).sum().backward()
+    offset = 0
+    for name, leaf in pop.named_parameters():
+        n = leaf[0].numel()
+        assert leaf.shape == (P, *pop.shapes[name])
+        assert torch.equal(leaf.detach().reshape(P, -1), pop.flat[:, offset:offset + n])
+        assert torch.equal(leaf.grad.reshape(P, -1), pop.grad_flat[:, offset:offset + n])
+        offset += n
+    assert offset == pop.numel == pop.flat.shape[1]
+    assert pop.grad_flat.abs().sum() > 0
