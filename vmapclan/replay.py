@@ -1,0 +1,242 @@
+"""Export the schedule a clan found, and replay it on one plain model with ``torch.optim.AdamW``.
+
+With winner selection the best model's ancestry is one lineage: in every round it trained with
+the incumbent genome in the cooperative phase (member 0's genome, which is the incumbent) and
+with the round winner's genome in the competitive phase, then became everyone. Its
+hyperparameters over time are therefore piecewise constant, and :func:`export_schedule` writes
+them as a :class:`~vmapclan.PhaseSchedule`: one phase per stretch of constant settings, each
+with every AdamW hyperparameter and the samples per step (``P x B`` while cooperating, ``B``
+while competing), and ``clan.competition = false``.
+
+:func:`replay` then trains a single ordinary model from the same initial weights with
+``torch.optim.AdamW``, setting the optimizer's param group from the phase in force at each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .schedule import Phase, PhaseSchedule, TimeController
+from .specs import RunConfig
+
+__all__ = ["export_schedule", "write_schedule", "read_schedule", "replay", "ReplayResult", "SCHEDULE_VERSION"]
+
+SCHEDULE_VERSION = 1
+GENES = ("lr", "weight_decay", "betas/0", "betas/1", "eps")
+
+
+def _pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: float | None,
+               batch_size: int | None, population_size: int | None) -> list[tuple]:
+    """``(name, first_step, end_step, hyper, samples_per_step)`` pieces of one history record."""
+    end = record.get("end_step", record.get("step"))
+    if record.get("kind") == "cooperative":
+        return [(record["phase"], start, end, dict(record["hyper"]), record["batch_size"])]
+    genomes = record["genomes"]
+    missing = [g for g in GENES if g not in genomes]
+    if missing:
+        raise ValueError(f"export_schedule: round {record.get('round')} has no gene {missing[0]!r}; "
+                         "the clan needs autobind=['adamw']")
+    coop = record.get("cooperative_steps")
+    if coop is None:
+        if duty_cycle is None:
+            raise ValueError("export_schedule: the history has no 'cooperative_steps'; pass duty_cycle")
+        length = end - start
+        coop = 0 if duty_cycle == 1 else length - max(1, math.floor(duty_cycle * length + 0.5))
+    b = record.get("batch_size", batch_size)
+    p = record.get("population_size", population_size)
+    if b is None or p is None:
+        raise ValueError("export_schedule: the history has no 'batch_size'/'population_size'; pass them")
+    lineage = record["winner"] if member is None else member
+    name = f"{record.get('phase', 'clan')}/r{record['round']}"
+    pieces = []
+    if coop:
+        # Cooperating members share the incumbent genome, which is member 0's.
+        pieces.append((f"{name}/coop", start, start + coop, {g: genomes[g][0] for g in GENES}, b * p))
+    pieces.append((f"{name}/compete", start + coop, end, {g: genomes[g][lineage] for g in GENES}, b))
+    return pieces
+
+
+def export_schedule(history: Sequence[Mapping], total_steps: int, *, member: int | None = None,
+                    duty_cycle: float | None = None, batch_size: int | None = None,
+                    population_size: int | None = None) -> PhaseSchedule:
+    """The piecewise-constant hyperparameter schedule the best model trained with, over ``t``.
+
+    Args:
+        history: The training machine's history (``TrainingResults.history``) or a plain
+            ``clan.history`` of contiguous rounds from step 0 (then give ``duty_cycle``,
+            ``batch_size`` and ``population_size``).
+        total_steps: Steps of the run; the history must cover ``[0, total_steps)``.
+        member: Follow this member in every round (for a sweep, where members never copy each
+            other) instead of each round's winner (winner selection).
+        duty_cycle: For a plain ``clan.history``: the clan's duty cycle.
+        batch_size: For a plain ``clan.history``: per-member batch size.
+        population_size: For a plain ``clan.history``: P.
+
+    Returns:
+        A :class:`PhaseSchedule` whose phases carry every AdamW hyperparameter in ``optimizer``,
+        the samples per step in ``data.batch_size`` and ``clan.competition = false``; adjacent
+        stretches with equal settings are merged.
+
+    Raises:
+        ValueError: for an empty history, one with gaps, or one that does not end at ``total_steps``.
+    """
+    clock = TimeController(total_steps)
+    if not history:
+        raise ValueError("export_schedule: the history is empty (no rounds ran)")
+    pieces: list[tuple] = []
+    position = 0
+    for record in history:
+        start = record.get("start_step", position)
+        if start != position:
+            raise ValueError(f"export_schedule: the history has a gap or overlap at step {position} "
+                             f"(the next record starts at step {start})")
+        for piece in _pieces_of(record, start, member, duty_cycle, batch_size, population_size):
+            if pieces and pieces[-1][3] == piece[3] and pieces[-1][4] == piece[4]:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1], piece[2], pieces[-1][3], pieces[-1][4])
+            else:
+                pieces.append(piece)
+        position = pieces[-1][2]
+    if position != total_steps:
+        raise ValueError(f"export_schedule: the history covers steps [0, {position}), "
+                         f"but total_steps is {total_steps}")
+    phases = [Phase(name, clock.time_at(first), clock.time_at(end), optimizer=hyper,
+                    data={"batch_size": int(samples)}, clan={"competition": False})
+              for name, first, end, hyper, samples in pieces]
+    return PhaseSchedule(phases)
+
+
+def write_schedule(path: str | os.PathLike, schedule: PhaseSchedule, config: RunConfig, total_steps: int,
+                   clan: Mapping | None = None) -> None:
+    """Write ``schedule.json``: the phases, the run's config and ``total_steps``, and the clan's final metrics.
+
+    Args:
+        path: Target file.
+        schedule: The exported schedule.
+        config: The run's config (the replay rebuilds the task, model and data from it).
+        total_steps: Steps the schedule spans.
+        clan: ``{"val_loss", "val_accuracy"}`` of the clan's best model, shown next to the replay's.
+    """
+    schedule.save(path, format_version=SCHEDULE_VERSION, total_steps=total_steps,
+                  config=config.replace(total_steps=total_steps).to_dict(), clan=dict(clan or {}))
+
+
+def read_schedule(path: str | os.PathLike) -> tuple[PhaseSchedule, RunConfig, dict]:
+    """Read ``schedule.json`` written by :func:`write_schedule`.
+
+    Returns:
+        ``(schedule, config, clan_metrics)``; ``config.total_steps`` is the schedule's length.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        ValueError: for a file that is not a vmapclan schedule.
+    """
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not JSON: {err}") from None
+    if not isinstance(data, Mapping) or data.get("format_version") != SCHEDULE_VERSION:
+        raise ValueError(f"{path}: not a vmapclan schedule (format_version {SCHEDULE_VERSION} expected)")
+    for key in ("config", "total_steps", "phases"):
+        if key not in data:
+            raise ValueError(f"{path}: missing field {key!r}")
+    config = RunConfig.from_dict(data["config"]).replace(total_steps=data["total_steps"])
+    return PhaseSchedule.from_dict(data), config, dict(data.get("clan", {}))
+
+
+@dataclasses.dataclass
+class ReplayResult:
+    """What :func:`replay` returns.
+
+    Attributes:
+        model: The trained plain model.
+        final: ``{"val_loss", "val_accuracy"}`` on the whole validation set.
+        trace: Per step (when asked for): the param group's ``lr``, ``weight_decay``, ``betas``,
+            ``eps`` and the batch size used.
+        losses: The training loss of every step.
+    """
+
+    model: nn.Module
+    final: dict
+    trace: list[dict]
+    losses: list[float]
+
+
+def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps: int | None = None,
+           trace: bool = False, callback: Callable[[int, str], None] | None = None) -> ReplayResult:
+    """Train one plain model with ``torch.optim.AdamW`` following ``schedule``.
+
+    The model is built and initialised as the training machine does (same task, config and
+    seed), so it starts from the clan's initial weights. At each step the param group takes the
+    ``lr``, ``weight_decay``, ``betas`` and ``eps`` of the phase in force (a value a phase does
+    not set keeps the config's; ``lr_scale`` multiplies the config's lr) and the batch holds the
+    phase's ``data.batch_size`` samples (default: ``config.data.batch_size``), drawn from a
+    fresh permutation each epoch.
+
+    Args:
+        schedule: The schedule to follow (e.g. from :func:`read_schedule`).
+        config: The run config (task, model, data, optimizer, seed).
+        total_steps: Steps to run (default: ``config.total_steps``).
+        trace: Record the settings used at every step.
+        callback: Called as ``callback(step, phase_name)`` after every step.
+
+    Returns:
+        A :class:`ReplayResult`.
+
+    Raises:
+        ValueError: for a batch size larger than the training set.
+    """
+    from .tasks import get_task
+
+    if isinstance(config, Mapping):
+        config = RunConfig.from_dict(config)
+    total = config.total_steps if total_steps is None else total_steps
+    TimeController(total)  # validates total_steps
+    task = get_task(config.task)
+    torch.manual_seed(config.seed)  # as TrainingMachine: the same initial weights
+    data = task.load(config.data, config.seed)
+    model = task.build_model(config.model, config.data)
+    optimizer = config.optimizer.build(model.parameters())
+    group = optimizer.param_groups[0]
+    x_train, y_train = data.train
+    n = len(x_train)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    perm, position = torch.randperm(n, generator=generator), 0
+    steps_trace, losses = [], []
+    model.train()
+    for step in range(total):
+        phase = schedule.phase_at_step(step, total)
+        opt = phase.optimizer
+        group["lr"] = opt.get("lr", config.optimizer.lr * opt.get("lr_scale", 1.0))
+        group["weight_decay"] = opt.get("weight_decay", config.optimizer.weight_decay)
+        group["betas"] = (opt.get("betas/0", config.optimizer.betas[0]), opt.get("betas/1", config.optimizer.betas[1]))
+        group["eps"] = opt.get("eps", config.optimizer.eps)
+        batch_size = phase.data.get("batch_size", config.data.batch_size)
+        if batch_size > n:
+            raise ValueError(f"replay: phase {phase.name!r} asks for batch_size={batch_size}, "
+                             f"the training set has {n} samples")
+        if n - position < batch_size:  # epoch over: a new permutation, as the clan's loader does
+            perm, position = torch.randperm(n, generator=generator), 0
+        index = perm[position:position + batch_size]
+        position += batch_size
+        loss = task.loss(model(x_train[index]), y_train[index])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if trace:
+            steps_trace.append({"step": step, "phase": phase.name, "lr": group["lr"],
+                                "weight_decay": group["weight_decay"], "betas": group["betas"],
+                                "eps": group["eps"], "batch_size": batch_size})
+        if callback is not None:
+            callback(step + 1, phase.name)
+    scores = task.evaluate(model, *data.val)
+    return ReplayResult(model=model.eval(), final={"val_loss": scores["loss"], "val_accuracy": scores["accuracy"]},
+                        trace=steps_trace, losses=losses)

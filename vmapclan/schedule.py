@@ -1,0 +1,408 @@
+"""Time as a first-class quantity: steps <-> normalized time t, and phases over [0, 1].
+
+A run of ``total_steps`` steps is mapped onto ``t`` in ``[0, 1]``. A :class:`PhaseSchedule` is a
+sequence of named :class:`Phase` objects that cover ``[0, 1]`` without gaps or overlaps; each
+phase can override optimizer, data and clan settings while it is in force (for example a
+cooperative warmup, clan rounds in the middle, a final anneal at a lower learning rate).
+
+Step ``s`` occupies the time interval ``[s / T, (s + 1) / T)`` and belongs to the phase that
+holds the interval's midpoint, so a phase boundary at ``t`` falls before step
+``ceil(t * T - 0.5)``. The training machine and the replay both use this one rule, which is
+why an exported schedule replays on exactly the steps it was recorded on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["TimeController", "Phase", "PhaseSchedule", "OPTIMIZER_KEYS", "DATA_KEYS", "CLAN_KEYS"]
+
+#: Optimizer settings a phase may override: the AdamW genes, plus ``lr_scale`` (a factor on the
+#: learning rate in force when the phase begins).
+OPTIMIZER_KEYS = ("lr", "weight_decay", "betas/0", "betas/1", "eps", "lr_scale")
+#: Data settings a phase may override (``batch_size`` is per member in the training machine).
+DATA_KEYS = ("batch_size",)
+#: Clan settings a phase may override. ``competition = false`` runs the population
+#: cooperatively (identical members, data-parallel) with no rounds and no selection.
+CLAN_KEYS = ("competition", "round_length", "duty_cycle")
+
+_TOL = 1e-9  # phase edges closer than this are the same point (floats from TOML or JSON)
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _is_positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+class TimeController:
+    """Maps steps to normalized time ``t = step / total_steps`` and back, and keeps the current step.
+
+    Args:
+        total_steps: Steps in the whole run (a positive int).
+
+    Raises:
+        ValueError: if ``total_steps`` is not a positive int.
+
+    Example:
+        >>> clock = TimeController(200)
+        >>> clock.time_at(50), clock.step_at(0.25)
+        (0.25, 50)
+        >>> clock.advance(10); clock.t
+        0.05
+    """
+
+    def __init__(self, total_steps: int):
+        if not _is_positive_int(total_steps):
+            raise ValueError(f"TimeController: total_steps must be a positive int, got {total_steps!r}")
+        self.total_steps = total_steps
+        self.step = 0
+
+    def time_at(self, step: int) -> float:
+        """Normalized time at the start of ``step`` (``step`` in ``[0, total_steps]``).
+
+        Raises:
+            ValueError: for a step outside ``[0, total_steps]``.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.total_steps:
+            raise ValueError(f"TimeController.time_at: step must be an int in [0, {self.total_steps}], got {step!r}")
+        return step / self.total_steps
+
+    def step_at(self, t: float) -> int:
+        """The first step whose midpoint lies at or after ``t``: ``ceil(t * T - 0.5)``, in ``[0, T]``.
+
+        Raises:
+            ValueError: for ``t`` outside ``[0, 1]``.
+        """
+        if not _is_number(t) or not -_TOL <= t <= 1 + _TOL:
+            raise ValueError(f"TimeController.step_at: t must be a number in [0, 1], got {t!r}")
+        return min(self.total_steps, max(0, math.ceil(t * self.total_steps - 0.5)))
+
+    @property
+    def t(self) -> float:
+        """Normalized time now."""
+        return self.step / self.total_steps
+
+    @property
+    def done(self) -> bool:
+        """Whether every step has run."""
+        return self.step >= self.total_steps
+
+    def advance(self, steps: int = 1) -> None:
+        """Move the clock forward.
+
+        Raises:
+            ValueError: for a negative count or one that passes ``total_steps``.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"TimeController.advance: steps must be a non-negative int, got {steps!r}")
+        if self.step + steps > self.total_steps:
+            raise ValueError(
+                f"TimeController.advance: {steps} more steps from step {self.step} passes total_steps={self.total_steps}"
+            )
+        self.step += steps
+
+    def state_dict(self) -> dict:
+        """``{"total_steps", "step"}``."""
+        return {"total_steps": self.total_steps, "step": self.step}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore from :meth:`state_dict`.
+
+        Raises:
+            ValueError: if the saved ``total_steps`` differs.
+        """
+        if state.get("total_steps") != self.total_steps:
+            raise ValueError(
+                f"TimeController.load_state_dict: saved total_steps={state.get('total_steps')!r}, "
+                f"this clock has {self.total_steps}"
+            )
+        self.step = int(state["step"])
+
+
+def _check_overrides(where: str, kind: str, overrides, allowed: Sequence[str]) -> dict:
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"{where}: {kind} must be a dict of overrides, got {type(overrides).__name__}")
+    unknown = [k for k in overrides if k not in allowed]
+    if unknown:
+        raise ValueError(f"{where}: unknown {kind} setting {unknown[0]!r}; expected one of {list(allowed)}")
+    for key, value in overrides.items():
+        bad = None
+        if key in ("lr", "eps", "lr_scale"):
+            bad = None if _is_number(value) and value > 0 else "a positive number"
+        elif key == "weight_decay":
+            bad = None if _is_number(value) and value >= 0 else "a non-negative number"
+        elif key in ("betas/0", "betas/1"):
+            bad = None if _is_number(value) and 0 <= value < 1 else "a number in [0, 1)"
+        elif key in ("batch_size", "round_length"):
+            bad = None if _is_positive_int(value) else "a positive int"
+        elif key == "duty_cycle":
+            bad = None if _is_number(value) and 0 < value <= 1 else "a number in (0, 1]"
+        elif key == "competition":
+            bad = None if isinstance(value, bool) else "true or false"
+        if bad:
+            raise ValueError(f"{where}: {kind}.{key} must be {bad}, got {value!r}")
+    return dict(overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A named stretch ``[start_t, end_t)`` of normalized time with its setting overrides.
+
+    Args:
+        name: Non-empty name, unique within a schedule.
+        start_t: Where the phase begins, in ``[0, 1)``.
+        end_t: Where it ends, in ``(start_t, 1]``.
+        optimizer: Overrides of ``lr``, ``weight_decay``, ``betas/0``, ``betas/1``, ``eps`` (fixed
+            values) and ``lr_scale`` (a factor on the learning rate in force when the phase
+            begins). They need ``clan.competition = false``: a clan phase evolves them.
+        data: Overrides of ``batch_size``.
+        clan: ``competition`` (bool, default true: clan rounds with selection; false: the
+            population trains cooperatively as one data-parallel model), ``round_length``,
+            ``duty_cycle``.
+
+    Raises:
+        ValueError, TypeError: naming the phase and the bad field.
+
+    Example:
+        >>> Phase("anneal", 0.9, 1.0, optimizer={"lr_scale": 0.1}, clan={"competition": False}).competition
+        False
+    """
+
+    name: str
+    start_t: float
+    end_t: float
+    optimizer: dict = dataclasses.field(default_factory=dict)
+    data: dict = dataclasses.field(default_factory=dict)
+    clan: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Phase: name must be a non-empty string, got {self.name!r}")
+        where = f"Phase {self.name!r}"
+        for field in ("start_t", "end_t"):
+            value = getattr(self, field)
+            if not _is_number(value) or not 0 <= value <= 1:
+                raise ValueError(f"{where}: {field} must be a number in [0, 1], got {value!r}")
+            object.__setattr__(self, field, float(value))
+        if not self.start_t < self.end_t:
+            raise ValueError(f"{where}: start_t must be below end_t, got start_t={self.start_t}, end_t={self.end_t}")
+        object.__setattr__(self, "optimizer", _check_overrides(where, "optimizer", self.optimizer, OPTIMIZER_KEYS))
+        object.__setattr__(self, "data", _check_overrides(where, "data", self.data, DATA_KEYS))
+        object.__setattr__(self, "clan", _check_overrides(where, "clan", self.clan, CLAN_KEYS))
+        if self.optimizer and self.competition:
+            raise ValueError(
+                f"{where}: optimizer overrides {sorted(self.optimizer)} need clan.competition = false "
+                "(a phase with clan rounds evolves the optimizer's hyperparameters)"
+            )
+        if "lr" in self.optimizer and "lr_scale" in self.optimizer:
+            raise ValueError(f"{where}: give optimizer.lr or optimizer.lr_scale, not both")
+
+    @property
+    def competition(self) -> bool:
+        """Whether clan rounds (competition and selection) run in this phase."""
+        return self.clan.get("competition", True)
+
+    @property
+    def duration(self) -> float:
+        """``end_t - start_t``."""
+        return self.end_t - self.start_t
+
+    def contains(self, t: float) -> bool:
+        """Whether ``start_t <= t < end_t`` (the last phase of a schedule also holds ``t = 1``)."""
+        return self.start_t <= t < self.end_t
+
+    def to_dict(self) -> dict:
+        """A plain dict (JSON and TOML safe); empty override tables are left out."""
+        out: dict[str, Any] = {"name": self.name, "start_t": self.start_t, "end_t": self.end_t}
+        for key in ("optimizer", "data", "clan"):
+            if getattr(self, key):
+                out[key] = copy.deepcopy(getattr(self, key))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Phase:
+        """Build from :meth:`to_dict`'s form.
+
+        Raises:
+            ValueError: for missing or unknown fields.
+            TypeError: if ``data`` is not a dict.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"Phase.from_dict: expected a dict, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in data if k not in fields]
+        if unknown:
+            raise ValueError(f"Phase.from_dict: unknown field {unknown[0]!r}; expected some of {sorted(fields)}")
+        for key in ("name", "start_t", "end_t"):
+            if key not in data:
+                raise ValueError(f"Phase.from_dict: missing field {key!r} in {dict(data)!r}")
+        return cls(**data)
+
+
+class PhaseSchedule:
+    """Named phases that cover ``[0, 1]`` in order, with no gaps or overlaps.
+
+    Args:
+        phases: :class:`Phase` objects (or their dicts), in time order.
+
+    Raises:
+        ValueError: for an empty schedule, duplicate names, or phases that do not tile ``[0, 1]``
+            (the message names the phases at the gap or overlap).
+
+    Example:
+        >>> schedule = PhaseSchedule([
+        ...     Phase("warmup", 0.0, 0.1, clan={"competition": False}),
+        ...     Phase("clan", 0.1, 0.9),
+        ...     Phase("anneal", 0.9, 1.0, optimizer={"lr_scale": 0.1}, clan={"competition": False}),
+        ... ])
+        >>> schedule.phase_at(0.5).name
+        'clan'
+        >>> [(p.name, a, b) for p, a, b in schedule.step_ranges(100)]
+        [('warmup', 0, 10), ('clan', 10, 90), ('anneal', 90, 100)]
+    """
+
+    def __init__(self, phases: Sequence[Phase | Mapping]):
+        if isinstance(phases, (str, bytes, Mapping)) or not isinstance(phases, Sequence):
+            raise TypeError(f"PhaseSchedule: phases must be a list of Phase objects, got {type(phases).__name__}")
+        built = []
+        for i, phase in enumerate(phases):
+            if isinstance(phase, Mapping):
+                phase = Phase.from_dict(phase)
+            if not isinstance(phase, Phase):
+                raise TypeError(f"PhaseSchedule: phases[{i}] must be a Phase or a dict, got {type(phase).__name__}")
+            built.append(phase)
+        if not built:
+            raise ValueError("PhaseSchedule: needs at least one phase")
+        names = [p.name for p in built]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"PhaseSchedule: phase names must be unique, {duplicates[0]!r} appears more than once")
+        if abs(built[0].start_t) > _TOL:
+            raise ValueError(
+                f"PhaseSchedule: the first phase {built[0].name!r} starts at t={built[0].start_t}; "
+                "the phases must cover [0, 1] from t=0"
+            )
+        for a, b in zip(built, built[1:]):
+            if b.start_t > a.end_t + _TOL:
+                raise ValueError(
+                    f"PhaseSchedule: gap between phase {a.name!r} (ends at t={a.end_t}) and "
+                    f"phase {b.name!r} (starts at t={b.start_t})"
+                )
+            if b.start_t < a.end_t - _TOL:
+                raise ValueError(
+                    f"PhaseSchedule: phase {a.name!r} (ends at t={a.end_t}) overlaps phase {b.name!r} "
+                    f"(starts at t={b.start_t}); phases must be in time order without overlaps"
+                )
+        if abs(built[-1].end_t - 1) > _TOL:
+            raise ValueError(
+                f"PhaseSchedule: the last phase {built[-1].name!r} ends at t={built[-1].end_t}; "
+                "the phases must cover [0, 1] up to t=1"
+            )
+        self.phases: tuple[Phase, ...] = tuple(built)
+
+    @classmethod
+    def single(cls, name: str = "main", **overrides) -> PhaseSchedule:
+        """One phase over all of ``[0, 1]`` (``overrides`` as for :class:`Phase`)."""
+        return cls([Phase(name, 0.0, 1.0, **overrides)])
+
+    def __len__(self) -> int:
+        return len(self.phases)
+
+    def __iter__(self):
+        return iter(self.phases)
+
+    def __getitem__(self, key: int | str) -> Phase:
+        """A phase by position or by name."""
+        if isinstance(key, str):
+            for phase in self.phases:
+                if phase.name == key:
+                    return phase
+            raise KeyError(f"PhaseSchedule: no phase named {key!r}; the phases are {[p.name for p in self.phases]}")
+        return self.phases[key]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PhaseSchedule) and self.phases == other.phases
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{p.name}[{p.start_t:g}, {p.end_t:g})" for p in self.phases)
+        return f"PhaseSchedule({inner})"
+
+    def index_at(self, t: float) -> int:
+        """Position of the phase in force at ``t`` (``t = 1`` is in the last phase).
+
+        Raises:
+            ValueError: for ``t`` outside ``[0, 1]``.
+        """
+        if not _is_number(t) or not 0 <= t <= 1:
+            raise ValueError(f"PhaseSchedule.phase_at: t must be a number in [0, 1], got {t!r}")
+        for i, phase in enumerate(self.phases[:-1]):
+            if t < self.phases[i + 1].start_t:
+                return i
+        return len(self.phases) - 1
+
+    def phase_at(self, t: float) -> Phase:
+        """The phase in force at normalized time ``t``.
+
+        Raises:
+            ValueError: for ``t`` outside ``[0, 1]``.
+        """
+        return self.phases[self.index_at(t)]
+
+    def phase_at_step(self, step: int, total_steps: int) -> Phase:
+        """The phase that step ``step`` of ``total_steps`` belongs to (the one holding its midpoint).
+
+        Raises:
+            ValueError: for a step outside ``[0, total_steps)``.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < total_steps:
+            raise ValueError(f"PhaseSchedule.phase_at_step: step must be an int in [0, {total_steps}), got {step!r}")
+        return self.phase_at((step + 0.5) / total_steps)
+
+    def step_ranges(self, total_steps: int) -> list[tuple[Phase, int, int]]:
+        """``(phase, first_step, end_step)`` for every phase over a run of ``total_steps``.
+
+        The ranges tile ``[0, total_steps)``; a phase shorter than half a step may get none
+        (``first_step == end_step``).
+        """
+        clock = TimeController(total_steps)
+        edges = [clock.step_at(p.start_t) for p in self.phases] + [total_steps]
+        return [(p, edges[i], max(edges[i], edges[i + 1])) for i, p in enumerate(self.phases)]
+
+    def to_dict(self) -> dict:
+        """``{"phases": [phase dicts]}``."""
+        return {"phases": [p.to_dict() for p in self.phases]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping | Sequence) -> PhaseSchedule:
+        """Build from :meth:`to_dict`'s form (or a bare list of phase dicts).
+
+        Raises:
+            ValueError, TypeError: for a malformed schedule.
+        """
+        if isinstance(data, Mapping):
+            if "phases" not in data:
+                raise ValueError("PhaseSchedule.from_dict: missing field 'phases'")
+            data = data["phases"]
+        return cls(data)
+
+    def save(self, path: str | os.PathLike, **metadata) -> None:
+        """Write ``{"phases": [...], **metadata}`` as JSON."""
+        with open(path, "w") as f:
+            json.dump({**metadata, **self.to_dict()}, f, indent=2)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PhaseSchedule:
+        """Read a schedule written by :meth:`save` (other top-level keys are ignored)."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

@@ -1,0 +1,433 @@
+"""Settings of a run as small dataclasses: model, data, optimizer, clan, schedule, and the whole run.
+
+Each spec checks its fields when built and names the bad one the way it is written in a
+config file (``clan.duty_cycle must be a number in (0, 1], got 1.5``). ``to_dict()`` gives a
+plain dict that TOML and JSON can hold (no ``None``); ``from_dict()`` reads it back and refuses
+unknown fields, so a typo in a config file is an error rather than a silently ignored setting.
+
+Example:
+    >>> config = RunConfig.from_dict({"task": "digits-mlp", "total_steps": 200, "clan": {"population_size": 4}})
+    >>> config.clan.population_size, config.optimizer.lr
+    (4, 0.001)
+    >>> RunConfig.from_dict(config.to_dict()) == config
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from .schedule import Phase, PhaseSchedule
+
+__all__ = ["ModelSpec", "DataSpec", "OptimizerSpec", "ClanSpec", "ScheduleSpec", "RunConfig", "TASK_NAMES"]
+
+#: The built-in tasks (see :mod:`vmapclan.tasks`).
+TASK_NAMES = ("digits-mlp", "stdlib-chars")
+
+
+def _fail(section: str, name: str, expected: str, value) -> None:
+    raise ValueError(f"{section}.{name} must be {expected}, got {value!r}")
+
+
+def _int(section: str, name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(section, name, "a positive int" if low == 1 else f"an int >= {low}", value)
+    return value
+
+
+def _float(section: str, name: str, value, low: float, high: float, *, low_open: bool = False,
+           high_open: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        _fail(section, name, f"a number in {lo}{low:g}, {high:g}{hi}", value)
+    return float(value)
+
+
+class _Spec:
+    """Shared ``to_dict`` / ``from_dict`` for the flat specs."""
+
+    section: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        """A plain dict of the fields (tuples as lists, no ``None``)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping | None):
+        """Build from a dict of fields (missing fields take their defaults).
+
+        Raises:
+            TypeError: if ``data`` is not a dict.
+            ValueError: for an unknown field or a bad value, naming it.
+        """
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{cls.section}: expected a table of settings, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise ValueError(f"{cls.section}: unknown field {unknown[0]!r}; expected some of {names}")
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec(_Spec):
+    """Model size. Each task reads the fields it uses.
+
+    Args:
+        hidden: Width of the digits MLP's two hidden layers.
+        d_model: Width of the character transformer.
+        n_layers: Transformer blocks.
+        n_heads: Attention heads (must divide ``d_model``).
+        dropout: Dropout probability in the transformer, in [0, 1).
+    """
+
+    section: ClassVar[str] = "model"
+    hidden: int = 128
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "d_model", "n_layers", "n_heads"):
+            _int(self.section, name, getattr(self, name))
+        object.__setattr__(self, "dropout", _float(self.section, "dropout", self.dropout, 0, 1, high_open=True))
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.n_heads must divide model.d_model, got n_heads={self.n_heads}, d_model={self.d_model}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec(_Spec):
+    """Data settings.
+
+    Args:
+        batch_size: Samples per member per step (a cooperative step takes ``P x batch_size``).
+        val_fraction: Share of the data held out for validation (digits: of the samples;
+            stdlib-chars: of the source files), in (0, 1).
+        seq_len: Characters per training window (stdlib-chars).
+        max_chars: Cap on the characters read from the standard library (stdlib-chars).
+        eval_samples: Validation samples each member is scored on at the end of a round
+            (0: all). The final metrics always use the whole validation set.
+    """
+
+    section: ClassVar[str] = "data"
+    batch_size: int = 32
+    val_fraction: float = 0.2
+    seq_len: int = 64
+    max_chars: int = 600_000
+    eval_samples: int = 512
+
+    def __post_init__(self) -> None:
+        _int(self.section, "batch_size", self.batch_size)
+        object.__setattr__(self, "val_fraction", _float(self.section, "val_fraction", self.val_fraction, 0, 1,
+                                                        low_open=True, high_open=True))
+        _int(self.section, "seq_len", self.seq_len)
+        _int(self.section, "max_chars", self.max_chars, low=1000)
+        _int(self.section, "eval_samples", self.eval_samples, low=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec(_Spec):
+    """The AdamW the run starts from (its values seed the incumbent genome).
+
+    Args:
+        lr: Learning rate, > 0.
+        weight_decay: Decoupled weight decay, >= 0.
+        betas: ``(beta1, beta2)``, each in [0, 1).
+        eps: > 0.
+    """
+
+    section: ClassVar[str] = "optimizer"
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        s = self.section
+        object.__setattr__(self, "lr", _float(s, "lr", self.lr, 0, math.inf, low_open=True, high_open=True))
+        object.__setattr__(self, "weight_decay", _float(s, "weight_decay", self.weight_decay, 0, math.inf,
+                                                        high_open=True))
+        object.__setattr__(self, "eps", _float(s, "eps", self.eps, 0, math.inf, low_open=True, high_open=True))
+        if isinstance(self.betas, (str, bytes)) or not hasattr(self.betas, "__len__") or len(self.betas) != 2:
+            _fail(s, "betas", "a pair [beta1, beta2]", self.betas)
+        betas = tuple(_float(s, f"betas[{i}]", b, 0, 1, high_open=True) for i, b in enumerate(self.betas))
+        object.__setattr__(self, "betas", betas)
+
+    def build(self, params):
+        """``torch.optim.AdamW(params, ...)`` with these settings."""
+        import torch
+
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClanSpec(_Spec):
+    """The population.
+
+    Args:
+        population_size: P.
+        round_length: Steps per round (phases may override it).
+        duty_cycle: Competitive fraction of a round, in (0, 1] (phases may override it).
+        selection: ``"winner"``, ``"truncation"`` (classic PBT) or ``"none"`` (a sweep: no
+            selection); the last two need ``duty_cycle = 1``.
+        init: ``"copy"`` (members start identical) or ``"independent"``.
+        lr_grid: For a sweep (``selection = "none"``): one fixed learning rate per member, which
+            then never mutates. Empty: no grid.
+        genes: Overrides of the autobound AdamW genes, ``{name: {field: value}}`` (see
+            :class:`vmapclan.Gene`), e.g. ``{"lr": {"low": 1e-4, "high": 1e-1}}``.
+    """
+
+    section: ClassVar[str] = "clan"
+    population_size: int = 8
+    round_length: int = 40
+    duty_cycle: float = 0.25
+    selection: str = "winner"
+    init: str = "copy"
+    lr_grid: tuple[float, ...] = ()
+    genes: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = self.section
+        _int(s, "population_size", self.population_size)
+        _int(s, "round_length", self.round_length)
+        object.__setattr__(self, "duty_cycle", _float(s, "duty_cycle", self.duty_cycle, 0, 1, low_open=True))
+        if self.selection not in ("winner", "truncation", "none"):
+            _fail(s, "selection", "'winner', 'truncation' or 'none'", self.selection)
+        if self.selection != "none" and self.population_size < 2:
+            raise ValueError(f"clan.population_size must be >= 2 for selection {self.selection!r}, "
+                             f"got {self.population_size}")
+        if self.selection != "winner" and self.duty_cycle != 1:
+            raise ValueError(
+                f"clan.duty_cycle must be 1.0 for selection {self.selection!r} (members that differ cannot "
+                f"cooperate), got {self.duty_cycle}"
+            )
+        if self.init not in ("copy", "independent"):
+            _fail(s, "init", "'copy' or 'independent'", self.init)
+        check_round(s, self.round_length, self.duty_cycle)
+        if isinstance(self.lr_grid, (str, bytes)) or not hasattr(self.lr_grid, "__iter__"):
+            _fail(s, "lr_grid", "a list of learning rates", self.lr_grid)
+        grid = tuple(_float(s, f"lr_grid[{i}]", v, 0, math.inf, low_open=True, high_open=True)
+                     for i, v in enumerate(self.lr_grid))
+        object.__setattr__(self, "lr_grid", grid)
+        if grid and self.selection != "none":
+            raise ValueError(f"clan.lr_grid needs clan.selection = 'none' (a sweep), got {self.selection!r}")
+        if grid and len(grid) != self.population_size:
+            raise ValueError(
+                f"clan.lr_grid must hold population_size={self.population_size} values, got {len(grid)}"
+            )
+        if not isinstance(self.genes, Mapping) or not all(isinstance(v, Mapping) for v in self.genes.values()):
+            _fail(s, "genes", "a table {gene name: {field: value}}", self.genes)
+        object.__setattr__(self, "genes", {k: dict(v) for k, v in self.genes.items()})
+
+    @property
+    def selection_arg(self) -> str | None:
+        """The ``selection`` argument of :class:`vmapclan.Clan` (``"none"`` becomes ``None``)."""
+        return None if self.selection == "none" else self.selection
+
+
+def check_round(where: str, round_length: int, duty_cycle: float) -> None:
+    """Raise ``ValueError`` unless a round of ``round_length`` keeps a cooperative step (or ``duty_cycle == 1``).
+
+    Args:
+        where: Field prefix for the message (``"clan"`` or ``"schedule[2].clan"``).
+        round_length: Steps per round.
+        duty_cycle: Competitive fraction.
+    """
+    competitive = max(1, math.floor(duty_cycle * round_length + 0.5))
+    if duty_cycle < 1 and round_length - competitive < 1:
+        raise ValueError(
+            f"{where}.round_length={round_length} with duty_cycle={duty_cycle} leaves no cooperative step; "
+            "use a longer round or duty_cycle = 1.0"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    """The phases of a run, as plain dicts (the TOML ``[[schedule]]`` tables).
+
+    Args:
+        phases: Phase dicts (see :class:`vmapclan.Phase`); empty means one clan phase over [0, 1].
+    """
+
+    phases: tuple[dict, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.phases, (str, bytes, Mapping)) or not hasattr(self.phases, "__iter__"):
+            raise TypeError(f"schedule must be a list of phase tables, got {type(self.phases).__name__}")
+        phases = []
+        for i, p in enumerate(self.phases):
+            if isinstance(p, Phase):
+                p = p.to_dict()
+            if not isinstance(p, Mapping):
+                raise TypeError(f"schedule[{i}] must be a phase table, got {type(p).__name__}")
+            phases.append(copy.deepcopy(dict(p)))
+        object.__setattr__(self, "phases", tuple(phases))
+        if phases:
+            try:
+                self.to_schedule()
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"schedule: {err}") from None
+
+    def to_schedule(self) -> PhaseSchedule:
+        """The :class:`vmapclan.PhaseSchedule` (one phase named ``"clan"`` when empty)."""
+        if not self.phases:
+            return PhaseSchedule.single("clan")
+        return PhaseSchedule([Phase.from_dict(p) for p in self.phases])
+
+    def to_dict(self) -> list[dict]:
+        """The phase dicts, as a list."""
+        return [copy.deepcopy(p) for p in self.phases]
+
+    @classmethod
+    def from_dict(cls, data) -> ScheduleSpec:
+        """Build from a list of phase dicts (or ``{"phases": [...]}``, or ``None``)."""
+        if data is None:
+            return cls()
+        if isinstance(data, Mapping):
+            if set(data) != {"phases"}:
+                raise ValueError(f"schedule: expected a list of phase tables or {{'phases': [...]}}, got keys {sorted(data)}")
+            data = data["phases"]
+        return cls(tuple(data) if isinstance(data, list) else data)
+
+
+_SECTIONS = {"model": ModelSpec, "data": DataSpec, "optimizer": OptimizerSpec, "clan": ClanSpec}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a :class:`vmapclan.TrainingMachine` run needs.
+
+    Args:
+        task: A built-in task, ``"digits-mlp"`` or ``"stdlib-chars"``.
+        total_steps: Training steps (``TrainingMachine``'s ``total_steps`` argument overrides it).
+            Every step costs P member-steps, cooperative or competitive.
+        seed: Seeds the model's init, the data split, the clan's mutations and the loader.
+        log_every: Steps between training-loss records (0: about 100 records per run).
+        checkpoint_every: Rounds between checkpoints when the machine has an ``out_dir``
+            (0: only at phase ends).
+        model, data, optimizer, clan, schedule: The sections.
+
+    Raises:
+        ValueError, TypeError: naming the bad field, e.g. ``clan.round_length``.
+    """
+
+    task: str = "digits-mlp"
+    total_steps: int = 1000
+    seed: int = 0
+    log_every: int = 0
+    checkpoint_every: int = 0
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    data: DataSpec = dataclasses.field(default_factory=DataSpec)
+    optimizer: OptimizerSpec = dataclasses.field(default_factory=OptimizerSpec)
+    clan: ClanSpec = dataclasses.field(default_factory=ClanSpec)
+    schedule: ScheduleSpec = dataclasses.field(default_factory=ScheduleSpec)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_NAMES:
+            _fail("config", "task", f"one of {list(TASK_NAMES)}", self.task)
+        _int("config", "total_steps", self.total_steps)
+        _int("config", "seed", self.seed, low=0)
+        _int("config", "log_every", self.log_every, low=0)
+        _int("config", "checkpoint_every", self.checkpoint_every, low=0)
+        for key, kind in {**_SECTIONS, "schedule": ScheduleSpec}.items():
+            if not isinstance(getattr(self, key), kind):
+                raise TypeError(f"config.{key} must be a {kind.__name__}, got {type(getattr(self, key)).__name__}")
+        for i, phase in enumerate(self.schedule.to_schedule()):
+            where = f"schedule[{i}] ({phase.name!r})"
+            if not phase.competition and self.clan.selection != "winner":
+                raise ValueError(
+                    f"{where}: clan.competition = false needs clan.selection = 'winner' (members must be "
+                    f"identical to cooperate), got {self.clan.selection!r}"
+                )
+            if phase.competition:
+                check_round(f"{where}.clan", phase.clan.get("round_length", self.clan.round_length),
+                            phase.clan.get("duty_cycle", self.clan.duty_cycle))
+                duty = phase.clan.get("duty_cycle", self.clan.duty_cycle)
+                if self.clan.selection != "winner" and duty != 1:
+                    raise ValueError(f"{where}: clan.duty_cycle must be 1.0 for selection {self.clan.selection!r}, "
+                                     f"got {duty}")
+
+    def replace(self, **changes) -> RunConfig:
+        """A copy with top-level fields replaced; a section may be given as a dict of field changes.
+
+        Example:
+            >>> RunConfig().replace(total_steps=50, clan={"population_size": 4}).clan.population_size
+            4
+        """
+        for key, value in list(changes.items()):
+            if key in _SECTIONS and isinstance(value, Mapping):
+                changes[key] = dataclasses.replace(getattr(self, key), **value)
+            elif key == "schedule" and not isinstance(value, ScheduleSpec):
+                changes[key] = ScheduleSpec.from_dict(value)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """A plain dict, TOML and JSON safe (``schedule`` is a list of phase tables)."""
+        out: dict[str, Any] = {"task": self.task, "total_steps": self.total_steps, "seed": self.seed,
+                               "log_every": self.log_every, "checkpoint_every": self.checkpoint_every}
+        for key in _SECTIONS:
+            out[key] = getattr(self, key).to_dict()
+        out["schedule"] = self.schedule.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RunConfig:
+        """Build from a dict such as a parsed TOML file.
+
+        Raises:
+            TypeError: if ``data`` is not a dict.
+            ValueError: for unknown or bad fields, naming them.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"config: expected a table of settings, got {type(data).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in fields]
+        if unknown:
+            raise ValueError(f"config: unknown field {unknown[0]!r}; expected some of {fields}")
+        kwargs = {k: v for k, v in data.items() if k not in _SECTIONS and k != "schedule"}
+        for key, kind in _SECTIONS.items():
+            kwargs[key] = kind.from_dict(data.get(key))
+        kwargs["schedule"] = ScheduleSpec.from_dict(data.get("schedule"))
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path) -> RunConfig:
+        """Read a TOML config file.
+
+        Raises:
+            FileNotFoundError: if there is no such file.
+            ValueError: for invalid TOML or bad settings.
+        """
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+
+        with open(path, "rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"{path}: invalid TOML: {err}") from None
+        return cls.from_dict(data)
+
+    def to_toml(self) -> str:
+        """The config as TOML text (what :meth:`from_toml` reads)."""
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
