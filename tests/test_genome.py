@@ -89,6 +89,23 @@ def test_perturbed_int_genes_move_at_least_one_step_unless_clipped(gene, seed):
         x = new
 
 
+@pytest.mark.parametrize("scale, low, high, x, factor, expected", [
+    ("log", 1, 9, 3, 1.1, 4),
+    ("log", 1, 9, 3, 0.9, 2),
+    ("linear", -9, 9, 3, 1.1, 4),
+    ("linear", -9, 9, -3, 1.1, -4),  # a factor > 1 takes a negative value further down
+    ("linear", -9, 9, -3, 0.9, -2),
+    ("linear", -9, 9, 0, 1.1, 1),  # 0 cannot be scaled: the factor's sign decides
+    ("linear", -9, 9, 0, 0.9, -1),
+    ("log1m", -9, 0, -2, 1.1, -3),  # a factor > 1 grows 1 - x, i.e. lowers x
+    ("log1m", -9, 0, -2, 0.9, -1),
+])
+def test_stuck_int_genes_step_the_way_the_factor_moves_them(scale, low, high, x, factor, expected):
+    gene = Gene(low, high, scale=scale, dtype="int", factors=(factor,))
+    new = mutate({"g": torch.tensor([x])}, {"g": gene}, torch.Generator().manual_seed(0))["g"]
+    assert new.tolist() == [expected]
+
+
 @PROPERTY
 @given(gene=genes(resample_prob=1.0), seed=st.integers(0, 2**31 - 1))
 def test_resampled_values_stay_in_bounds_and_vary(gene, seed):

@@ -286,6 +286,18 @@ def test_independent_init_gives_different_members_reproducibly():
     assert not torch.equal(clans[0].population.flat, clans[2].population.flat)
 
 
+def test_independent_init_reinitialises_attention_like_a_fresh_layer():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    pop = independent(layer)
+    in_proj, out_bias = pop.params["self_attn.in_proj_weight"], pop.params["self_attn.out_proj.bias"]
+    for i in range(1, P):  # nn.MultiheadAttention only has a private _reset_parameters
+        assert not torch.equal(in_proj[i], in_proj[0]), i
+        assert not torch.equal(pop.params["linear1.weight"][i], pop.params["linear1.weight"][0])
+        assert torch.equal(out_bias[i], torch.zeros(8))  # the parent's reset has the last word, as in __init__
+    bound = (6 / (8 + 3 * 8)) ** 0.5  # xavier_uniform_ of the [3 * 8, 8] in_proj weight
+    assert in_proj.abs().max() <= bound
+
+
 def test_parameters_are_views_of_the_flat_buffer_and_grads_of_grad_flat():
     pop = PopulationModel(mlp(), P)
     x = torch.randn(P, 2, 5, dtype=torch.float64)

@@ -190,9 +190,13 @@ def mutate(genome: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], genera
         lo_u, hi_u = spec._to_unit(torch.tensor([spec.low, spec.high], dtype=torch.float64))
         resampled = spec._from_unit(lo_u + (hi_u - lo_u) * uniform)
         if spec.dtype == "int":
+            # A factor too small to move an integer: take one step its way. "Its way" is where the
+            # unrounded value went (a factor > 1 lowers a log1m gene and a negative linear one);
+            # only at 0, where a linear gene cannot move, does the factor's own sign decide.
+            way = torch.where(perturbed != xf, (perturbed - xf).sign(), factor.log().sign())
             perturbed = perturbed.round()
-            stuck = perturbed == xf  # a factor too small to move an integer: take one step its way
-            perturbed = torch.where(stuck, xf + factor.log().sign(), perturbed)
+            stuck = perturbed == xf
+            perturbed = torch.where(stuck, xf + way, perturbed)
             resampled = (spec.low + (uniform * (spec.high - spec.low + 1)).floor()).clamp(max=spec.high)
         new = torch.where(coin < spec.resample_prob, resampled, perturbed).clamp(spec.low, spec.high)
         new = new.to(spec.torch_dtype)

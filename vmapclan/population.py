@@ -239,9 +239,14 @@ def _reinit(module: nn.Module, generator: torch.Generator | None) -> nn.Module:
     fresh = copy.deepcopy(module)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for sub in fresh.modules():
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
+        # Children before parents, as in construction: a parent's reset (nn.MultiheadAttention
+        # zeroing out_proj.bias, nn.Transformer's xavier init) must have the last word. Some
+        # modules only have the private ``_reset_parameters`` (nn.MultiheadAttention's in_proj);
+        # skipping it would leave those weights identical across "independent" members.
+        for sub in reversed(list(fresh.modules())):
+            reset = getattr(sub, "reset_parameters", None) or getattr(sub, "_reset_parameters", None)
+            if callable(reset):
+                reset()
     return fresh
 
 
