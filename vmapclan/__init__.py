@@ -9,6 +9,11 @@ from .data import ClanLoader
 from .genome import Gene
 from .optim import AdamWHyper, AdamWState, BatchedAdamW, adamw_init, adamw_step_
 from .population import PopulationModel, member_loss
+from .schedule import Phase, PhaseSchedule, TimeController
+from .specs import ClanSpec, DataSpec, ModelSpec, OptimizerSpec, RunConfig, ScheduleSpec
+from .tasks import Task, get_task
+from .replay import ReplayResult, export_schedule, read_schedule, replay, write_schedule
+from .machine import TrainingMachine, TrainingResults, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -26,5 +31,25 @@ __all__ = [
     "AdamWState",
     "adamw_init",
     "adamw_step_",
+    "TimeController",
+    "Phase",
+    "PhaseSchedule",
+    "RunConfig",
+    "ModelSpec",
+    "DataSpec",
+    "OptimizerSpec",
+    "ClanSpec",
+    "ScheduleSpec",
+    "Task",
+    "get_task",
+    "TrainingMachine",
+    "TrainingResults",
+    "save_checkpoint",
+    "load_checkpoint",
+    "export_schedule",
+    "write_schedule",
+    "read_schedule",
+    "replay",
+    "ReplayResult",
     "__version__",
 ]
