@@ -327,6 +327,9 @@ def with_optimizer(cls, **kwargs):
     (dict(truncation_fraction=0.6), ValueError, r"Clan: truncation_fraction must be in \(0, 0.5\], got 0.6"),
     (dict(seed="0"), TypeError, r"Clan: seed must be an int, got str"),
     (dict(on_divergence="ignore"), ValueError, r"Clan: on_divergence must be 'restore' or 'raise', got 'ignore'"),
+    (dict(init="independent"), ValueError,
+     r"Clan: init='independent' starts members that differ, so the first round needs duty_cycle=1.0 "
+     r"\(a cooperative phase averages gradients over identical members\), got 0.5"),
     (dict(model_and_optimizer=with_optimizer(torch.optim.SGD, lr=0.1)), TypeError,
      r"Clan: the optimizer must be torch.optim.AdamW \(the population trains with a batched AdamW\), got SGD"),
     (dict(model_and_optimizer=with_optimizer(torch.optim.Adam)), TypeError,
@@ -355,6 +358,19 @@ def test_bad_configuration_is_an_error(settings, error, message):
     base.update(settings)
     with pytest.raises(error, match=message):
         Clan(model, optimizer, **base)
+
+
+def test_independent_members_may_cooperate_only_after_the_first_selection():
+    clan = make_clan(init="independent", duty_cycle=1.0)
+    with pytest.raises(ValueError, match=r"Clan: init='independent' starts members that differ, so the first round "
+                                         r"needs duty_cycle=1.0 .*got 0.5"):
+        clan.reconfigure(duty_cycle=0.5)
+    finish_round(clan.round())
+    clan.step(torch.tensor([2.0, 1.0, 3.0]))  # everyone takes the winner's weights
+    clan.reconfigure(duty_cycle=0.5)
+    assert clan.round().phase == "cooperative"
+    flat = clan.population.flat
+    assert all(torch.equal(flat[i], flat[0]) for i in range(P))
 
 
 def test_population_of_one_is_allowed_for_a_sweep():

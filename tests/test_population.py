@@ -281,7 +281,7 @@ def test_independent_init_gives_different_members_reproducibly():
     assert all(torch.equal(copies.flat[i], copies.flat[0]) for i in range(P))
     # Through the clan: the seed decides the members.
     clans = [Clan(original, torch.optim.AdamW(original.parameters()), population_size=P, round_length=4,
-                  init="independent", seed=s) for s in (5, 5, 6)]
+                  duty_cycle=1.0, init="independent", seed=s) for s in (5, 5, 6)]
     assert torch.equal(clans[0].population.flat, clans[1].population.flat)
     assert not torch.equal(clans[0].population.flat, clans[2].population.flat)
 

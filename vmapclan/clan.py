@@ -135,6 +135,8 @@ class Clan:
         if selection is not None and self.population_size < 2:
             raise ValueError(f"Clan: selection={selection!r} needs population_size >= 2, got {population_size}")
         _check_round_settings(round_length, duty_cycle, selection)
+        self.init = init
+        self._check_independent_start(duty_cycle, model is not None)
         self.duty_cycle = float(duty_cycle)
         self.competitive_steps = competitive_steps(round_length, duty_cycle)
         self.cooperative_steps = round_length - self.competitive_steps
@@ -296,10 +298,21 @@ class Clan:
         round_length = self.round_length if round_length is None else _positive_int(round_length, "round_length")
         duty_cycle = self.duty_cycle if duty_cycle is None else duty_cycle
         _check_round_settings(round_length, duty_cycle, self.selection)
+        if self._round == 0:
+            self._check_independent_start(duty_cycle, self.population is not None)
         self.round_length, self.duty_cycle = round_length, float(duty_cycle)
         self.competitive_steps = competitive_steps(round_length, duty_cycle)
         self.cooperative_steps = round_length - self.competitive_steps
         self._apply_genes()
+
+    def _check_independent_start(self, duty_cycle, has_model: bool) -> None:
+        # Independently initialised members differ until the first selection; averaging their
+        # gradients in a cooperative phase would apply one member's update to another's weights.
+        if self.init == "independent" and has_model and duty_cycle != 1:
+            raise ValueError(
+                f"Clan: init='independent' starts members that differ, so the first round needs duty_cycle=1.0 "
+                f"(a cooperative phase averages gradients over identical members), got {duty_cycle}"
+            )
 
     def round(self) -> Member:
         """The view of the current round. No side effects: calling it twice gives equal views."""
