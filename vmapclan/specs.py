@@ -348,8 +348,15 @@ class RunConfig:
         for key, kind in {**_SECTIONS, "schedule": ScheduleSpec}.items():
             if not isinstance(getattr(self, key), kind):
                 raise TypeError(f"config.{key} must be a {kind.__name__}, got {type(getattr(self, key)).__name__}")
+        competed = False
         for i, phase in enumerate(self.schedule.to_schedule()):
             where = f"schedule[{i}] ({phase.name!r})"
+            if not phase.competition and not competed and self.clan.init == "independent":
+                raise ValueError(
+                    f"{where}: clan.competition = false before any clan round needs clan.init = 'copy' "
+                    "(independently initialised members are not identical, so they cannot cooperate)"
+                )
+            competed = competed or phase.competition
             if not phase.competition and self.clan.selection != "winner":
                 raise ValueError(
                     f"{where}: clan.competition = false needs clan.selection = 'winner' (members must be "
