@@ -232,3 +232,24 @@ def test_loader_after_load_state_dict_continues_the_saved_run():
     assert len(got) == len(expected) == 12
     for (gp, (gx, _)), (ep, (ex, _)) in zip(got, expected):
         assert gp == ep and torch.equal(gx, ex)
+
+
+class NamedDataset(Dataset):
+    """Samples with a string field, as datasets of files or captions have."""
+
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, i):
+        return {"x": torch.tensor(float(i)), "name": f"s{i}"}
+
+
+def test_non_tensor_fields_pass_through_in_batch_order():
+    clan = make_clan(round_length=2, duty_cycle=0.5)
+    batches = drive(clan, clan.loader(NamedDataset(), B), steps=4)
+    assert [phase for phase, _ in batches] == ["cooperative", "competitive"] * 2
+    for phase, batch in batches:
+        x, names = batch["x"], batch["name"]
+        samples = x.flatten() if phase == "cooperative" else x[0]
+        assert x.shape == (P, B)
+        assert names == [f"s{int(i)}" for i in samples.tolist()]

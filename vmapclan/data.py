@@ -54,7 +54,8 @@ class ClanLoader:
     saved one stopped, and breaking out of a loop and iterating again continues the epoch.
 
     ``TensorDataset`` (or a tuple of tensors) is indexed directly; any map-style ``Dataset`` works
-    through ``default_collate``.
+    through ``default_collate``. Non-tensor fields (strings) come as ``default_collate`` gives
+    them, a flat list of the step's samples in batch order, without the member dimension.
     """
 
     def __init__(self, clan, dataset, batch_size: int, *, device: torch.device | str | None = None):
@@ -98,10 +99,15 @@ class ClanLoader:
             index = state.perm[state.position:state.position + need]
             state.position += need
             batch = self._fetch(index)
+            # Non-tensor fields (file names, captions: default_collate keeps them as lists) pass
+            # through unchanged; only tensors get the member dimension.
             if cooperative:
-                yield optree.tree_map(lambda t: einops.rearrange(t, "(p b) ... -> p b ...", p=p), batch)
+                yield optree.tree_map(
+                    lambda t: einops.rearrange(t, "(p b) ... -> p b ...", p=p) if isinstance(t, torch.Tensor) else t,
+                    batch)
             else:
-                yield optree.tree_map(lambda t: t.unsqueeze(0).expand(p, *t.shape), batch)
+                yield optree.tree_map(
+                    lambda t: t.unsqueeze(0).expand(p, *t.shape) if isinstance(t, torch.Tensor) else t, batch)
 
     def _fetch(self, index: torch.Tensor):
         if isinstance(self.dataset, TensorDataset):
