@@ -133,6 +133,14 @@ def test_log_resampling_is_uniform_in_log_space():
     assert abs(draws.log10().median().item() + 3) < 0.2  # the log-midpoint, not the linear one
 
 
+def test_int_log_resampling_is_log_uniform():
+    gene = Gene(1, 1000, dtype="int", resample_prob=1.0)
+    x = torch.full((4000,), 10, dtype=torch.long)
+    draws = mutate({"g": x}, {"g": gene}, torch.Generator().manual_seed(0))["g"]
+    assert draws.min() == 1 and draws.max() > 900
+    assert 15 < draws.double().median() < 35  # about sqrt(0.5 * 1000.5), not the linear midpoint 500
+
+
 def test_perturbation_multiplies_by_one_of_the_factors():
     specs = {"log": Gene(1e-4, 1.0, factors=(0.5, 2.0)), "lin": Gene(-10.0, 10.0, scale="linear", factors=(0.5, 2.0)),
              "b": Gene(0.5, 0.999, scale="log1m", factors=(0.5, 2.0))}

@@ -197,7 +197,10 @@ def mutate(genome: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], genera
             perturbed = perturbed.round()
             stuck = perturbed == xf
             perturbed = torch.where(stuck, xf + way, perturbed)
-            resampled = (spec.low + (uniform * (spec.high - spec.low + 1)).floor()).clamp(max=spec.high)
+            # Uniform in the gene's scale over [low - 1/2, high + 1/2], then to the nearest integer:
+            # a linear gene draws each integer equally, a log gene (a batch size) log-uniformly.
+            lo_i, hi_i = spec._to_unit(torch.tensor([spec.low - 0.5, spec.high + 0.5], dtype=torch.float64))
+            resampled = (spec._from_unit(lo_i + (hi_i - lo_i) * uniform) + 0.5).floor().clamp(spec.low, spec.high)
         new = torch.where(coin < spec.resample_prob, resampled, perturbed).clamp(spec.low, spec.high)
         new = new.to(spec.torch_dtype)
         out[name] = new if mask is None else torch.where(mask, new, x)
