@@ -1,0 +1,269 @@
+"""The training machine end to end on tiny configs, schedule export, and replay on one model."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vmapclan import (PhaseSchedule, RunConfig, TrainingMachine, export_schedule, load_checkpoint, read_schedule,
+                      replay, save_checkpoint)
+from vmapclan.machine import plan_rounds
+from vmapclan.tasks import get_task, stdlib_corpus, stdlib_files
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models on a shared machine: one thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**changes) -> RunConfig:
+    base = RunConfig.from_dict({
+        "task": "digits-mlp", "total_steps": 120, "seed": 0,
+        "model": {"hidden": 32}, "data": {"batch_size": 16, "eval_samples": 128},
+        "clan": {"population_size": 4, "round_length": 20, "duty_cycle": 0.25},
+        "schedule": [
+            {"name": "warmup", "start_t": 0.0, "end_t": 0.2, "clan": {"competition": False}},
+            {"name": "clan", "start_t": 0.2, "end_t": 0.9},
+            {"name": "anneal", "start_t": 0.9, "end_t": 1.0, "optimizer": {"lr_scale": 0.5},
+             "clan": {"competition": False}},
+        ],
+    })
+    return base.replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def three_phase_run():
+    torch.set_num_threads(1)
+    events = []
+    results = TrainingMachine(tiny(), callback=events.append).train()
+    return results, events
+
+
+def test_plan_rounds():
+    assert plan_rounds(100, 30, 0.25) == ([30, 30, 40], 0)
+    assert plan_rounds(60, 30, 0.25) == ([30, 30], 0)
+    assert plan_rounds(10, 30, 0.25) == ([10], 0)
+    assert plan_rounds(1, 30, 0.25) == ([], 1)        # no room for a cooperative step
+    assert plan_rounds(1, 30, 1.0) == ([1], 0)
+
+
+def test_phases_run_in_order_and_cover_the_run(three_phase_run):
+    results, _ = three_phase_run
+    history = results.history
+    assert [r["phase"] for r in history] == ["warmup"] + ["clan"] * 4 + ["anneal"]
+    assert [r["kind"] for r in history] == ["cooperative"] + ["round"] * 4 + ["cooperative"]
+    assert history[0]["start_step"] == 0 and history[-1]["end_step"] == 120
+    for a, b in zip(history, history[1:]):
+        assert a["end_step"] == b["start_step"]
+    # clan phase: steps 24..108, four rounds of 20, the last absorbing the remainder
+    assert [r["end_step"] - r["start_step"] for r in history[1:5]] == [20, 20, 20, 24]
+    assert [r["cooperative_steps"] for r in history[1:5]] == [15, 15, 15, 18]
+    assert [r["round"] for r in results.rounds] == [0, 1, 2, 3]
+    assert history[0]["batch_size"] == 16 * 4  # cooperative: P shards of the per-member batch
+
+
+def test_anneal_scales_the_incumbent_lr(three_phase_run):
+    results, _ = three_phase_run
+    last_round, anneal = results.history[-2], results.history[-1]
+    assert anneal["hyper"]["lr"] == pytest.approx(0.5 * last_round["incumbent"]["lr"])
+    assert anneal["hyper"]["weight_decay"] == pytest.approx(last_round["incumbent"]["weight_decay"])
+    assert results.history[0]["hyper"]["lr"] == pytest.approx(1e-3)  # the warmup runs at the config's lr
+
+
+def test_learns_and_reports(three_phase_run):
+    results, events = three_phase_run
+    assert results.final["val_accuracy"] > 0.5  # chance is 0.1
+    assert isinstance(results.best_model, nn.Module)
+    task = get_task("digits-mlp")
+    data = task.load(results.config.data, results.config.seed)
+    again = task.evaluate(results.best_model, *data.val)
+    assert again["loss"] == pytest.approx(results.final["val_loss"], rel=1e-5)
+    # winner selection ends with every member a copy of the best one
+    assert max(results.final["member_val_losses"]) == pytest.approx(min(results.final["member_val_losses"]), rel=1e-5)
+    train = [m for m in results.metrics if m["event"] == "train"]
+    assert train[-1]["step"] == 120 and train[-1]["loss"] < train[0]["loss"]
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps == list(range(1, 121))
+    assert {e["phase"] for e in events if e["event"] == "step"} == {"warmup", "clan", "anneal"}
+    table = results.rounds_table()
+    assert "anneal" in table and "final: val loss" in table and len(table.splitlines()) == 2 + 6 + 1
+
+
+def test_cooperative_phase_keeps_members_identical_with_its_overrides():
+    config = tiny(total_steps=12, schedule=[
+        {"name": "coop", "start_t": 0, "end_t": 1, "clan": {"competition": False},
+         "optimizer": {"lr": 3e-3, "weight_decay": 0.0}, "data": {"batch_size": 8}}])
+    seen = []
+    machine = TrainingMachine(config)
+    machine.callback = lambda e: seen.append(machine.clan.optimizer.hyper.lr.clone()) if e["event"] == "step" else None
+    results = machine.train()
+    assert all(torch.all(lr == 3e-3) for lr in seen) and len(seen) == 12
+    flat = machine.clan.population.flat
+    assert torch.equal(flat, flat[:1].expand_as(flat))
+    assert results.history == [{"kind": "cooperative", "phase": "coop", "start_step": 0, "end_step": 12,
+                                "hyper": {**results.history[0]["hyper"], "lr": 3e-3, "weight_decay": 0.0},
+                                "batch_size": 32, "val_loss": results.history[0]["val_loss"]}]
+    assert machine.clan.round_index == 0  # cooperative steps are outside the round clock
+    # afterwards the optimizer holds the clan's own genes again
+    assert torch.all(machine.clan.optimizer.hyper.lr == 1e-3)
+
+
+def test_sweep_holds_a_fixed_lr_grid():
+    grid = [3e-4, 1e-3, 3e-3, 1e-2]
+    config = tiny(total_steps=60, clan={"selection": "none", "duty_cycle": 1.0, "lr_grid": grid},
+                  schedule=[{"name": "sweep", "start_t": 0, "end_t": 1}])
+    results = TrainingMachine(config).train()
+    for record in results.rounds:
+        assert record["genomes"]["lr"] == pytest.approx(grid)
+        assert len(set(record["genomes"]["weight_decay"])) == 1  # only lr varies
+    losses = results.final["member_val_losses"]
+    assert results.final["best_member"] == min(range(4), key=losses.__getitem__)
+    assert results.final["val_loss"] == pytest.approx(min(losses), rel=1e-5)
+    assert all(p.optimizer["lr"] == pytest.approx(grid[results.final["best_member"]]) for p in results.schedule)
+
+
+def test_export_follows_the_winning_lineage(three_phase_run):
+    results, _ = three_phase_run
+    schedule = results.schedule
+    total = results.total_steps
+    for record in results.rounds:
+        coop_end = record["start_step"] + record["cooperative_steps"]
+        for step in range(record["start_step"], record["end_step"]):
+            phase = schedule.phase_at_step(step, total)
+            lineage = 0 if step < coop_end else record["winner"]
+            assert phase.optimizer["lr"] == record["genomes"]["lr"][lineage]
+            assert phase.optimizer["betas/1"] == record["genomes"]["betas/1"][lineage]
+            assert phase.data["batch_size"] == (16 * 4 if step < coop_end else 16)
+            assert not phase.competition
+    for record in (results.history[0], results.history[-1]):
+        for step in range(record["start_step"], record["end_step"]):
+            assert schedule.phase_at_step(step, total).optimizer == record["hyper"]
+
+
+def test_export_from_a_plain_clan_history():
+    history = [{"round": 0, "step": 10, "genomes": {g: [1e-3, 2e-3] if g == "lr" else [0.5, 0.5]
+                                                    for g in ("lr", "weight_decay", "betas/0", "betas/1", "eps")},
+                "winner": 1, "val_losses": [1.0, 0.5]}]
+    schedule = export_schedule(history, 10, duty_cycle=0.2, batch_size=4, population_size=2)
+    assert [(p.name, p.start_t, p.end_t, p.optimizer["lr"], p.data["batch_size"]) for p in schedule] == [
+        ("clan/r0/coop", 0.0, 0.8, 1e-3, 8), ("clan/r0/compete", 0.8, 1.0, 2e-3, 4)]
+    with pytest.raises(ValueError, match="export_schedule: the history has no 'cooperative_steps'; pass duty_cycle"):
+        export_schedule(history, 10)
+    with pytest.raises(ValueError, match=r"export_schedule: the history covers steps \[0, 10\), but total_steps is 12"):
+        export_schedule(history, 12, duty_cycle=0.2, batch_size=4, population_size=2)
+    with pytest.raises(ValueError, match="export_schedule: the history is empty"):
+        export_schedule([], 10)
+    gap = [dict(history[0], start_step=2)]
+    with pytest.raises(ValueError, match="export_schedule: the history has a gap or overlap at step 0"):
+        export_schedule(gap, 10, duty_cycle=0.2, batch_size=4, population_size=2)
+    no_genes = [dict(history[0], genomes={"lr": [1e-3, 1e-3]})]
+    with pytest.raises(ValueError, match="round 0 has no gene 'weight_decay'; the clan needs autobind"):
+        export_schedule(no_genes, 10, duty_cycle=0.2, batch_size=4, population_size=2)
+
+
+def test_replay_follows_the_schedule_exactly(three_phase_run, tmp_path):
+    results, _ = three_phase_run
+    results.save(tmp_path, plots=False)
+    schedule, config, clan = read_schedule(tmp_path / "schedule.json")
+    assert schedule == results.schedule and config.total_steps == 120
+    assert clan["val_loss"] == pytest.approx(results.final["val_loss"])
+    out = replay(schedule, config, trace=True)
+    assert len(out.trace) == len(out.losses) == 120
+    for entry in out.trace:
+        phase = schedule.phase_at_step(entry["step"], 120)
+        assert entry["phase"] == phase.name
+        assert entry["lr"] == phase.optimizer["lr"] and entry["eps"] == phase.optimizer["eps"]
+        assert entry["betas"] == (phase.optimizer["betas/0"], phase.optimizer["betas/1"])
+        assert entry["weight_decay"] == phase.optimizer["weight_decay"]
+        assert entry["batch_size"] == phase.data["batch_size"]
+    assert math.isfinite(out.final["val_loss"]) and out.final["val_accuracy"] > 0.5
+    assert isinstance(out.model, nn.Module)
+
+
+def test_replay_starts_from_the_clan_initial_weights():
+    config = tiny(total_steps=1)
+    schedule = PhaseSchedule.single("zero", optimizer={"lr": 1e-12, "weight_decay": 0.0},
+                                    clan={"competition": False})
+    out = replay(schedule, config)
+    torch.manual_seed(config.seed)
+    initial = get_task("digits-mlp").build_model(config.model, config.data)
+    for a, b in zip(out.model.parameters(), initial.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+def test_replay_errors(tmp_path):
+    config = tiny(total_steps=2)
+    schedule = PhaseSchedule.single("big", data={"batch_size": 100_000})
+    with pytest.raises(ValueError, match=r"replay: phase 'big' asks for batch_size=100000, the training set has \d+"):
+        replay(schedule, config)
+    bad = tmp_path / "s.json"
+    bad.write_text('{"phases": []}')
+    with pytest.raises(ValueError, match="not a vmapclan schedule"):
+        read_schedule(bad)
+    bad.write_text("{")
+    with pytest.raises(ValueError, match="s.json: not JSON"):
+        read_schedule(bad)
+
+
+def test_checkpoints(tmp_path):
+    config = tiny(total_steps=40, checkpoint_every=1, schedule=[{"name": "clan", "start_t": 0, "end_t": 1}])
+    machine = TrainingMachine(config, out_dir=tmp_path)
+    machine.train()
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["machine"]["clock"] == {"total_steps": 40, "step": 40}
+    assert len(state["clan"]["history"]) == 2 and len(state["machine"]["history"]) == 2
+    assert (tmp_path / "metrics.jsonl").read_text().count('"event": "round"') == 2
+    save_checkpoint(tmp_path / "again.pt", machine.clan, {"note": 1})
+    assert load_checkpoint(tmp_path / "again.pt")["machine"] == {"note": 1}
+    torch.save({"format_version": 99}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="old.pt has format version 99, expected 1"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_machine_errors():
+    with pytest.raises(ValueError, match="TrainingMachine: total_steps must be a positive int, got 0"):
+        TrainingMachine(tiny(), 0)
+    with pytest.raises(TypeError, match="TrainingMachine: config must be a RunConfig or a dict, got str"):
+        TrainingMachine("digits.toml")
+    with pytest.raises(ValueError, match="clan.round_length must be a positive int, got 0"):
+        TrainingMachine({"clan": {"round_length": 0}})
+    machine = TrainingMachine(tiny(total_steps=4, schedule=[{"name": "c", "start_t": 0, "end_t": 1,
+                                                              "clan": {"competition": False}}]))
+    with pytest.raises(ValueError, match="TrainingMachine.checkpoint: needs an out_dir and a started run"):
+        machine.checkpoint()
+    machine.train()
+    with pytest.raises(RuntimeError, match="TrainingMachine.train: this machine has already run"):
+        machine.train()
+
+
+def test_total_steps_argument_overrides_the_config():
+    machine = TrainingMachine(tiny(total_steps=500), 8)
+    assert machine.total_steps == 8 and machine.config.total_steps == 8
+
+
+def test_stdlib_chars_tiny_run_learns():
+    config = RunConfig.from_dict({
+        "task": "stdlib-chars", "total_steps": 40, "seed": 1,
+        "model": {"d_model": 16, "n_layers": 1, "n_heads": 2},
+        "data": {"batch_size": 4, "seq_len": 16, "max_chars": 20_000, "eval_samples": 16},
+        "optimizer": {"lr": 1e-2},
+        "clan": {"population_size": 2, "round_length": 10, "duty_cycle": 0.3},
+    })
+    results = TrainingMachine(config).train()
+    assert len(results.rounds) == 4
+    assert results.final["val_loss"] < math.log(128)  # below a uniform guess over the vocabulary
+
+
+def test_stdlib_corpus_is_deterministic_and_split_by_file():
+    files = stdlib_files()
+    assert files == sorted(files) and all(f.endswith(".py") and "site-packages" not in f for f in files)
+    train, val = stdlib_corpus.__wrapped__(0.2, 20_000)
+    train2, val2 = stdlib_corpus.__wrapped__(0.2, 20_000)
+    assert torch.equal(train, train2) and torch.equal(val, val2)
+    assert 15_000 <= len(train) <= 16_100 and 3_900 <= len(val) <= 4_100
+    assert int(train.max()) < 128 and int(val.max()) < 128
