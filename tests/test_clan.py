@@ -539,10 +539,27 @@ def test_no_host_sync_helper_catches_a_sync(monkeypatch):
     assert torch.tensor(2.0).item() == 2.0  # restored
 
 
-def test_training_step_never_syncs_with_the_host(monkeypatch):
+class TinyTransformer(nn.Module):
+    """A one-layer transformer classifier over sequences of 5 tokens of width 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_training_step_never_syncs_with_the_host(monkeypatch, kind):
     x, y = data()
-    clan = make_clan(mlp(dropout=0.1, batchnorm=True), autobind=["adamw", "gradient_accumulation"],
-                     max_grad_norm=1.0)
+    if kind == "transformer":
+        x = x.float().repeat(1, 10).view(-1, 5, 8)
+        model = TinyTransformer()
+    else:
+        model = mlp(dropout=0.1, batchnorm=True)
+    clan = make_clan(model, autobind=["adamw", "gradient_accumulation"], max_grad_norm=1.0)
     loader = iter(clan.loader(TensorDataset(x, y), 8))
     member = clan.round()
     for _ in range(3 * clan.round_length):

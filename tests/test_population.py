@@ -136,6 +136,45 @@ def test_transformer_encoder_layer_matches_per_member_forwards(train):
             assert_matches_members(pop, x, atol=1e-9)
 
 
+def test_transformer_padding_mask_keyword_is_batched():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
+    pop = independent(layer)
+    x = torch.randn(P, 2, 5, 8, dtype=torch.float64)
+    mask = torch.zeros(P, 2, 5, dtype=torch.bool)
+    mask[1, :, -2:] = True  # only member 1 pads: the mask must not leak across members
+    out = assert_matches_members(pop, x, src_key_padding_mask=mask)
+    unmasked = pop(x)
+    torch.testing.assert_close(out[0], unmasked[0])
+    assert not torch.allclose(out[1], unmasked[1])
+
+
+class TiedModel(nn.Module):
+    """An embedding tied to the output layer, with a non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4).double()
+        self.out = nn.Linear(4, 10, bias=False).double()
+        self.out.weight = self.emb.weight
+        self.register_buffer("offset", torch.randn(4, dtype=torch.float64), persistent=False)
+
+    def forward(self, tokens):
+        return self.out(self.emb(tokens) + self.offset)
+
+
+def test_tied_weights_stay_tied_in_forward_backward_and_member_module():
+    pop = independent(TiedModel())
+    assert list(pop.params) == ["emb.weight"] and list(pop.buffers) == ["offset"]
+    tokens = torch.randint(0, 10, (P, 6))
+    out = assert_matches_members(pop, tokens)
+    out.square().sum().backward()
+    for i in range(P):
+        module = pop.member_module(i)
+        assert module.out.weight is module.emb.weight
+        module(tokens[i]).square().sum().backward()
+        torch.testing.assert_close(pop.params["emb.weight"].grad[i], module.emb.weight.grad, atol=1e-10, rtol=1e-7)
+
+
 def test_transformer_encoder_layer_gradients_match():
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
     pop = independent(layer)
