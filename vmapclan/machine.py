@@ -145,7 +145,9 @@ class TrainingResults:
             rows.append(f"... {len(self.history) - max_rows} earlier rows not shown")
         for r in records:
             if r["kind"] == "round":
-                hyper, rnd, winner, best = r["incumbent"], str(r["round"]), str(r["winner"]), min(r["val_losses"])
+                finite = [v for v in r["val_losses"] if math.isfinite(v)]
+                winner = "div" if r["winner"] is None else str(r["winner"])  # every member diverged
+                hyper, rnd, best = r["incumbent"], str(r["round"]), min(finite) if finite else math.nan
             else:
                 hyper, rnd, winner, best = r["hyper"], "-", "-", r["val_loss"]
             steps = f"{r['start_step']}-{r['end_step']}"

@@ -2,7 +2,9 @@
 
 With winner selection the best model's ancestry is one lineage: in every round it trained with
 the incumbent genome in the cooperative phase (member 0's genome, which is the incumbent) and
-with the round winner's genome in the competitive phase, then became everyone. Its
+with the round winner's genome in the competitive phase, then became everyone. (A round in which
+every member diverged has no winner; the clan restores its starting state, and the export gives
+that stretch the incumbent genome.) Its
 hyperparameters over time are therefore piecewise constant, and :func:`export_schedule` writes
 them as a :class:`~vmapclan.PhaseSchedule`: one phase per stretch of constant settings, each
 with every AdamW hyperparameter and the samples per step (``P x B`` while cooperating, ``B``
@@ -55,6 +57,10 @@ def _pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: floa
         raise ValueError("export_schedule: the history has no 'batch_size'/'population_size'; pass them")
     lineage = record["winner"] if member is None else member
     name = f"{record.get('phase', 'clan')}/r{record['round']}"
+    if lineage is None:
+        # A round where every member diverged (the clan restored the round's starting state):
+        # no winner, so the stretch carries the incumbent genome, which is member 0's.
+        return [(f"{name}/diverged", start, end, {g: genomes[g][0] for g in GENES}, b * p if coop else b)]
     pieces = []
     if coop:
         # Cooperating members share the incumbent genome, which is member 0's.

@@ -1,0 +1,175 @@
+"""The vmapclan command: exit codes, messages, and the run directory."""
+
+import json
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch
+
+from vmapclan import RunConfig, cli
+from vmapclan.cli import EXIT_DIVERGED, EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
+
+TINY = """
+task = "digits-mlp"
+total_steps = 40
+[model]
+hidden = 16
+[data]
+batch_size = 8
+eval_samples = 64
+[clan]
+population_size = 3
+round_length = 10
+duty_cycle = 0.3
+[[schedule]]
+name = "warmup"
+start_t = 0.0
+end_t = 0.25
+clan = { competition = false }
+[[schedule]]
+name = "clan"
+start_t = 0.25
+end_t = 1.0
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def test_train_writes_the_run_directory(config_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(config_file), "--out", str(out), "--no-progress"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "warmup" in printed and "final: val loss" in printed and f"run directory: {out}" in printed
+    names = {p.name for p in out.iterdir()}
+    assert {"metrics.jsonl", "history.json", "schedule.json", "config.toml", "best_model.pt", "checkpoint.pt",
+            "genes.png", "val_losses.png", "train_loss.png"} <= names
+    for png in ("genes.png", "val_losses.png", "train_loss.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((out / "history.json").read_text())
+    assert [r["kind"] for r in history] == ["cooperative", "round", "round", "round"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["event"] == "final" and sum(m["event"] == "round" for m in metrics) == 3
+    saved = RunConfig.from_dict(tomllib.loads((out / "config.toml").read_text()))
+    assert saved == RunConfig.from_toml(config_file)
+    weights = torch.load(out / "best_model.pt")
+    assert weights["0.weight"].shape == (16, 64)
+
+    # replay the exported schedule: prints both losses and writes replay.json
+    assert main(["replay", str(out / "schedule.json"), "--no-progress"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "clan (best model, P members)" in printed and "replay (one model, torch AdamW)" in printed
+    report = json.loads((out / "replay.json").read_text())
+    assert report["total_steps"] == 40 and report["replay"]["val_loss"] > 0
+    assert report["clan"]["val_loss"] == pytest.approx(metrics[-1]["val_loss"])
+
+
+def test_steps_option_overrides_the_config(config_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(config_file), "--out", str(out), "--steps", "12", "--no-progress", "--no-plots"]) == 0
+    assert json.loads((out / "history.json").read_text())[-1]["end_step"] == 12
+    assert not (out / "genes.png").exists()
+    assert tomllib.loads((out / "config.toml").read_text())["total_steps"] == 12
+
+
+def test_progress_bar_shows_phase_round_and_best_val(config_file, tmp_path, capsys):
+    assert main(["train", str(config_file), "--out", str(tmp_path / "r"), "--no-plots"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "phase=clan" in err and "round=" in err and "best_val=" in err and "40/40" in err
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    ([], EXIT_USAGE, "the following arguments are required: command"),
+    (["fly"], EXIT_USAGE, "invalid choice: 'fly'"),
+    (["train"], EXIT_USAGE, "the following arguments are required: config"),
+    (["train", "x.toml", "--steps", "many"], EXIT_USAGE, "argument --steps: invalid int value: 'many'"),
+    (["demo", "--threads", "0"], EXIT_USAGE, "--threads must be a positive int, got 0"),
+    (["train", "missing.toml"], EXIT_INPUT, "vmapclan: error: no such file: missing.toml"),
+    (["replay", "missing.json"], EXIT_INPUT, "vmapclan: error: no such file: missing.json"),
+])
+def test_bad_command_lines(argv, code, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == code
+    assert message in capsys.readouterr().err
+
+
+def test_bad_config_names_the_field(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(TINY.replace("duty_cycle = 0.3", "duty_cycle = 3.0"))
+    assert main(["train", str(path)]) == EXIT_INPUT
+    assert "clan.duty_cycle must be a number in (0, 1], got 3.0" in capsys.readouterr().err
+    path.write_text("task = ")
+    assert main(["train", str(path)]) == EXIT_INPUT
+    assert "invalid TOML" in capsys.readouterr().err
+    path.write_text(TINY)
+    assert main(["train", str(path), "--steps", "0"]) == EXIT_INPUT
+    assert "--steps must be a positive int, got 0" in capsys.readouterr().err
+    schedule = tmp_path / "schedule.json"
+    schedule.write_text('{"format_version": 1, "phases": []}')
+    assert main(["replay", str(schedule)]) == EXIT_INPUT
+    assert "missing field 'config'" in capsys.readouterr().err
+
+
+def test_divergence_exits_4(config_file, tmp_path, capsys, monkeypatch):
+    from vmapclan.tasks import DigitsTask
+
+    def nan_losses(self, population, x, y):
+        return torch.full((population.population_size,), float("nan"))
+
+    monkeypatch.setattr(DigitsTask, "population_losses", nan_losses)
+    # The clan restores the round's start up to 3 times in a row; the 4th divergence is fatal.
+    argv = ["train", str(config_file), "--out", str(tmp_path / "r"), "--no-progress", "--steps", "60"]
+    with pytest.warns(RuntimeWarning, match="the whole population diverged in round 0"):
+        assert main(argv) == EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "vmapclan: training diverged: clan.step: every member's validation loss is NaN" in err
+    assert "gave up after 3 consecutive restores" in err
+
+
+def test_restored_rounds_export_and_show(config_file, tmp_path, capsys, monkeypatch):
+    from vmapclan.tasks import DigitsTask
+
+    real = DigitsTask.population_losses
+    calls = []
+
+    def nan_once(self, population, x, y):
+        calls.append(1)
+        losses = real(self, population, x, y)
+        return torch.full_like(losses, float("nan")) if len(calls) == 3 else losses  # round 1 diverges
+
+    monkeypatch.setattr(DigitsTask, "population_losses", nan_once)
+    out = tmp_path / "r"
+    with pytest.warns(RuntimeWarning, match="diverged in round 1"):
+        assert main(["train", str(config_file), "--out", str(out), "--no-progress", "--no-plots"]) == EXIT_OK
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("clan") and " 1 " in line][0]
+    assert " div " in row and " nan " in row
+    names = [p["name"] for p in json.loads((out / "schedule.json").read_text())["phases"]]
+    assert "clan/r1/diverged" in names
+
+
+def test_demo_runs_at_a_small_size(tmp_path, capsys, monkeypatch):
+    # The demo's own config, shortened: the same phases, at 60 steps.
+    monkeypatch.setitem(cli.DEMO_CONFIG, "model", {"hidden": 16})
+    assert main(["demo", "--steps", "60", "--out", str(tmp_path / "demo"), "--no-progress", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "warmup" in printed and "anneal" in printed and "clan" in printed
+
+
+def test_help_and_module_entry_point():
+    assert main(["--help"]) == EXIT_OK
+    done = subprocess.run([sys.executable, "-m", "vmapclan.cli", "train", "nope.toml"], capture_output=True, text=True)
+    assert done.returncode == EXIT_INPUT and "no such file: nope.toml" in done.stderr
