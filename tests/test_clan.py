@@ -174,6 +174,7 @@ def test_round_has_no_side_effects():
 # -- misuse of the clock --------------------------------------------------------------------------
 
 def finish_round(member):
+    """Step the clock to the end of the round without training (the clock is what is tested)."""
     while not member.done:
         member.step()
 
@@ -283,21 +284,25 @@ def test_cooperative_phase_keeps_members_identical_while_training():
 # -- configuration errors -------------------------------------------------------------------------
 
 def two_groups():
+    """A model and an AdamW with two param groups."""
     model = mlp()
     return model, torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[-1].parameters()}])
 
 
 def one_layer_only():
+    """A model and an AdamW over its first layer only."""
     model = mlp()
     return model, torch.optim.AdamW(model[0].parameters())
 
 
 def extra_tensor():
+    """A model and an AdamW that also holds a tensor outside the model."""
     model = mlp()
     return model, torch.optim.AdamW([*model.parameters(), torch.zeros(2, requires_grad=True)])
 
 
 def with_optimizer(cls, **kwargs):
+    """A builder of a model and ``cls(model.parameters(), **kwargs)``."""
     def build():
         model = mlp()
         return model, cls(model.parameters(), **kwargs)

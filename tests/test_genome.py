@@ -61,6 +61,7 @@ def start_values(gene, generator):
 
 
 def assert_in_bounds(values, gene):
+    """``values`` are ``[P]`` of the gene's dtype, every one within ``[low, high]``."""
     assert values.dtype == gene.torch_dtype
     assert values.shape == (P,)
     assert bool(((values >= gene.low) & (values <= gene.high)).all()), (values, gene)
@@ -209,6 +210,7 @@ def test_default_init_is_the_midpoint_in_the_gene_scale():
 
 
 def mlp():
+    """A small model for clans whose genes are under test."""
     return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
 
 
