@@ -130,6 +130,12 @@ def test_winner_selection_moves_every_row_to_the_winner(losses, winner):
     # Always competitive: the optimizer trains each member with its own genome, member 0 the incumbent.
     assert torch.equal(clan.optimizer.hyper.lr, clan.genomes["lr"])
     assert torch.equal(clan.optimizer.num_grad_accum, clan.genomes["num_grad_accum"])
+    # best_model() is a plain module with the winner's weights and buffers.
+    best = clan.best_model().state_dict()
+    for name, stacked in clan.population.named_parameters():
+        assert torch.equal(best[name], params_before[name][winner])
+    for name in clan.population.buffers:
+        assert torch.equal(best[name], before[f"buffer:{name}"][winner])
 
 
 def test_winner_draws_mutations_from_the_clan_generator():
