@@ -356,6 +356,12 @@ class RunConfig:
                     f"{where}: clan.competition = false before any clan round needs clan.init = 'copy' "
                     "(independently initialised members are not identical, so they cannot cooperate)"
                 )
+            duty = phase.clan.get("duty_cycle", self.clan.duty_cycle)
+            if phase.competition and not competed and self.clan.init == "independent" and duty != 1:
+                raise ValueError(
+                    f"{where}: clan.init = 'independent' needs clan.duty_cycle = 1.0 in the first clan phase "
+                    f"(members differ until the first selection, so they cannot cooperate), got {duty}"
+                )
             competed = competed or phase.competition
             if not phase.competition and self.clan.selection != "winner":
                 raise ValueError(
