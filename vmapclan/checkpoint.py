@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
 
 import torch
@@ -62,6 +63,6 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     try:
         # Checkpoints are plain containers of tensors and numbers: no pickled code is needed to read them.
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         raise ValueError(f"load_checkpoint: {path} is not a readable checkpoint ({err})") from err
 
