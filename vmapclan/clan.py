@@ -348,6 +348,9 @@ class Clan:
         finally:
             self._syncing = False
         if self.population is not None and self.phase == COOPERATIVE:
+            # After a user's ``p.grad = None`` the backward wrote fresh tensors, not grad_flat:
+            # bring them back first, or the average misses them and the members drift apart.
+            self.population.restore_grad_views()
             with torch.no_grad():
                 grads = self.population.grad_flat
                 grads.copy_(grads.mean(0, keepdim=True).expand_as(grads))

@@ -195,8 +195,12 @@ class BatchedAdamW(torch.optim.Optimizer):
         return {name: t.clone() for name, t in self.adamw_state._asdict().items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state from :meth:`state_dict`, in place."""
-        for name, t in self.adamw_state._asdict().items():
+        """Load a state from :meth:`state_dict`, in place.
+
+        Every entry is checked before any is copied, so a refused state leaves the optimizer as it was.
+        """
+        current = self.adamw_state._asdict()
+        for name, t in current.items():
             if name not in state_dict:
                 raise ValueError(f"BatchedAdamW.load_state_dict: missing {name!r}")
             src = state_dict[name]
@@ -204,4 +208,5 @@ class BatchedAdamW(torch.optim.Optimizer):
                 raise ValueError(
                     f"BatchedAdamW.load_state_dict: {name!r} has shape {list(src.shape)}, expected {list(t.shape)}"
                 )
-            t.copy_(src)
+        for name, t in current.items():
+            t.copy_(state_dict[name])
