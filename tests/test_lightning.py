@@ -1,0 +1,369 @@
+"""The Lightning integration: a real Trainer on CPU reproduces the plain loop, resumes, and refuses bad setups.
+
+The digits runs use examples/lightning_digits.py at a tiny size: 4 members, rounds of 8 steps
+(6 cooperative, 2 competitive), 2 epochs (52 steps, 6 rounds, rounds crossing epochs).
+"""
+
+import csv
+import importlib.util
+import pathlib
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vmapclan import Clan, Gene, member_loss
+from vmapclan.lightning import ClanCallback, ClanModule, LookaheadLoader
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+TINY = dict(epochs=2, population_size=4, batch_size=16, round_length=8, duty_cycle=0.25, hidden=16, lr=1e-2, seed=0)
+RESUME_STEP = 30  # mid-round, mid-epoch, and the batch the Trainer prefetched there is the round's first competitive
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared cores their spin-waits cost ~20x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("lightning_digits", EXAMPLES / "lightning_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def plain_loop(example, epochs, population_size, batch_size, round_length, duty_cycle, hidden, lr, seed,
+               max_steps=None):
+    """DESIGN.md's loop, top to bottom, on the example's data, model and clan."""
+    torch.manual_seed(seed)
+    (x_train, y_train), (x_val, y_val) = example.load_digits_split(seed)
+    clan = example.make_clan(population_size, round_length, duty_cycle, hidden, lr, seed)
+    loader = clan.loader((x_train, y_train), batch_size=batch_size)
+    member = clan.round()
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = member_loss(F.cross_entropy, member.model(x), y)
+            with member.sync_context():
+                loss.sum().backward()
+            member.optimizer.step()
+            member.optimizer.zero_grad()
+            member.step()
+            if member.done:
+                member.model.eval()
+                with torch.no_grad():
+                    val = member_loss(F.cross_entropy, member.model(member.share(x_val)), member.share(y_val))
+                member.model.train()
+                clan.step(val)
+                member = clan.round()
+            if clan.global_step == max_steps:
+                return clan
+    return clan
+
+
+@pytest.fixture(scope="module")
+def plain(example):
+    return plain_loop(example, **TINY)
+
+
+@pytest.fixture(scope="module")
+def run(example, tmp_path_factory):
+    """One uninterrupted Trainer run, logging to CSV and checkpointing at RESUME_STEP."""
+    root = tmp_path_factory.mktemp("lightning_run")
+    result = example.main(**TINY, progress=False, log_dir=str(root / "logs"), checkpoint_dir=str(root / "ckpt"),
+                          checkpoint_every=RESUME_STEP)
+    result["checkpoint"] = root / "ckpt" / f"step={RESUME_STEP}.ckpt"
+    return result
+
+
+def assert_same_history(got, expected):
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert (a["round"], a["step"], a["winner"]) == (b["round"], b["step"], b["winner"])
+        assert a["genomes"] == b["genomes"]
+        assert a["incumbent"] == b["incumbent"]
+        assert a["val_losses"] == pytest.approx(b["val_losses"], rel=1e-5, abs=1e-7)
+
+
+def assert_same_weights(clan_a, clan_b):
+    a, b = clan_a.best_model().state_dict(), clan_b.best_model().state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- a real Trainer against the plain loop ------------------------------------------------------
+def test_trainer_run_equals_the_plain_loop(run, plain):
+    history = run["history"]
+    assert len(history) == 6 and run["steps"] == plain.global_step == 52
+    assert_same_history(history, plain.history)
+    assert_same_weights(run["clan"], plain)
+
+
+def test_trainer_run_selects_and_evolves_genes(run):
+    history = run["history"]
+    assert {rec["winner"] for rec in history} - {0}, "some round must be won by a challenger"
+    assert history[-1]["incumbent"]["lr"] != pytest.approx(TINY["lr"])
+    for rec in history:  # the members competed with different genes
+        assert len(set(rec["genomes"]["lr"])) > 1
+        winner = rec["winner"]
+        assert rec["incumbent"] == {name: values[winner] for name, values in rec["genomes"].items()}
+    assert run["val_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_logger_gets_every_members_loss_and_genes(run):
+    with open(run["metrics_file"], newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("clan/round")]
+    history = run["history"]
+    assert len(rows) == len(history)
+    for row, rec in zip(rows, history):
+        assert int(float(row["clan/round"])) == rec["round"] and int(row["step"]) == rec["step"]
+        assert int(float(row["clan/winner"])) == rec["winner"]
+        for i in range(TINY["population_size"]):
+            assert float(row[f"clan/member_{i}/val_loss"]) == pytest.approx(rec["val_losses"][i], rel=1e-6)
+            for gene, values in rec["genomes"].items():
+                assert float(row[f"clan/member_{i}/{gene}"]) == pytest.approx(values[i], rel=1e-9)
+        assert float(row["clan/incumbent/lr"]) == pytest.approx(rec["incumbent"]["lr"], rel=1e-9)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def test_checkpoint_saves_the_loader_before_the_prefetched_batch(run, example):
+    state = torch.load(run["checkpoint"], weights_only=False)["callbacks"]["ClanCallback"]["clan"]
+    assert state["global_step"] == RESUME_STEP and state["round_step"] == 6  # next: the first competitive step
+    reference = plain_loop(example, **TINY, max_steps=RESUME_STEP)
+    expected = reference._loader_state
+    assert (state["loader"]["epoch"], state["loader"]["position"]) == (expected.epoch, expected.position)
+    assert torch.equal(state["loader"]["perm"], expected.perm)
+    assert torch.equal(state["loader"]["generator"], expected.generator.get_state())
+
+
+def test_fit_from_checkpoint_resumes_to_the_same_history(run, example):
+    resumed = example.main(**TINY, progress=False, resume=str(run["checkpoint"]))
+    assert len(torch.load(run["checkpoint"], weights_only=False)["callbacks"]["ClanCallback"]["clan"]["history"]) == 3
+    assert_same_history(resumed["history"], run["history"])
+    assert_same_weights(resumed["clan"], run["clan"])
+
+
+# -- the loader under Lightning's fetch order (no Trainer needed) ---------------------------------
+def one_ahead(iterable):
+    """Lightning's fetch order for a loader without a length: batch k + 1 is drawn before step k runs."""
+    it = iter(iterable)
+    try:
+        ahead = next(it)
+    except StopIteration:
+        return
+    while True:
+        current = ahead
+        try:
+            ahead = next(it)
+        except StopIteration:
+            yield current
+            return
+        yield current
+
+
+def small_clan(round_length=5, duty_cycle=0.4):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    return Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-2), population_size=3,
+                round_length=round_length, duty_cycle=duty_cycle, autobind=["adamw"], seed=0)
+
+
+DATA = (torch.arange(80.0).reshape(20, 4), torch.arange(20) % 3)  # sample i is row i: batches are traceable
+
+
+def drive(clan, batches, steps=None):
+    """Step the clan once per batch (selection on fixed losses); record each batch and the step's phase."""
+    seen = []
+    for x, _ in batches:
+        seen.append((clan.phase, x.clone()))
+        member = clan.round()
+        member.step()
+        if member.done:
+            clan.step(torch.tensor([3.0, 1.0, 2.0]))
+        if len(seen) == steps:
+            break
+    return seen
+
+
+def plain_batches(epochs, **kw):
+    clan = small_clan(**kw)
+    loader = clan.loader(DATA, batch_size=2)
+    return [b for _ in range(epochs) for b in drive(clan, loader)]
+
+
+def test_lookahead_loader_under_prefetch_gives_the_plain_loop_batches():
+    expected = plain_batches(3)
+    clan = small_clan()
+    loader = LookaheadLoader(clan, DATA, batch_size=2)
+    got = [b for _ in range(3) for b in drive(clan, one_ahead(loader))]
+    assert [phase for phase, _ in got] == [phase for phase, _ in expected]
+    for (phase, x), (_, want) in zip(got, expected):
+        assert torch.equal(x, want)
+        rows_equal = all(torch.equal(x[i], x[0]) for i in range(len(x)))
+        assert rows_equal == (phase == "competitive")  # shards differ; a competitive window is common
+
+    # The hazard is real: the plain ClanLoader, fetched one ahead, serves wrong phases.
+    raw_clan = small_clan()
+    raw = [b for _ in range(3) for b in drive(raw_clan, one_ahead(raw_clan.loader(DATA, batch_size=2)))]
+    assert any(not torch.equal(x, want) for (_, x), (_, want) in zip(raw, expected))
+
+
+def test_a_new_pass_draws_the_abandoned_prefetched_batch_again():
+    expected = plain_batches(1)
+    clan = small_clan()
+    loader = LookaheadLoader(clan, DATA, batch_size=2)
+    first = drive(clan, one_ahead(loader), steps=2)  # a third batch was fetched, never trained on
+    rest = drive(clan, one_ahead(loader))
+    got = first + rest
+    assert len(expected) == 4 and len(got) == 4
+    assert all(torch.equal(x, want) for (_, x), (_, want) in zip(got, expected))
+    with pytest.raises(RuntimeError, match="ended by a newer pass"):
+        stale = iter(loader)
+        next(stale)
+        next(iter(loader))
+        next(stale)
+
+
+def test_round_settings_changed_with_a_batch_in_flight_is_an_error():
+    clan = small_clan(round_length=2, duty_cycle=0.5)
+    batches = one_ahead(LookaheadLoader(clan, DATA, batch_size=2))
+    drive(clan, batches, steps=2)  # the round ended; the next round's first batch was drawn as cooperative
+    assert clan.round_index == 1 and clan.step_in_round == 0
+    clan.reconfigure(duty_cycle=1.0)  # now every step competes
+    with pytest.raises(RuntimeError, match="drawn for the cooperative phase but the step is competitive"):
+        next(batches)
+
+
+def test_lookahead_loader_refuses_what_is_not_a_clan():
+    with pytest.raises(TypeError, match="expected a vmapclan.Clan, got Linear"):
+        LookaheadLoader(nn.Linear(2, 2), DATA, batch_size=2)
+
+
+# -- bad setups with a real Trainer fail before training -----------------------------------------
+class Tiny(ClanModule):
+    """Three members of a linear model on 20 random samples."""
+
+    def __init__(self, clan=None, loader="lookahead"):
+        super().__init__(clan or small_clan(round_length=2, duty_cycle=0.5))
+        self.loader_kind = loader
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return member_loss(F.cross_entropy, self.member.model(x), y).sum()
+
+    def member_validation_step(self, batch, batch_idx):
+        x, y = self.member.share(batch)
+        return member_loss(F.cross_entropy, self.member.model(x), y)
+
+    def train_dataloader(self):
+        if self.loader_kind == "clan":
+            return self.clan.loader(DATA, batch_size=2)
+        return self.clan_loader(DATA, batch_size=2)
+
+
+def fit(module, max_steps=4, **trainer_kwargs):
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ClanCallback([DATA])], **trainer_kwargs)
+    trainer.fit(module)
+    return trainer
+
+
+def test_tiny_trainer_fit_runs_rounds():
+    module = Tiny()
+    fit(module, max_steps=6)
+    assert [rec["step"] for rec in module.clan.history] == [2, 4, 6]
+    assert module.member.round_index == 3
+    assert module.clan.population.training
+
+
+def test_plain_clan_loader_is_refused():
+    with pytest.raises(TypeError, match="fetches each batch one step early"):
+        fit(Tiny(loader="clan"))
+
+
+def test_trainer_gradient_accumulation_is_refused():
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2\) is not supported"):
+        fit(Tiny(), accumulate_grad_batches=2)
+
+
+def test_trainer_gradient_clipping_is_refused():
+    with pytest.raises(ValueError, match="use Clan\\(max_grad_norm=...\\)"):
+        fit(Tiny(), gradient_clip_val=1.0)
+
+
+def test_module_without_member_validation_step_is_refused():
+    class NoValidation(Tiny):
+        member_validation_step = ClanModule.member_validation_step
+
+    with pytest.raises(TypeError, match="must implement member_validation_step"):
+        fit(NoValidation())
+
+
+def test_member_validation_step_of_wrong_shape_is_an_error():
+    class MeanLoss(Tiny):
+        def member_validation_step(self, batch, batch_idx):
+            return super().member_validation_step(batch, batch_idx).mean()
+
+    with pytest.raises(ValueError, match=r"must return every member's loss, shape \[3\], got \[\]"):
+        fit(MeanLoss())
+
+
+def test_another_optimizer_is_refused():
+    class OwnOptimizer(Tiny):
+        def configure_optimizers(self):
+            return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    with pytest.raises(TypeError, match="must return the clan's batched optimizer"):
+        fit(OwnOptimizer())
+
+
+def test_module_and_callback_refuse_bad_arguments():
+    with pytest.raises(TypeError, match="ClanModule: expected a vmapclan.Clan, got str"):
+        ClanModule("clan")
+    with pytest.raises(ValueError, match="genome-only clan"):
+        ClanModule(Clan(population_size=2, round_length=4, genome_config={"lr": Gene(1e-5, 1e-1, init=1e-3)}))
+    with pytest.raises(TypeError, match="re-iterable .* which is an iterator"):
+        ClanCallback(iter([DATA]))
+    with pytest.raises(TypeError, match="re-iterable .* which is not iterable"):
+        ClanCallback(3)
+    with pytest.raises(ValueError, match="format version 99"):
+        ClanCallback([DATA]).load_state_dict({"format_version": 99, "clan": {}})
+    with pytest.raises(ValueError, match="not a ClanCallback state"):
+        ClanCallback([DATA]).load_state_dict({"format_version": 1})
+
+
+def test_module_train_and_eval_reach_the_members():
+    module = Tiny()
+    module.eval()
+    assert not module.clan.population.training
+    module.train()
+    assert module.clan.population.training
+
+
+def test_second_fit_continues_like_one_fit():
+    whole = Tiny()
+    fit(whole, max_steps=9)
+    split = Tiny()
+    fit(split, max_steps=5)  # stops with a prefetched batch in flight
+    fit(split, max_steps=4)  # a new Trainer counts from 0
+    assert split.clan.global_step == whole.clan.global_step == 9
+    assert_same_history(split.clan.history, whole.clan.history)
+    assert_same_weights(split.clan, whole.clan)
+    # After fit, the batch the Trainer fetched last and never trained on is back in the clan's loader:
+    # its state is that of a plain loop after the same 9 steps.
+    reference = small_clan(round_length=2, duty_cycle=0.5)
+    loader = reference.loader(DATA, batch_size=2)
+    while reference.global_step < 9:
+        drive(reference, loader, steps=9 - reference.global_step)
+    expected = reference._loader_state
+    for clan in (whole.clan, split.clan):
+        assert (clan._loader_state.epoch, clan._loader_state.position) == (expected.epoch, expected.position)
+        assert torch.equal(clan._loader_state.perm, expected.perm)
