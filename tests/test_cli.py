@@ -173,3 +173,46 @@ def test_help_and_module_entry_point():
     assert main(["--help"]) == EXIT_OK
     done = subprocess.run([sys.executable, "-m", "vmapclan.cli", "train", "nope.toml"], capture_output=True, text=True)
     assert done.returncode == EXIT_INPUT and "no such file: nope.toml" in done.stderr
+
+
+def test_quality_benchmark_tiny(tmp_path, capsys):
+    from vmapclan.bench import quality
+
+    out = tmp_path / "q.json"
+    assert quality.main(["--size", "tiny", "--seeds", "0", "--tasks", "digits-mlp", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| digits-mlp |" in printed and "best fixed lr" in printed
+    data = json.loads(out.read_text())
+    res = data["results"]["digits-mlp"]
+    run = res["runs"][0]
+    assert len(run["grid"]) == len(res["grid"]) == 4 and run["member_steps"] == 40 * 4
+    assert res["summary"]["best_lr_mean"] == min(run["grid"])
+    assert res["summary"]["goal_met"] == (run["clan"] <= min(run["grid"]))
+
+
+def test_quality_summary_and_table():
+    from vmapclan.bench.quality import _summary, lr_grid, markdown
+
+    grid = lr_grid(1e-3, 3)
+    assert grid == pytest.approx([1e-4, 1e-4 * 300 ** 0.5, 3e-2])
+    runs = [{"seed": 0, "clan": 0.5, "grid": [1.0, 0.4, 2.0]}, {"seed": 1, "clan": 0.5, "grid": [0.3, 0.8, 2.0]}]
+    s = _summary(grid, runs)
+    assert s["grid_means"] == pytest.approx([0.65, 0.6, 2.0]) and s["best_lr"] == grid[1]
+    assert s["per_seed_best_mean"] == pytest.approx(0.35) and s["goal_met"] is True
+    table = markdown({"t": {"grid": grid, "runs": runs, "summary": s}})
+    assert "| mean | 0.5000 | 0.6500 | **0.6000** | 2.0000 | 0.3500 |" in table
+    assert "| t | 0.5000 ± 0.0000 | 0.6000 (lr 1.7e-03) | 0.3500 | yes |" in table
+    assert _summary(grid, [{"seed": 0, "clan": float("nan"), "grid": [1.0, 1.0, 1.0]}])["goal_met"] is False
+
+
+def test_quality_bad_arguments(capsys):
+    from vmapclan.bench import quality
+
+    assert quality.main(["--size", "huge"]) == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+    assert quality.main(["--threads", "0"]) == 2
+    assert "--threads must be a positive int, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="quality: size must be one of"):
+        quality.task_configs("digits-mlp", "huge")
+    with pytest.raises(ValueError, match="quality: unknown task 'mnist'"):
+        quality.task_configs("mnist")
