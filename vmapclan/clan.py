@@ -538,6 +538,7 @@ class Clan:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.population is not None:
             pop = self.population
+            pop.restore_grad_views()  # gradients a user detached with ``p.grad = None`` belong in the state
             state["model"] = {
                 "shapes": {n: list(s) for n, s in pop.shapes.items()},
                 "params": pop.flat.detach().clone(),
