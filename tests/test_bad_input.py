@@ -1,0 +1,233 @@
+"""The catalogue of bad input: one row per mistake, each refused with a message that says what and why.
+
+Each row builds what a user might build and must raise the named exception with the pinned
+message. Nothing here may be accepted silently.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vmapclan import Clan, DivergenceError, Gene, member_loss
+from vmapclan.schedule import Phase, PhaseSchedule
+
+P = 3
+
+
+def mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).to(dtype)
+
+
+def clan(model=None, optimizer=None, **kwargs):
+    model = model if model is not None else mlp()
+    optimizer = optimizer if optimizer is not None else torch.optim.AdamW(model.parameters())
+    settings = dict(population_size=P, round_length=4, duty_cycle=0.5, autobind=["adamw"])
+    settings.update(kwargs)
+    return Clan(model, optimizer, **settings)
+
+
+def at_round_end():
+    c = clan()
+    member = c.round()
+    for _ in range(4):
+        member.step()
+    return c
+
+
+def run_member_model_without_member_dim():
+    clan().round().model(torch.randn(5, 4))
+
+
+def run_loss_not_reduced():
+    member = clan().round()
+    member_loss(F.cross_entropy, member.model(torch.randn(P, 5, 4)), torch.zeros(P, 5, dtype=torch.long),
+                reduction="none")
+
+
+def run_target_without_member_dim():
+    member = clan().round()
+    member_loss(F.cross_entropy, member.model(torch.randn(P, 5, 4)), torch.zeros(5, dtype=torch.long))
+
+
+def run_val_losses(value):
+    return lambda: at_round_end().step(value)
+
+
+def run_step_before_done():
+    clan().step(torch.zeros(P))
+
+
+def run_member_step_after_done():
+    c = at_round_end()
+    c.round().step()
+
+
+def run_stale_member():
+    c = at_round_end()
+    stale = c.round()
+    c.step(torch.arange(P, dtype=torch.float32))
+    stale.step()
+
+
+def run_backward_outside_sync():
+    member = clan().round()
+    member_loss(F.mse_loss, member.model(torch.randn(P, 5, 4)), torch.zeros(P, 5, 2)).sum().backward()
+
+
+def run_all_diverged_raise():
+    c = clan(on_divergence="raise")
+    member = c.round()
+    for _ in range(4):
+        member.step()
+    c.step(torch.tensor([float("nan"), float("inf"), -float("inf")]))
+
+
+def run_dataset_too_small():
+    clan().loader((torch.randn(10, 4), torch.zeros(10)), batch_size=4)  # one cooperative step needs 3 x 4
+
+
+def run_mixed_dtypes():
+    model = mlp()
+    model[2].double()
+    clan(model=model)
+
+
+def run_mixed_devices():
+    model = mlp()
+    model[2].to("meta")
+    Clan(model, torch.optim.AdamW(model.parameters()), population_size=P, round_length=4, duty_cycle=0.5)
+
+
+def run_missing_params():
+    model = mlp()
+    clan(model=model, optimizer=torch.optim.AdamW(model[0].parameters()))
+
+
+def run_two_param_groups():
+    model = mlp()
+    clan(model=model, optimizer=torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters()}]))
+
+
+def run_load_other_model():
+    clan(model=nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))).load_state_dict(clan().state_dict())
+
+
+def run_schedule_with_gap():
+    PhaseSchedule([Phase("warmup", 0.0, 0.3), Phase("main", 0.4, 1.0)])
+
+
+def run_get_gene_unknown():
+    clan().round().get_gene("learning_rate")
+
+
+CATALOGUE = [
+    # (what the user did, how to do it, exception, message)
+    ("data without the member dim", run_member_model_without_member_dim, ValueError,
+     r"expected every tensor input to have the member dimension first \(\[3, \.\.\.\]\), got shape \[5, 4\]"),
+    ("a loss not reduced per member", run_loss_not_reduced, ValueError,
+     r"fn must reduce each member's batch to a scalar \(loss of shape \[3\]\), got \[3, 5\]"),
+    ("a target without the member dim", run_target_without_member_dim, ValueError,
+     r"target must have the member dimension first \(\[3, \.\.\.\]\), got shape \[5\]"),
+    ("validation losses of the wrong shape", run_val_losses(torch.zeros(P + 1)), ValueError,
+     r"val_losses must have shape \[3\] \(one loss per member\), got \[4\]"),
+    ("validation losses as a scalar", run_val_losses(torch.tensor(1.0)), ValueError,
+     r"val_losses must have shape \[3\] \(one loss per member\), got \[\]"),
+    ("validation losses of a complex dtype", run_val_losses(torch.zeros(P, dtype=torch.complex64)), TypeError,
+     r"val_losses must be real numbers, got dtype torch.complex64"),
+    ("validation losses as booleans", run_val_losses(torch.zeros(P, dtype=torch.bool)), TypeError,
+     r"val_losses must be real numbers, got dtype torch.bool"),
+    ("validation losses as text", run_val_losses("low"), TypeError,
+     r"val_losses must be a tensor of shape \[3\], got str"),
+    ("duty_cycle of 0", lambda: clan(duty_cycle=0.0), ValueError, r"duty_cycle must be in \(0, 1\], got 0.0"),
+    ("duty_cycle above 1", lambda: clan(duty_cycle=1.5), ValueError, r"duty_cycle must be in \(0, 1\], got 1.5"),
+    ("duty_cycle as text", lambda: clan(duty_cycle="0.5"), ValueError, r"duty_cycle must be in \(0, 1\], got '0.5'"),
+    ("a round too short for a cooperative step", lambda: clan(round_length=1), ValueError,
+     r"round_length=1 with duty_cycle=0.5 leaves no cooperative step"),
+    ("round_length of 0", lambda: clan(round_length=0), ValueError, r"round_length must be a positive int, got 0"),
+    ("population_size below 2 with selection", lambda: clan(population_size=1), ValueError,
+     r"selection='winner' needs population_size >= 2, got 1"),
+    ("population_size of 0", lambda: clan(population_size=0), ValueError,
+     r"population_size must be a positive int, got 0"),
+    ("truncation with a cooperative phase", lambda: clan(selection="truncation"), ValueError,
+     r"selection='truncation' keeps members that differ, so it needs duty_cycle=1.0"),
+    ("an unknown selection", lambda: clan(selection="tournament"), ValueError,
+     r"selection must be 'winner', 'truncation' or None, got 'tournament'"),
+    ("SGD with autobind=['adamw']",
+     lambda: clan(optimizer=torch.optim.SGD(mlp().parameters(), lr=0.1)), TypeError,
+     r"the optimizer must be torch.optim.AdamW \(the population trains with a batched AdamW\), got SGD"),
+    ("Adam (not AdamW)", lambda: (lambda m: clan(model=m, optimizer=torch.optim.Adam(m.parameters())))(mlp()),
+     TypeError, r"the optimizer must be torch.optim.AdamW .*got Adam"),
+    ("autobind=['adamw'] without an optimizer", lambda: Clan(autobind=["adamw"]), ValueError,
+     r"autobind=\['adamw'\] needs optimizer=torch.optim.AdamW\(...\), got None"),
+    ("AdamW with amsgrad", lambda: (lambda m: clan(model=m, optimizer=torch.optim.AdamW(m.parameters(), amsgrad=True)))(mlp()),
+     ValueError, r"AdamW\(amsgrad=True\) is not supported"),
+    ("AdamW with maximize", lambda: (lambda m: clan(model=m, optimizer=torch.optim.AdamW(m.parameters(), maximize=True)))(mlp()),
+     ValueError, r"AdamW\(maximize=True\) is not supported"),
+    ("AdamW with two param groups", run_two_param_groups, ValueError, r"the AdamW must have one param group, got 2"),
+    ("parameters missing from the optimizer", run_missing_params, ValueError,
+     r"parameters missing from the optimizer: \['2.weight', '2.bias'\]"),
+    ("a model without its optimizer", lambda: Clan(mlp(), population_size=P), ValueError,
+     r"a model needs its optimizer"),
+    ("an optimizer without a model", lambda: Clan(None, torch.optim.AdamW(mlp().parameters())), ValueError,
+     r"an optimizer was given without a model"),
+    ("a model that is not a module", lambda: Clan(lambda x: x, torch.optim.AdamW(mlp().parameters())), TypeError,
+     r"model must be an nn.Module, got function"),
+    ("reversed gene bounds", lambda: Clan(genome_config={"dropout": {"low": 0.5, "high": 0.1}}), ValueError,
+     r"Gene: bounds must satisfy low < high, got low=0.5, high=0.1"),
+    ("empty gene bounds", lambda: Gene(0.1, 0.1), ValueError, r"Gene: bounds must satisfy low < high, got low=0.1, high=0.1"),
+    ("a log gene reaching 0", lambda: Gene(0.0, 1.0), ValueError, r"Gene: a log-scale gene needs low > 0, got low=0.0"),
+    ("a gene init out of bounds", lambda: Gene(1e-4, 1e-2, init=0.1), ValueError,
+     r"Gene: init 0.1 is outside the bounds \[0.0001, 0.01\]"),
+    ("a genome_config entry of the wrong type", lambda: Clan(genome_config={"dropout": 0.1}), TypeError,
+     r"genome_config\['dropout'\] must be a Gene or a dict, got float"),
+    ("an unknown field in a gene dict", lambda: Clan(genome_config={"dropout": {"low": 0.0, "high": 1.0, "sigma": 2}}),
+     ValueError, r"genome_config\['dropout'\]: .*sigma"),
+    ("an unknown autobind name", lambda: clan(autobind=["adamw", "momentum"]), ValueError,
+     r"unknown autobind name 'momentum'; expected 'adamw' or 'gradient_accumulation'"),
+    ("an unknown gene", run_get_gene_unknown, ValueError,
+     r"unknown gene 'learning_rate'; the genes are \['betas/0', 'betas/1', 'eps', 'lr', 'weight_decay'\]"),
+    ("a sweep value out of bounds", lambda: clan(duty_cycle=1.0, selection=None).set_genome("lr", [1.0, 1e-3, 1e-3]),
+     ValueError, r"gene 'lr': values \[1.0, 0.001, 0.001\] leave the bounds"),
+    ("a dataset smaller than one step's samples", run_dataset_too_small, ValueError,
+     r"the dataset has 10 samples, fewer than one step needs \(12 = population_size x batch_size\)"),
+    ("a batch_size of 0", lambda: clan().loader((torch.randn(10, 4),), batch_size=0), ValueError,
+     r"batch_size must be a positive int, got 0"),
+    ("clan.step before the round is done", run_step_before_done, RuntimeError,
+     r"clan.step\(\) called at step 0 of 4 in round 0: the round is not done"),
+    ("member.step after the round is done", run_member_step_after_done, RuntimeError,
+     r"member.step\(\): round 0 is done \(4 steps\); call clan.step\(val_losses\)"),
+    ("a stale member", run_stale_member, RuntimeError,
+     r"stale member: it belongs to round 0 but the clan is in round 1"),
+    ("backward outside sync_context while cooperating", run_backward_outside_sync, RuntimeError,
+     r"backward ran outside member.sync_context\(\) in the cooperative phase"),
+    ("every member diverged, with on_divergence='raise'", run_all_diverged_raise, DivergenceError,
+     r"every member's validation loss is NaN or infinite in round 0: \[nan, inf, -inf\]"),
+    ("parameters of mixed dtypes", run_mixed_dtypes, ValueError,
+     r"all trainable parameters must share one floating dtype; 0.weight is torch.float32 but 2.weight is torch.float64"),
+    ("parameters on mixed devices", run_mixed_devices, ValueError,
+     r"all parameters must be on one device; 0.weight is on cpu but 2.weight is on meta"),
+    ("BatchNorm with momentum=None", lambda: clan(model=nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=None))),
+     ValueError, r"1 is a BatchNorm with momentum=None \(cumulative average\), which reads its batch count with .item\(\)"),
+    ("a checkpoint of another model", run_load_other_model, ValueError, r"the checkpoint is of another model"),
+    ("a phase schedule with a gap", run_schedule_with_gap, ValueError,
+     r"gap between phase 'warmup' \(ends at t=0.3\) and"),
+    ("a seed that is not an int", lambda: clan(seed=1.5), TypeError, r"seed must be an int, got float"),
+]
+
+
+@pytest.mark.parametrize("what,action,error,message", CATALOGUE, ids=[row[0] for row in CATALOGUE])
+def test_bad_input_is_refused_clearly(what, action, error, message):
+    with pytest.raises(error, match=message):
+        action()
+
+
+def test_catalogue_size():
+    assert len(CATALOGUE) >= 45  # the closing note reports this number
+
+
+def test_total_divergence_in_the_first_round_restores_the_initial_state():
+    with pytest.warns(RuntimeWarning, match="restored the state of the start of round 0"):
+        record = at_round_end().step(torch.full((P,), float("nan")))
+    assert record["event"] == "diverged" and record["restored_round"] == 0
