@@ -9,6 +9,7 @@ import importlib.util
 import pathlib
 
 import lightning.pytorch as pl
+from lightning.pytorch.plugins import MixedPrecision
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,11 +169,11 @@ def one_ahead(iterable):
         yield current
 
 
-def small_clan(round_length=5, duty_cycle=0.4):
+def small_clan(round_length=5, duty_cycle=0.4, autobind=("adamw",)):
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     return Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-2), population_size=3,
-                round_length=round_length, duty_cycle=duty_cycle, autobind=["adamw"], seed=0)
+                round_length=round_length, duty_cycle=duty_cycle, autobind=list(autobind), seed=0)
 
 
 DATA = (torch.arange(80.0).reshape(20, 4), torch.arange(20) % 3)  # sample i is row i: batches are traceable
@@ -284,6 +285,38 @@ def test_tiny_trainer_fit_runs_rounds():
     assert module.clan.population.training
 
 
+def test_trainer_with_evolving_gradient_accumulation_equals_the_plain_loop():
+    # Lightning zeroes gradients before the backward, the plain loop after the step: with members
+    # accumulating different numbers of micro-batches the two orders must still agree.
+    def clan():
+        return small_clan(round_length=4, duty_cycle=0.5, autobind=("adamw", "gradient_accumulation"))
+
+    module = Tiny(clan())
+    fit(module, max_steps=12)
+    plain = clan()
+    loader = plain.loader(DATA, batch_size=2)
+    member = plain.round()
+    while plain.global_step < 12:
+        for x, y in loader:
+            loss = member_loss(F.cross_entropy, member.model(x), y)
+            with member.sync_context():
+                loss.sum().backward()
+            member.optimizer.step()
+            member.optimizer.zero_grad()
+            member.step()
+            if member.done:
+                member.model.eval()
+                with torch.no_grad():
+                    x_val, y_val = member.share(DATA)
+                    plain.step(member_loss(F.cross_entropy, member.model(x_val), y_val))
+                member = plain.round()
+                member.model.train()
+    assert len(plain.history) == 3
+    assert any(max(rec["genomes"]["num_grad_accum"]) > 1 for rec in plain.history)
+    assert_same_history(module.clan.history, plain.history)
+    assert_same_weights(module.clan, plain)
+
+
 def test_plain_clan_loader_is_refused():
     with pytest.raises(TypeError, match="fetches each batch one step early"):
         fit(Tiny(loader="clan"))
@@ -297,6 +330,12 @@ def test_trainer_gradient_accumulation_is_refused():
 def test_trainer_gradient_clipping_is_refused():
     with pytest.raises(ValueError, match="use Clan\\(max_grad_norm=...\\)"):
         fit(Tiny(), gradient_clip_val=1.0)
+
+
+def test_gradient_scaler_is_refused():
+    scaler = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="skips every member's step when any member's gradients overflow"):
+        fit(Tiny(), plugins=[scaler])
 
 
 def test_module_without_member_validation_step_is_refused():

@@ -47,8 +47,8 @@ The seed's pattern (``seeds/clan_training_api.md``, "Lightning Integration")::
   ``AssertionError`` in the logger connector, whose state the nested run replaced. It also
   returns one scalar per logged name, while selection needs a loss per member. Lightning's own
   scheduled validation (``val_check_interval``) does not help either. It counts batches since
-  ``fit`` began, not the clan's round clock. It also runs at times of its own: the sanity
-  check, early stopping, and a clock that differs after ``clan.reconfigure``. So
+  ``fit`` began, not the clan's round clock, so it drifts from the rounds after
+  ``clan.reconfigure``; and it also runs at times of its own (the sanity check, early stopping). So
   :class:`ClanCallback` evaluates the members itself. This happens in ``on_train_batch_end``,
   right after the ``member.step()`` that ends the round, which is where the plain loop does
   it. It calls ``member_validation_step`` on each batch of a validation loader given to the
@@ -74,9 +74,11 @@ The seed's pattern (``seeds/clan_training_api.md``, "Lightning Integration")::
   from.
 
 Limits: one device (the clan's tensors live on ``clan.device``; build the ``Clan`` with the
-Trainer's device), 32-bit precision, ``accumulate_grad_batches=1`` (use the
-``gradient_accumulation`` gene) and no ``gradient_clip_val`` (use ``Clan(max_grad_norm=...)``,
-which clips each member on its own). The callback checks all of these when ``fit`` starts.
+Trainer's device), ``accumulate_grad_batches=1`` (use the ``gradient_accumulation`` gene), no
+``gradient_clip_val`` (use ``Clan(max_grad_norm=...)``, which clips each member on its own) and
+no gradient scaler (``precision="16-mixed"`` on a GPU: one member's overflow would skip every
+member's step). The callback checks all of these when ``fit`` starts. The equivalence with the
+plain loop is tested at ``precision="32-true"``; ``"bf16-mixed"`` runs but is not compared.
 """
 
 from __future__ import annotations
@@ -453,8 +455,8 @@ class ClanCallback(pl.Callback):
 
         Raises:
             TypeError: if the module has no clan or no ``member_validation_step``.
-            ValueError: for a genome-only clan, ``accumulate_grad_batches != 1`` or gradient
-                clipping by the Trainer.
+            ValueError: for a genome-only clan, ``accumulate_grad_batches != 1``, gradient
+                clipping by the Trainer or a gradient scaler (``precision="16-mixed"`` on a GPU).
         """
         if stage != "fit":
             return
@@ -469,6 +471,11 @@ class ClanCallback(pl.Callback):
             raise ValueError(
                 f"ClanCallback: Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported: "
                 "each batch is one round step; evolve accumulation with autobind=['adamw', 'gradient_accumulation']"
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"ClanCallback: precision={trainer.precision!r} with a gradient scaler is not supported: the scaler "
+                "skips every member's step when any member's gradients overflow; use '32-true' or 'bf16-mixed'"
             )
         if trainer.gradient_clip_val:
             raise ValueError(
