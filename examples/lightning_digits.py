@@ -6,7 +6,7 @@ hands the Trainer the clan's batched AdamW and wraps ``backward`` in ``member.sy
 each round it scores every member on the validation set, selects the winner and logs every
 member's loss and genes. With the same seed, the run has the same history as the plain loop.
 
-Run: ``python examples/lightning_digits.py`` (about a minute on 2 CPU cores). Add
+Run: ``python examples/lightning_digits.py`` (under a minute on 2 CPU cores). Add
 ``--checkpoint-dir ckpts`` to save a checkpoint every round, and ``--resume ckpts/step=80.ckpt``
 to continue from one.
 """
