@@ -6,6 +6,7 @@ and a batched AdamW whose hyperparameters differ per member. See :class:`Clan`.
 
 from .clan import FORMAT_VERSION, Clan, DivergenceError, Member
 from .data import ClanLoader
+from .fused import FusedStep
 from .genome import Gene
 from .optim import AdamWHyper, AdamWState, BatchedAdamW, adamw_init, adamw_step_
 from .population import PopulationModel, member_loss
@@ -23,6 +24,7 @@ __all__ = [
     "DivergenceError",
     "FORMAT_VERSION",
     "ClanLoader",
+    "FusedStep",
     "Gene",
     "PopulationModel",
     "member_loss",

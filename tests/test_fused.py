@@ -1,0 +1,198 @@
+"""The fused step equals the imperative Member loop and a loop over separate models.
+
+Everything runs in float64 so that "equal" can mean 1e-10, not "close enough in float32".
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vmapclan import Clan, FusedStep, member_loss
+from vmapclan.fused import LAYOUTS
+
+P = 4
+
+
+def make_model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def make_data(n=400):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def make_clan(accumulate=False, duty_cycle=0.5, selection="winner", round_length=6):
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    autobind = ["adamw", "gradient_accumulation"] if accumulate else ["adamw"]
+    # An accumulation count of 2 in force from the start, so the cooperative phase accumulates too.
+    config = {"num_grad_accum": {"init": 2}} if accumulate else None
+    return Clan(model, optimizer, population_size=P, round_length=round_length, duty_cycle=duty_cycle,
+                autobind=autobind, genome_config=config, selection=selection, seed=3)
+
+
+def imperative_step(member, x, y):
+    loss = member_loss(F.cross_entropy, member.model(x), y)
+    with member.sync_context():
+        loss.sum().backward()
+    member.optimizer.step()
+    member.optimizer.zero_grad()
+    member.step()
+    return loss.detach()
+
+
+def fake_val(clan):
+    """A deterministic validation loss that makes a member other than 0 win some rounds."""
+    return clan.population.flat.detach().sum(1).sin()
+
+
+def assert_same_state(a, b, tol=1e-10):
+    pa, pb = a.population, b.population
+    torch.testing.assert_close(pa.flat, pb.flat, atol=tol, rtol=0)
+    torch.testing.assert_close(pa.grad_flat, pb.grad_flat, atol=tol, rtol=0)
+    for sa, sb in zip(a.optimizer.adamw_state, b.optimizer.adamw_state):
+        torch.testing.assert_close(sa, sb, atol=tol, rtol=0)
+    assert (a.round_index, a.step_in_round, a.global_step) == (b.round_index, b.step_in_round, b.global_step)
+
+
+def run_both(fused_kwargs, accumulate, rounds=2, duty_cycle=0.5, selection="winner"):
+    data = make_data()
+    ref, fused = make_clan(accumulate, duty_cycle, selection), make_clan(accumulate, duty_cycle, selection)
+    step = FusedStep(fused, F.cross_entropy, **fused_kwargs)
+    ref_loader, fused_loader = ref.loader(data, batch_size=8), fused.loader(data, batch_size=8)
+    member = ref.round()
+    phases = set()
+    for (xr, yr), (xf, yf) in zip(ref_loader, fused_loader):
+        torch.testing.assert_close(xr, xf, atol=0, rtol=0)
+        phases.add(fused.phase)
+        ref_loss = imperative_step(member, xr, yr)
+        fused_loss = step(xf, yf)
+        assert fused_loss.shape == (P,)
+        torch.testing.assert_close(fused_loss, ref_loss, atol=1e-12, rtol=0)
+        assert_same_state(ref, fused)
+        if member.done:
+            ref.step(fake_val(ref))
+            fused.step(fake_val(fused))
+            member = ref.round()
+            if ref.round_index == rounds:
+                break
+    assert ref.round_index == rounds
+    for a, b in zip(ref.history, fused.history, strict=True):
+        assert (a["winner"], a["genomes"], a["incumbent"]) == (b["winner"], b["genomes"], b["incumbent"])
+        assert a["val_losses"] == pytest.approx(b["val_losses"], abs=1e-12)
+    return phases
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
+def test_fused_equals_imperative_across_phases_and_selection(layout, accumulate):
+    phases = run_both({"layout": layout}, accumulate)
+    assert phases == {"cooperative", "competitive"}
+
+
+def test_fused_accumulation_counts_differ_per_member():
+    # The competitive genomes really hold different accumulation counts, so masking is exercised.
+    clan = make_clan(accumulate=True)
+    assert len(set(clan.genomes["num_grad_accum"].tolist())) > 1
+
+
+def test_fused_equals_a_loop_over_separate_models():
+    """A sweep (always competitive, no selection) equals P plain models, each with torch.optim.AdamW."""
+    lrs, wds, beta2s = [1e-3, 3e-3, 1e-2, 3e-2], [0.001, 0.01, 0.1, 0.3], [0.99, 0.999, 0.995, 0.9999]
+    clan = make_clan(duty_cycle=1.0, selection=None, round_length=50)
+    clan.set_genome("lr", lrs)
+    clan.set_genome("weight_decay", wds)
+    clan.set_genome("betas/1", beta2s)
+    clan.set_genome("betas/0", [0.9] * P)  # construction mutated these too
+    clan.set_genome("eps", [1e-8] * P)
+    step = FusedStep(clan, F.cross_entropy, layout="views")
+    models = [make_model() for _ in range(P)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd, betas=(0.9, b2), eps=1e-8)
+            for m, lr, wd, b2 in zip(models, lrs, wds, beta2s)]
+    x, y = make_data(8 * 12)
+    for i in range(12):
+        xb, yb = x[8 * i:8 * i + 8], y[8 * i:8 * i + 8]
+        losses = step(clan.population.share(xb), clan.population.share(yb))
+        for k, (m, opt) in enumerate(zip(models, opts)):
+            loss = F.cross_entropy(m(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            # Not 1e-12: the batched AdamW orders its float64 arithmetic differently from
+            # torch.optim.AdamW, and Adam's 1/sqrt(v) amplifies the last-bit differences.
+            torch.testing.assert_close(losses[k], loss.detach(), atol=1e-9, rtol=1e-9)
+    for k, m in enumerate(models):
+        for name, param in m.named_parameters():
+            torch.testing.assert_close(clan.population.params[name][k], param, atol=1e-9, rtol=1e-9)
+
+
+def test_fused_compiled_optimizer_equals_imperative():
+    """One small compiled case (compiling is slow): the compiled update across a phase boundary."""
+    run_both({"compile": "optimizer"}, accumulate=False, rounds=1)
+
+
+def test_fused_step_refuses_a_done_round():
+    clan = make_clan(round_length=2, duty_cycle=0.5)
+    step = FusedStep(clan, F.cross_entropy)
+    x, y = make_data(8)
+    for _ in range(2):
+        step(clan.population.share(x), clan.population.share(y))
+    with pytest.raises(RuntimeError, match=r"round 0 is done \(2 steps\); call clan.step"):
+        step(clan.population.share(x), clan.population.share(y))
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"layout": "grouped"}, ValueError, "layout must be one of"),
+    ({"compile": "all"}, ValueError, "compile must be one of"),
+    ({"num_inputs": 0}, ValueError, "num_inputs must be a positive int, got 0"),
+    ({"cuda_graph": True}, ValueError, "cuda_graph=True needs the clan on a CUDA device, it is on cpu"),
+])
+def test_fused_step_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FusedStep(make_clan(), F.cross_entropy, **kwargs)
+
+
+def test_fused_step_needs_a_model_and_a_callable():
+    with pytest.raises(ValueError, match="the clan has no model"):
+        FusedStep(Clan(population_size=2, round_length=4, autobind=[], genome_config={"g": {"low": 0.1, "high": 1.0}}),
+                  F.cross_entropy)
+    with pytest.raises(TypeError, match="loss_fn must be callable, got str"):
+        FusedStep(make_clan(), "cross_entropy")
+
+
+def test_fused_step_needs_the_member_dimension():
+    clan = make_clan()
+    step = FusedStep(clan, F.cross_entropy)
+    x, y = make_data(8)
+    with pytest.raises(ValueError, match=r"member dimension first \(\[4, \.\.\.\]\), got \[8, 6\]"):
+        step(x, clan.population.share(y))
+    assert clan.step_in_round == 0  # nothing happened
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: CUDA graphs need a GPU")
+@pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
+def test_cuda_graph_step_equals_eager_step(accumulate):  # pragma: no cover - CUDA only
+    def cuda_clan():
+        model = make_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+        autobind = ["adamw", "gradient_accumulation"] if accumulate else ["adamw"]
+        return Clan(model, optimizer, population_size=P, round_length=6, duty_cycle=0.5, autobind=autobind,
+                    seed=3, device="cuda")
+
+    eager, graphed = cuda_clan(), cuda_clan()
+    steps = FusedStep(eager, F.cross_entropy), FusedStep(graphed, F.cross_entropy, cuda_graph=True)
+    data = make_data()
+    for (xe, ye), (xg, yg) in zip(eager.loader(data, batch_size=8), graphed.loader(data, batch_size=8)):
+        torch.testing.assert_close(steps[0](xe, ye), steps[1](xg, yg), atol=1e-10, rtol=0)
+        assert_same_state(eager, graphed)
+        if eager.round_done:
+            eager.step(fake_val(eager))
+            graphed.step(fake_val(graphed))
+            if eager.round_index == 2:
+                break
+    assert eager.round_index == 2

@@ -1,0 +1,277 @@
+"""The fused training step: one vmapped ``grad_and_value`` and one batched AdamW update per call.
+
+The imperative loop (``member.model(x)``, ``member_loss``, ``backward`` inside
+``sync_context()``, ``optimizer.step()``, ``zero_grad()``, ``member.step()``) runs autograd over
+P stacked leaves and several Python-level calls per step. :class:`FusedStep` does the same step
+as one function of the population's tensors:
+
+1. ``torch.func.grad_and_value`` of the per-member loss through ``functional_call``, vmapped
+   once over the member dimension, gives every member's gradient and loss;
+2. in the cooperative phase the gradients are averaged over members (as ``sync_context()``
+   does);
+3. :func:`~vmapclan.adamw_step_` updates ``flat[P, N]`` and the optimizer state in place, with
+   the genes in force and gradient accumulation exactly as :class:`~vmapclan.BatchedAdamW`;
+4. the clan's round clock advances, as ``member.step()``.
+
+Because that function only reads and writes tensors whose storage never moves (selection,
+``load_state_dict`` and phase changes all copy in place), it can be compiled with
+``torch.compile`` or, on CUDA, captured once into a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from .optim import AdamWHyper, AdamWState, adamw_step_
+from .population import _batchable_attention
+
+__all__ = ["FusedStep", "LAYOUTS", "COMPILE_MODES", "fused_update_"]
+
+LAYOUTS = ("views", "flat")
+"""How the parameters enter the vmapped function.
+
+- ``"views"``: one ``[P, *shape]`` view of ``flat`` per parameter; the per-parameter gradients
+  are concatenated straight into the population's gradient buffer ``grad_flat``.
+- ``"flat"``: ``flat[P, N]`` itself, split into parameters inside the per-member function; the
+  gradient comes back as one ``[P, N]`` tensor (autograd's backward of the split is a cat).
+"""
+
+COMPILE_MODES = (None, "optimizer", "step")
+"""``None`` (eager), ``"optimizer"`` (``torch.compile`` of the update) or ``"step"`` (of the whole step)."""
+
+
+def fused_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
+                  hyper: AdamWHyper, num_grad_accum: torch.Tensor | None, cooperative: bool,
+                  max_grad_norm: float | None = None) -> None:
+    """Apply one step's gradients like ``sync_context()``, ``optimizer.step()`` and ``zero_grad()``.
+
+    Without accumulation the step starts from zero gradients (as a loop that zeroes after every
+    step), so ``grads`` is used directly and ``grad_buffer`` is left zero. With accumulation the
+    partial sums live in ``grad_buffer``: ``grads`` is added to them, and after the update the
+    members with no pending micro-batch are zeroed, as :meth:`BatchedAdamW.zero_grad` does.
+
+    Args:
+        params: ``[P, N]`` member-major parameters, updated in place.
+        grads: ``[P, N]`` this step's gradients (may be ``grad_buffer`` itself).
+        grad_buffer: ``[P, N]`` the population's gradient buffer.
+        state: The AdamW state, updated in place.
+        hyper: ``[P]`` hyperparameters in force.
+        num_grad_accum: Optional ``long [P]`` accumulation counts.
+        cooperative: Whether to average the gradients over members first.
+        max_grad_norm: Optional per-member gradient-norm clipping (see :func:`~vmapclan.adamw_step_`).
+    """
+    if num_grad_accum is None:
+        in_buffer = grads is grad_buffer
+        if cooperative:
+            grads = grads.mean(0, keepdim=True).expand_as(grads)
+        adamw_step_(params, grads, state, hyper, None, max_grad_norm)
+        if in_buffer:
+            grad_buffer.zero_()
+        return
+    if grads is not grad_buffer:
+        grad_buffer.add_(grads)
+    if cooperative:
+        grad_buffer.copy_(grad_buffer.mean(0, keepdim=True).expand_as(grad_buffer))
+    adamw_step_(params, grad_buffer, state, hyper, num_grad_accum, max_grad_norm)
+    grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
+
+
+class FusedStep:
+    """One training step of the whole clan as a single vmapped function call.
+
+    ``step(x, y)`` is the imperative loop body of ``DESIGN.md``::
+
+        loss = member_loss(loss_fn, member.model(x), y)
+        with member.sync_context():
+            loss.sum().backward()
+        member.optimizer.step()
+        member.optimizer.zero_grad()
+        member.step()
+
+    computed as ``vmap(grad_and_value(per_member_loss))`` followed by the batched AdamW update
+    in place. It respects the phase (gradients averaged over members when cooperating), the genes
+    in force and gradient accumulation exactly as that loop, advances the clan's round clock,
+    and returns the per-member losses ``[P]`` without a host synchronisation.
+
+    Args:
+        clan: The :class:`~vmapclan.Clan` to train (it must have a model).
+        loss_fn: ``loss_fn(output, *targets) -> scalar`` for *one* member, e.g.
+            ``F.cross_entropy``; ``output`` is the model's output for that member.
+        num_inputs: How many leading batch tensors go to the model; the rest go to ``loss_fn``.
+        layout: One of :data:`LAYOUTS` (default ``"views"``, the fastest measured on CPU).
+        compile: One of :data:`COMPILE_MODES`. ``"optimizer"`` compiles the update (one fused
+            kernel instead of about ten passes over ``[P, N]``); ``"step"`` compiles the whole
+            step, forward and backward included. The first call of each phase compiles.
+        cuda_graph: On CUDA, capture each phase's step into a CUDA graph on first use and replay
+            it. Inputs are copied into static buffers; the shapes must stay the same (a new
+            shape captures a new graph). Compatible with ``compile="optimizer"``.
+
+    Raises:
+        ValueError: for a genome-only clan, an unknown layout or compile mode, ``cuda_graph``
+            off CUDA or with ``compile="step"``, or ``num_inputs < 1``.
+        TypeError: if ``loss_fn`` is not callable.
+
+    Example:
+        >>> step = FusedStep(clan, F.cross_entropy)  # doctest: +SKIP
+        >>> for x, y in loader:  # doctest: +SKIP
+        ...     losses = step(x, y)           # [P], no host sync
+        ...     if clan.round_done:
+        ...         clan.step(validate())
+    """
+
+    def __init__(self, clan, loss_fn: Callable, *, num_inputs: int = 1, layout: str = "views",
+                 compile: str | None = None, cuda_graph: bool = False):
+        if clan.population is None:
+            raise ValueError("FusedStep: the clan has no model (a genome-only clan); there is nothing to train")
+        if not callable(loss_fn):
+            raise TypeError(f"FusedStep: loss_fn must be callable, got {type(loss_fn).__name__}")
+        if isinstance(num_inputs, bool) or not isinstance(num_inputs, int) or num_inputs < 1:
+            raise ValueError(f"FusedStep: num_inputs must be a positive int, got {num_inputs!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"FusedStep: layout must be one of {LAYOUTS}, got {layout!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"FusedStep: compile must be one of {COMPILE_MODES}, got {compile!r}")
+        population = clan.population
+        if cuda_graph and population.device.type != "cuda":
+            raise ValueError(f"FusedStep: cuda_graph=True needs the clan on a CUDA device, it is on {population.device}")
+        if cuda_graph and compile == "step":
+            raise ValueError("FusedStep: cuda_graph=True captures the step itself; use compile=None or 'optimizer'")
+        self.clan, self.loss_fn, self.num_inputs = clan, loss_fn, num_inputs
+        self.layout, self.compile, self.cuda_graph = layout, compile, cuda_graph
+        self._population = population
+        self._optimizer = clan.optimizer
+        p = population.population_size
+        self._names = list(population.shapes)
+        self._shapes = [population.shapes[n] for n in self._names]
+        self._sizes = [s.numel() for s in self._shapes]
+        # Detached aliases of the population's storage: selection and load_state_dict copy into
+        # these same tensors, so views made once stay valid (and a CUDA graph's addresses too).
+        self._flat = population.flat.detach()
+        self._views = {n: v.view(p, *s) for n, v, s in
+                       zip(self._names, self._flat.split(self._sizes, 1), self._shapes)}
+        self._grad_rows = list(population.grad_flat.split(self._sizes, 1))
+
+        module, k = population.module, num_inputs
+        names, shapes, sizes = self._names, self._shapes, self._sizes
+
+        def member_loss(params, buffers, *batch):
+            return loss_fn(functional_call(module, (params, buffers), batch[:k]), *batch[k:])
+
+        def member_loss_flat(flat, buffers, *batch):
+            params = {n: v.view(s) for n, v, s in zip(names, flat.split(sizes), shapes)}
+            return member_loss(params, buffers, *batch)
+
+        per_member = member_loss if layout == "views" else member_loss_flat
+        self._grad_and_value = vmap(grad_and_value(per_member), randomness="different")
+        update = fused_update_
+        if compile == "optimizer":
+            update = torch.compile(fused_update_, dynamic=False)
+        self._update = update
+        self._step = self._eager_step if compile != "step" else torch.compile(self._eager_step, dynamic=False)
+        self._graphs: dict = {}
+
+    # -- the step -------------------------------------------------------------------------------
+    def _eager_step(self, cooperative: bool, *batch: torch.Tensor) -> torch.Tensor:
+        """Gradients, the update and the gradient bookkeeping; returns the ``[P]`` losses."""
+        pop, opt = self._population, self._optimizer
+        if self.layout == "views":
+            grads, losses = self._grad_and_value(self._views, pop.buffers, *batch)
+            leaves = [grads[n].reshape(g.shape) for n, g in zip(self._names, self._grad_rows)]
+            if opt.num_grad_accum is None:
+                # Concatenate straight into grad_flat: no extra [P, N] buffer, and the update
+                # zeroes it afterwards, which is the state zero_grad() leaves.
+                torch.cat(leaves, dim=1, out=pop.grad_flat)
+                step_grads = pop.grad_flat
+            else:
+                for row, leaf in zip(self._grad_rows, leaves):
+                    row.add_(leaf)  # partial sums of accumulation live in grad_flat
+                step_grads = pop.grad_flat
+        else:
+            step_grads, losses = self._grad_and_value(self._flat, pop.buffers, *batch)
+        self._update(self._flat, step_grads, pop.grad_flat, opt.adamw_state, opt.hyper, opt.num_grad_accum,
+                     cooperative, getattr(opt, "max_grad_norm", None))
+        return losses.detach()
+
+    def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+        """Train every member one step on ``batch`` and advance the round clock.
+
+        Args:
+            *batch: Tensors with the member dimension first, ``[P, B, ...]`` (as the clan's
+                loader yields them): the first ``num_inputs`` go to the model, the rest to
+                ``loss_fn``.
+
+        Returns:
+            ``[P]``: each member's loss on its batch, before the update.
+
+        Raises:
+            RuntimeError: if the round is done (call ``clan.step`` first).
+            ValueError: for a tensor without the member dimension, or too few tensors.
+        """
+        clan, pop = self.clan, self._population
+        if clan.round_done:
+            raise RuntimeError(
+                f"FusedStep: round {clan.round_index} is done ({clan.round_length} steps); "
+                "call clan.step(val_losses) before the next step"
+            )
+        p = pop.population_size
+        if len(batch) <= self.num_inputs - 1 or not batch:
+            raise ValueError(f"FusedStep: expected at least {self.num_inputs} batch tensors, got {len(batch)}")
+        for t in batch:
+            if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != p:
+                shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"FusedStep: expected every batch tensor to have the member dimension first ([{p}, ...]), "
+                    f"got {shape}; use member.share(t) for data every member sees"
+                )
+        cooperative = clan.phase == "cooperative"
+        pop.restore_grad_views()
+        if self.cuda_graph:
+            losses = self._replay(cooperative, batch)
+        else:
+            with _batchable_attention(pop.device):
+                losses = self._step(cooperative, *batch)
+        clan._advance()
+        return losses
+
+    # -- CUDA graphs ----------------------------------------------------------------------------
+    def _mutable_state(self) -> list[torch.Tensor]:
+        pop, opt = self._population, self._optimizer
+        return [self._flat, pop.grad_flat, *opt.adamw_state, *pop.buffers.values()]
+
+    def _replay(self, cooperative: bool, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        key = (cooperative, tuple((tuple(t.shape), t.dtype) for t in batch))
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(cooperative, batch)
+        graph, static_batch, static_losses = entry
+        for dst, src in zip(static_batch, batch):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return static_losses.clone()
+
+    def _capture(self, cooperative: bool, batch: tuple[torch.Tensor, ...]):
+        """Capture one phase's step; the warm-up it needs is undone so no step is lost or doubled."""
+        device = self._population.device
+        static_batch = [torch.empty_like(t, memory_format=torch.contiguous_format, device=device) for t in batch]
+        for dst, src in zip(static_batch, batch):
+            dst.copy_(src)
+        saved = [t.clone() for t in self._mutable_state()]
+        rng = torch.cuda.get_rng_state(device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            # Warm-up on a side stream (lazy cuBLAS/allocator initialisation must not be captured).
+            self._eager_step(cooperative, *static_batch)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.no_grad():
+            for dst, src in zip(self._mutable_state(), saved):
+                dst.copy_(src)
+        torch.cuda.set_rng_state(rng, device)
+        del saved
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_losses = self._eager_step(cooperative, *static_batch)
+        return graph, static_batch, static_losses
