@@ -100,6 +100,7 @@ def test_progress_bar_shows_phase_round_and_best_val(config_file, tmp_path, caps
     (["demo", "--threads", "0"], EXIT_USAGE, "--threads must be a positive int, got 0"),
     (["train", "missing.toml"], EXIT_INPUT, "vmapclan: error: no such file: missing.toml"),
     (["replay", "missing.json"], EXIT_INPUT, "vmapclan: error: no such file: missing.json"),
+    (["demo", "--device", "abacus"], EXIT_INPUT, "device type at start of device string: abacus"),
 ])
 def test_bad_command_lines(argv, code, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="total steps (overrides the config's total_steps)")
         p.add_argument("--threads", type=int, default=threads,
                        help=f"torch CPU threads (default: {threads or 'torch' + chr(39) + 's choice'})")
+        p.add_argument("--device", default="cpu", help="where the population trains, e.g. cuda (default: cpu)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
         p.add_argument("--rows", type=int, default=40, help="rounds shown in the final table (default 40)")
@@ -98,8 +99,8 @@ def _train(config, args) -> int:
     steps = args.steps if args.steps is not None else config.total_steps
     out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        machine = TrainingMachine(config, steps, out_dir=out)
-    except (ValueError, TypeError) as err:
+        machine = TrainingMachine(config, steps, out_dir=out, device=args.device)
+    except (ValueError, TypeError, RuntimeError) as err:  # torch.device() raises RuntimeError for a bad name
         raise _InputError(str(err)) from None
     bar = _progress(machine.total_steps, not args.no_progress, config.task)
     shown = {}
