@@ -267,3 +267,13 @@ def test_stdlib_corpus_is_deterministic_and_split_by_file():
     assert torch.equal(train, train2) and torch.equal(val, val2)
     assert 15_000 <= len(train) <= 16_100 and 3_900 <= len(val) <= 4_100
     assert int(train.max()) < 128 and int(val.max()) < 128
+
+
+def test_fused_rounds_match_the_imperative_loop():
+    config = tiny(total_steps=70)
+    fused = TrainingMachine(config, fused=True).train()
+    plain = TrainingMachine(config, fused=False).train()
+    assert [r["winner"] for r in fused.rounds] == [r["winner"] for r in plain.rounds]
+    for a, b in zip(fused.rounds, plain.rounds):
+        assert a["val_losses"] == pytest.approx(b["val_losses"], rel=1e-4)
+    assert fused.final["val_loss"] == pytest.approx(plain.final["val_loss"], rel=1e-4)

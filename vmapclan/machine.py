@@ -209,6 +209,10 @@ class TrainingMachine:
             "round", "best_val"}`` after every step (no host sync), and ``{"event": "round", ...}``,
             ``{"event": "cooperative", ...}``, ``{"event": "train", ...}`` records as they are made.
         device: Where the population lives (default: CPU).
+        fused: Train clan rounds with :class:`~vmapclan.FusedStep` (one vmapped
+            ``grad_and_value`` and one batched update per step; the same numbers as the imperative
+            loop). Cooperative phases use the imperative loop, since they run outside the round
+            clock that ``FusedStep`` advances.
 
     Raises:
         ValueError, TypeError: for a bad config (naming the field) or ``total_steps``.
@@ -220,7 +224,7 @@ class TrainingMachine:
 
     def __init__(self, config: RunConfig | Mapping, total_steps: int | None = None, *,
                  out_dir: str | os.PathLike | None = None, callback: Callable[[dict], None] | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, fused: bool = True):
         if isinstance(config, Mapping):
             config = RunConfig.from_dict(config)
         if not isinstance(config, RunConfig):
@@ -238,6 +242,8 @@ class TrainingMachine:
         self.callback = callback
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.log_every = config.log_every or max(1, self.total_steps // 100)
+        self.fused = bool(fused)
+        self._fused_step = None
         self.history: list[dict] = []
         self.metrics: list[dict] = []
         self.clan: Clan | None = None
@@ -280,13 +286,29 @@ class TrainingMachine:
 
     # -- the step ---------------------------------------------------------------------------------
     def _train_step(self, member, batch) -> None:
+        """One step of the imperative loop; it does not advance the round clock."""
         x, y = batch
         loss = member_loss(self.task.loss, member.model(x), y)  # [P]
         with member.sync_context():  # cooperative: gradients averaged over members
             loss.sum().backward()
         member.optimizer.step()
         member.optimizer.zero_grad()
-        self._loss_sum += loss.detach().mean().double()  # summed on device: no host sync per step
+        self._after_step(loss.detach())
+
+    def _round_step(self, member, batch) -> None:
+        """One step of a clan round, advancing the round clock (fused when enabled)."""
+        if self.fused:
+            if self._fused_step is None:
+                from .fused import FusedStep
+
+                self._fused_step = FusedStep(self.clan, self.task.loss)
+            self._after_step(self._fused_step(*batch))
+        else:
+            self._train_step(member, batch)
+            member.step()
+
+    def _after_step(self, loss: torch.Tensor) -> None:
+        self._loss_sum += loss.mean().double()  # summed on device: no host sync per step
         self._loss_count += 1
         self.clock.advance()
         if self.clock.step % self.log_every == 0 or self.clock.done:
@@ -358,8 +380,7 @@ class TrainingMachine:
             member = clan.round()
             member.model.train()
             for _ in range(length):
-                self._train_step(member, next(stream))
-                member.step()
+                self._round_step(member, next(stream))
             val = self.task.population_losses(member.model, *self.data.eval)
             record = dict(clan.step(val))
             record.update(kind="round", phase=phase.name, start_step=start, end_step=self.clock.step,
