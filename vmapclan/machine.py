@@ -14,6 +14,15 @@ Every step costs P member-steps, whatever the phase, so ``total_steps`` fixes th
 machine scores each member on validation data at the end of every round, records metrics, saves
 checkpoints when given an ``out_dir``, and returns a :class:`TrainingResults` with the history,
 final metrics, the best model and the exported schedule (see :mod:`vmapclan.replay`).
+
+How a cooperative phase runs: between rounds the clan sits at step 0 of its next round, which
+is cooperative (``sync_context`` averages gradients, every member holds the incumbent genome), so
+the machine trains there with ``member.model``, ``sync_context`` and ``member.optimizer`` without
+calling ``member.step()``: the steps do not count towards the round. The phase's optimizer
+overrides are written into the batched AdamW's ``[P]`` hyperparameters and the clan's own genes
+are written back afterwards (``clan.reconfigure()``). One consequence: the clan's divergence
+recovery restores the state of the start of its current round, which is *before* a cooperative
+phase run this way, so a divergence in the first round after such a phase also undoes it.
 """
 
 from __future__ import annotations
