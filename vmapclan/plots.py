@@ -105,13 +105,15 @@ def plot_train_loss(metrics: Sequence[Mapping], path: str | os.PathLike) -> Path
     ax = figure.add_subplot(1, 1, 1)
     train = [m for m in metrics if m.get("event") == "train"]
     ax.plot([m["t"] for m in train], [m["loss"] for m in train], color="tab:blue")
-    previous = None
+    previous, last_t = None, 0.0
     for m in train:
         if m["phase"] != previous:
-            ax.axvline(m["t"], color="grey", linewidth=0.5)
-            ax.annotate(m["phase"], (m["t"], 1.0), xycoords=("data", "axes fraction"), fontsize=8,
+            # A record covers the steps since the one before it, so the phase began after that one.
+            ax.axvline(last_t, color="grey", linewidth=0.5)
+            ax.annotate(m["phase"], (last_t, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
                         va="top", rotation=90)
             previous = m["phase"]
+        last_t = m["t"]
     ax.set_yscale("log")
     ax.set_xlabel("t")
     ax.set_ylabel("training loss")
