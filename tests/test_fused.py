@@ -26,14 +26,14 @@ def make_data(n=400):
     return x, y
 
 
-def make_clan(accumulate=False, duty_cycle=0.5, selection="winner", round_length=6):
+def make_clan(accumulate=False, duty_cycle=0.5, selection="winner", round_length=6, **kwargs):
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
     autobind = ["adamw", "gradient_accumulation"] if accumulate else ["adamw"]
     # An accumulation count of 2 in force from the start, so the cooperative phase accumulates too.
     config = {"num_grad_accum": {"init": 2}} if accumulate else None
     return Clan(model, optimizer, population_size=P, round_length=round_length, duty_cycle=duty_cycle,
-                autobind=autobind, genome_config=config, selection=selection, seed=3)
+                autobind=autobind, genome_config=config, selection=selection, seed=3, **kwargs)
 
 
 def imperative_step(member, x, y):
@@ -60,9 +60,10 @@ def assert_same_state(a, b, tol=1e-10):
     assert (a.round_index, a.step_in_round, a.global_step) == (b.round_index, b.step_in_round, b.global_step)
 
 
-def run_both(fused_kwargs, accumulate, rounds=2, duty_cycle=0.5, selection="winner"):
+def run_both(fused_kwargs, accumulate, rounds=2, duty_cycle=0.5, selection="winner", **clan_kwargs):
     data = make_data()
-    ref, fused = make_clan(accumulate, duty_cycle, selection), make_clan(accumulate, duty_cycle, selection)
+    ref = make_clan(accumulate, duty_cycle, selection, **clan_kwargs)
+    fused = make_clan(accumulate, duty_cycle, selection, **clan_kwargs)
     step = FusedStep(fused, F.cross_entropy, **fused_kwargs)
     ref_loader, fused_loader = ref.loader(data, batch_size=8), fused.loader(data, batch_size=8)
     member = ref.round()
@@ -88,11 +89,22 @@ def run_both(fused_kwargs, accumulate, rounds=2, duty_cycle=0.5, selection="winn
     return phases
 
 
+@pytest.mark.parametrize("update", ["batched", "per-member"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
-def test_fused_equals_imperative_across_phases_and_selection(layout, accumulate):
-    phases = run_both({"layout": layout}, accumulate)
+def test_fused_equals_imperative_across_phases_and_selection(layout, accumulate, update):
+    phases = run_both({"layout": layout, "update": update}, accumulate)
     assert phases == {"cooperative", "competitive"}
+
+
+@pytest.mark.parametrize("update", ["batched", "per-member"])
+def test_fused_equals_imperative_with_gradient_clipping(update):
+    run_both({"update": update}, accumulate=True, max_grad_norm=0.05)
+
+
+def test_fused_step_default_update_is_the_kernel_on_cpu():
+    assert FusedStep(make_clan(), F.cross_entropy).update == "per-member"
+    assert FusedStep(make_clan(), F.cross_entropy, compile="optimizer").update == "batched"
 
 
 def test_fused_accumulation_counts_differ_per_member():
@@ -101,7 +113,8 @@ def test_fused_accumulation_counts_differ_per_member():
     assert len(set(clan.genomes["num_grad_accum"].tolist())) > 1
 
 
-def test_fused_equals_a_loop_over_separate_models():
+@pytest.mark.parametrize("update", ["batched", "per-member"])
+def test_fused_equals_a_loop_over_separate_models(update):
     """A sweep (always competitive, no selection) equals P plain models, each with torch.optim.AdamW."""
     lrs, wds, beta2s = [1e-3, 3e-3, 1e-2, 3e-2], [0.001, 0.01, 0.1, 0.3], [0.99, 0.999, 0.995, 0.9999]
     clan = make_clan(duty_cycle=1.0, selection=None, round_length=50)
@@ -110,7 +123,7 @@ def test_fused_equals_a_loop_over_separate_models():
     clan.set_genome("betas/1", beta2s)
     clan.set_genome("betas/0", [0.9] * P)  # construction mutated these too
     clan.set_genome("eps", [1e-8] * P)
-    step = FusedStep(clan, F.cross_entropy, layout="views")
+    step = FusedStep(clan, F.cross_entropy, layout="views", update=update)
     models = [make_model() for _ in range(P)]
     opts = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd, betas=(0.9, b2), eps=1e-8)
             for m, lr, wd, b2 in zip(models, lrs, wds, beta2s)]
@@ -151,6 +164,8 @@ def test_fused_step_refuses_a_done_round():
     ({"compile": "all"}, ValueError, "compile must be one of"),
     ({"num_inputs": 0}, ValueError, "num_inputs must be a positive int, got 0"),
     ({"cuda_graph": True}, ValueError, "cuda_graph=True needs the clan on a CUDA device, it is on cpu"),
+    ({"update": "foreach"}, ValueError, "update must be one of"),
+    ({"update": "per-member", "compile": "optimizer"}, ValueError, "update='per-member' reads the hyperparameters"),
 ])
 def test_fused_step_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

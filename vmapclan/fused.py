@@ -28,7 +28,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from .optim import AdamWHyper, AdamWState, adamw_step_
 from .population import _batchable_attention
 
-__all__ = ["FusedStep", "LAYOUTS", "COMPILE_MODES", "fused_update_"]
+__all__ = ["FusedStep", "LAYOUTS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_"]
 
 LAYOUTS = ("views", "flat")
 """How the parameters enter the vmapped function.
@@ -41,6 +41,11 @@ LAYOUTS = ("views", "flat")
 
 COMPILE_MODES = (None, "optimizer", "step")
 """``None`` (eager), ``"optimizer"`` (``torch.compile`` of the update) or ``"step"`` (of the whole step)."""
+
+UPDATES = ("auto", "batched", "per-member")
+"""The optimizer update: ``"batched"`` (:func:`fused_update_`, tensor ops over ``[P, N]``, no host
+sync), ``"per-member"`` (:func:`kernel_update_`, PyTorch's fused AdamW kernel per member, CPU), or
+``"auto"``: per-member on CPU unless compiling, batched otherwise."""
 
 
 def fused_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
@@ -79,6 +84,54 @@ def fused_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.
     grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
 
 
+def kernel_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
+                   hyper: AdamWHyper, num_grad_accum: torch.Tensor | None, cooperative: bool,
+                   max_grad_norm: float | None = None) -> None:
+    """:func:`fused_update_` with PyTorch's fused AdamW kernel, called once per member.
+
+    ``torch._fused_adamw_`` (what ``torch.optim.AdamW(fused=True)`` runs) reads each tensor once
+    and writes it once, where the batched :func:`~vmapclan.adamw_step_` makes about ten passes
+    over ``[P, N]``; its hyperparameters are Python floats, so they are read from the ``[P]``
+    tensors once per step. That read is free on CPU and a synchronisation on CUDA, so this update
+    is meant for CPU. Same arguments and results as :func:`fused_update_` (to float rounding).
+    """
+    p = params.shape[0]
+    in_buffer = grads is grad_buffer
+    if num_grad_accum is None:
+        if cooperative:
+            grads = grads.mean(0, keepdim=True).expand_as(grads)
+        ready, counts = [True] * p, [1] * p
+        state.step.add_(1)
+    else:
+        if not in_buffer:
+            grad_buffer.add_(grads)
+        if cooperative:
+            grad_buffer.copy_(grad_buffer.mean(0, keepdim=True).expand_as(grad_buffer))
+        grads = grad_buffer
+        state.accum_count.add_(1)
+        ready_mask = state.accum_count >= num_grad_accum
+        state.step.add_(ready_mask.to(state.step.dtype))
+        ready, counts = ready_mask.tolist(), state.accum_count.tolist()
+    # The kernel expects the step already counted (torch.optim adds 1 before calling it).
+    steps = state.step.to(torch.float32).unbind()
+    lr, wd, beta1, beta2, eps = (t.tolist() for t in hyper)
+    for i in range(p):
+        if not ready[i]:
+            continue
+        g = grads[i] if counts[i] == 1 else grads[i] / counts[i]
+        if max_grad_norm is not None:
+            g = g * (max_grad_norm / (torch.linalg.vector_norm(g) + 1e-6)).clamp(max=1.0)
+        torch._fused_adamw_([params[i]], [g], [state.exp_avg[i]], [state.exp_avg_sq[i]], [], [steps[i]],
+                            lr=lr[i], weight_decay=wd[i], beta1=beta1[i], beta2=beta2[i], eps=eps[i],
+                            amsgrad=False, maximize=False)
+    if num_grad_accum is None:
+        if in_buffer:
+            grad_buffer.zero_()
+    else:
+        state.accum_count.masked_fill_(ready_mask, 0)
+        grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
+
+
 class FusedStep:
     """One training step of the whole clan as a single vmapped function call.
 
@@ -102,16 +155,20 @@ class FusedStep:
             ``F.cross_entropy``; ``output`` is the model's output for that member.
         num_inputs: How many leading batch tensors go to the model; the rest go to ``loss_fn``.
         layout: One of :data:`LAYOUTS` (default ``"views"``, the fastest measured on CPU).
-        compile: One of :data:`COMPILE_MODES`. ``"optimizer"`` compiles the update (one fused
-            kernel instead of about ten passes over ``[P, N]``); ``"step"`` compiles the whole
-            step, forward and backward included. The first call of each phase compiles.
+        compile: One of :data:`COMPILE_MODES`. ``"optimizer"`` compiles the batched update (one
+            fused kernel instead of about ten passes over ``[P, N]``); ``"step"`` compiles the
+            whole step, forward and backward included. The first call of each phase compiles.
+        update: One of :data:`UPDATES`: how the optimizer update runs (default ``"auto"``: PyTorch's
+            fused AdamW kernel per member on CPU, the batched tensor update on CUDA or when
+            compiling). Both give the same result to float rounding.
         cuda_graph: On CUDA, capture each phase's step into a CUDA graph on first use and replay
             it. Inputs are copied into static buffers; the shapes must stay the same (a new
             shape captures a new graph). Compatible with ``compile="optimizer"``.
 
     Raises:
-        ValueError: for a genome-only clan, an unknown layout or compile mode, ``cuda_graph``
-            off CUDA or with ``compile="step"``, or ``num_inputs < 1``.
+        ValueError: for a genome-only clan, an unknown layout, compile mode or update,
+            ``update="per-member"`` off CPU or compiled, ``cuda_graph`` off CUDA or with
+            ``compile="step"``, or ``num_inputs < 1``.
         TypeError: if ``loss_fn`` is not callable.
 
     Example:
@@ -123,7 +180,7 @@ class FusedStep:
     """
 
     def __init__(self, clan, loss_fn: Callable, *, num_inputs: int = 1, layout: str = "views",
-                 compile: str | None = None, cuda_graph: bool = False):
+                 compile: str | None = None, update: str = "auto", cuda_graph: bool = False):
         if clan.population is None:
             raise ValueError("FusedStep: the clan has no model (a genome-only clan); there is nothing to train")
         if not callable(loss_fn):
@@ -134,13 +191,22 @@ class FusedStep:
             raise ValueError(f"FusedStep: layout must be one of {LAYOUTS}, got {layout!r}")
         if compile not in COMPILE_MODES:
             raise ValueError(f"FusedStep: compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if update not in UPDATES:
+            raise ValueError(f"FusedStep: update must be one of {UPDATES}, got {update!r}")
         population = clan.population
         if cuda_graph and population.device.type != "cuda":
             raise ValueError(f"FusedStep: cuda_graph=True needs the clan on a CUDA device, it is on {population.device}")
         if cuda_graph and compile == "step":
             raise ValueError("FusedStep: cuda_graph=True captures the step itself; use compile=None or 'optimizer'")
         self.clan, self.loss_fn, self.num_inputs = clan, loss_fn, num_inputs
-        self.layout, self.compile, self.cuda_graph = layout, compile, cuda_graph
+        if update == "auto":
+            update = "per-member" if population.device.type == "cpu" and compile is None else "batched"
+        if update == "per-member" and (compile is not None or population.device.type != "cpu"):
+            raise ValueError(
+                f"FusedStep: update='per-member' reads the hyperparameters on the host every step, so it is CPU-only "
+                f"and cannot be compiled; got device {population.device} and compile={compile!r}"
+            )
+        self.layout, self.compile, self.update, self.cuda_graph = layout, compile, update, cuda_graph
         self._population = population
         self._optimizer = clan.optimizer
         p = population.population_size
@@ -166,10 +232,12 @@ class FusedStep:
 
         per_member = member_loss if layout == "views" else member_loss_flat
         self._grad_and_value = vmap(grad_and_value(per_member), randomness="different")
-        update = fused_update_
-        if compile == "optimizer":
-            update = torch.compile(fused_update_, dynamic=False)
-        self._update = update
+        if update == "per-member":
+            self._update = kernel_update_
+        elif compile == "optimizer":
+            self._update = torch.compile(fused_update_, dynamic=False)
+        else:
+            self._update = fused_update_
         self._step = self._eager_step if compile != "step" else torch.compile(self._eager_step, dynamic=False)
         self._graphs: dict = {}
 

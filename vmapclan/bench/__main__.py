@@ -1,0 +1,30 @@
+"""``python -m vmapclan.bench [speed options]`` or ``python -m vmapclan.bench quality [options]``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to the quality benchmark (first argument ``quality``) or the speed benchmark.
+
+    Args:
+        argv: Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The chosen benchmark's exit status.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "quality":
+        from .quality import main as quality_main  # imported lazily: it pulls in the training machine
+
+        return quality_main(argv[1:])
+    if argv and argv[0] == "speed":
+        argv = argv[1:]
+    from .speed import main as speed_main
+
+    return speed_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
