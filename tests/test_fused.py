@@ -211,3 +211,33 @@ def test_cuda_graph_step_equals_eager_step(accumulate):  # pragma: no cover - CU
             if eager.round_index == 2:
                 break
     assert eager.round_index == 2
+
+
+def test_speed_benchmark_smoke(tmp_path, capsys):
+    """`python -m vmapclan.bench --smoke` runs every CPU variant for a step and writes its JSON (no timing checked)."""
+    import json
+
+    from vmapclan.bench.__main__ import main
+    from vmapclan.bench.speed import VARIANTS
+
+    assert main(["--smoke", "--json", str(tmp_path / "speed.json")]) == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert not [r for r in rows.values() if "error" in r]
+    expected = {v for v in VARIANTS if v not in ("loop", "fused+cuda-graph")}
+    expected |= {"loop (for-loop)", "loop (foreach)", "loop (fused)"}
+    assert set(rows) == expected
+    assert all(r["steps_per_s"] > 0 and r["P"] == 2 for r in rows.values())
+    assert sum(r["fastest_loop"] for r in rows.values()) == 1
+    assert result["meta"]["torch"] == torch.__version__
+    assert "| tiny-mlp | 2 | fused |" in capsys.readouterr().out
+
+
+def test_bench_dispatches_quality(monkeypatch):
+    import vmapclan.bench.quality as quality
+    from vmapclan.bench.__main__ import main
+
+    seen = []
+    monkeypatch.setattr(quality, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["quality", "--size", "tiny"]) == 0
+    assert seen == [["--size", "tiny"]]

@@ -6,11 +6,13 @@ For each model and population size P, in one process and on the same random data
   after another; every optimizer setting (for-loop, ``foreach``, ``fused``) is timed and the
   fastest is the baseline;
 - **ceiling** (MLPs only): the same MLP written by hand with ``torch.baddbmm`` over weights
-  stored member-major in one flat buffer, and the same batched AdamW (:func:`~vmapclan.adamw_step_`)
-  -- what vmap would cost if it cost nothing;
+  stored member-major in one flat buffer, with the optimizer update :class:`~vmapclan.FusedStep`
+  uses by default on the device -- what vmap and ``functional_call`` would cost if they cost
+  nothing;
 - **imperative**: the ``Member`` loop of ``DESIGN.md`` (vmapped forward, ``backward``,
   ``BatchedAdamW``);
-- **fused**: :class:`~vmapclan.FusedStep` eager, for each parameter layout;
+- **fused**, **fused-flat**, **fused-batched**: :class:`~vmapclan.FusedStep` eager with its
+  defaults, with the ``"flat"`` layout, and with the batched (tensor-op) optimizer update;
 - **fused+compile-opt** / **fused+compile-step**: ``torch.compile`` of the update / the whole step;
 - **fused+cuda-graph** (CUDA only): the step captured into a CUDA graph.
 
@@ -111,8 +113,8 @@ MODELS: dict[str, BenchModel] = {
     "char-transformer": BenchModel("char-transformer", 4, seq_len=128),
 }
 
-VARIANTS = ("loop", "ceiling", "imperative", "fused", "fused-flat", "fused+compile-opt", "fused+compile-step",
-            "fused+cuda-graph")
+VARIANTS = ("loop", "ceiling", "imperative", "fused", "fused-flat", "fused-batched", "fused+compile-opt",
+            "fused+compile-step", "fused+cuda-graph")
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -189,7 +191,8 @@ def _loop_variant(spec: BenchModel, model: nn.Module, x, y, setting: str) -> Cal
 
 
 def _ceiling_variant(spec: BenchModel, model: nn.Module, x, y) -> Callable[[], None]:
-    from ..optim import AdamWHyper, adamw_init, adamw_step_
+    from ..fused import fused_update_, kernel_update_
+    from ..optim import AdamWHyper, adamw_init
 
     p, device = x.shape[0], x.device
     linears = [m for m in model if isinstance(m, nn.Linear)]
@@ -206,6 +209,8 @@ def _ceiling_variant(spec: BenchModel, model: nn.Module, x, y) -> Callable[[], N
     biases = [views[2 * i + 1].view(p, 1, lin.out_features) for i, lin in enumerate(linears)]
     leaves = [t for pair in zip(weights, biases) for t in pair]
     grad_views = grads.split(sizes, 1)
+    # The same optimizer update FusedStep uses by default on this device.
+    update = kernel_update_ if device.type == "cpu" else fused_update_
     rows = p * x.shape[1]
 
     def step():
@@ -222,7 +227,7 @@ def _ceiling_variant(spec: BenchModel, model: nn.Module, x, y) -> Callable[[], N
             loss = F.cross_entropy(out, y.reshape(rows), reduction="sum") / x.shape[1]
         for view, g in zip(grad_views, torch.autograd.grad(loss, params)):
             view.copy_(g.reshape(p, -1))
-        adamw_step_(flat, grads, state, hyper)
+        update(flat, grads, grads, state, hyper, None, False)
 
     return step
 
@@ -317,6 +322,14 @@ def run_speed(models: list[str], sizes: list[int], variants: list[str] | None = 
     if "fused+cuda-graph" in variants and device.type != "cuda":
         raise ValueError(f"run_speed: the fused+cuda-graph variant needs a CUDA device, got {device}")
     log = log or (lambda line: None)
+    # Every (model, P) compiles the same functions again for new shapes; past dynamo's default
+    # limit of 8 recompiles it would silently run them eagerly and time the wrong thing.
+    import torch._dynamo.config as dynamo_config
+
+    limit = max(64, 2 * len(models) * len(sizes) + 8)
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
     rows = []
     for name in models:
         spec = MODELS[name]
@@ -331,40 +344,23 @@ def _run_one(spec, p, variants, device, warmup, reps, min_time, autocast, seed, 
     model = spec.build().to(device)
     x, y = spec.data(p, device, generator)
     state_bytes = _state_bytes_per_member(model)
-    results = {}
+    results, errors = {}, {}
     loop_settings = ["for-loop", "foreach", "fused"]
     for variant in variants:
         if variant == "ceiling" and spec.mlp_dims is None:
             continue
         for setting in loop_settings if variant == "loop" else [None]:
             label = f"loop ({setting})" if variant == "loop" else variant
-            with _PeakMemory(device) as mem:
-                if variant == "loop":
-                    step = _loop_variant(spec, model, x, y, setting)
-                elif variant == "ceiling":
-                    step = _ceiling_variant(spec, model, x, y)
-                else:
-                    clan = _sweep_clan(model, p, device, generator)
-                    if variant == "imperative":
-                        step = _imperative_variant(spec, clan, x, y)
-                    else:
-                        kwargs = {
-                            "fused": {}, "fused-flat": {"layout": "flat"},
-                            "fused+compile-opt": {"compile": "optimizer"}, "fused+compile-step": {"compile": "step"},
-                            "fused+cuda-graph": {"cuda_graph": True},
-                        }[variant]
-                        step = _fused_variant(spec, clan, x, y, **kwargs)
-                if autocast == "bf16":
-                    inner = step
-
-                    def step(inner=inner):
-                        with torch.autocast(device.type, dtype=torch.bfloat16):
-                            inner()
-
-                seconds = _time_step(step, device, warmup, reps, min_time)
-            del step
-            results[label] = (seconds, mem.peak_bytes)
+            try:
+                seconds, peak = _measure(spec, p, variant, setting, model, x, y, device, generator, warmup, reps,
+                                         min_time, autocast)
+            except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others' numbers
+                errors[label] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+                log(f"{spec.name:17s} P={p:<4d} {label:20s} FAILED {errors[label]}")
+                continue
+            results[label] = (seconds, peak)
             log(f"{spec.name:17s} P={p:<4d} {label:20s} {1 / seconds:9.2f} steps/s  load {os.getloadavg()[0]:.2f}")
+
     loops = {k: v for k, v in results.items() if k.startswith("loop")}
     best_loop = min(loops, key=lambda k: loops[k][0]) if loops else None
     loop_s = loops[best_loop][0] if loops else math.nan
@@ -378,7 +374,39 @@ def _run_one(spec, p, variants, device, warmup, reps, min_time, autocast, seed, 
             "state_bytes_per_member": state_bytes, "tflops": spec.matmul_flops(p) / seconds / 1e12,
             "load_avg": os.getloadavg()[0],
         })
+    for label, error in errors.items():
+        rows.append({"model": spec.name, "P": p, "variant": label, "error": error, "load_avg": os.getloadavg()[0]})
     return rows
+
+
+def _measure(spec, p, variant, setting, model, x, y, device, generator, warmup, reps, min_time, autocast):
+    """Build one variant and time it; returns (seconds per step, peak bytes)."""
+    with _PeakMemory(device) as mem:
+        if variant == "loop":
+            step = _loop_variant(spec, model, x, y, setting)
+        elif variant == "ceiling":
+            step = _ceiling_variant(spec, model, x, y)
+        else:
+            clan = _sweep_clan(model, p, device, generator)
+            if variant == "imperative":
+                step = _imperative_variant(spec, clan, x, y)
+            else:
+                kwargs = {
+                    "fused": {}, "fused-flat": {"layout": "flat"}, "fused-batched": {"update": "batched"},
+                    "fused+compile-opt": {"compile": "optimizer"}, "fused+compile-step": {"compile": "step"},
+                    "fused+cuda-graph": {"cuda_graph": True},
+                }[variant]
+                step = _fused_variant(spec, clan, x, y, **kwargs)
+        if autocast == "bf16":
+            inner = step
+
+            def step(inner=inner):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    inner()
+
+        seconds = _time_step(step, device, warmup, reps, min_time)
+        del step
+    return seconds, mem.peak_bytes
 
 
 def _meta(device: torch.device, autocast: str | None) -> dict:
@@ -422,6 +450,9 @@ def format_table(result: dict) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['P']} | {r['variant']} | failed: {r['error']} |" + " |" * 8)
+            continue
         variant = r["variant"] + (" *" if r["fastest_loop"] else "")
         lines.append(
             f"| {r['model']} | {r['P']} | {variant} | {num(r['steps_per_s'], '.1f')} | "
