@@ -458,8 +458,11 @@ class TrainingMachine:
         best = int(torch.argmin(finite).item())
         self._best_model = population.member_module(best).eval()
         scores = self.task.evaluate(self._best_model, *self.data.val)
+        # A sweep's members never copy each other: the best one's own genes are its schedule.
+        # With truncation the history does not say who copied whom, so each round's winner
+        # stands in for the lineage (an approximation).
         self._exported = export_schedule(self.history, self.total_steps,
-                                         member=None if self.config.clan.selection == "winner" else best)
+                                         member=best if self.config.clan.selection == "none" else None)
         final = {"event": "final", "step": self.clock.step, "val_loss": scores["loss"],
                  "val_accuracy": scores["accuracy"], "member_val_losses": members.tolist(), "best_member": best,
                  "rounds": sum(r["kind"] == "round" for r in self.history), "seconds": seconds,
