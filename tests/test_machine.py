@@ -277,3 +277,15 @@ def test_fused_rounds_match_the_imperative_loop():
     for a, b in zip(fused.rounds, plain.rounds):
         assert a["val_losses"] == pytest.approx(b["val_losses"], rel=1e-4)
     assert fused.final["val_loss"] == pytest.approx(plain.final["val_loss"], rel=1e-4)
+
+
+def test_truncation_runs_and_exports_round_winners():
+    config = tiny(total_steps=40, clan={"selection": "truncation", "duty_cycle": 1.0},
+                  schedule=[{"name": "pbt", "start_t": 0, "end_t": 1}])
+    results = TrainingMachine(config).train()
+    assert len(results.rounds) == 2
+    for record in results.rounds:
+        for step in range(record["start_step"], record["end_step"]):
+            phase = results.schedule.phase_at_step(step, 40)
+            assert phase.optimizer["lr"] == record["genomes"]["lr"][record["winner"]]
+            assert phase.data["batch_size"] == 16  # always competitive: B per step
