@@ -259,7 +259,7 @@ class TrainingMachine:
         self.best_val = math.inf
         self._streams: dict[int, object] = {}
         self._phase_name = ""
-        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._loss_count = 0
 
     # -- assembly ---------------------------------------------------------------------------------
@@ -424,6 +424,9 @@ class TrainingMachine:
 
     def train(self) -> TrainingResults:
         """Run every phase and return the results.
+
+        Seeds torch's global generator with ``config.seed`` first (the model's initial weights
+        and dropout draw from it), so a run is reproducible from its config.
 
         Raises:
             RuntimeError: if this machine has already trained.
