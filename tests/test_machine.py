@@ -289,3 +289,12 @@ def test_truncation_runs_and_exports_round_winners():
             phase = results.schedule.phase_at_step(step, 40)
             assert phase.optimizer["lr"] == record["genomes"]["lr"][record["winner"]]
             assert phase.data["batch_size"] == 16  # always competitive: B per step
+
+
+def test_a_run_is_reproducible_from_its_config():
+    config = tiny(total_steps=50)
+    a, b = TrainingMachine(config).train(), TrainingMachine(config).train()
+    assert a.history == b.history
+    assert a.final["val_loss"] == b.final["val_loss"]
+    c = TrainingMachine(config.replace(seed=1)).train()
+    assert c.history != a.history
