@@ -287,7 +287,8 @@ def _state_bytes_per_member(model: nn.Module) -> int:
 
 def run_speed(models: list[str], sizes: list[int], variants: list[str] | None = None, *,
               device: str | torch.device = "cpu", warmup: int = 2, reps: int = 5, min_time: float = 0.2,
-              autocast: str | None = None, seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+              autocast: str | None = None, seed: int = 0, log: Callable[[str], None] | None = None,
+              on_result: Callable[[dict], None] | None = None) -> dict:
     """Time every variant on every model and population size.
 
     Args:
@@ -301,6 +302,8 @@ def run_speed(models: list[str], sizes: list[int], variants: list[str] | None = 
         autocast: ``"bf16"`` to run the forward under ``torch.autocast`` in bfloat16.
         seed: Seeds the models and the data.
         log: Called with a line of progress for each timed variant.
+        on_result: Called with the results so far after each (model, P), so that a long run
+            that is cut short keeps what it measured.
 
     Returns:
         ``{"meta": {...}, "rows": [...]}``: one row per (model, P, variant) with ``step_s``,
@@ -330,12 +333,15 @@ def run_speed(models: list[str], sizes: list[int], variants: list[str] | None = 
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
-    rows = []
+    result = {"meta": _meta(device, autocast), "rows": []}
     for name in models:
         spec = MODELS[name]
         for p in sizes:
-            rows.extend(_run_one(spec, p, variants, device, warmup, reps, min_time, autocast, seed, log))
-    return {"meta": _meta(device, autocast), "rows": rows}
+            result["rows"].extend(_run_one(spec, p, variants, device, warmup, reps, min_time, autocast, seed, log))
+            result["meta"]["load_avg_end"] = list(os.getloadavg())
+            if on_result is not None:
+                on_result(result)
+    return result
 
 
 def _run_one(spec, p, variants, device, warmup, reps, min_time, autocast, seed, log) -> list[dict]:
@@ -437,9 +443,11 @@ def format_table(result: dict) -> str:
     """
     meta = result["meta"]
     load = ", ".join(f"{v:.2f}" for v in meta["load_avg"])
+    if "load_avg_end" in meta:
+        load += "; at end: " + ", ".join(f"{v:.2f}" for v in meta["load_avg_end"])
     lines = [
         f"device: {meta['device_name']} ({meta['device']}, {meta['threads']} threads)  torch {meta['torch']}  "
-        f"autocast: {meta['autocast'] or 'off'}  load average at start: {load}  ({meta['time_utc']})",
+        f"autocast: {meta['autocast'] or 'off'}  load average (1, 5, 15 min) at start: {load}  ({meta['time_utc']})",
         "",
         "| model | P | variant | steps/s | member-steps/s | x loop | x ceiling | peak MiB | peak MiB/member "
         "| state MiB/member | TFLOP/s | load |",
@@ -503,9 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         models = args.models or list(MODELS)
         sizes = args.sizes or ([1, 8, 64, 256] if device.type == "cuda" else [1, 8, 32])
         reps, warmup, min_time = args.reps, args.warmup, args.min_time
+
+    def save(result):
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+
     result = run_speed(models, sizes, args.variants, device=device, warmup=warmup, reps=reps, min_time=min_time,
-                       autocast=args.autocast, log=lambda line: print(line, file=sys.stderr, flush=True))
+                       autocast=args.autocast, log=lambda line: print(line, file=sys.stderr, flush=True),
+                       on_result=save)
     print(format_table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
     return 0
