@@ -95,7 +95,7 @@ def test_progress_bar_shows_phase_round_and_best_val(config_file, tmp_path, caps
 @pytest.mark.parametrize("argv, code, message", [
     ([], EXIT_USAGE, "the following arguments are required: command"),
     (["fly"], EXIT_USAGE, "invalid choice: 'fly'"),
-    (["train"], EXIT_USAGE, "the following arguments are required: config"),
+    (["train"], EXIT_USAGE, "train needs a CONFIG (a TOML file) or --resume RUN_DIR"),
     (["train", "x.toml", "--steps", "many"], EXIT_USAGE, "argument --steps: invalid int value: 'many'"),
     (["demo", "--threads", "0"], EXIT_USAGE, "--threads must be a positive int, got 0"),
     (["train", "missing.toml"], EXIT_INPUT, "vmapclan: error: no such file: missing.toml"),

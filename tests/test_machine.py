@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from vmapclan import (PhaseSchedule, RunConfig, TrainingMachine, export_schedule, load_checkpoint, read_schedule,
-                      replay, save_checkpoint)
+from vmapclan import (PhaseSchedule, RunConfig, TrainingMachine, export_schedule, load_run_checkpoint,
+                      read_schedule, replay, save_run_checkpoint)
 from vmapclan.machine import plan_rounds
 from vmapclan.tasks import get_task, stdlib_corpus, stdlib_files
 
@@ -214,15 +214,15 @@ def test_checkpoints(tmp_path):
     config = tiny(total_steps=40, checkpoint_every=1, schedule=[{"name": "clan", "start_t": 0, "end_t": 1}])
     machine = TrainingMachine(config, out_dir=tmp_path)
     machine.train()
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state = load_run_checkpoint(tmp_path / "checkpoint.pt")
     assert state["machine"]["clock"] == {"total_steps": 40, "step": 40}
     assert len(state["clan"]["history"]) == 2 and len(state["machine"]["history"]) == 2
     assert (tmp_path / "metrics.jsonl").read_text().count('"event": "round"') == 2
-    save_checkpoint(tmp_path / "again.pt", machine.clan, {"note": 1})
-    assert load_checkpoint(tmp_path / "again.pt")["machine"] == {"note": 1}
+    save_run_checkpoint(tmp_path / "again.pt", machine.clan, {"note": 1})
+    assert load_run_checkpoint(tmp_path / "again.pt")["machine"] == {"note": 1}
     torch.save({"format_version": 99}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="old.pt has format version 99, expected 1"):
-        load_checkpoint(tmp_path / "old.pt")
+        load_run_checkpoint(tmp_path / "old.pt")
 
 
 def test_machine_errors():

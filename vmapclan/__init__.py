@@ -4,6 +4,7 @@ P members are stacked along a leading member dimension and trained with ``torch.
 and a batched AdamW whose hyperparameters differ per member. See :class:`Clan`.
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .clan import FORMAT_VERSION, Clan, DivergenceError, Member
 from .data import ClanLoader
 from .fused import FusedStep
@@ -14,7 +15,7 @@ from .schedule import Phase, PhaseSchedule, TimeController
 from .specs import ClanSpec, DataSpec, ModelSpec, OptimizerSpec, RunConfig, ScheduleSpec
 from .tasks import Task, get_task
 from .replay import ReplayResult, export_schedule, read_schedule, replay, write_schedule
-from .machine import TrainingMachine, TrainingResults, load_checkpoint, save_checkpoint
+from .machine import TrainingMachine, TrainingResults, load_run_checkpoint, save_run_checkpoint
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,8 @@ __all__ = [
     "TrainingResults",
     "save_checkpoint",
     "load_checkpoint",
+    "save_run_checkpoint",
+    "load_run_checkpoint",
     "export_schedule",
     "write_schedule",
     "read_schedule",

@@ -134,12 +134,10 @@ class Clan:
             raise ValueError(f"Clan: selection must be 'winner', 'truncation' or None, got {selection!r}")
         if selection is not None and self.population_size < 2:
             raise ValueError(f"Clan: selection={selection!r} needs population_size >= 2, got {population_size}")
-        _check_round_settings(round_length, duty_cycle, selection)
+        self.selection = selection
+        self._set_round_settings(round_length, duty_cycle)
         self.init = init
         self._check_independent_start(duty_cycle, model is not None)
-        self.duty_cycle = float(duty_cycle)
-        self.competitive_steps = competitive_steps(round_length, duty_cycle)
-        self.cooperative_steps = round_length - self.competitive_steps
         if not 0 < truncation_fraction <= 0.5:
             raise ValueError(f"Clan: truncation_fraction must be in (0, 0.5], got {truncation_fraction!r}")
         self.selection, self.truncation_fraction = selection, float(truncation_fraction)
@@ -300,10 +298,14 @@ class Clan:
         _check_round_settings(round_length, duty_cycle, self.selection)
         if self._round == 0:
             self._check_independent_start(duty_cycle, self.population is not None)
+        self._set_round_settings(round_length, duty_cycle)
+        self._apply_genes()
+
+    def _set_round_settings(self, round_length: int, duty_cycle: float) -> None:
+        _check_round_settings(round_length, duty_cycle, self.selection)
         self.round_length, self.duty_cycle = round_length, float(duty_cycle)
         self.competitive_steps = competitive_steps(round_length, duty_cycle)
         self.cooperative_steps = round_length - self.competitive_steps
-        self._apply_genes()
 
     def _check_independent_start(self, duty_cycle, has_model: bool) -> None:
         # Independently initialised members differ until the first selection; averaging their
@@ -565,6 +567,8 @@ class Clan:
             )
         mine, theirs = self._config(), state["config"]
         for key in mine:
+            if key in ("round_length", "duty_cycle"):
+                continue  # round settings are state (see reconfigure), taken from the checkpoint below
             if mine[key] != theirs.get(key):
                 raise ValueError(f"Clan.load_state_dict: the checkpoint's {key} is {theirs.get(key)!r}, this clan's is {mine[key]!r}")
         saved_model = state["model"]
@@ -587,6 +591,7 @@ class Clan:
         check_genome(state["genomes"], self.genes, self.population_size)
         self.genomes = {n: v.clone() for n, v in state["genomes"].items()}
         self.incumbent = {n: v.clone() for n, v in state["incumbent"].items()}
+        self._set_round_settings(theirs["round_length"], theirs["duty_cycle"])
         self._round, self._round_step, self._global_step = state["round"], state["round_step"], state["global_step"]
         self._generator.set_state(state["generator"])
         self._loader_state.load_state_dict(state["loader"])

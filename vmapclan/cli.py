@@ -3,6 +3,7 @@
 Usage::
 
     vmapclan train configs/digits.toml [--out DIR] [--steps N]
+    vmapclan train --resume RUN_DIR
     vmapclan demo [--out DIR] [--steps N]
     vmapclan replay runs/demo/schedule.json
 
@@ -67,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
         p.add_argument("--rows", type=int, default=40, help="rounds shown in the final table (default 40)")
 
-    train = sub.add_parser("train", help="train a clan from a TOML config")
-    train.add_argument("config", type=Path, help="a TOML config (see configs/)")
+    train = sub.add_parser("train", help="train a clan from a TOML config, or resume a run")
+    train.add_argument("config", type=Path, nargs="?", help="a TOML config (see configs/)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its last checkpoint (same numbers as without the stop)")
     run_options(train)
     demo = sub.add_parser("demo", help="the digits demo (about a minute on 2 CPU cores)")
     # The demo's MLP is small: one thread is as fast as two, and on shared cores it avoids the
@@ -96,12 +99,19 @@ def _train(config, args) -> int:
     from .clan import DivergenceError
     from .machine import TrainingMachine
 
-    steps = args.steps if args.steps is not None else config.total_steps
-    out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        machine = TrainingMachine(config, steps, out_dir=out, device=args.device)
+        if config is None:  # --resume
+            out = args.resume
+            machine = TrainingMachine.resume(out, device=args.device)
+        else:
+            steps = args.steps if args.steps is not None else config.total_steps
+            out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+            machine = TrainingMachine(config, steps, out_dir=out, device=args.device)
+    except FileNotFoundError as err:
+        raise _InputError(str(err)) from None
     except (ValueError, TypeError, RuntimeError) as err:  # torch.device() raises RuntimeError for a bad name
         raise _InputError(str(err)) from None
+    config = machine.config
     bar = _progress(machine.total_steps, not args.no_progress, config.task)
     shown = {}
 
@@ -196,6 +206,15 @@ def main(argv=None) -> int:
             config = RunConfig.from_dict(DEMO_CONFIG)
             if args.out is None:
                 args.out = Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+        elif args.resume is not None:
+            if args.config is not None or args.steps is not None or args.out is not None:
+                print("vmapclan: error: --resume takes its config, steps and run directory from the checkpoint; "
+                      "give no CONFIG, --steps or --out with it", file=sys.stderr)
+                return EXIT_USAGE
+            config = None
+        elif args.config is None:
+            print("vmapclan: error: train needs a CONFIG (a TOML file) or --resume RUN_DIR", file=sys.stderr)
+            return EXIT_USAGE
         else:
             try:
                 config = RunConfig.from_toml(args.config)

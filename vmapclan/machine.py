@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .clan import Clan
 from .population import member_loss
 from .replay import export_schedule, write_schedule
@@ -45,7 +46,7 @@ from .schedule import Phase, PhaseSchedule, TimeController
 from .specs import RunConfig
 from .tasks import get_task
 
-__all__ = ["TrainingMachine", "TrainingResults", "save_checkpoint", "load_checkpoint", "plan_rounds",
+__all__ = ["TrainingMachine", "TrainingResults", "save_run_checkpoint", "load_run_checkpoint", "plan_rounds",
            "CHECKPOINT_VERSION"]
 
 CHECKPOINT_VERSION = 1
@@ -53,31 +54,31 @@ CHECKPOINT_VERSION = 1
 _HYPER_FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "betas/0": "beta1", "betas/1": "beta2", "eps": "eps"}
 
 
-def save_checkpoint(path: str | os.PathLike, clan: Clan, machine_state: Mapping) -> None:
-    """Write ``{"format_version", "clan": clan.state_dict(), "machine": machine_state}`` with ``torch.save``.
+def save_run_checkpoint(path: str | os.PathLike, clan: Clan, machine_state: Mapping) -> None:
+    """Atomically write ``{"format_version", "clan": clan.state_dict(), "machine": machine_state}``.
 
-    The one place the machine writes checkpoints, so a different writer (atomic, sharded) can
-    replace it without touching the training loop.
+    A crash while writing leaves the previous checkpoint intact (see :func:`~vmapclan.save_checkpoint`).
 
     Args:
         path: Target file.
         clan: The clan to save.
         machine_state: The machine's own state (step, history, config) as plain values.
     """
-    torch.save({"format_version": CHECKPOINT_VERSION, "clan": clan.state_dict(), "machine": dict(machine_state)},
-               path)
+    save_checkpoint({"format_version": CHECKPOINT_VERSION, "clan": clan.state_dict(),
+                     "machine": dict(machine_state)}, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+def load_run_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by :func:`save_run_checkpoint`.
 
     Raises:
-        ValueError: for a file of another format version.
+        FileNotFoundError: if there is none.
+        ValueError: for an unreadable file or one of another format version.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path, map_location="cpu")
     if not isinstance(state, Mapping) or state.get("format_version") != CHECKPOINT_VERSION:
         version = state.get("format_version") if isinstance(state, Mapping) else None
-        raise ValueError(f"load_checkpoint: {path} has format version {version!r}, expected {CHECKPOINT_VERSION}")
+        raise ValueError(f"load_run_checkpoint: {path} has format version {version!r}, expected {CHECKPOINT_VERSION}")
     return dict(state)
 
 
@@ -376,14 +377,18 @@ class TrainingMachine:
         self.history.append(record)
         self._record({"event": "cooperative", **record})
 
-    def _run_rounds(self, phase: Phase, steps: int) -> None:
+    def _run_rounds(self, phase: Phase, first: int, steps: int) -> None:
         cfg, clan = self.config, self.clan
         round_length = phase.clan.get("round_length", cfg.clan.round_length)
         duty_cycle = phase.clan.get("duty_cycle", cfg.clan.duty_cycle)
         rounds, leftover = plan_rounds(steps, round_length, duty_cycle)
         batch_size = phase.data.get("batch_size", cfg.data.batch_size)
         stream = self._stream(batch_size)
+        position = first
         for length in rounds:
+            position += length
+            if position <= self.clock.step:
+                continue  # done before the checkpoint this run resumed from
             clan.reconfigure(round_length=length, duty_cycle=duty_cycle)
             cooperative_steps, start = clan.cooperative_steps, self.clock.step
             member = clan.round()
@@ -408,10 +413,46 @@ class TrainingMachine:
     def machine_state(self) -> dict:
         """The machine's own state as plain values (the clan's is saved next to it)."""
         return {"config": self.config.to_dict(), "clock": self.clock.state_dict(), "history": list(self.history),
-                "best_val": self.best_val}
+                "metrics": list(self.metrics), "best_val": self.best_val, "loss_sum": self._loss_sum.item(),
+                "loss_count": self._loss_count}
+
+    @classmethod
+    def resume(cls, run_dir: str | os.PathLike, *, callback: Callable[[dict], None] | None = None,
+               device: torch.device | str | None = None, fused: bool = True) -> TrainingMachine:
+        """A machine that continues the run whose ``checkpoint.pt`` is in ``run_dir``.
+
+        Its :meth:`train` restores the clan (weights, optimizer, genomes, loader position, random
+        generators) and the machine's clock, history and metrics, skips what was done, and ends
+        with the same weights, genomes and history as the run would have without the interruption.
+        ``metrics.jsonl`` is cut back to the checkpoint, so no record appears twice.
+
+        Args:
+            run_dir: The run directory given as ``out_dir`` to the interrupted run.
+            callback: As for the constructor.
+            device: As for the constructor.
+            fused: As for the constructor (the numbers do not depend on it).
+
+        Raises:
+            FileNotFoundError: if ``run_dir`` has no checkpoint.
+            ValueError: if the checkpoint is unreadable or of another format version.
+        """
+        state = load_run_checkpoint(Path(run_dir) / "checkpoint.pt")
+        config = RunConfig.from_dict(state["machine"]["config"])
+        machine = cls(config, out_dir=run_dir, callback=callback, device=device, fused=fused)
+        machine._resume_state = state
+        return machine
+
+    def _restore(self, state: Mapping) -> None:
+        saved = state["machine"]
+        self.clan.load_state_dict(state["clan"])
+        self.clock.load_state_dict(saved["clock"])
+        self.history, self.metrics = list(saved["history"]), list(saved["metrics"])
+        self.best_val = saved["best_val"]
+        self._loss_sum.fill_(saved["loss_sum"])
+        self._loss_count = saved["loss_count"]
 
     def checkpoint(self) -> Path:
-        """Save ``checkpoint.pt`` into ``out_dir`` (see :func:`save_checkpoint`).
+        """Save ``checkpoint.pt`` into ``out_dir`` atomically (see :func:`save_run_checkpoint`).
 
         Raises:
             ValueError: if the machine has no ``out_dir`` or has not started.
@@ -419,7 +460,7 @@ class TrainingMachine:
         if self.out_dir is None or self.clan is None:
             raise ValueError("TrainingMachine.checkpoint: needs an out_dir and a started run")
         path = self.out_dir / "checkpoint.pt"
-        save_checkpoint(path, self.clan, self.machine_state())
+        save_run_checkpoint(path, self.clan, self.machine_state())
         return path
 
     def train(self) -> TrainingResults:
@@ -435,16 +476,22 @@ class TrainingMachine:
         if self.clan is not None:
             raise RuntimeError("TrainingMachine.train: this machine has already run; make a new one")
         start_time = time.perf_counter()
+        self._build()
+        resume = getattr(self, "_resume_state", None)
+        if resume is not None:
+            self._restore(resume)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "metrics.jsonl").write_text("")
-        self._build()
+            # A resumed run rewrites the metrics up to its checkpoint: later lines were lost work.
+            (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
+            if resume is None:
+                self.checkpoint()  # a run stopped before its first round can resume too
         for phase, first, end in self.schedule.step_ranges(self.total_steps):
-            if end == first:
-                continue  # a phase shorter than half a step
+            if end == first or end <= self.clock.step:
+                continue  # a phase shorter than half a step, or one finished before a resume
             self._phase_name = phase.name
             if phase.competition:
-                self._run_rounds(phase, end - first)
+                self._run_rounds(phase, first, end - first)
             else:
                 self._run_cooperative(phase, end - first)
             if self.out_dir is not None:
