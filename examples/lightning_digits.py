@@ -21,29 +21,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from vmapclan import Clan, member_loss
 from vmapclan.lightning import ClanCallback, ClanModule
-
-
-def load_digits_split(seed: int = 0):
-    """Digits as float tensors: 8x8 images scaled to [0, 1], split 80/20 into train and validation."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(x))
-    train, val = perm[:cut], perm[cut:]
-    return (x[train], y[train]), (x[val], y[val])
-
-
-def make_model(hidden: int = 256) -> nn.Module:
-    """The digits MLP: 64 -> hidden -> hidden -> 10."""
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+from vmapclan.tasks import digits_mlp, load_digits
 
 
 def make_clan(population_size: int = 8, round_length: int = 40, duty_cycle: float = 0.25, hidden: int = 256,
@@ -62,7 +44,7 @@ def make_clan(population_size: int = 8, round_length: int = 40, duty_cycle: floa
     Returns:
         A :class:`~vmapclan.Clan` (the model's initial weights come from torch's global RNG).
     """
-    model = make_model(hidden)
+    model = digits_mlp(hidden)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     return Clan(model, optimizer, population_size=population_size, round_length=round_length,
                 duty_cycle=duty_cycle, autobind=["adamw"], seed=seed, device=device)
@@ -125,7 +107,7 @@ def main(epochs: int = 30, population_size: int = 8, batch_size: int = 32, round
         steps, the time taken, the clan's history, the clan itself and the metrics file.
     """
     torch.manual_seed(seed)
-    (x_train, y_train), (x_val, y_val) = load_digits_split(seed)
+    (x_train, y_train), (x_val, y_val) = load_digits(val_fraction=0.2, seed=seed)
     clan = make_clan(population_size, round_length, duty_cycle, hidden, lr, seed, device)
     module = DigitsClan(clan, (x_train, y_train), batch_size)
     val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=len(x_val))  # the whole set, one batch

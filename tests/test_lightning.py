@@ -17,6 +17,7 @@ from torch import nn
 
 from vmapclan import Clan, Gene, member_loss
 from vmapclan.lightning import ClanCallback, ClanModule, LookaheadLoader
+from vmapclan.tasks import load_digits
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 TINY = dict(epochs=2, population_size=4, batch_size=16, round_length=8, duty_cycle=0.25, hidden=16, lr=1e-2, seed=0)
@@ -44,7 +45,7 @@ def plain_loop(example, epochs, population_size, batch_size, round_length, duty_
                max_steps=None):
     """DESIGN.md's loop, top to bottom, on the example's data, model and clan."""
     torch.manual_seed(seed)
-    (x_train, y_train), (x_val, y_val) = example.load_digits_split(seed)
+    (x_train, y_train), (x_val, y_val) = load_digits(val_fraction=0.2, seed=seed)
     clan = example.make_clan(population_size, round_length, duty_cycle, hidden, lr, seed)
     loader = clan.loader((x_train, y_train), batch_size=batch_size)
     member = clan.round()

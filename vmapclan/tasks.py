@@ -29,7 +29,7 @@ from .population import PopulationModel, member_loss
 from .specs import DataSpec, ModelSpec
 
 __all__ = ["Task", "TaskData", "DigitsTask", "StdlibCharsTask", "CharTransformer", "get_task", "stdlib_corpus",
-           "stdlib_files", "TASKS", "VOCAB"]
+           "stdlib_files", "load_digits", "digits_mlp", "TASKS", "VOCAB"]
 
 _EVAL_CHUNK = 256  # validation samples per forward pass: bounds memory for P members at once
 
@@ -114,15 +114,11 @@ class DigitsTask(Task):
     name = "digits-mlp"
 
     def _split(self, data: DataSpec, seed: int):
-        x, y = _digits()
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        cut = len(x) - max(1, round(data.val_fraction * len(x)))
-        return (x[perm[:cut]], y[perm[:cut]]), (x[perm[cut:]], y[perm[cut:]])
+        return load_digits(data.val_fraction, seed)
 
     def build_model(self, model: ModelSpec, data: DataSpec) -> nn.Module:
         """The MLP (``model.hidden`` wide)."""
-        h = model.hidden
-        return nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
+        return digits_mlp(model.hidden)
 
     def loss(self, output, target):
         """Cross-entropy."""
@@ -135,6 +131,31 @@ def _digits():
 
     bunch = load_digits()
     return torch.tensor(bunch.data, dtype=torch.float32) / 16.0, torch.tensor(bunch.target, dtype=torch.long)
+
+
+def load_digits(val_fraction: float = 0.2, seed: int = 0):
+    """scikit-learn's bundled digits as tensors, shuffled by ``seed`` and split into train and validation.
+
+    Images are 64 floats in [0, 1] (pixel values / 16); labels are ``long`` in 0..9.
+
+    Returns:
+        ``((x_train, y_train), (x_val, y_val))``.
+
+    Example:
+        >>> (x, y), (x_val, y_val) = load_digits(0.2)
+        >>> x.shape, x_val.shape
+        (torch.Size([1438, 64]), torch.Size([359, 64]))
+    """
+    x, y = _digits()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    cut = len(x) - max(1, round(val_fraction * len(x)))
+    return (x[perm[:cut]], y[perm[:cut]]), (x[perm[cut:]], y[perm[cut:]])
+
+
+def digits_mlp(hidden: int = 256) -> nn.Module:
+    """The digits MLP: 64 -> hidden -> hidden -> 10 with ReLUs."""
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
 
 
 VOCAB = 128  # ASCII codes; other characters are read as "?"
