@@ -144,9 +144,10 @@ def test_fused_equals_a_loop_over_separate_models(update):
             torch.testing.assert_close(clan.population.params[name][k], param, atol=1e-9, rtol=1e-9)
 
 
-def test_fused_compiled_optimizer_equals_imperative():
-    """One small compiled case (compiling is slow): the compiled update across a phase boundary."""
-    run_both({"compile": "optimizer"}, accumulate=False, rounds=1)
+@pytest.mark.parametrize(("compile", "accumulate"), [("optimizer", True), ("step", False)])
+def test_fused_compiled_equals_imperative(compile, accumulate):
+    """Small compiled cases (compiling is slow), one round across the phase boundary."""
+    run_both({"compile": compile}, accumulate=accumulate, rounds=1)
 
 
 def test_fused_step_refuses_a_done_round():

@@ -20,6 +20,7 @@ Because that function only reads and writes tensors whose storage never moves (s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -28,7 +29,8 @@ from torch.func import functional_call, grad_and_value, vmap
 from .optim import AdamWHyper, AdamWState, adamw_step_
 from .population import _batchable_attention
 
-__all__ = ["FusedStep", "LAYOUTS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_"]
+__all__ = ["FusedStep", "LAYOUTS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_",
+           "adamw_factors_", "adamw_apply_"]
 
 LAYOUTS = ("views", "flat")
 """How the parameters enter the vmapped function.
@@ -82,6 +84,97 @@ def fused_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.
         grad_buffer.copy_(grad_buffer.mean(0, keepdim=True).expand_as(grad_buffer))
     adamw_step_(params, grad_buffer, state, hyper, num_grad_accum, max_grad_norm)
     grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
+
+
+def adamw_factors_(state: AdamWState, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None,
+                   dtype: torch.dtype) -> tuple:
+    """Advance the step and accumulation counters and compute :func:`~vmapclan.adamw_step_`'s per-member factors.
+
+    The ``[P]`` half of :func:`fused_update_`, kept out of compiled code: inductor would fuse
+    these float64 scalar computations (``beta1 ** t``...) into the ``[P, N]`` loop and redo them
+    for every element, which made ``torch.compile(adamw_step_)`` several times slower than the
+    elementwise work it compiles.
+
+    Returns:
+        ``(decay, 1 - beta1, beta2, 1 - beta2, step_size, sqrt(bias2), eps, count, ready)``:
+        ``[P, 1]`` columns in ``dtype`` (``count`` and ``ready`` are ``None`` without accumulation;
+        ``ready`` is a ``bool [P]``).
+    """
+    p = state.step.shape[0]
+
+    def column(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).view(p, 1)
+
+    lr, wd, beta1, beta2, eps = hyper
+    count = ready = None
+    if num_grad_accum is None:
+        state.step.add_(1)
+    else:
+        state.accum_count.add_(1)
+        ready = state.accum_count >= num_grad_accum
+        count = column(state.accum_count.to(torch.float64))
+        state.step.add_(ready.to(torch.float64))
+    t = state.step.clamp(min=1)
+    return (column(1 - lr * wd), column(1 - beta1), column(beta2), column(1 - beta2), column(lr / (1 - beta1**t)),
+            column((1 - beta2**t).sqrt()), column(eps), count, ready)
+
+
+def adamw_apply_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, exp_avg: torch.Tensor,
+                 exp_avg_sq: torch.Tensor, factors: tuple, cooperative: bool,
+                 max_grad_norm: float | None = None) -> None:
+    """The ``[P, N]`` half of :func:`fused_update_`: gradient bookkeeping and the elementwise AdamW.
+
+    Pure elementwise work (and one norm per member when clipping) over ``[P, N]`` with the
+    ``[P, 1]`` columns from :func:`adamw_factors_`, so that ``torch.compile`` turns it into one
+    or two loops. Same arithmetic as :func:`~vmapclan.adamw_step_`.
+    """
+    decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bias2_sqrt, eps, count, ready = factors
+    in_buffer = grads is grad_buffer
+    if count is None:
+        g = grads.mean(0, keepdim=True).expand_as(grads) if cooperative else grads
+    else:
+        if not in_buffer:
+            grad_buffer.add_(grads)
+        if cooperative:
+            grad_buffer.copy_(grad_buffer.mean(0, keepdim=True).expand_as(grad_buffer))
+        g = grad_buffer / count
+    if max_grad_norm is not None:
+        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+        g = g * (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+    if ready is None:
+        params.mul_(decay)
+        exp_avg.lerp_(g, one_minus_beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g * one_minus_beta2)
+        denom = exp_avg_sq.sqrt().div_(bias2_sqrt).add_(eps)
+        params.sub_(exp_avg.div(denom).mul_(step_size))
+        if in_buffer:
+            grad_buffer.zero_()
+        return
+    mask = ready.view(-1, 1)
+    m_new = torch.lerp(exp_avg, g, one_minus_beta1)
+    v_new = (exp_avg_sq * beta2).addcmul_(g, g * one_minus_beta2)
+    denom = v_new.sqrt().div_(bias2_sqrt).add_(eps)
+    p_new = params * decay - m_new.div(denom).mul_(step_size)
+    params.copy_(torch.where(mask, p_new, params))
+    exp_avg.copy_(torch.where(mask, m_new, exp_avg))
+    exp_avg_sq.copy_(torch.where(mask, v_new, exp_avg_sq))
+
+
+def split_update_(apply: Callable, params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor,
+                  state: AdamWState, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None, cooperative: bool,
+                  max_grad_norm: float | None = None) -> None:
+    """:func:`fused_update_` as :func:`adamw_factors_` (eager) then ``apply`` (:func:`adamw_apply_`, compiled).
+
+    Args:
+        apply: :func:`adamw_apply_` or a compiled version of it.
+        params, grads, grad_buffer, state, hyper, num_grad_accum, cooperative, max_grad_norm:
+            As for :func:`fused_update_`.
+    """
+    factors = adamw_factors_(state, hyper, num_grad_accum, params.dtype)
+    apply(params, grads, grad_buffer, state.exp_avg, state.exp_avg_sq, factors, cooperative, max_grad_norm)
+    if num_grad_accum is not None:
+        state.accum_count.masked_fill_(factors[-1], 0)
+        grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
 
 
 def kernel_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
@@ -234,16 +327,29 @@ class FusedStep:
         self._grad_and_value = vmap(grad_and_value(per_member), randomness="different")
         if update == "per-member":
             self._update = kernel_update_
-        elif compile == "optimizer":
-            self._update = torch.compile(fused_update_, dynamic=False)
+        elif compile is not None:
+            self._update = functools.partial(split_update_, torch.compile(adamw_apply_, dynamic=False))
         else:
             self._update = fused_update_
-        self._step = self._eager_step if compile != "step" else torch.compile(self._eager_step, dynamic=False)
+        # Compiling "the step" compiles the gradient computation and the elementwise update; the
+        # few [P]-sized factor computations between them stay eager (see adamw_factors_).
+        self._gradients = self._eager_gradients if compile != "step" else torch.compile(self._eager_gradients,
+                                                                                         dynamic=False)
         self._graphs: dict = {}
 
     # -- the step -------------------------------------------------------------------------------
     def _eager_step(self, cooperative: bool, *batch: torch.Tensor) -> torch.Tensor:
         """Gradients, the update and the gradient bookkeeping; returns the ``[P]`` losses."""
+        pop, opt = self._population, self._optimizer
+        step_grads, losses = self._gradients(*batch)
+        if step_grads is None:  # written into grad_flat (told by None: a compiled function's outputs are new objects)
+            step_grads = pop.grad_flat
+        self._update(self._flat, step_grads, pop.grad_flat, opt.adamw_state, opt.hyper, opt.num_grad_accum,
+                     cooperative, getattr(opt, "max_grad_norm", None))
+        return losses.detach()
+
+    def _eager_gradients(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's gradient ``[P, N]`` (``None`` when it was written into ``grad_flat``) and loss ``[P]``."""
         pop, opt = self._population, self._optimizer
         if self.layout == "views":
             grads, losses = self._grad_and_value(self._views, pop.buffers, *batch)
@@ -252,16 +358,13 @@ class FusedStep:
                 # Concatenate straight into grad_flat: no extra [P, N] buffer, and the update
                 # zeroes it afterwards, which is the state zero_grad() leaves.
                 torch.cat(leaves, dim=1, out=pop.grad_flat)
-                step_grads = pop.grad_flat
             else:
                 for row, leaf in zip(self._grad_rows, leaves):
                     row.add_(leaf)  # partial sums of accumulation live in grad_flat
-                step_grads = pop.grad_flat
+            step_grads = None
         else:
             step_grads, losses = self._grad_and_value(self._flat, pop.buffers, *batch)
-        self._update(self._flat, step_grads, pop.grad_flat, opt.adamw_state, opt.hyper, opt.num_grad_accum,
-                     cooperative, getattr(opt, "max_grad_norm", None))
-        return losses.detach()
+        return step_grads, losses
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
         """Train every member one step on ``batch`` and advance the round clock.
@@ -300,7 +403,7 @@ class FusedStep:
             losses = self._replay(cooperative, batch)
         else:
             with _batchable_attention(pop.device):
-                losses = self._step(cooperative, *batch)
+                losses = self._eager_step(cooperative, *batch)
         clan._advance()
         return losses
 
