@@ -9,8 +9,10 @@ as one function of the population's tensors:
    once over the member dimension, gives every member's gradient and loss;
 2. in the cooperative phase the gradients are averaged over members (as ``sync_context()``
    does);
-3. :func:`~vmapclan.adamw_step_` updates ``flat[P, N]`` and the optimizer state in place, with
-   the genes in force and gradient accumulation exactly as :class:`~vmapclan.BatchedAdamW`;
+3. AdamW updates ``flat[P, N]`` and the optimizer state in place, with the genes in force and
+   gradient accumulation exactly as :class:`~vmapclan.BatchedAdamW` (the same arithmetic as
+   :func:`~vmapclan.adamw_step_`, run as PyTorch's fused AdamW kernel per member on CPU, or as
+   batched tensor ops that can be compiled or captured);
 4. the clan's round clock advances, as ``member.step()``.
 
 Because that function only reads and writes tensors whose storage never moves (selection,
@@ -248,9 +250,10 @@ class FusedStep:
             ``F.cross_entropy``; ``output`` is the model's output for that member.
         num_inputs: How many leading batch tensors go to the model; the rest go to ``loss_fn``.
         layout: One of :data:`LAYOUTS` (default ``"views"``, the fastest measured on CPU).
-        compile: One of :data:`COMPILE_MODES`. ``"optimizer"`` compiles the batched update (one
-            fused kernel instead of about ten passes over ``[P, N]``); ``"step"`` compiles the
-            whole step, forward and backward included. The first call of each phase compiles.
+        compile: One of :data:`COMPILE_MODES`. ``"optimizer"`` compiles the elementwise part of
+            the batched update (one loop instead of about ten passes over ``[P, N]``); ``"step"``
+            also compiles the vmapped forward and backward, which removes most per-op overhead
+            (the win for small models). The first call of each phase and shape compiles.
         update: One of :data:`UPDATES`: how the optimizer update runs (default ``"auto"``: PyTorch's
             fused AdamW kernel per member on CPU, the batched tensor update on CUDA or when
             compiling). Both give the same result to float rounding.
@@ -388,7 +391,7 @@ class FusedStep:
                 "call clan.step(val_losses) before the next step"
             )
         p = pop.population_size
-        if len(batch) <= self.num_inputs - 1 or not batch:
+        if len(batch) < self.num_inputs:
             raise ValueError(f"FusedStep: expected at least {self.num_inputs} batch tensors, got {len(batch)}")
         for t in batch:
             if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != p:
@@ -399,11 +402,8 @@ class FusedStep:
                 )
         cooperative = clan.phase == "cooperative"
         pop.restore_grad_views()
-        if self.cuda_graph:
-            losses = self._replay(cooperative, batch)
-        else:
-            with _batchable_attention(pop.device):
-                losses = self._eager_step(cooperative, *batch)
+        with _batchable_attention(pop.device):
+            losses = self._replay(cooperative, batch) if self.cuda_graph else self._eager_step(cooperative, *batch)
         clan._advance()
         return losses
 
