@@ -265,11 +265,12 @@ def _time_step(step: Callable[[], None], device: torch.device, warmup: int, reps
     for _ in range(warmup):
         step()
     _sync(device)
-    start = time.perf_counter()
-    step()
-    _sync(device)
-    once = max(time.perf_counter() - start, 1e-6)
-    k = max(1, math.ceil(min_time / once))
+    k = 1
+    if min_time > 0:  # one probe step sizes the repetitions
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        k = max(1, math.ceil(min_time / max(time.perf_counter() - start, 1e-6)))
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -500,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autocast", choices=["bf16"], help="run the forward under bf16 autocast")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--smoke", action="store_true",
-                        help="one step of each variant on the tiny MLP at P=2, untimed warm-up off (for CI)")
+                        help="exactly one step of each variant on the tiny MLP at P=2, no warm-up (for CI)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
