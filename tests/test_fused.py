@@ -242,3 +242,32 @@ def test_bench_dispatches_quality(monkeypatch):
     monkeypatch.setattr(quality, "main", lambda argv: seen.append(argv) or 0)
     assert main(["quality", "--size", "tiny"]) == 0
     assert seen == [["--size", "tiny"]]
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_adamw_kernel_step_equals_adamw_step(max_grad_norm):
+    """The per-member kernel form of the optimizer equals adamw_step_ in float64, counts and all."""
+    from vmapclan import AdamWHyper, adamw_init, adamw_step_
+    from vmapclan.fused import adamw_kernel_step_
+
+    g = torch.Generator().manual_seed(4)
+    params = torch.randn(4, 50, generator=g, dtype=torch.float64)
+    hyper = AdamWHyper(*(torch.tensor(v, dtype=torch.float64) for v in (
+        [1e-3, 1e-2, 3e-2, 1e-1], [0.0, 0.01, 0.1, 0.5], [0.9, 0.8, 0.95, 0.5], [0.999, 0.99, 0.9, 0.95],
+        [1e-8, 1e-6, 1e-3, 1e-8])))
+    accum = torch.tensor([1, 2, 3, 1])
+    ref, ref_state = params.clone(), adamw_init(params)
+    out, out_state = params.clone(), adamw_init(params)
+    grads_ref, grads_out = torch.zeros_like(params), torch.zeros_like(params)
+    for _ in range(7):
+        grad = torch.randn(4, 50, generator=g, dtype=torch.float64)
+        grads_ref += grad
+        grads_out += grad
+        adamw_step_(ref, grads_ref, ref_state, hyper, accum, max_grad_norm)
+        adamw_kernel_step_(out, grads_out, out_state, hyper, accum, max_grad_norm)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+        for a, b in zip(out_state, ref_state):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        grads_ref.masked_fill_((ref_state.accum_count == 0).view(-1, 1), 0)
+        grads_out.masked_fill_((out_state.accum_count == 0).view(-1, 1), 0)
+    assert ref_state.step.tolist() == [7.0, 3.0, 2.0, 7.0]

@@ -31,7 +31,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from .optim import AdamWHyper, AdamWState, adamw_step_
 from .population import _batchable_attention
 
-__all__ = ["FusedStep", "LAYOUTS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_",
+__all__ = ["FusedStep", "LAYOUTS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_", "adamw_kernel_step_",
            "adamw_factors_", "adamw_apply_"]
 
 LAYOUTS = ("views", "flat")
@@ -179,35 +179,35 @@ def split_update_(apply: Callable, params: torch.Tensor, grads: torch.Tensor, gr
         grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
 
 
-def kernel_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
-                   hyper: AdamWHyper, num_grad_accum: torch.Tensor | None, cooperative: bool,
-                   max_grad_norm: float | None = None) -> None:
-    """:func:`fused_update_` with PyTorch's fused AdamW kernel, called once per member.
+def adamw_kernel_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hyper: AdamWHyper,
+                       num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None) -> None:
+    """:func:`~vmapclan.adamw_step_` (same arguments, same contract) with PyTorch's fused AdamW kernel per member.
 
     ``torch._fused_adamw_`` (what ``torch.optim.AdamW(fused=True)`` runs) reads each tensor once
     and writes it once, where the batched :func:`~vmapclan.adamw_step_` makes about ten passes
-    over ``[P, N]``; its hyperparameters are Python floats, so they are read from the ``[P]``
-    tensors once per step. That read is free on CPU and a synchronisation on CUDA, so this update
-    is meant for CPU. Same arguments and results as :func:`fused_update_` (to float rounding).
+    over ``[P, N]``. Its hyperparameters are Python floats, so the ``[P]`` tensors (and, with
+    accumulation, which members are ready) are read on the host once per step: free on CPU, a
+    synchronisation on CUDA, so this is the CPU form. Results equal :func:`~vmapclan.adamw_step_`
+    to float rounding.
+
+    Args:
+        params: ``[P, N]`` member-major parameters.
+        grads: ``[P, N]`` gradients (summed over accumulated micro-batches).
+        state: The AdamW state, updated in place.
+        hyper: ``[P]`` hyperparameters.
+        num_grad_accum: Optional ``long [P]`` accumulation counts.
+        max_grad_norm: Optional per-member gradient-norm limit.
     """
     p = params.shape[0]
-    in_buffer = grads is grad_buffer
     if num_grad_accum is None:
-        if cooperative:
-            grads = grads.mean(0, keepdim=True).expand_as(grads)
-        ready, counts = [True] * p, [1] * p
         state.step.add_(1)
+        ready, counts = [True] * p, [1] * p
     else:
-        if not in_buffer:
-            grad_buffer.add_(grads)
-        if cooperative:
-            grad_buffer.copy_(grad_buffer.mean(0, keepdim=True).expand_as(grad_buffer))
-        grads = grad_buffer
         state.accum_count.add_(1)
         ready_mask = state.accum_count >= num_grad_accum
         state.step.add_(ready_mask.to(state.step.dtype))
         ready, counts = ready_mask.tolist(), state.accum_count.tolist()
-    # The kernel expects the step already counted (torch.optim adds 1 before calling it).
+    # The kernel takes the step already counted (torch.optim adds 1 before calling it).
     steps = state.step.to(torch.float32).unbind()
     lr, wd, beta1, beta2, eps = (t.tolist() for t in hyper)
     for i in range(p):
@@ -219,12 +219,31 @@ def kernel_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch
         torch._fused_adamw_([params[i]], [g], [state.exp_avg[i]], [state.exp_avg_sq[i]], [], [steps[i]],
                             lr=lr[i], weight_decay=wd[i], beta1=beta1[i], beta2=beta2[i], eps=eps[i],
                             amsgrad=False, maximize=False)
+    if num_grad_accum is not None:
+        state.accum_count.masked_fill_(ready_mask, 0)
+
+
+def kernel_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
+                   hyper: AdamWHyper, num_grad_accum: torch.Tensor | None, cooperative: bool,
+                   max_grad_norm: float | None = None) -> None:
+    """:func:`fused_update_` with :func:`adamw_kernel_step_` (PyTorch's fused AdamW kernel per member; CPU).
+
+    Same arguments and results as :func:`fused_update_` (to float rounding).
+    """
     if num_grad_accum is None:
+        in_buffer = grads is grad_buffer
+        if cooperative:
+            grads = grads.mean(0, keepdim=True).expand_as(grads)
+        adamw_kernel_step_(params, grads, state, hyper, None, max_grad_norm)
         if in_buffer:
             grad_buffer.zero_()
-    else:
-        state.accum_count.masked_fill_(ready_mask, 0)
-        grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
+        return
+    if grads is not grad_buffer:
+        grad_buffer.add_(grads)
+    if cooperative:
+        grad_buffer.copy_(grad_buffer.mean(0, keepdim=True).expand_as(grad_buffer))
+    adamw_kernel_step_(params, grad_buffer, state, hyper, num_grad_accum, max_grad_norm)
+    grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
 
 
 class FusedStep:
