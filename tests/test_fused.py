@@ -98,8 +98,9 @@ def test_fused_equals_imperative_across_phases_and_selection(layout, accumulate,
 
 
 @pytest.mark.parametrize("update", ["batched", "per-member"])
-def test_fused_equals_imperative_with_gradient_clipping(update):
-    run_both({"update": update}, accumulate=True, max_grad_norm=0.05)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
+def test_fused_equals_imperative_with_gradient_clipping(update, accumulate):
+    run_both({"update": update}, accumulate=accumulate, max_grad_norm=0.05)
 
 
 def test_fused_step_default_update_is_the_kernel_on_cpu():

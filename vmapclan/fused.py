@@ -207,20 +207,33 @@ def adamw_kernel_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWSt
         ready_mask = state.accum_count >= num_grad_accum
         state.step.add_(ready_mask.to(state.step.dtype))
         ready, counts = ready_mask.tolist(), state.accum_count.tolist()
-    # The kernel takes the step already counted (torch.optim adds 1 before calling it).
-    steps = state.step.to(torch.float32).unbind()
-    lr, wd, beta1, beta2, eps = (t.tolist() for t in hyper)
-    for i in range(p):
-        if not ready[i]:
-            continue
-        g = grads[i] if counts[i] == 1 else grads[i] / counts[i]
-        if max_grad_norm is not None:
-            g = g * (max_grad_norm / (torch.linalg.vector_norm(g) + 1e-6)).clamp(max=1.0)
-        torch._fused_adamw_([params[i]], [g], [state.exp_avg[i]], [state.exp_avg_sq[i]], [], [steps[i]],
-                            lr=lr[i], weight_decay=wd[i], beta1=beta1[i], beta2=beta2[i], eps=eps[i],
-                            amsgrad=False, maximize=False)
+    rows = [[params[i]] for i in range(p)]
+    grad_rows = [[grads[i] if counts[i] == 1 else grads[i] / counts[i]] if ready[i] else None for i in range(p)]
+    _kernel_members_(rows, grad_rows, [[m] for m in state.exp_avg], [[v] for v in state.exp_avg_sq], state.step,
+                     hyper, max_grad_norm)
     if num_grad_accum is not None:
         state.accum_count.masked_fill_(ready_mask, 0)
+
+
+def _kernel_members_(params: list, grads: list, exp_avg: list, exp_avg_sq: list, step: torch.Tensor,
+                     hyper: AdamWHyper, max_grad_norm: float | None) -> None:
+    """One ``torch._fused_adamw_`` call per member over that member's tensors (lists, one per member).
+
+    ``grads[i] is None`` skips member ``i``; ``step`` must already count this update.
+    """
+    # The kernel takes the step already counted (torch.optim adds 1 before calling it).
+    steps = step.to(torch.float32).unbind()
+    lr, wd, beta1, beta2, eps = (t.tolist() for t in hyper)
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        if max_grad_norm is not None:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g]))
+            scale = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            g = [t * scale for t in g]
+        torch._fused_adamw_(params[i], g, exp_avg[i], exp_avg_sq[i], [], [steps[i]] * len(g),
+                            lr=lr[i], weight_decay=wd[i], beta1=beta1[i], beta2=beta2[i], eps=eps[i],
+                            amsgrad=False, maximize=False)
 
 
 def kernel_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
@@ -334,6 +347,17 @@ class FusedStep:
         self._views = {n: v.view(p, *s) for n, v, s in
                        zip(self._names, self._flat.split(self._sizes, 1), self._shapes)}
         self._grad_rows = list(population.grad_flat.split(self._sizes, 1))
+        self._leaf_rows = None
+        if layout == "views" and update == "per-member":
+            # Without accumulation the kernel reads each parameter's gradient where vmap left it:
+            # no copy into grad_flat and no zeroing afterwards (grad_flat stays zero, as after
+            # zero_grad()). Per member, per parameter: views of the weights and both moments.
+            def rows(buffer):
+                leaves = [v.view(p, *s) for v, s in zip(buffer.split(self._sizes, 1), self._shapes)]
+                return [[leaf[i] for leaf in leaves] for i in range(p)]
+
+            state = clan.optimizer.adamw_state
+            self._leaf_rows = (rows(self._flat), rows(state.exp_avg), rows(state.exp_avg_sq))
 
         module, k = population.module, num_inputs
         names, shapes, sizes = self._names, self._shapes, self._sizes
@@ -363,6 +387,16 @@ class FusedStep:
     def _eager_step(self, cooperative: bool, *batch: torch.Tensor) -> torch.Tensor:
         """Gradients, the update and the gradient bookkeeping; returns the ``[P]`` losses."""
         pop, opt = self._population, self._optimizer
+        if self._leaf_rows is not None and opt.num_grad_accum is None:
+            grads, losses = self._grad_and_value(self._views, pop.buffers, *batch)
+            leaves = [grads[n] for n in self._names]
+            if cooperative:
+                leaves = [g.mean(0, keepdim=True).expand_as(g) for g in leaves]
+            opt.adamw_state.step.add_(1)
+            param_rows, m_rows, v_rows = self._leaf_rows
+            _kernel_members_(param_rows, [[g[i] for g in leaves] for i in range(len(param_rows))], m_rows, v_rows,
+                             opt.adamw_state.step, opt.hyper, getattr(opt, "max_grad_norm", None))
+            return losses.detach()
         step_grads, losses = self._gradients(*batch)
         if step_grads is None:  # written into grad_flat (told by None: a compiled function's outputs are new objects)
             step_grads = pop.grad_flat
