@@ -293,6 +293,12 @@ class FusedStep:
             it. Inputs are copied into static buffers; the shapes must stay the same (a new
             shape captures a new graph). Compatible with ``compile="optimizer"``.
 
+    Note:
+        Use it instead of, not together with, the imperative loop within a step: without gradient
+        accumulation a fused step starts from zero gradients (as after ``zero_grad()``) and does
+        not read what an imperative ``backward`` left in ``grad_flat``. Between steps the two
+        can alternate freely; they share every tensor.
+
     Raises:
         ValueError: for a genome-only clan, an unknown layout, compile mode or update,
             ``update="per-member"`` off CPU or compiled, ``cuda_graph`` off CUDA or with
