@@ -13,6 +13,7 @@ the population (through :func:`vmapclan.member_loss`) and a plain model (the rep
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import math
@@ -50,8 +51,8 @@ class TaskData:
     eval: tuple[torch.Tensor, torch.Tensor]
 
 
-class Task:
-    """A built-in task: data, model and one member's loss. Subclasses fill in the three hooks."""
+class Task(abc.ABC):
+    """A built-in task: data, model and one member's loss. Subclasses implement the three abstract hooks."""
 
     name: str = ""
 
@@ -62,16 +63,17 @@ class Task:
         pick = torch.randperm(len(val[0]), generator=torch.Generator().manual_seed(seed + 1))[:n]
         return TaskData(train, val, (val[0][pick], val[1][pick]))
 
+    @abc.abstractmethod
     def _split(self, data: DataSpec, seed: int):
-        raise NotImplementedError
+        """``((x_train, y_train), (x_val, y_val))`` for ``data`` and ``seed``."""
 
+    @abc.abstractmethod
     def build_model(self, model: ModelSpec, data: DataSpec) -> nn.Module:
         """A fresh model (initialised from torch's global generator: seed it first)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One model's mean loss (a scalar); vmapped over members by :func:`vmapclan.member_loss`."""
-        raise NotImplementedError
 
     def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Share of correct predictions (a scalar)."""
