@@ -249,7 +249,7 @@ def test_bench_dispatches_quality(monkeypatch):
 def test_adamw_kernel_step_equals_adamw_step(max_grad_norm):
     """The per-member kernel form of the optimizer equals adamw_step_ in float64, counts and all."""
     from vmapclan import AdamWHyper, adamw_init, adamw_step_
-    from vmapclan.fused import adamw_kernel_step_
+    from vmapclan.optim import adamw_kernel_step_
 
     g = torch.Generator().manual_seed(4)
     params = torch.randn(4, 50, generator=g, dtype=torch.float64)

@@ -104,12 +104,14 @@ class FunctionalRunner:
 class ClassRunner:
     """Drives :class:`BatchedAdamW` as ``member.optimizer``: grads land in ``p.grad``, then step, zero_grad."""
 
+    update = "auto"  # on CPU: PyTorch's fused kernel per member
+
     def __init__(self, init: torch.Tensor, hyper: AdamWHyper, accum: torch.Tensor | None,
                  max_grad_norm: float | None = None):
         self.population = PopulationModel(tiny_model(), init.shape[0])
         with torch.no_grad():
             self.population.flat.copy_(init)
-        self.optimizer = BatchedAdamW(self.population, hyper, accum, max_grad_norm)
+        self.optimizer = BatchedAdamW(self.population, hyper, accum, max_grad_norm, update=self.update)
 
     def step(self, grad: torch.Tensor) -> None:
         """Accumulate one micro-batch gradient ``[P, N]`` into ``p.grad`` (as backward does), step, zero_grad."""
@@ -125,6 +127,12 @@ class ClassRunner:
         """``(params, exp_avg, exp_avg_sq, step)``, each member-major."""
         s = self.optimizer.adamw_state
         return self.population.flat, s.exp_avg, s.exp_avg_sq, s.step
+
+
+class BatchedClassRunner(ClassRunner):
+    """:class:`ClassRunner` with the tensor-op update that accelerators use."""
+
+    update = "batched"
 
 
 class TorchReference:
@@ -182,7 +190,8 @@ def gradient_stream(p: int, n: int, steps: int, seed: int) -> list[torch.Tensor]
     return out
 
 
-@pytest.mark.parametrize("runner_cls", [FunctionalRunner, ClassRunner], ids=["adamw_step_", "BatchedAdamW"])
+@pytest.mark.parametrize("runner_cls", [FunctionalRunner, ClassRunner, BatchedClassRunner],
+                         ids=["adamw_step_", "BatchedAdamW", "BatchedAdamW-batched"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_matches_torch_adamw_per_member(case, runner_cls):
     spec = dict(CASES[case])
@@ -417,3 +426,12 @@ def test_load_state_dict_errors():
     optimizer.load_state_dict(good)
     for name, t in optimizer.state_dict().items():
         assert torch.equal(t, good[name]), name
+
+
+def test_update_modes():
+    population = PopulationModel(tiny_model(), 2)
+    hyper = make_hyper([1e-3, 1e-2], [0.0, 0.1], [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6])
+    assert BatchedAdamW(population, hyper).update == "per-member"  # CPU tensors: the fused kernel
+    assert BatchedAdamW(population, hyper, update="batched").update == "batched"
+    with pytest.raises(ValueError, match=r"BatchedAdamW: update must be one of \('auto', 'batched', 'per-member'\), got 'fast'"):
+        BatchedAdamW(population, hyper, update="fast")

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from .optim import AdamWHyper, AdamWState, adamw_step_
+from .optim import UPDATES, AdamWHyper, AdamWState, _kernel_members_, adamw_kernel_step_, adamw_step_
 from .population import _batchable_attention
 
 __all__ = ["FusedStep", "LAYOUTS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_", "adamw_kernel_step_",
@@ -45,12 +45,6 @@ LAYOUTS = ("views", "flat")
 
 COMPILE_MODES = (None, "optimizer", "step")
 """``None`` (eager), ``"optimizer"`` (``torch.compile`` of the update) or ``"step"`` (of the whole step)."""
-
-UPDATES = ("auto", "batched", "per-member")
-"""The optimizer update: ``"batched"`` (:func:`fused_update_`, tensor ops over ``[P, N]``, no host
-sync), ``"per-member"`` (:func:`kernel_update_`, PyTorch's fused AdamW kernel per member, CPU), or
-``"auto"``: per-member on CPU unless compiling, batched otherwise."""
-
 
 def fused_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
                   hyper: AdamWHyper, num_grad_accum: torch.Tensor | None, cooperative: bool,
@@ -177,63 +171,6 @@ def split_update_(apply: Callable, params: torch.Tensor, grads: torch.Tensor, gr
     if num_grad_accum is not None:
         state.accum_count.masked_fill_(factors[-1], 0)
         grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
-
-
-def adamw_kernel_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hyper: AdamWHyper,
-                       num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None) -> None:
-    """:func:`~vmapclan.adamw_step_` (same arguments, same contract) with PyTorch's fused AdamW kernel per member.
-
-    ``torch._fused_adamw_`` (what ``torch.optim.AdamW(fused=True)`` runs) reads each tensor once
-    and writes it once, where the batched :func:`~vmapclan.adamw_step_` makes about ten passes
-    over ``[P, N]``. Its hyperparameters are Python floats, so the ``[P]`` tensors (and, with
-    accumulation, which members are ready) are read on the host once per step: free on CPU, a
-    synchronisation on CUDA, so this is the CPU form. Results equal :func:`~vmapclan.adamw_step_`
-    to float rounding.
-
-    Args:
-        params: ``[P, N]`` member-major parameters.
-        grads: ``[P, N]`` gradients (summed over accumulated micro-batches).
-        state: The AdamW state, updated in place.
-        hyper: ``[P]`` hyperparameters.
-        num_grad_accum: Optional ``long [P]`` accumulation counts.
-        max_grad_norm: Optional per-member gradient-norm limit.
-    """
-    p = params.shape[0]
-    if num_grad_accum is None:
-        state.step.add_(1)
-        ready, counts = [True] * p, [1] * p
-    else:
-        state.accum_count.add_(1)
-        ready_mask = state.accum_count >= num_grad_accum
-        state.step.add_(ready_mask.to(state.step.dtype))
-        ready, counts = ready_mask.tolist(), state.accum_count.tolist()
-    rows = [[params[i]] for i in range(p)]
-    grad_rows = [[grads[i] if counts[i] == 1 else grads[i] / counts[i]] if ready[i] else None for i in range(p)]
-    _kernel_members_(rows, grad_rows, [[m] for m in state.exp_avg], [[v] for v in state.exp_avg_sq], state.step,
-                     hyper, max_grad_norm)
-    if num_grad_accum is not None:
-        state.accum_count.masked_fill_(ready_mask, 0)
-
-
-def _kernel_members_(params: list, grads: list, exp_avg: list, exp_avg_sq: list, step: torch.Tensor,
-                     hyper: AdamWHyper, max_grad_norm: float | None) -> None:
-    """One ``torch._fused_adamw_`` call per member over that member's tensors (lists, one per member).
-
-    ``grads[i] is None`` skips member ``i``; ``step`` must already count this update.
-    """
-    # The kernel takes the step already counted (torch.optim adds 1 before calling it).
-    steps = step.to(torch.float32).unbind()
-    lr, wd, beta1, beta2, eps = (t.tolist() for t in hyper)
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        if max_grad_norm is not None:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g]))
-            scale = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            g = [t * scale for t in g]
-        torch._fused_adamw_(params[i], g, exp_avg[i], exp_avg_sq[i], [], [steps[i]] * len(g),
-                            lr=lr[i], weight_decay=wd[i], beta1=beta1[i], beta2=beta2[i], eps=eps[i],
-                            amsgrad=False, maximize=False)
 
 
 def kernel_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
