@@ -48,7 +48,7 @@ COMPILE_MODES = (None, "optimizer", "step")
 
 def fused_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
                   hyper: AdamWHyper, num_grad_accum: torch.Tensor | None, cooperative: bool,
-                  max_grad_norm: float | None = None) -> None:
+                  max_grad_norm: float | None = None, step_: Callable = adamw_step_) -> None:
     """Apply one step's gradients like ``sync_context()``, ``optimizer.step()`` and ``zero_grad()``.
 
     Without accumulation the step starts from zero gradients (as a loop that zeroes after every
@@ -65,12 +65,13 @@ def fused_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.
         num_grad_accum: Optional ``long [P]`` accumulation counts.
         cooperative: Whether to average the gradients over members first.
         max_grad_norm: Optional per-member gradient-norm clipping (see :func:`~vmapclan.adamw_step_`).
+        step_: The AdamW step: :func:`~vmapclan.adamw_step_` or :func:`~vmapclan.optim.adamw_kernel_step_`.
     """
     if num_grad_accum is None:
         in_buffer = grads is grad_buffer
         if cooperative:
             grads = grads.mean(0, keepdim=True).expand_as(grads)
-        adamw_step_(params, grads, state, hyper, None, max_grad_norm)
+        step_(params, grads, state, hyper, None, max_grad_norm)
         if in_buffer:
             grad_buffer.zero_()
         return
@@ -78,7 +79,7 @@ def fused_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.
         grad_buffer.add_(grads)
     if cooperative:
         grad_buffer.copy_(grad_buffer.mean(0, keepdim=True).expand_as(grad_buffer))
-    adamw_step_(params, grad_buffer, state, hyper, num_grad_accum, max_grad_norm)
+    step_(params, grad_buffer, state, hyper, num_grad_accum, max_grad_norm)
     grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
 
 
@@ -173,27 +174,8 @@ def split_update_(apply: Callable, params: torch.Tensor, grads: torch.Tensor, gr
         grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
 
 
-def kernel_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
-                   hyper: AdamWHyper, num_grad_accum: torch.Tensor | None, cooperative: bool,
-                   max_grad_norm: float | None = None) -> None:
-    """:func:`fused_update_` with :func:`adamw_kernel_step_` (PyTorch's fused AdamW kernel per member; CPU).
-
-    Same arguments and results as :func:`fused_update_` (to float rounding).
-    """
-    if num_grad_accum is None:
-        in_buffer = grads is grad_buffer
-        if cooperative:
-            grads = grads.mean(0, keepdim=True).expand_as(grads)
-        adamw_kernel_step_(params, grads, state, hyper, None, max_grad_norm)
-        if in_buffer:
-            grad_buffer.zero_()
-        return
-    if grads is not grad_buffer:
-        grad_buffer.add_(grads)
-    if cooperative:
-        grad_buffer.copy_(grad_buffer.mean(0, keepdim=True).expand_as(grad_buffer))
-    adamw_kernel_step_(params, grad_buffer, state, hyper, num_grad_accum, max_grad_norm)
-    grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
+kernel_update_ = functools.partial(fused_update_, step_=adamw_kernel_step_)
+""":func:`fused_update_` with PyTorch's fused AdamW kernel per member (:func:`~vmapclan.optim.adamw_kernel_step_`; CPU)."""
 
 
 class FusedStep:
