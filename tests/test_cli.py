@@ -35,14 +35,6 @@ end_t = 1.0
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def config_file(tmp_path):
     path = tmp_path / "tiny.toml"

@@ -25,19 +25,6 @@ DTYPE = torch.float64
 RTOL, ATOL = 1e-11, 1e-13
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Run this module's tiny tensors on one intra-op thread, then restore the setting.
-
-    Ops on a few hundred elements gain nothing from threads, and on a busy machine each thread
-    hand-off can cost milliseconds, which made these tests tens of times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(seed: int = 0) -> nn.Module:
     """A small float64 MLP classifier (6 features, 3 classes)."""
     torch.manual_seed(seed)

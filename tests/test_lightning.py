@@ -24,15 +24,6 @@ TINY = dict(epochs=2, population_size=4, batch_size=16, round_length=8, duty_cyc
 RESUME_STEP = 30  # mid-round, mid-epoch, and the batch the Trainer prefetched there is the round's first competitive
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared cores their spin-waits cost ~20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def example():
     spec = importlib.util.spec_from_file_location("lightning_digits", EXAMPLES / "lightning_digits.py")

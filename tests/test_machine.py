@@ -12,15 +12,6 @@ from vmapclan.machine import plan_rounds
 from vmapclan.tasks import get_task, stdlib_corpus, stdlib_files
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared machine: one thread avoids oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**changes) -> RunConfig:
     base = RunConfig.from_dict({
         "task": "digits-mlp", "total_steps": 120, "seed": 0,

@@ -21,19 +21,6 @@ DTYPE = torch.float64
 RTOL, ATOL = 1e-12, 1e-14
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Run this module's tiny tensors on one intra-op thread, then restore the setting.
-
-    Ops on a few hundred elements gain nothing from threads, and on a busy machine each thread
-    hand-off can cost milliseconds, which made these tests tens of times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_hyper(lr, weight_decay, beta1, beta2, eps) -> AdamWHyper:
     """``[P]`` float64 hyperparameters from per-member lists."""
     values = (lr, weight_decay, beta1, beta2, eps)
