@@ -565,8 +565,9 @@ def test_training_step_never_syncs_with_the_host(monkeypatch, kind):
     else:
         model = mlp(dropout=0.1, batchnorm=True)
     clan = make_clan(model, autobind=["adamw", "gradient_accumulation"], max_grad_norm=1.0)
-    # The update accelerators run. On CPU the default ("per-member": PyTorch's fused kernel per
-    # member) reads the [P] hyperparameters on the host, which is no synchronisation there.
+    # The update accelerators run (and the CPU default for small members). The CPU default for
+    # larger members, PyTorch's fused kernel per member, reads the [P] hyperparameters on the
+    # host, which is no synchronisation there.
     clan.optimizer.update = "batched"
     loader = iter(clan.loader(TensorDataset(x, y), 8))
     member = clan.round()

@@ -103,9 +103,12 @@ def test_fused_equals_imperative_with_gradient_clipping(update, accumulate):
     run_both({"update": update}, accumulate=accumulate, max_grad_norm=0.05)
 
 
-def test_fused_step_default_update_is_the_kernel_on_cpu():
-    assert FusedStep(make_clan(), F.cross_entropy).update == "per-member"
-    assert FusedStep(make_clan(), F.cross_entropy, compile="optimizer").update == "batched"
+def test_fused_step_default_update_follows_member_size_on_cpu():
+    assert FusedStep(make_clan(), F.cross_entropy).update == "batched"  # 163 values per member
+    wide = nn.Sequential(nn.Linear(6, 1024), nn.Tanh(), nn.Linear(1024, 3)).double()  # 10243 values
+    clan = Clan(wide, torch.optim.AdamW(wide.parameters()), population_size=3, round_length=6, duty_cycle=0.5)
+    assert FusedStep(clan, F.cross_entropy).update == "per-member"
+    assert FusedStep(clan, F.cross_entropy, compile="optimizer").update == "batched"
 
 
 def test_fused_accumulation_counts_differ_per_member():

@@ -91,7 +91,7 @@ class FunctionalRunner:
 class ClassRunner:
     """Drives :class:`BatchedAdamW` as ``member.optimizer``: grads land in ``p.grad``, then step, zero_grad."""
 
-    update = "auto"  # on CPU: PyTorch's fused kernel per member
+    update = "per-member"  # PyTorch's fused kernel per member, the CPU default for members of 4096+ values
 
     def __init__(self, init: torch.Tensor, hyper: AdamWHyper, accum: torch.Tensor | None,
                  max_grad_norm: float | None = None):
@@ -418,7 +418,9 @@ def test_load_state_dict_errors():
 def test_update_modes():
     population = PopulationModel(tiny_model(), 2)
     hyper = make_hyper([1e-3, 1e-2], [0.0, 0.1], [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6])
-    assert BatchedAdamW(population, hyper).update == "per-member"  # CPU tensors: the fused kernel
-    assert BatchedAdamW(population, hyper, update="batched").update == "batched"
+    assert BatchedAdamW(population, hyper).update == "batched"  # small members: the tensor-op update
+    assert BatchedAdamW(population, hyper, update="per-member").update == "per-member"
+    wide = PopulationModel(nn.Linear(64, 64), 2)  # 4160 values per member: PyTorch's fused kernel
+    assert BatchedAdamW(wide, hyper).update == "per-member"
     with pytest.raises(ValueError, match=r"BatchedAdamW: update must be one of \('auto', 'batched', 'per-member'\), got 'fast'"):
         BatchedAdamW(population, hyper, update="fast")

@@ -28,7 +28,8 @@ from collections.abc import Callable
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from .optim import UPDATES, AdamWHyper, AdamWState, _kernel_members_, adamw_kernel_step_, adamw_step_
+from .optim import (UPDATES, AdamWHyper, AdamWState, _kernel_members_, adamw_kernel_step_, adamw_step_,
+                    default_update)
 from .population import _batchable_attention
 
 __all__ = ["FusedStep", "LAYOUTS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_", "adamw_kernel_step_",
@@ -205,9 +206,11 @@ class FusedStep:
             the batched update (one loop instead of about ten passes over ``[P, N]``); ``"step"``
             also compiles the vmapped forward and backward, which removes most per-op overhead
             (the win for small models). The first call of each phase and shape compiles.
-        update: One of :data:`UPDATES`: how the optimizer update runs (default ``"auto"``: PyTorch's
-            fused AdamW kernel per member on CPU, the batched tensor update on CUDA or when
-            compiling). Both give the same result to float rounding.
+        update: One of :data:`UPDATES`: how the optimizer update runs (default ``"auto"``: the
+            batched tensor update when compiling, else :func:`~vmapclan.optim.default_update`'s
+            choice: PyTorch's fused AdamW kernel per member on CPU for members of 4096 values or
+            more, the batched update for smaller ones and on CUDA). Both give the same result
+            to float rounding.
         cuda_graph: On CUDA, capture each phase's step into a CUDA graph on first use and replay
             it. Inputs are copied into static buffers; the shapes must stay the same (a new
             shape captures a new graph). Compatible with ``compile="optimizer"``.
@@ -253,7 +256,7 @@ class FusedStep:
             raise ValueError("FusedStep: cuda_graph=True captures the step itself; use compile=None or 'optimizer'")
         self.clan, self.loss_fn, self.num_inputs = clan, loss_fn, num_inputs
         if update == "auto":
-            update = "per-member" if population.device.type == "cpu" and compile is None else "batched"
+            update = default_update(population.flat) if compile is None else "batched"
         if update == "per-member" and (compile is not None or population.device.type != "cpu"):
             raise ValueError(
                 f"FusedStep: update='per-member' reads the hyperparameters on the host every step, so it is CPU-only "
