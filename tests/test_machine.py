@@ -289,3 +289,12 @@ def test_a_run_is_reproducible_from_its_config():
     assert a.final["val_loss"] == b.final["val_loss"]
     c = TrainingMachine(config.replace(seed=1)).train()
     assert c.history != a.history
+
+
+def test_a_cooperative_phase_becomes_the_divergence_restore_point():
+    # The tiny run ends with a cooperative anneal: a divergence after it must not undo it.
+    machine = TrainingMachine(tiny(total_steps=60))
+    machine.train()
+    good, population = machine.clan._last_good, machine.clan.population
+    assert torch.equal(good["params"], population.flat[0])
+    assert good["round"] == machine.clan.round_index

@@ -20,9 +20,8 @@ is cooperative (``sync_context`` averages gradients, every member holds the incu
 the machine trains there with ``member.model``, ``sync_context`` and ``member.optimizer`` without
 calling ``member.step()``: the steps do not count towards the round. The phase's optimizer
 overrides are written into the batched AdamW's ``[P]`` hyperparameters and the clan's own genes
-are written back afterwards (``clan.reconfigure()``). One consequence: the clan's divergence
-recovery restores the state of the start of its current round, which is *before* a cooperative
-phase run this way, so a divergence in the first round after such a phase also undoes it.
+are written back afterwards (``clan.reconfigure()``), and the end of the phase becomes the point
+the clan's divergence recovery restores to.
 """
 
 from __future__ import annotations
@@ -371,6 +370,9 @@ class TrainingMachine:
             self._train_step(member, next(stream))
         val = self.task.population_losses(member.model, *self.data.eval)
         clan.reconfigure()  # writes the clan's own genes back into the optimizer
+        # The members are identical again: make this the point a divergence restores to, so a
+        # diverging round after this phase does not also undo it.
+        clan._snapshot()
         record = {"kind": "cooperative", "phase": phase.name, "start_step": start, "end_step": self.clock.step,
                   "hyper": hyper, "batch_size": batch_size * clan.population_size, "val_loss": val[0].item()}
         self.best_val = min(self.best_val, record["val_loss"])
