@@ -384,7 +384,8 @@ class Clan:
         Raises:
             RuntimeError: if the round is not done.
             ValueError, TypeError: for losses of the wrong shape or type.
-            DivergenceError: if every loss is NaN or infinite.
+            DivergenceError: if every loss is NaN or infinite and the clan cannot restore (see
+                ``on_divergence`` and ``max_restores``; restoring needs a model and winner selection).
         """
         if not self.round_done:
             raise RuntimeError(
@@ -398,19 +399,17 @@ class Clan:
             return self._recover(losses, used)
         best = order[0]
         identity = torch.arange(self.population_size)
+        self.incumbent = {n: v[best].clone() for n, v in self.genomes.items()}
         if self.selection == "winner":
             sources = winner_sources(order)
-            self.incumbent = {n: v[best].clone() for n, v in self.genomes.items()}
             genomes = {n: v.expand(self.population_size).clone() for n, v in self.incumbent.items()}
             self.genomes = mutate(genomes, self.genes, self._generator, mask=identity > 0)
         elif self.selection == "truncation":
             sources = truncation_sources(order, self.truncation_fraction, self._generator)
-            self.incumbent = {n: v[best].clone() for n, v in self.genomes.items()}
             copied = {n: v[sources] for n, v in self.genomes.items()}
             self.genomes = mutate(copied, self.genes, self._generator, mask=sources != identity)
         else:
             sources = identity
-            self.incumbent = {n: v[best].clone() for n, v in self.genomes.items()}
         if self.population is not None and not torch.equal(sources, identity):
             self.population.gather_(sources)
             self.optimizer.gather_(sources)
