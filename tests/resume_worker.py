@@ -20,6 +20,8 @@ from torch import nn
 from vmapclan import Clan, member_loss
 from vmapclan.checkpoint import load_checkpoint, save_checkpoint
 
+from plain_loop import train_step
+
 
 def build(run_dir):
     """The run: model with BatchNorm and Dropout, AdamW genes and gradient accumulation."""
@@ -70,12 +72,7 @@ def main():
     while clan.global_step < args.total_steps:
         for x, y in loader:
             member.model.train()
-            loss = member_loss(F.cross_entropy, member.model(x), y)
-            with member.sync_context():
-                loss.sum().backward()
-            member.optimizer.step()
-            member.optimizer.zero_grad()
-            member.step()
+            train_step(member, F.cross_entropy, x, y)
             if member.done:
                 member.model.eval()
                 with torch.no_grad():

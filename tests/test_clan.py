@@ -11,6 +11,8 @@ from torch.utils.data import TensorDataset
 
 from vmapclan import Clan, Gene, member_loss
 
+from plain_loop import train_step
+
 P = 3
 
 
@@ -49,12 +51,7 @@ def data(n=240, seed=0):
 
 def training_step(member, x, y):
     """One step of the contract's loop: forward, loss, synced backward, update, clock."""
-    loss = member_loss(F.cross_entropy, member.model(x), y)
-    with member.sync_context():
-        loss.sum().backward()
-    member.optimizer.step()
-    member.optimizer.zero_grad()
-    member.step()
+    loss = train_step(member, F.cross_entropy, x, y)
     return loss
 
 
@@ -574,12 +571,7 @@ def test_training_step_never_syncs_with_the_host(monkeypatch, kind):
     for _ in range(3 * clan.round_length):
         with no_host_sync(monkeypatch):
             xb, yb = next(loader)
-            loss = member_loss(F.cross_entropy, member.model(xb), yb)
-            with member.sync_context():
-                loss.sum().backward()
-            member.optimizer.step()
-            member.optimizer.zero_grad()
-            member.step()
+            loss = train_step(member, F.cross_entropy, xb, yb)
             done = member.done
         if done:  # one host sync per round is allowed: selection
             clan.step(loss.detach())

@@ -10,6 +10,8 @@ from torch import nn
 
 from vmapclan import Clan, DivergenceError, member_loss
 
+from plain_loop import train_step
+
 P, B = 4, 8
 
 
@@ -39,12 +41,7 @@ def train_round(clan, loader_iter, poison=None):
         if poison is not None:
             poison(clan)
         x, y = next(loader_iter)
-        loss = member_loss(F.cross_entropy, member.model(x), y)
-        with member.sync_context():
-            loss.sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
-        member.step()
+        train_step(member, F.cross_entropy, x, y)
     member.model.eval()
     with torch.no_grad():
         val = member_loss(F.cross_entropy, member.model(member.share(X_VAL)), member.share(Y_VAL))
@@ -150,12 +147,7 @@ def test_gradient_clipping_per_member_matches_clip_grad_norm():
     for _ in range(12):
         x = torch.randn(3, B, 6, generator=g, dtype=torch.float64)
         y = torch.randint(0, 3, (3, B), generator=g)
-        loss = member_loss(F.cross_entropy, member.model(x), y)
-        with member.sync_context():
-            loss.sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
-        member.step()
+        train_step(member, F.cross_entropy, x, y)
         for i, (ref, opt) in enumerate(zip(refs, ref_opts)):
             F.cross_entropy(ref(x[i]), y[i]).backward()
             norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)

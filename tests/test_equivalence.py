@@ -18,6 +18,8 @@ from torch.utils.data import TensorDataset
 
 from vmapclan import Clan, PopulationModel, member_loss
 
+from plain_loop import train_step
+
 DTYPE = torch.float64
 # Members run batched GEMMs here and the references plain ones, so results differ in the last
 # bits (about 1e-16 absolute after tens of float64 steps); the bound leaves room for other BLAS
@@ -105,12 +107,7 @@ def run_sweep_against_references(clan: Clan, dataset: TensorDataset, batch_size:
     while done < steps:
         for x, y in loader:
             assert member.phase == "competitive"
-            loss = member_loss(loss_fn, member.model(x), y)
-            with member.sync_context():
-                loss.sum().backward()
-            member.optimizer.step()
-            member.optimizer.zero_grad()
-            member.step()
+            train_step(member, loss_fn, x, y)
             for i, (ref, opt) in enumerate(zip(references, ref_opts)):
                 # Competitive phase: every member sees the same window.
                 assert torch.equal(x[i], x[0]) and torch.equal(y[i], y[0])
@@ -205,7 +202,7 @@ def test_cooperative_phase_equals_data_parallel_adamw(clear_grads):
         for name, t in clan.optimizer.state_dict().items():
             assert all(torch.equal(t[0], t[i]) for i in range(1, p)), f"{what}: optimizer {name} differs"
 
-    def train_step(x, y) -> None:
+    def step_clearing_grads(x, y) -> None:
         """The user's loop body, clearing gradients the way this test case says."""
         if clear_grads == "set_to_none":
             for w in member.model.parameters():
@@ -229,7 +226,7 @@ def test_cooperative_phase_equals_data_parallel_adamw(clear_grads):
             position += p * b
             # Member i's shard is the i-th block of B of the next P x B samples.
             assert torch.equal(x.reshape(p * b, -1), x_all[index]) and torch.equal(y.reshape(-1), y_all[index])
-            train_step(x, y)
+            step_clearing_grads(x, y)
             cooperative_steps += 1
             reference_step(index, incumbent)
             assert_members_identical(f"round {round_index} cooperative step")
@@ -241,7 +238,7 @@ def test_cooperative_phase_equals_data_parallel_adamw(clear_grads):
         position += b
         assert torch.equal(x[p - 1], x_all[window]) and x.stride(0) == 0
         genomes = member.genome
-        train_step(x, y)
+        step_clearing_grads(x, y)
         assert member.done
         assert not torch.equal(clan.population.flat[0], clan.population.flat[1])  # they competed
         with torch.no_grad():
@@ -374,12 +371,7 @@ def test_dropout_masks_differ_across_members_and_eval_matches():
     # Train with dropout on, then evaluation is deterministic and matches every member alone.
     member = clan.round()
     for x_b, y_b in clan.loader(classification_data(64), batch_size=8):
-        loss = member_loss(F.cross_entropy, member.model(x_b), y_b)
-        with member.sync_context():
-            loss.sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
-        member.step()
+        train_step(member, F.cross_entropy, x_b, y_b)
         if member.done:
             break
     assert torch.isfinite(population.flat).all()

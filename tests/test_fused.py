@@ -11,6 +11,8 @@ from torch import nn
 from vmapclan import Clan, FusedStep, member_loss
 from vmapclan.fused import LAYOUTS
 
+from plain_loop import train_step
+
 P = 4
 
 
@@ -37,12 +39,7 @@ def make_clan(accumulate=False, duty_cycle=0.5, selection="winner", round_length
 
 
 def imperative_step(member, x, y):
-    loss = member_loss(F.cross_entropy, member.model(x), y)
-    with member.sync_context():
-        loss.sum().backward()
-    member.optimizer.step()
-    member.optimizer.zero_grad()
-    member.step()
+    loss = train_step(member, F.cross_entropy, x, y)
     return loss.detach()
 
 

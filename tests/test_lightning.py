@@ -19,6 +19,8 @@ from vmapclan import Clan, Gene, member_loss
 from vmapclan.lightning import ClanCallback, ClanModule, LookaheadLoader
 from vmapclan.tasks import load_digits
 
+from plain_loop import train_step
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 TINY = dict(epochs=2, population_size=4, batch_size=16, round_length=8, duty_cycle=0.25, hidden=16, lr=1e-2, seed=0)
 RESUME_STEP = 30  # mid-round, mid-epoch, and the batch the Trainer prefetched there is the round's first competitive
@@ -42,12 +44,7 @@ def plain_loop(example, epochs, population_size, batch_size, round_length, duty_
     member = clan.round()
     for _ in range(epochs):
         for x, y in loader:
-            loss = member_loss(F.cross_entropy, member.model(x), y)
-            with member.sync_context():
-                loss.sum().backward()
-            member.optimizer.step()
-            member.optimizer.zero_grad()
-            member.step()
+            train_step(member, F.cross_entropy, x, y)
             if member.done:
                 member.model.eval()
                 with torch.no_grad():
@@ -290,12 +287,7 @@ def test_trainer_with_evolving_gradient_accumulation_equals_the_plain_loop():
     member = plain.round()
     while plain.global_step < 12:
         for x, y in loader:
-            loss = member_loss(F.cross_entropy, member.model(x), y)
-            with member.sync_context():
-                loss.sum().backward()
-            member.optimizer.step()
-            member.optimizer.zero_grad()
-            member.step()
+            train_step(member, F.cross_entropy, x, y)
             if member.done:
                 member.model.eval()
                 with torch.no_grad():
