@@ -37,22 +37,22 @@ def _check_module(module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _batchable_attention(device: torch.device):
-    """Route attention to kernels that vmap can batch.
+def _batchable_attention():
+    """Route attention to kernels that vmap can batch, forward and backward.
 
-    On CPU the flash kernel of ``scaled_dot_product_attention`` and the fused
-    ``TransformerEncoderLayer`` fast path have no batching rule, so vmap would silently fall
-    back to a per-member loop; the math kernel gives the same result, batched.
+    Only the math kernel of ``scaled_dot_product_attention`` batches everywhere. On CPU the flash
+    kernel and the fused ``TransformerEncoderLayer`` fast path have no batching rule, so vmap
+    would silently fall back to a per-member loop. On CUDA (measured on an H100, torch 2.11) the
+    flash and cuDNN kernels find no kernel for batched inputs, and the memory-efficient kernel's
+    backward under vmap fails ("LSE is not correctly aligned"). The math kernel gives the same
+    result, batched.
     """
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        if device.type == "cpu":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            with sdpa_kernel(SDPBackend.MATH):
-                yield
-        else:
+        with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
@@ -194,7 +194,7 @@ class PopulationModel:
             return functional_call(module, (params, buffers), a, kw)
 
         batched = vmap(one_member, in_dims=(0, 0, *in_dims), randomness="different")
-        with _batchable_attention(self.device):
+        with _batchable_attention():
             return batched(self.params, self.buffers, *leaves)
 
     # -- members as plain modules -----------------------------------------------------------
