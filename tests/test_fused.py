@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmapclan import Clan, FusedStep, member_loss
-from vmapclan.fused import LAYOUTS
+from vmapclan.fused import BACKWARDS, LAYOUTS
 
 from plain_loop import train_step
 
@@ -86,26 +86,38 @@ def run_both(fused_kwargs, accumulate, rounds=2, duty_cycle=0.5, selection="winn
     return phases
 
 
+# Every way the gradients can be computed: each layout with the vmapped backward, and autograd's.
+GRADIENTS = [{"layout": layout} for layout in LAYOUTS] + [{"backward": "autograd"}]
+GRADIENT_IDS = [f"{layout}-vmap" for layout in LAYOUTS] + ["views-autograd"]
+EXPLICIT_BACKWARDS = [b for b in BACKWARDS if b != "auto"]
+assert {g.get("backward", "vmap") for g in GRADIENTS} == set(EXPLICIT_BACKWARDS)
+
+
 @pytest.mark.parametrize("update", ["batched", "per-member"])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("gradients", GRADIENTS, ids=GRADIENT_IDS)
 @pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
-def test_fused_equals_imperative_across_phases_and_selection(layout, accumulate, update):
-    phases = run_both({"layout": layout, "update": update}, accumulate)
+def test_fused_equals_imperative_across_phases_and_selection(gradients, accumulate, update):
+    phases = run_both({**gradients, "update": update}, accumulate)
     assert phases == {"cooperative", "competitive"}
 
 
+@pytest.mark.parametrize("backward", EXPLICIT_BACKWARDS)
 @pytest.mark.parametrize("update", ["batched", "per-member"])
 @pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
-def test_fused_equals_imperative_with_gradient_clipping(update, accumulate):
-    run_both({"update": update}, accumulate=accumulate, max_grad_norm=0.05)
+def test_fused_equals_imperative_with_gradient_clipping(update, accumulate, backward):
+    run_both({"update": update, "backward": backward}, accumulate=accumulate, max_grad_norm=0.05)
 
 
-def test_fused_step_default_update_follows_member_size_on_cpu():
-    assert FusedStep(make_clan(), F.cross_entropy).update == "batched"  # 163 values per member
+def test_fused_step_defaults_follow_member_size_on_cpu():
+    small = FusedStep(make_clan(), F.cross_entropy)  # 163 values per member
+    assert (small.update, small.backward) == ("batched", "autograd")
     wide = nn.Sequential(nn.Linear(6, 1024), nn.Tanh(), nn.Linear(1024, 3)).double()  # 10243 values
     clan = Clan(wide, torch.optim.AdamW(wide.parameters()), population_size=3, round_length=6, duty_cycle=0.5)
-    assert FusedStep(clan, F.cross_entropy).update == "per-member"
-    assert FusedStep(clan, F.cross_entropy, compile="optimizer").update == "batched"
+    wide_step = FusedStep(clan, F.cross_entropy)
+    assert (wide_step.update, wide_step.backward) == ("per-member", "vmap")
+    compiled = FusedStep(clan, F.cross_entropy, compile="optimizer")
+    assert (compiled.update, compiled.backward) == ("batched", "autograd")
+    assert FusedStep(clan, F.cross_entropy, layout="flat").backward == "vmap"
 
 
 def test_fused_accumulation_counts_differ_per_member():
@@ -114,8 +126,9 @@ def test_fused_accumulation_counts_differ_per_member():
     assert len(set(clan.genomes["num_grad_accum"].tolist())) > 1
 
 
+@pytest.mark.parametrize("backward", EXPLICIT_BACKWARDS)
 @pytest.mark.parametrize("update", ["batched", "per-member"])
-def test_fused_equals_a_loop_over_separate_models(update):
+def test_fused_equals_a_loop_over_separate_models(update, backward):
     """A sweep (always competitive, no selection) equals P plain models, each with torch.optim.AdamW."""
     lrs, wds, beta2s = [1e-3, 3e-3, 1e-2, 3e-2], [0.001, 0.01, 0.1, 0.3], [0.99, 0.999, 0.995, 0.9999]
     clan = make_clan(duty_cycle=1.0, selection=None, round_length=50)
@@ -124,7 +137,7 @@ def test_fused_equals_a_loop_over_separate_models(update):
     clan.set_genome("betas/1", beta2s)
     clan.set_genome("betas/0", [0.9] * P)  # construction mutated these too
     clan.set_genome("eps", [1e-8] * P)
-    step = FusedStep(clan, F.cross_entropy, layout="views", update=update)
+    step = FusedStep(clan, F.cross_entropy, update=update, backward=backward)
     models = [make_model() for _ in range(P)]
     opts = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd, betas=(0.9, b2), eps=1e-8)
             for m, lr, wd, b2 in zip(models, lrs, wds, beta2s)]
@@ -145,10 +158,11 @@ def test_fused_equals_a_loop_over_separate_models(update):
             torch.testing.assert_close(clan.population.params[name][k], param, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize(("compile", "accumulate"), [("optimizer", True), ("step", False)])
-def test_fused_compiled_equals_imperative(compile, accumulate):
+@pytest.mark.parametrize(("kwargs", "accumulate"), [({"compile": "optimizer"}, True), ({"compile": "step"}, False),
+                                                    ({"compile": "optimizer", "backward": "autograd"}, False)])
+def test_fused_compiled_equals_imperative(kwargs, accumulate):
     """Small compiled cases (compiling is slow), one round across the phase boundary."""
-    run_both({"compile": compile}, accumulate=accumulate, rounds=1)
+    run_both(kwargs, accumulate=accumulate, rounds=1)
 
 
 def test_fused_step_refuses_a_done_round():
@@ -164,6 +178,9 @@ def test_fused_step_refuses_a_done_round():
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"layout": "grouped"}, ValueError, "layout must be one of"),
     ({"compile": "all"}, ValueError, "compile must be one of"),
+    ({"backward": "functional"}, ValueError, "backward must be one of"),
+    ({"backward": "autograd", "layout": "flat"}, ValueError, "needs layout='views' and cannot compile the whole step"),
+    ({"backward": "autograd", "compile": "step"}, ValueError, "got layout='views', compile='step'"),
     ({"num_inputs": 0}, ValueError, "num_inputs must be a positive int, got 0"),
     ({"cuda_graph": True}, ValueError, "cuda_graph=True needs the clan on a CUDA device, it is on cpu"),
     ({"update": "foreach"}, ValueError, "update must be one of"),
@@ -192,8 +209,9 @@ def test_fused_step_needs_the_member_dimension():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: CUDA graphs need a GPU")
+@pytest.mark.parametrize("backward", EXPLICIT_BACKWARDS)
 @pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
-def test_cuda_graph_step_equals_eager_step(accumulate):  # pragma: no cover - CUDA only
+def test_cuda_graph_step_equals_eager_step(accumulate, backward):  # pragma: no cover - CUDA only
     def cuda_clan():
         model = make_model()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
@@ -202,7 +220,8 @@ def test_cuda_graph_step_equals_eager_step(accumulate):  # pragma: no cover - CU
                     seed=3, device="cuda")
 
     eager, graphed = cuda_clan(), cuda_clan()
-    steps = FusedStep(eager, F.cross_entropy), FusedStep(graphed, F.cross_entropy, cuda_graph=True)
+    steps = (FusedStep(eager, F.cross_entropy, backward=backward),
+             FusedStep(graphed, F.cross_entropy, backward=backward, cuda_graph=True))
     data = make_data()
     for (xe, ye), (xg, yg) in zip(eager.loader(data, batch_size=8), graphed.loader(data, batch_size=8)):
         torch.testing.assert_close(steps[0](xe, ye), steps[1](xg, yg), atol=1e-10, rtol=0)
@@ -226,7 +245,7 @@ def test_speed_benchmark_smoke(tmp_path, capsys):
     result = json.loads((tmp_path / "speed.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}
     assert not [r for r in rows.values() if "error" in r]
-    expected = {v for v in VARIANTS if v not in ("loop", "fused+cuda-graph")}
+    expected = {v for v in VARIANTS if v != "loop" and not v.endswith("cuda-graph")}
     expected |= {"loop (for-loop)", "loop (foreach)", "loop (fused)"}
     assert set(rows) == expected
     assert all(r["steps_per_s"] > 0 and r["P"] == 2 for r in rows.values())

@@ -32,7 +32,7 @@ from .optim import (UPDATES, AdamWHyper, AdamWState, _kernel_members_, adamw_ker
                     default_update)
 from .population import _batchable_attention
 
-__all__ = ["FusedStep", "LAYOUTS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_", "adamw_kernel_step_",
+__all__ = ["FusedStep", "LAYOUTS", "BACKWARDS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_", "adamw_kernel_step_",
            "adamw_factors_", "adamw_apply_"]
 
 LAYOUTS = ("views", "flat")
@@ -42,6 +42,22 @@ LAYOUTS = ("views", "flat")
   are concatenated straight into the population's gradient buffer ``grad_flat``.
 - ``"flat"``: ``flat[P, N]`` itself, split into parameters inside the per-member function; the
   gradient comes back as one ``[P, N]`` tensor (autograd's backward of the split is a cat).
+"""
+
+BACKWARDS = ("auto", "vmap", "autograd")
+"""How the gradients are computed.
+
+- ``"auto"``: ``"autograd"`` (measured faster eagerly on CPU and CUDA: less per-op cost in the
+  backward), except ``"vmap"`` where ``"autograd"`` cannot go (``compile="step"``,
+  ``layout="flat"``), under a CUDA graph (measured about 10% faster there), and with the
+  per-member update on CPU (which reads vmap's gradients where they lie, saving two passes over
+  ``grad_flat``). The numbers are in ``BENCHMARKS.md``.
+- ``"vmap"``: ``torch.func.grad_and_value`` of the per-member loss, vmapped: the backward runs
+  under vmap too, and each step's gradients come back as new ``[P, *shape]`` tensors.
+- ``"autograd"``: the vmapped forward gives the ``[P]`` losses, and one ordinary autograd
+  backward over the stacked parameters accumulates the gradients in place into ``grad_flat``
+  (as the imperative loop does): fewer per-op costs in the backward and no second gradient
+  buffer. Not with ``layout="flat"`` or ``compile="step"``.
 """
 
 COMPILE_MODES = (None, "optimizer", "step")
@@ -202,6 +218,7 @@ class FusedStep:
             ``F.cross_entropy``; ``output`` is the model's output for that member.
         num_inputs: How many leading batch tensors go to the model; the rest go to ``loss_fn``.
         layout: One of :data:`LAYOUTS` (default ``"views"``, the fastest measured on CPU).
+        backward: One of :data:`BACKWARDS` (default ``"auto"``).
         compile: One of :data:`COMPILE_MODES`. ``"optimizer"`` compiles the elementwise part of
             the batched update (one loop instead of about ten passes over ``[P, N]``); ``"step"``
             also compiles the vmapped forward and backward, which removes most per-op overhead
@@ -222,7 +239,8 @@ class FusedStep:
         can alternate freely; they share every tensor.
 
     Raises:
-        ValueError: for a genome-only clan, an unknown layout, compile mode or update,
+        ValueError: for a genome-only clan, an unknown layout, backward, compile mode or update,
+            ``backward="autograd"`` with ``layout="flat"`` or ``compile="step"``,
             ``update="per-member"`` off CPU or compiled, ``cuda_graph`` off CUDA or with
             ``compile="step"``, or ``num_inputs < 1``.
         TypeError: if ``loss_fn`` is not callable.
@@ -236,7 +254,8 @@ class FusedStep:
     """
 
     def __init__(self, clan, loss_fn: Callable, *, num_inputs: int = 1, layout: str = "views",
-                 compile: str | None = None, update: str = "auto", cuda_graph: bool = False):
+                 backward: str = "auto", compile: str | None = None, update: str = "auto",
+                 cuda_graph: bool = False):
         if clan.population is None:
             raise ValueError("FusedStep: the clan has no model (a genome-only clan); there is nothing to train")
         if not callable(loss_fn):
@@ -245,6 +264,13 @@ class FusedStep:
             raise ValueError(f"FusedStep: num_inputs must be a positive int, got {num_inputs!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"FusedStep: layout must be one of {LAYOUTS}, got {layout!r}")
+        if backward not in BACKWARDS:
+            raise ValueError(f"FusedStep: backward must be one of {BACKWARDS}, got {backward!r}")
+        if backward == "autograd" and (layout != "views" or compile == "step"):
+            raise ValueError(
+                f"FusedStep: backward='autograd' differentiates the stacked parameters themselves, so it needs "
+                f"layout='views' and cannot compile the whole step; got layout={layout!r}, compile={compile!r}"
+            )
         if compile not in COMPILE_MODES:
             raise ValueError(f"FusedStep: compile must be one of {COMPILE_MODES}, got {compile!r}")
         if update not in UPDATES:
@@ -262,7 +288,11 @@ class FusedStep:
                 f"FusedStep: update='per-member' reads the hyperparameters on the host every step, so it is CPU-only "
                 f"and cannot be compiled; got device {population.device} and compile={compile!r}"
             )
-        self.layout, self.compile, self.update, self.cuda_graph = layout, compile, update, cuda_graph
+        if backward == "auto":
+            vmap_only = cuda_graph or compile == "step" or layout != "views" or update == "per-member"
+            backward = "vmap" if vmap_only else "autograd"
+        self.layout, self.backward, self.compile, self.update = layout, backward, compile, update
+        self.cuda_graph = cuda_graph
         self._population = population
         self._optimizer = clan.optimizer
         p = population.population_size
@@ -276,7 +306,7 @@ class FusedStep:
                        zip(self._names, self._flat.split(self._sizes, 1), self._shapes)}
         self._grad_rows = list(population.grad_flat.split(self._sizes, 1))
         self._leaf_rows = None
-        if layout == "views" and update == "per-member":
+        if layout == "views" and update == "per-member" and backward == "vmap":
             # Without accumulation the kernel reads each parameter's gradient where vmap left it:
             # no copy into grad_flat and no zeroing afterwards (grad_flat stays zero, as after
             # zero_grad()). Per member, per parameter: views of the weights and both moments.
@@ -299,6 +329,8 @@ class FusedStep:
 
         per_member = member_loss if layout == "views" else member_loss_flat
         self._grad_and_value = vmap(grad_and_value(per_member), randomness="different")
+        self._losses = vmap(member_loss, randomness="different")
+        self._leaves = list(population.params.values())
         if update == "per-member":
             self._update = kernel_update_
         elif compile is not None:
@@ -307,8 +339,12 @@ class FusedStep:
             self._update = fused_update_
         # Compiling "the step" compiles the gradient computation and the elementwise update; the
         # few [P]-sized factor computations between them stay eager (see adamw_factors_).
-        self._gradients = self._eager_gradients if compile != "step" else torch.compile(self._eager_gradients,
-                                                                                         dynamic=False)
+        if backward == "autograd":
+            self._gradients = self._autograd_gradients
+        elif compile == "step":
+            self._gradients = torch.compile(self._eager_gradients, dynamic=False)
+        else:
+            self._gradients = self._eager_gradients
         self._graphs: dict = {}
 
     # -- the step -------------------------------------------------------------------------------
@@ -350,6 +386,20 @@ class FusedStep:
             step_grads, losses = self._grad_and_value(self._flat, pop.buffers, *batch)
         return step_grads, losses
 
+    def _autograd_gradients(self, *batch: torch.Tensor) -> tuple[None, torch.Tensor]:
+        """The losses ``[P]`` of the vmapped forward, and their gradients accumulated into ``grad_flat``."""
+        pop = self._population
+        losses = self._losses(pop.params, pop.buffers, *batch)
+        # AccumulateGrad adds in place into each parameter's .grad, a view of grad_flat: zero after
+        # the last update, or holding the partial sums of gradient accumulation. The update
+        # averages a cooperative step's gradients itself; the flag tells the clan's check so.
+        self.clan._syncing = True
+        try:
+            torch.autograd.backward(losses.sum(), inputs=self._leaves)
+        finally:
+            self.clan._syncing = False
+        return None, losses
+
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
         """Train every member one step on ``batch`` and advance the round clock.
 
@@ -383,7 +433,7 @@ class FusedStep:
                 )
         cooperative = clan.phase == "cooperative"
         pop.restore_grad_views()
-        with _batchable_attention(pop.device):
+        with _batchable_attention():
             losses = self._replay(cooperative, batch) if self.cuda_graph else self._eager_step(cooperative, *batch)
         clan._advance()
         return losses
@@ -415,8 +465,11 @@ class FusedStep:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            # Warm-up on a side stream (lazy cuBLAS/allocator initialisation must not be captured).
-            self._eager_step(cooperative, *static_batch)
+            # Warm-up on the stream that will capture: lazy initialisation (cuBLAS handles and
+            # workspaces, the autograd engine's device thread, allocator pools) must not happen
+            # inside the capture. Two steps, as PyTorch's own examples warm up more than once.
+            for _ in range(2):
+                self._eager_step(cooperative, *static_batch)
         torch.cuda.current_stream(device).wait_stream(stream)
         with torch.no_grad():
             for dst, src in zip(self._mutable_state(), saved):
@@ -424,6 +477,6 @@ class FusedStep:
         torch.cuda.set_rng_state(rng, device)
         del saved
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             static_losses = self._eager_step(cooperative, *static_batch)
         return graph, static_batch, static_losses
