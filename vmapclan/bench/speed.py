@@ -8,13 +8,16 @@ For each model and population size P, in one process and on the same random data
 - **ceiling** (MLPs only): the same MLP written by hand with ``torch.baddbmm`` over weights
   stored member-major in one flat buffer, with the optimizer update :class:`~vmapclan.FusedStep`
   uses by default on the device -- what vmap and ``functional_call`` would cost if they cost
-  nothing;
+  nothing; on CUDA also **ceiling+cuda-graph**, the same step captured into a CUDA graph. The
+  faster of the two is the baseline of ``x ceiling``;
 - **imperative**: the ``Member`` loop of ``DESIGN.md`` (vmapped forward, ``backward``,
   ``BatchedAdamW``);
-- **fused**, **fused-flat**, **fused-batched**: :class:`~vmapclan.FusedStep` eager with its
-  defaults, with the ``"flat"`` layout, and with the batched (tensor-op) optimizer update;
+- **fused**, **fused-flat**, **fused-batched**, **fused-vmap**, **fused-autograd**:
+  :class:`~vmapclan.FusedStep` eager with its defaults, with the ``"flat"`` layout, with the
+  batched (tensor-op) optimizer update, and with ``backward="vmap"`` / ``"autograd"``;
 - **fused+compile-opt** / **fused+compile-step**: ``torch.compile`` of the update / the whole step;
-- **fused+cuda-graph** (CUDA only): the step captured into a CUDA graph.
+- **fused+cuda-graph**, **fused-autograd+cuda-graph**, **fused+compile-opt+cuda-graph** (CUDA
+  only): the step captured into a CUDA graph (the last with the compiled update inside).
 
 The clan is a sweep (``duty_cycle=1``, no selection), so every step is competitive and every
 member has its own hyperparameters, as in the harder half of a round. Times are medians of
@@ -113,8 +116,9 @@ MODELS: dict[str, BenchModel] = {
     "char-transformer": BenchModel("char-transformer", 4, seq_len=128),
 }
 
-VARIANTS = ("loop", "ceiling", "imperative", "fused", "fused-flat", "fused-batched", "fused+compile-opt",
-            "fused+compile-step", "fused+cuda-graph")
+VARIANTS = ("loop", "ceiling", "ceiling+cuda-graph", "imperative", "fused", "fused-flat", "fused-batched",
+            "fused-vmap", "fused-autograd", "fused+compile-opt", "fused+compile-step", "fused+cuda-graph",
+            "fused-autograd+cuda-graph", "fused+compile-opt+cuda-graph")
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -127,11 +131,12 @@ def _proc_status_kib(key: str) -> int:
 
 
 class _PeakMemory:
-    """Peak memory rise over a block: CUDA allocator peak, or peak RSS on Linux CPU (else ``nan``)."""
+    """Memory rise over a block: its peak, and what is still held at its end (before the block's
+    own references go). CUDA allocator counts, or RSS on Linux CPU (else ``nan``)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.peak_bytes = math.nan
+        self.peak_bytes = self.held_bytes = math.nan
 
     def __enter__(self):
         gc.collect()
@@ -152,6 +157,15 @@ class _PeakMemory:
         except (OSError, KeyError, AttributeError):
             pass
         return self
+
+    def held(self) -> None:
+        """Record what is held now (call it at the end of the block, while the variant still lives)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.held_bytes = torch.cuda.memory_allocated(self.device) - self._base
+        elif self._base is not None:
+            self.held_bytes = _proc_status_kib("VmRSS") * 1024 - self._base
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -232,6 +246,19 @@ def _ceiling_variant(spec: BenchModel, model: nn.Module, x, y) -> Callable[[], N
     return step
 
 
+def _graphed(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``step`` captured into a CUDA graph (its tensors are persistent, so replays reuse them)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        step()  # warm-up off the capture: cuBLAS handles and allocator pools are made here
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def _imperative_variant(spec: BenchModel, clan, x, y) -> Callable[[], None]:
     from .. import member_loss
 
@@ -309,7 +336,7 @@ def run_speed(models: list[str], sizes: list[int], variants: list[str] | None = 
     Returns:
         ``{"meta": {...}, "rows": [...]}``: one row per (model, P, variant) with ``step_s``,
         ``steps_per_s``, ``member_steps_per_s``, ``vs_loop``, ``vs_ceiling``, ``peak_bytes``,
-        ``peak_bytes_per_member``, ``state_bytes_per_member`` and ``tflops``.
+        ``peak_bytes_per_member``, ``held_bytes_per_member``, ``state_bytes_per_member`` and ``tflops``.
 
     Raises:
         ValueError: for an unknown model or variant, or a CUDA-only variant off CUDA.
@@ -319,12 +346,13 @@ def run_speed(models: list[str], sizes: list[int], variants: list[str] | None = 
         if name not in MODELS:
             raise ValueError(f"run_speed: unknown model {name!r}; the models are {sorted(MODELS)}")
     if variants is None:
-        variants = [v for v in VARIANTS if v != "fused+cuda-graph" or device.type == "cuda"]
+        variants = [v for v in VARIANTS if not v.endswith("cuda-graph") or device.type == "cuda"]
     for name in variants:
         if name not in VARIANTS:
             raise ValueError(f"run_speed: unknown variant {name!r}; the variants are {list(VARIANTS)}")
-    if "fused+cuda-graph" in variants and device.type != "cuda":
-        raise ValueError(f"run_speed: the fused+cuda-graph variant needs a CUDA device, got {device}")
+    for name in variants:
+        if name.endswith("cuda-graph") and device.type != "cuda":
+            raise ValueError(f"run_speed: the {name} variant needs a CUDA device, got {device}")
     log = log or (lambda line: None)
     # Every (model, P) compiles the same functions again for new shapes; past dynamo's default
     # limit of 8 recompiles it would silently run them eagerly and time the wrong thing.
@@ -354,30 +382,32 @@ def _run_one(spec, p, variants, device, warmup, reps, min_time, autocast, seed, 
     results, errors = {}, {}
     loop_settings = ["for-loop", "foreach", "fused"]
     for variant in variants:
-        if variant == "ceiling" and spec.mlp_dims is None:
+        if variant.startswith("ceiling") and spec.mlp_dims is None:
             continue
         for setting in loop_settings if variant == "loop" else [None]:
             label = f"loop ({setting})" if variant == "loop" else variant
             try:
-                seconds, peak = _measure(spec, p, variant, setting, model, x, y, device, generator, warmup, reps,
+                seconds, peak, held = _measure(spec, p, variant, setting, model, x, y, device, generator, warmup, reps,
                                          min_time, autocast)
             except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others' numbers
                 errors[label] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
                 log(f"{spec.name:17s} P={p:<4d} {label:20s} FAILED {errors[label]}")
                 continue
-            results[label] = (seconds, peak)
+            results[label] = (seconds, peak, held)
             log(f"{spec.name:17s} P={p:<4d} {label:20s} {1 / seconds:9.2f} steps/s  load {os.getloadavg()[0]:.2f}")
 
     loops = {k: v for k, v in results.items() if k.startswith("loop")}
     best_loop = min(loops, key=lambda k: loops[k][0]) if loops else None
     loop_s = loops[best_loop][0] if loops else math.nan
-    ceiling_s = results["ceiling"][0] if "ceiling" in results else math.nan
+    ceilings = [v[0] for k, v in results.items() if k.startswith("ceiling")]
+    ceiling_s = min(ceilings) if ceilings else math.nan
     rows = []
-    for label, (seconds, peak) in results.items():
+    for label, (seconds, peak, held) in results.items():
         rows.append({
             "model": spec.name, "P": p, "variant": label, "step_s": seconds, "steps_per_s": 1 / seconds,
             "member_steps_per_s": p / seconds, "vs_loop": loop_s / seconds, "vs_ceiling": ceiling_s / seconds,
             "fastest_loop": label == best_loop, "peak_bytes": peak, "peak_bytes_per_member": peak / p,
+            "held_bytes_per_member": held / p,
             "state_bytes_per_member": state_bytes, "tflops": spec.matmul_flops(p) / seconds / 1e12,
             "load_avg": os.getloadavg()[0],
         })
@@ -391,8 +421,10 @@ def _measure(spec, p, variant, setting, model, x, y, device, generator, warmup, 
     with _PeakMemory(device) as mem:
         if variant == "loop":
             step = _loop_variant(spec, model, x, y, setting)
-        elif variant == "ceiling":
+        elif variant.startswith("ceiling"):
             step = _ceiling_variant(spec, model, x, y)
+            if variant == "ceiling+cuda-graph":
+                step = _graphed(_autocast(step, device, autocast), device)
         else:
             clan = _sweep_clan(model, p, device, generator)
             if variant == "imperative":
@@ -400,20 +432,44 @@ def _measure(spec, p, variant, setting, model, x, y, device, generator, warmup, 
             else:
                 kwargs = {
                     "fused": {}, "fused-flat": {"layout": "flat"}, "fused-batched": {"update": "batched"},
+                    "fused-vmap": {"backward": "vmap"}, "fused-autograd": {"backward": "autograd"},
                     "fused+compile-opt": {"compile": "optimizer"}, "fused+compile-step": {"compile": "step"},
                     "fused+cuda-graph": {"cuda_graph": True},
+                    "fused-autograd+cuda-graph": {"backward": "autograd", "cuda_graph": True},
+                    "fused+compile-opt+cuda-graph": {"compile": "optimizer", "cuda_graph": True},
                 }[variant]
                 step = _fused_variant(spec, clan, x, y, **kwargs)
-        if autocast == "bf16":
-            inner = step
-
-            def step(inner=inner):
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    inner()
-
+        if variant != "ceiling+cuda-graph":  # (captured under autocast already)
+            step = _autocast(step, device, autocast)
         seconds = _time_step(step, device, warmup, reps, min_time)
+        mem.held()
         del step
-    return seconds, mem.peak_bytes
+    return seconds, mem.peak_bytes, mem.held_bytes
+
+
+def _autocast(step: Callable[[], None], device: torch.device, autocast: str | None) -> Callable[[], None]:
+    """``step`` run under bf16 autocast when asked (the cast cache off: a CUDA graph must not keep it)."""
+    if autocast != "bf16":
+        return step
+
+    def autocast_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+            step()
+
+    return autocast_step
+
+
+def _matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
+    """TFLOP/s of one large square matmul on random data: the device's practical peak for ``dtype``."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
 def _meta(device: torch.device, autocast: str | None) -> dict:
@@ -426,7 +482,12 @@ def _meta(device: torch.device, autocast: str | None) -> dict:
                 name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-    return {"device": str(device), "device_name": name, "torch": torch.__version__,
+    peak = {}
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if autocast == "bf16" else torch.float32
+        peak = {"matmul_peak_dtype": str(dtype).removeprefix("torch."),
+                "matmul_peak_tflops": _matmul_peak_tflops(device, dtype)}
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, **peak,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_avg": list(os.getloadavg()),
             "autocast": autocast, "python": platform.python_version(),
             "time_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -448,11 +509,13 @@ def format_table(result: dict) -> str:
         load += "; at end: " + ", ".join(f"{v:.2f}" for v in meta["load_avg_end"])
     lines = [
         f"device: {meta['device_name']} ({meta['device']}, {meta['threads']} threads)  torch {meta['torch']}  "
-        f"autocast: {meta['autocast'] or 'off'}  load average (1, 5, 15 min) at start: {load}  ({meta['time_utc']})",
+        f"autocast: {meta['autocast'] or 'off'}  load average (1, 5, 15 min) at start: {load}  ({meta['time_utc']})"
+        + (f"  matmul peak ({meta['matmul_peak_dtype']}, 8192^3): {meta['matmul_peak_tflops']:.0f} TFLOP/s"
+           if "matmul_peak_tflops" in meta else ""),
         "",
         "| model | P | variant | steps/s | member-steps/s | x loop | x ceiling | peak MiB | peak MiB/member "
-        "| state MiB/member | TFLOP/s | load |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| held MiB/member | state MiB/member | TFLOP/s | load |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def num(v, fmt):
@@ -460,18 +523,21 @@ def format_table(result: dict) -> str:
 
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['P']} | {r['variant']} | failed: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['model']} | {r['P']} | {r['variant']} | failed: {r['error']} |" + " |" * 9)
             continue
         variant = r["variant"] + (" *" if r["fastest_loop"] else "")
         lines.append(
             f"| {r['model']} | {r['P']} | {variant} | {num(r['steps_per_s'], '.1f')} | "
             f"{num(r['member_steps_per_s'], '.0f')} | {num(r['vs_loop'], '.2f')} | {num(r['vs_ceiling'], '.2f')} | "
             f"{num(r['peak_bytes'] / 2**20, '.1f')} | {num(r['peak_bytes_per_member'] / 2**20, '.2f')} | "
+            f"{num(r['held_bytes_per_member'] / 2**20, '.2f')} | "
             f"{num(r['state_bytes_per_member'] / 2**20, '.3f')} | {num(r['tflops'], '.3f')} | {r['load_avg']:.2f} |"
         )
     lines.append("")
-    lines.append("`*` the fastest loop setting, the baseline of `x loop`; `x ceiling` against the hand-written "
-                 "baddbmm MLP; state = parameters + gradients + two AdamW moments.")
+    lines.append("`*` the fastest loop setting, the baseline of `x loop`; `x ceiling` against the faster of the "
+                 "hand-written baddbmm MLP's variants; peak = the most allocated while the variant was built and run (CUDA-graph "
+                 "capture included), held = what it still held after its timed steps; TFLOP/s counts the weight "
+                 "matmuls only; state = parameters + gradients + two AdamW moments.")
     return "\n".join(lines)
 
 
