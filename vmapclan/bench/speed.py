@@ -254,9 +254,13 @@ def _graphed(step: Callable[[], None], device: torch.device) -> Callable[[], Non
         step()  # warm-up off the capture: cuBLAS handles and allocator pools are made here
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         step()
-    return graph.replay
+
+    def replay(step=step):  # the graph reads and writes step's tensors: keep them alive with it
+        graph.replay()
+
+    return replay
 
 
 def _imperative_variant(spec: BenchModel, clan, x, y) -> Callable[[], None]:
