@@ -67,3 +67,20 @@ def test_cuda_graph_step_equals_imperative(kwargs):  # pragma: no cover - CUDA o
     """Replayed graphs train exactly as the imperative loop, across phases, selection and accumulation."""
     phases = run_both({**kwargs, "cuda_graph": True}, accumulate=True, device="cuda")
     assert phases == {"cooperative", "competitive"}
+
+
+@pytest.mark.parametrize("fused", [{"cuda_graph": True}, {"cuda_graph": True, "compile": "optimizer"}],
+                         ids=["graph", "graph-compiled-update"])
+def test_machine_with_cuda_graphs_matches_the_imperative_loop(fused):  # pragma: no cover - CUDA only
+    """The whole run (warmup, rounds with selection, anneal, validation) with graphed clan rounds."""
+    from vmapclan import TrainingMachine
+
+    from test_machine import tiny
+
+    config = tiny(total_steps=120)
+    graphed = TrainingMachine(config, device="cuda", fused=fused).train()
+    plain = TrainingMachine(config, device="cuda", fused=False).train()
+    assert [r["winner"] for r in graphed.rounds] == [r["winner"] for r in plain.rounds]
+    for a, b in zip(graphed.rounds, plain.rounds):
+        assert a["val_losses"] == pytest.approx(b["val_losses"], rel=1e-4)
+    assert graphed.final["val_loss"] == pytest.approx(plain.final["val_loss"], rel=1e-4)

@@ -260,14 +260,29 @@ def test_stdlib_corpus_is_deterministic_and_split_by_file():
     assert int(train.max()) < 128 and int(val.max()) < 128
 
 
-def test_fused_rounds_match_the_imperative_loop():
+@pytest.mark.parametrize("fused", [True, {"backward": "vmap", "layout": "flat"}], ids=["default", "options"])
+def test_fused_rounds_match_the_imperative_loop(fused):
     config = tiny(total_steps=70)
-    fused = TrainingMachine(config, fused=True).train()
+    machine = TrainingMachine(config, fused=fused)
+    fused_run = machine.train()
     plain = TrainingMachine(config, fused=False).train()
-    assert [r["winner"] for r in fused.rounds] == [r["winner"] for r in plain.rounds]
-    for a, b in zip(fused.rounds, plain.rounds):
+    if isinstance(fused, dict):
+        assert (machine._fused_step.backward, machine._fused_step.layout) == ("vmap", "flat")
+    assert [r["winner"] for r in fused_run.rounds] == [r["winner"] for r in plain.rounds]
+    for a, b in zip(fused_run.rounds, plain.rounds):
         assert a["val_losses"] == pytest.approx(b["val_losses"], rel=1e-4)
-    assert fused.final["val_loss"] == pytest.approx(plain.final["val_loss"], rel=1e-4)
+    assert fused_run.final["val_loss"] == pytest.approx(plain.final["val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(("fused", "error", "match"), [
+    ("yes", TypeError, "fused must be a bool or a dict of FusedStep options, got str"),
+    ({"graph": True}, ValueError, r"unknown FusedStep options \['graph'\]"),
+    ({"cuda_graph": True}, ValueError, "cuda_graph=True needs the clan on a CUDA device, it is on cpu"),
+    ({"compile": "everything"}, ValueError, "compile must be one of"),
+])
+def test_fused_options_are_checked_before_training(fused, error, match):
+    with pytest.raises(error, match=match):
+        TrainingMachine(tiny(total_steps=70), fused=fused)
 
 
 def test_truncation_runs_and_exports_round_winners():

@@ -32,7 +32,7 @@ from .optim import (UPDATES, AdamWHyper, AdamWState, _kernel_members_, adamw_ker
                     default_update)
 from .population import _batchable_attention
 
-__all__ = ["FusedStep", "LAYOUTS", "BACKWARDS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_", "adamw_kernel_step_",
+__all__ = ["FusedStep", "check_options", "LAYOUTS", "BACKWARDS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_", "adamw_kernel_step_",
            "adamw_factors_", "adamw_apply_"]
 
 LAYOUTS = ("views", "flat")
@@ -195,6 +195,41 @@ kernel_update_ = functools.partial(fused_update_, step_=adamw_kernel_step_)
 """:func:`fused_update_` with PyTorch's fused AdamW kernel per member (:func:`~vmapclan.optim.adamw_kernel_step_`; CPU)."""
 
 
+def check_options(device: torch.device | str, *, layout: str = "views", backward: str = "auto",
+                  compile: str | None = None, update: str = "auto", cuda_graph: bool = False) -> None:
+    """Check :class:`FusedStep`'s options for a population on ``device``, before any model exists.
+
+    Raises:
+        ValueError: for an unknown layout, backward, compile mode or update, or a combination
+            that cannot work (see :class:`FusedStep`).
+    """
+    device = torch.device(device)
+    if layout not in LAYOUTS:
+        raise ValueError(f"FusedStep: layout must be one of {LAYOUTS}, got {layout!r}")
+    if backward not in BACKWARDS:
+        raise ValueError(f"FusedStep: backward must be one of {BACKWARDS}, got {backward!r}")
+    if backward == "autograd" and (layout != "views" or compile == "step"):
+        raise ValueError(
+            f"FusedStep: backward='autograd' differentiates the stacked parameters themselves, so it needs "
+            f"layout='views' and cannot compile the whole step; got layout={layout!r}, compile={compile!r}"
+        )
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"FusedStep: compile must be one of {COMPILE_MODES}, got {compile!r}")
+    if update not in UPDATES:
+        raise ValueError(f"FusedStep: update must be one of {UPDATES}, got {update!r}")
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"FusedStep: cuda_graph must be True or False, got {cuda_graph!r}")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"FusedStep: cuda_graph=True needs the clan on a CUDA device, it is on {device}")
+    if cuda_graph and compile == "step":
+        raise ValueError("FusedStep: cuda_graph=True captures the step itself; use compile=None or 'optimizer'")
+    if update == "per-member" and (compile is not None or device.type != "cpu"):
+        raise ValueError(
+            f"FusedStep: update='per-member' reads the hyperparameters on the host every step, so it is CPU-only "
+            f"and cannot be compiled; got device {device} and compile={compile!r}"
+        )
+
+
 class FusedStep:
     """One training step of the whole clan as a single vmapped function call.
 
@@ -262,32 +297,12 @@ class FusedStep:
             raise TypeError(f"FusedStep: loss_fn must be callable, got {type(loss_fn).__name__}")
         if isinstance(num_inputs, bool) or not isinstance(num_inputs, int) or num_inputs < 1:
             raise ValueError(f"FusedStep: num_inputs must be a positive int, got {num_inputs!r}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"FusedStep: layout must be one of {LAYOUTS}, got {layout!r}")
-        if backward not in BACKWARDS:
-            raise ValueError(f"FusedStep: backward must be one of {BACKWARDS}, got {backward!r}")
-        if backward == "autograd" and (layout != "views" or compile == "step"):
-            raise ValueError(
-                f"FusedStep: backward='autograd' differentiates the stacked parameters themselves, so it needs "
-                f"layout='views' and cannot compile the whole step; got layout={layout!r}, compile={compile!r}"
-            )
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"FusedStep: compile must be one of {COMPILE_MODES}, got {compile!r}")
-        if update not in UPDATES:
-            raise ValueError(f"FusedStep: update must be one of {UPDATES}, got {update!r}")
         population = clan.population
-        if cuda_graph and population.device.type != "cuda":
-            raise ValueError(f"FusedStep: cuda_graph=True needs the clan on a CUDA device, it is on {population.device}")
-        if cuda_graph and compile == "step":
-            raise ValueError("FusedStep: cuda_graph=True captures the step itself; use compile=None or 'optimizer'")
+        check_options(population.device, layout=layout, backward=backward, compile=compile, update=update,
+                      cuda_graph=cuda_graph)
         self.clan, self.loss_fn, self.num_inputs = clan, loss_fn, num_inputs
         if update == "auto":
             update = default_update(population.flat) if compile is None else "batched"
-        if update == "per-member" and (compile is not None or population.device.type != "cpu"):
-            raise ValueError(
-                f"FusedStep: update='per-member' reads the hyperparameters on the host every step, so it is CPU-only "
-                f"and cannot be compiled; got device {population.device} and compile={compile!r}"
-            )
         if backward == "auto":
             vmap_only = cuda_graph or compile == "step" or layout != "views" or update == "per-member"
             backward = "vmap" if vmap_only else "autograd"

@@ -205,6 +205,22 @@ class TrainingResults:
         return files
 
 
+def _fused_options(fused, device: torch.device) -> tuple[bool, dict]:
+    """``(use FusedStep, its options)`` from ``TrainingMachine``'s ``fused`` argument, checked now."""
+    from .fused import check_options
+
+    if isinstance(fused, bool):
+        return fused, {}
+    if not isinstance(fused, Mapping):
+        raise TypeError(f"TrainingMachine: fused must be a bool or a dict of FusedStep options, got {type(fused).__name__}")
+    allowed = ("layout", "backward", "compile", "update", "cuda_graph")
+    unknown = sorted(set(fused) - set(allowed))
+    if unknown:
+        raise ValueError(f"TrainingMachine: unknown FusedStep options {unknown}; the options are {list(allowed)}")
+    check_options(device, **fused)
+    return True, dict(fused)
+
+
 class TrainingMachine:
     """Runs a population training from a config, phase by phase.
 
@@ -218,13 +234,14 @@ class TrainingMachine:
             "round", "best_val"}`` after every step (no host sync), and ``{"event": "round", ...}``,
             ``{"event": "cooperative", ...}``, ``{"event": "train", ...}`` records as they are made.
         device: Where the population lives (default: CPU).
-        fused: Train clan rounds with :class:`~vmapclan.FusedStep` (one vmapped
-            ``grad_and_value`` and one batched update per step; the same numbers as the imperative
-            loop). Cooperative phases use the imperative loop, since they run outside the round
-            clock that ``FusedStep`` advances.
+        fused: Train clan rounds with :class:`~vmapclan.FusedStep` (one vmapped forward and
+            backward and one batched update per step; the same numbers as the imperative loop):
+            ``True``, ``False`` (the imperative loop), or a dict of ``FusedStep`` options, e.g.
+            ``{"cuda_graph": True, "compile": "optimizer"}`` on CUDA. Cooperative phases use the
+            imperative loop, since they run outside the round clock that ``FusedStep`` advances.
 
     Raises:
-        ValueError, TypeError: for a bad config (naming the field) or ``total_steps``.
+        ValueError, TypeError: for a bad config (naming the field), ``total_steps`` or ``fused``.
 
     Example:
         >>> results = TrainingMachine({"task": "digits-mlp", "clan": {"population_size": 4}}, 200).train()  # doctest: +SKIP
@@ -233,7 +250,7 @@ class TrainingMachine:
 
     def __init__(self, config: RunConfig | Mapping, total_steps: int | None = None, *,
                  out_dir: str | os.PathLike | None = None, callback: Callable[[dict], None] | None = None,
-                 device: torch.device | str | None = None, fused: bool = True):
+                 device: torch.device | str | None = None, fused: bool | Mapping = True):
         if isinstance(config, Mapping):
             config = RunConfig.from_dict(config)
         if not isinstance(config, RunConfig):
@@ -251,7 +268,7 @@ class TrainingMachine:
         self.callback = callback
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.log_every = config.log_every or max(1, self.total_steps // 100)
-        self.fused = bool(fused)
+        self.fused, self._fused_options = _fused_options(fused, self.device)
         self._fused_step = None
         self.history: list[dict] = []
         self.metrics: list[dict] = []
@@ -310,7 +327,7 @@ class TrainingMachine:
             if self._fused_step is None:
                 from .fused import FusedStep
 
-                self._fused_step = FusedStep(self.clan, self.task.loss)
+                self._fused_step = FusedStep(self.clan, self.task.loss, **self._fused_options)
             self._after_step(self._fused_step(*batch))
         else:
             self._train_step(member, batch)
@@ -420,7 +437,7 @@ class TrainingMachine:
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, *, callback: Callable[[dict], None] | None = None,
-               device: torch.device | str | None = None, fused: bool = True) -> TrainingMachine:
+               device: torch.device | str | None = None, fused: bool | Mapping = True) -> TrainingMachine:
         """A machine that continues the run whose ``checkpoint.pt`` is in ``run_dir``.
 
         Its :meth:`train` restores the clan (weights, optimizer, genomes, loader position, random
