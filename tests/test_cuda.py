@@ -1,13 +1,13 @@
 """On a CUDA device: the vectorized paths equal their references there too, without vmap fallbacks.
 
-Skipped without a GPU (CI has none); the CUDA-graph tests live in ``test_fused.py``.
+Skipped without a GPU (CI has none). ``test_fused.py`` also holds a CUDA-graph test (graphed
+against eager steps); the ones here compare graphed steps and runs with the imperative loop.
 """
 
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vmapclan import PopulationModel
 from vmapclan.tasks import CharTransformer

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmapclan import Clan, FusedStep, member_loss
-from vmapclan.fused import BACKWARDS, LAYOUTS
+from vmapclan.fused import BACKWARDS, LAYOUTS, resolve_backward
 
 from plain_loop import train_step
 
@@ -197,6 +197,57 @@ def test_fused_step_needs_a_model_and_a_callable():
                   F.cross_entropy)
     with pytest.raises(TypeError, match="loss_fn must be callable, got str"):
         FusedStep(make_clan(), "cross_entropy")
+
+
+@pytest.mark.parametrize("backward", EXPLICIT_BACKWARDS)
+def test_fused_step_ignores_what_an_imperative_backward_left(backward):
+    """Without accumulation a fused step starts from zero gradients, whatever grad_flat holds."""
+    clean, dirty = make_clan(), make_clan()
+    x, y = make_data(8)
+    dirty.population.grad_flat.fill_(1.0)
+    for clan in (clean, dirty):
+        FusedStep(clan, F.cross_entropy, backward=backward)(clan.population.share(x), clan.population.share(y))
+    assert_same_state(clean, dirty, tol=0)
+
+
+@pytest.mark.parametrize("backward", EXPLICIT_BACKWARDS)
+def test_fused_step_trains_under_no_grad(backward):
+    plain, quiet = make_clan(), make_clan()
+    x, y = make_data(8)
+    losses = FusedStep(plain, F.cross_entropy, backward=backward)(plain.population.share(x), plain.population.share(y))
+    with torch.no_grad():
+        quiet_losses = FusedStep(quiet, F.cross_entropy, backward=backward)(quiet.population.share(x),
+                                                                            quiet.population.share(y))
+    torch.testing.assert_close(losses, quiet_losses, atol=0, rtol=0)
+    assert_same_state(plain, quiet, tol=0)
+    assert not torch.equal(plain.population.flat, make_clan().population.flat)  # it did train
+
+
+def test_fused_step_inside_sync_context_leaves_the_context_in_force():
+    """An autograd fused step must not switch off the cooperative check's flag of an open sync_context."""
+    clan = make_clan()
+    assert clan.phase == "cooperative"
+    step = FusedStep(clan, F.cross_entropy, backward="autograd")
+    x, y = make_data(8)
+    xs, ys = clan.population.share(x), clan.population.share(y)
+    member = clan.round()
+    with member.sync_context():
+        step(xs, ys)
+        member_loss(F.cross_entropy, member.model(xs), ys).sum().backward()  # still inside: no error
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({}, "autograd"),
+    ({"cuda_graph": True}, "vmap"),
+    ({"compile": "step"}, "vmap"),
+    ({"compile": "optimizer"}, "autograd"),
+    ({"layout": "flat"}, "vmap"),
+    ({"update": "per-member"}, "vmap"),
+])
+def test_auto_backward_rule(options, expected):
+    settings = {"layout": "views", "compile": None, "update": "batched", "cuda_graph": False, **options}
+    assert resolve_backward("auto", **settings) == expected
+    assert resolve_backward("vmap", **settings) == "vmap"
 
 
 def test_fused_step_needs_the_member_dimension():

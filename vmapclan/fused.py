@@ -1,12 +1,14 @@
-"""The fused training step: one vmapped ``grad_and_value`` and one batched AdamW update per call.
+"""The fused training step: one vmapped forward and backward and one batched AdamW update per call.
 
 The imperative loop (``member.model(x)``, ``member_loss``, ``backward`` inside
-``sync_context()``, ``optimizer.step()``, ``zero_grad()``, ``member.step()``) runs autograd over
-P stacked leaves and several Python-level calls per step. :class:`FusedStep` does the same step
-as one function of the population's tensors:
+``sync_context()``, ``optimizer.step()``, ``zero_grad()``, ``member.step()``) runs several
+Python-level calls per step. :class:`FusedStep` does the same step as one function of the
+population's tensors:
 
-1. ``torch.func.grad_and_value`` of the per-member loss through ``functional_call``, vmapped
-   once over the member dimension, gives every member's gradient and loss;
+1. the per-member loss through ``functional_call``, vmapped once over the member dimension,
+   gives every member's loss, and its gradient comes either from ``torch.func.grad_and_value``
+   under the same vmap or from one autograd backward over the stacked parameters
+   (:data:`BACKWARDS`);
 2. in the cooperative phase the gradients are averaged over members (as ``sync_context()``
    does);
 3. AdamW updates ``flat[P, N]`` and the optimizer state in place, with the genes in force and
@@ -32,7 +34,7 @@ from .optim import (UPDATES, AdamWHyper, AdamWState, _kernel_members_, adamw_ker
                     default_update)
 from .population import _batchable_attention
 
-__all__ = ["FusedStep", "check_options", "LAYOUTS", "BACKWARDS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_", "adamw_kernel_step_",
+__all__ = ["FusedStep", "check_options", "resolve_backward", "capture_cuda_graph", "LAYOUTS", "BACKWARDS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_", "adamw_kernel_step_",
            "adamw_factors_", "adamw_apply_"]
 
 LAYOUTS = ("views", "flat")
@@ -47,11 +49,13 @@ LAYOUTS = ("views", "flat")
 BACKWARDS = ("auto", "vmap", "autograd")
 """How the gradients are computed.
 
-- ``"auto"``: ``"autograd"`` (measured faster eagerly on CPU and CUDA: less per-op cost in the
-  backward), except ``"vmap"`` where ``"autograd"`` cannot go (``compile="step"``,
-  ``layout="flat"``), under a CUDA graph (measured about 10% faster there), and with the
-  per-member update on CPU (which reads vmap's gradients where they lie, saving two passes over
-  ``grad_flat``). The numbers are in ``BENCHMARKS.md``.
+- ``"auto"``: ``"autograd"`` (less per-op cost in the backward: measured faster eagerly for the
+  models whose step is bound by host time, on CPU and CUDA), except ``"vmap"`` where
+  ``"autograd"`` cannot go (``compile="step"``, ``layout="flat"``), under a CUDA graph (where
+  host time is gone and vmap measured up to 10% faster), and with the per-member update on CPU
+  (which reads vmap's gradients where they lie, saving two passes over ``grad_flat``). For a
+  model whose eager step is bound by device time (the wide MLP of the benchmark on CUDA)
+  ``"vmap"`` is faster. The numbers are in ``BENCHMARKS.md``.
 - ``"vmap"``: ``torch.func.grad_and_value`` of the per-member loss, vmapped: the backward runs
   under vmap too, and each step's gradients come back as new ``[P, *shape]`` tensors.
 - ``"autograd"``: the vmapped forward gives the ``[P]`` losses, and one ordinary autograd
@@ -202,6 +206,7 @@ def check_options(device: torch.device | str, *, layout: str = "views", backward
     Raises:
         ValueError: for an unknown layout, backward, compile mode or update, or a combination
             that cannot work (see :class:`FusedStep`).
+        TypeError: if ``cuda_graph`` is not a bool.
     """
     device = torch.device(device)
     if layout not in LAYOUTS:
@@ -218,7 +223,7 @@ def check_options(device: torch.device | str, *, layout: str = "views", backward
     if update not in UPDATES:
         raise ValueError(f"FusedStep: update must be one of {UPDATES}, got {update!r}")
     if not isinstance(cuda_graph, bool):
-        raise ValueError(f"FusedStep: cuda_graph must be True or False, got {cuda_graph!r}")
+        raise TypeError(f"FusedStep: cuda_graph must be True or False, got {cuda_graph!r}")
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"FusedStep: cuda_graph=True needs the clan on a CUDA device, it is on {device}")
     if cuda_graph and compile == "step":
@@ -228,6 +233,49 @@ def check_options(device: torch.device | str, *, layout: str = "views", backward
             f"FusedStep: update='per-member' reads the hyperparameters on the host every step, so it is CPU-only "
             f"and cannot be compiled; got device {device} and compile={compile!r}"
         )
+
+
+def resolve_backward(backward: str, *, layout: str, compile: str | None, update: str, cuda_graph: bool) -> str:
+    """The backward ``"auto"`` stands for with these (checked) options; an explicit one is returned as is.
+
+    See :data:`BACKWARDS` for the rule and why. ``update`` is the resolved update, not ``"auto"``.
+    """
+    if backward != "auto":
+        return backward
+    vmap_only = cuda_graph or compile == "step" or layout != "views" or update == "per-member"
+    return "vmap" if vmap_only else "autograd"
+
+
+def capture_cuda_graph(step: Callable[[], object], device: torch.device, *, warmup: int = 2,
+                       after_warmup: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run ``step`` ``warmup`` times on a side stream, then capture one call of it on that stream.
+
+    The warm-up keeps lazy initialisation (cuBLAS handles and workspaces, autograd's device
+    thread, allocator pools) out of the capture. Two steps by default: PyTorch's whole-network
+    capture example warms up several iterations, and with a single warm-up step a capture was
+    once seen invalidated in this package's CUDA tests.
+
+    Args:
+        step: What to capture; every tensor it reads or writes must outlive the graph.
+        device: The CUDA device.
+        warmup: Eager calls before the capture.
+        after_warmup: Called between the warm-up and the capture (e.g. to undo the warm-up).
+
+    Returns:
+        ``(graph, what the captured call returned)``: replaying the graph recomputes the latter in place.
+    """
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    if after_warmup is not None:
+        after_warmup()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        output = step()
+    return graph, output
 
 
 class FusedStep:
@@ -242,10 +290,11 @@ class FusedStep:
         member.optimizer.zero_grad()
         member.step()
 
-    computed as ``vmap(grad_and_value(per_member_loss))`` followed by the batched AdamW update
-    in place. It respects the phase (gradients averaged over members when cooperating), the genes
-    in force and gradient accumulation exactly as that loop, advances the clan's round clock,
-    and returns the per-member losses ``[P]`` without a host synchronisation.
+    computed as one vmapped forward and backward (see :data:`BACKWARDS`) followed by the batched
+    AdamW update in place. It respects the phase (gradients averaged over members when
+    cooperating), the genes in force and gradient accumulation exactly as that loop, advances the
+    clan's round clock, and returns the per-member losses ``[P]`` without a host synchronisation.
+    It computes gradients also when called under ``torch.no_grad()``.
 
     Args:
         clan: The :class:`~vmapclan.Clan` to train (it must have a model).
@@ -278,7 +327,7 @@ class FusedStep:
             ``backward="autograd"`` with ``layout="flat"`` or ``compile="step"``,
             ``update="per-member"`` off CPU or compiled, ``cuda_graph`` off CUDA or with
             ``compile="step"``, or ``num_inputs < 1``.
-        TypeError: if ``loss_fn`` is not callable.
+        TypeError: if ``loss_fn`` is not callable or ``cuda_graph`` is not a bool.
 
     Example:
         >>> step = FusedStep(clan, F.cross_entropy)  # doctest: +SKIP
@@ -303,9 +352,7 @@ class FusedStep:
         self.clan, self.loss_fn, self.num_inputs = clan, loss_fn, num_inputs
         if update == "auto":
             update = default_update(population.flat) if compile is None else "batched"
-        if backward == "auto":
-            vmap_only = cuda_graph or compile == "step" or layout != "views" or update == "per-member"
-            backward = "vmap" if vmap_only else "autograd"
+        backward = resolve_backward(backward, layout=layout, compile=compile, update=update, cuda_graph=cuda_graph)
         self.layout, self.backward, self.compile, self.update = layout, backward, compile, update
         self.cuda_graph = cuda_graph
         self._population = population
@@ -403,16 +450,22 @@ class FusedStep:
 
     def _autograd_gradients(self, *batch: torch.Tensor) -> tuple[None, torch.Tensor]:
         """The losses ``[P]`` of the vmapped forward, and their gradients accumulated into ``grad_flat``."""
-        pop = self._population
-        losses = self._losses(pop.params, pop.buffers, *batch)
-        # AccumulateGrad adds in place into each parameter's .grad, a view of grad_flat: zero after
-        # the last update, or holding the partial sums of gradient accumulation. The update
-        # averages a cooperative step's gradients itself; the flag tells the clan's check so.
-        self.clan._syncing = True
+        pop, clan = self._population, self.clan
+        if self._optimizer.num_grad_accum is None:
+            # AccumulateGrad adds into each parameter's .grad, a view of grad_flat. Without
+            # accumulation the step starts from zero, whatever an imperative backward left there
+            # (the vmap backward overwrites grad_flat instead).
+            pop.grad_flat.zero_()
+        syncing = clan._syncing
+        # The update averages a cooperative step's gradients itself; the flag tells the clan's
+        # check that this backward is accounted for.
+        clan._syncing = True
         try:
-            torch.autograd.backward(losses.sum(), inputs=self._leaves)
+            with torch.enable_grad():
+                losses = self._losses(pop.params, pop.buffers, *batch)
+                torch.autograd.backward(losses.sum(), inputs=self._leaves)
         finally:
-            self.clan._syncing = False
+            clan._syncing = syncing
         return None, losses
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
@@ -477,21 +530,14 @@ class FusedStep:
             dst.copy_(src)
         saved = [t.clone() for t in self._mutable_state()]
         rng = torch.cuda.get_rng_state(device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            # Warm-up on the stream that will capture: lazy initialisation (cuBLAS handles and
-            # workspaces, the autograd engine's device thread, allocator pools) must not happen
-            # inside the capture. Two steps, as PyTorch's own examples warm up more than once.
-            for _ in range(2):
-                self._eager_step(cooperative, *static_batch)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.no_grad():
-            for dst, src in zip(self._mutable_state(), saved):
-                dst.copy_(src)
-        torch.cuda.set_rng_state(rng, device)
-        del saved
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            static_losses = self._eager_step(cooperative, *static_batch)
+
+        def undo_warmup():
+            with torch.no_grad():
+                for dst, src in zip(self._mutable_state(), saved):
+                    dst.copy_(src)
+            torch.cuda.set_rng_state(rng, device)
+            saved.clear()  # free the copies before the capture
+
+        graph, static_losses = capture_cuda_graph(lambda: self._eager_step(cooperative, *static_batch), device,
+                                                  after_warmup=undo_warmup)
         return graph, static_batch, static_losses

@@ -27,6 +27,7 @@ the clan's divergence recovery restores to.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -213,10 +214,11 @@ def _fused_options(fused, device: torch.device) -> tuple[bool, dict]:
         return fused, {}
     if not isinstance(fused, Mapping):
         raise TypeError(f"TrainingMachine: fused must be a bool or a dict of FusedStep options, got {type(fused).__name__}")
-    allowed = ("layout", "backward", "compile", "update", "cuda_graph")
+    allowed = [name for name, param in inspect.signature(check_options).parameters.items()
+               if param.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(fused) - set(allowed))
     if unknown:
-        raise ValueError(f"TrainingMachine: unknown FusedStep options {unknown}; the options are {list(allowed)}")
+        raise ValueError(f"TrainingMachine: unknown FusedStep options {unknown}; the options are {allowed}")
     check_options(device, **fused)
     return True, dict(fused)
 

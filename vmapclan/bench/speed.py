@@ -248,14 +248,9 @@ def _ceiling_variant(spec: BenchModel, model: nn.Module, x, y) -> Callable[[], N
 
 def _graphed(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
     """``step`` captured into a CUDA graph (its tensors are persistent, so replays reuse them)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        step()  # warm-up off the capture: cuBLAS handles and allocator pools are made here
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        step()
+    from ..fused import capture_cuda_graph
+
+    graph, _ = capture_cuda_graph(step, device)
 
     def replay(step=step):  # the graph reads and writes step's tensors: keep them alive with it
         graph.replay()
