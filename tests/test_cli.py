@@ -93,6 +93,9 @@ def test_progress_bar_shows_phase_round_and_best_val(config_file, tmp_path, caps
     (["train", "missing.toml"], EXIT_INPUT, "vmapclan: error: no such file: missing.toml"),
     (["replay", "missing.json"], EXIT_INPUT, "vmapclan: error: no such file: missing.json"),
     (["demo", "--device", "abacus"], EXIT_INPUT, "device type at start of device string: abacus"),
+    (["demo", "--cuda-graph"], EXIT_USAGE, "cuda_graph=True needs the clan on a CUDA device, it is on cpu"),
+    (["demo", "--compile", "everything"], EXIT_USAGE, "argument --compile: invalid choice: 'everything'"),
+    (["demo", "--device", "cuda", "--cuda-graph", "--compile", "step"], EXIT_USAGE, "captures the step itself"),
 ])
 def test_bad_command_lines(argv, code, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -209,3 +212,29 @@ def test_quality_bad_arguments(capsys):
         quality.task_configs("digits-mlp", "huge")
     with pytest.raises(ValueError, match="quality: unknown task 'mnist'"):
         quality.task_configs("mnist")
+
+
+@pytest.mark.parametrize(("argv", "fused"), [
+    ([], True),
+    (["--compile", "optimizer"], {"compile": "optimizer"}),
+    (["--compile", "optimizer", "--device", "cuda", "--cuda-graph"], {"cuda_graph": True, "compile": "optimizer"}),
+])
+def test_step_options_reach_the_machine(argv, fused, monkeypatch, tmp_path, capsys):
+    """--cuda-graph and --compile become the machine's FusedStep options (checked, then passed on)."""
+    import vmapclan.fused
+    import vmapclan.machine
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, config, steps=None, **kwargs):
+            seen.update(kwargs)
+            raise ValueError("recorded")
+
+    monkeypatch.setattr(vmapclan.machine, "TrainingMachine", Recorder)
+    monkeypatch.setattr(vmapclan.fused, "check_options", lambda device, **options: seen.setdefault("checked", options))
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", *argv]) == EXIT_INPUT
+    assert "recorded" in capsys.readouterr().err
+    assert seen["fused"] == fused
+    assert seen.get("checked", True) == fused

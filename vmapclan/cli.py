@@ -2,7 +2,7 @@
 
 Usage::
 
-    vmapclan train configs/digits.toml [--out DIR] [--steps N]
+    vmapclan train configs/digits.toml [--out DIR] [--steps N] [--device cuda --cuda-graph]
     vmapclan train --resume RUN_DIR
     vmapclan demo [--out DIR] [--steps N]
     vmapclan replay runs/demo/schedule.json
@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=threads,
                        help=f"torch CPU threads (default: {threads or 'torch' + chr(39) + 's choice'})")
         p.add_argument("--device", default="cpu", help="where the population trains, e.g. cuda (default: cpu)")
+        p.add_argument("--cuda-graph", action="store_true",
+                       help="capture each clan round step in a CUDA graph (CUDA only; see BENCHMARKS.md)")
+        p.add_argument("--compile", choices=["optimizer", "step"],
+                       help="torch.compile the optimizer update or the whole clan round step")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
         p.add_argument("--rows", type=int, default=40, help="rounds shown in the final table (default 40)")
@@ -95,18 +99,27 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
 
 
+def _fused_options(args) -> dict | bool:
+    """The clan round step's options from ``--cuda-graph`` and ``--compile`` (``True``: defaults)."""
+    options = {"cuda_graph": True} if args.cuda_graph else {}
+    if args.compile is not None:
+        options["compile"] = args.compile
+    return options or True
+
+
 def _train(config, args) -> int:
     from .clan import DivergenceError
     from .machine import TrainingMachine
 
+    fused = _fused_options(args)
     try:
         if config is None:  # --resume
             out = args.resume
-            machine = TrainingMachine.resume(out, device=args.device)
+            machine = TrainingMachine.resume(out, device=args.device, fused=fused)
         else:
             steps = args.steps if args.steps is not None else config.total_steps
             out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-            machine = TrainingMachine(config, steps, out_dir=out, device=args.device)
+            machine = TrainingMachine(config, steps, out_dir=out, device=args.device, fused=fused)
     except FileNotFoundError as err:
         raise _InputError(str(err)) from None
     except (ValueError, TypeError, RuntimeError) as err:  # torch.device() raises RuntimeError for a bad name
@@ -190,6 +203,18 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits 2 on bad usage and 0 on --help
         return int(exit_.code or 0)
+    if args.command in ("train", "demo") and isinstance(_fused_options(args), dict):
+        # --cuda-graph without a CUDA --device, say, is a bad command line (a bad device name
+        # itself is reported by the machine, as without these options).
+        from .fused import check_options
+
+        try:
+            check_options(args.device, **_fused_options(args))
+        except (ValueError, TypeError) as err:
+            print(f"vmapclan: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except RuntimeError:
+            pass
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             print(f"vmapclan: error: --threads must be a positive int, got {args.threads}", file=sys.stderr)
