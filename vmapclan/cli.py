@@ -99,7 +99,7 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
 
 
-def _fused_options(args) -> dict | bool:
+def _step_options(args) -> dict | bool:
     """The clan round step's options from ``--cuda-graph`` and ``--compile`` (``True``: defaults)."""
     options = {"cuda_graph": True} if args.cuda_graph else {}
     if args.compile is not None:
@@ -111,7 +111,7 @@ def _train(config, args) -> int:
     from .clan import DivergenceError
     from .machine import TrainingMachine
 
-    fused = _fused_options(args)
+    fused = _step_options(args)
     try:
         if config is None:  # --resume
             out = args.resume
@@ -203,13 +203,14 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits 2 on bad usage and 0 on --help
         return int(exit_.code or 0)
-    if args.command in ("train", "demo") and isinstance(_fused_options(args), dict):
+    options = _step_options(args) if args.command in ("train", "demo") else True
+    if isinstance(options, dict):
         # --cuda-graph without a CUDA --device, say, is a bad command line (a bad device name
         # itself is reported by the machine, as without these options).
         from .fused import check_options
 
         try:
-            check_options(args.device, **_fused_options(args))
+            check_options(args.device, **options)
         except (ValueError, TypeError) as err:
             print(f"vmapclan: error: {err}", file=sys.stderr)
             return EXIT_USAGE

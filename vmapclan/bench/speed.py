@@ -349,7 +349,6 @@ def run_speed(models: list[str], sizes: list[int], variants: list[str] | None = 
     for name in variants:
         if name not in VARIANTS:
             raise ValueError(f"run_speed: unknown variant {name!r}; the variants are {list(VARIANTS)}")
-    for name in variants:
         if name.endswith("cuda-graph") and device.type != "cuda":
             raise ValueError(f"run_speed: the {name} variant needs a CUDA device, got {device}")
     log = log or (lambda line: None)
@@ -386,8 +385,8 @@ def _run_one(spec, p, variants, device, warmup, reps, min_time, autocast, seed, 
         for setting in loop_settings if variant == "loop" else [None]:
             label = f"loop ({setting})" if variant == "loop" else variant
             try:
-                seconds, peak, held = _measure(spec, p, variant, setting, model, x, y, device, generator, warmup, reps,
-                                         min_time, autocast)
+                seconds, peak, held = _measure(spec, p, variant, setting, model, x, y, device, generator, warmup,
+                                               reps, min_time, autocast)
             except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others' numbers
                 errors[label] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
                 log(f"{spec.name:17s} P={p:<4d} {label:20s} FAILED {errors[label]}")
@@ -422,8 +421,6 @@ def _measure(spec, p, variant, setting, model, x, y, device, generator, warmup, 
             step = _loop_variant(spec, model, x, y, setting)
         elif variant.startswith("ceiling"):
             step = _ceiling_variant(spec, model, x, y)
-            if variant == "ceiling+cuda-graph":
-                step = _graphed(_autocast(step, device, autocast), device)
         else:
             clan = _sweep_clan(model, p, device, generator)
             if variant == "imperative":
@@ -438,8 +435,9 @@ def _measure(spec, p, variant, setting, model, x, y, device, generator, warmup, 
                     "fused+compile-opt+cuda-graph": {"compile": "optimizer", "cuda_graph": True},
                 }[variant]
                 step = _fused_variant(spec, clan, x, y, **kwargs)
-        if variant != "ceiling+cuda-graph":  # (captured under autocast already)
-            step = _autocast(step, device, autocast)
+        step = _autocast(step, device, autocast)
+        if variant == "ceiling+cuda-graph":
+            step = _graphed(step, device)
         seconds = _time_step(step, device, warmup, reps, min_time)
         mem.held()
         del step
