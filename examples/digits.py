@@ -1,4 +1,4 @@
-"""Population training on scikit-learn's bundled digits: the loop from DESIGN.md, top to bottom.
+"""Population training on scikit-learn's bundled digits: the loop of the README, top to bottom.
 
 An MLP is trained by a clan of P members. Each round is mostly cooperative (data-parallel at
 batch P x B, gradients averaged), then briefly competitive (each member tries its own mutated

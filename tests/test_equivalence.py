@@ -264,7 +264,7 @@ class SmallCNN(nn.Module):
     The conv has no bias: ahead of BatchNorm its true gradient is exactly zero, so it would only
     collect round-off, which Adam scales up to lr-sized steps of random sign in every member and
     reference alike, and running_mean would inherit the difference. Without it the comparison
-    stays at round-off size (DESIGN.md, known traps).
+    stays at round-off size.
     """
 
     def __init__(self):

@@ -114,7 +114,7 @@ def test_fused_step_defaults_follow_member_size_on_cpu():
     wide = nn.Sequential(nn.Linear(6, 1024), nn.Tanh(), nn.Linear(1024, 3)).double()  # 10243 values
     clan = Clan(wide, torch.optim.AdamW(wide.parameters()), population_size=3, round_length=6, duty_cycle=0.5)
     wide_step = FusedStep(clan, F.cross_entropy)
-    assert (wide_step.update, wide_step.backward) == ("per-member", "vmap")
+    assert (wide_step.update, wide_step.backward) == ("per-member", "autograd")
     compiled = FusedStep(clan, F.cross_entropy, compile="optimizer")
     assert (compiled.update, compiled.backward) == ("batched", "autograd")
     assert FusedStep(clan, F.cross_entropy, layout="flat").backward == "vmap"
@@ -242,7 +242,7 @@ def test_fused_step_inside_sync_context_leaves_the_context_in_force():
     ({"compile": "step"}, "vmap"),
     ({"compile": "optimizer"}, "autograd"),
     ({"layout": "flat"}, "vmap"),
-    ({"update": "per-member"}, "vmap"),
+    ({"update": "per-member"}, "autograd"),
 ])
 def test_auto_backward_rule(options, expected):
     settings = {"layout": "views", "compile": None, "update": "batched", "cuda_graph": False, **options}
@@ -361,7 +361,7 @@ def test_fused_batchnorm_buffers_and_weights_follow_the_imperative_loop():
         for name, buffer in ref.population.buffers.items():
             torch.testing.assert_close(fused.population.buffers[name], buffer, atol=1e-10, rtol=0)
         # Looser than elsewhere: the first Linear's bias has a zero true gradient before BatchNorm,
-        # and Adam amplifies the rounding noise in it (DESIGN.md, "Known traps").
+        # and Adam amplifies the rounding noise in it.
         torch.testing.assert_close(fused.population.flat, ref.population.flat, atol=1e-8, rtol=0)
         if member.done:
             break

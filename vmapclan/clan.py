@@ -9,20 +9,21 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 
+import optree
 import torch
 from torch import nn
 
 from .data import ClanLoader, LoaderState
-from .genome import ADAMW_GENES, GRAD_ACCUM_GENE, Gene, autobind_genes, check_genome, mutate
-from .optim import AdamWHyper, BatchedAdamW
+from .genome import GRAD_ACCUM_GENE, Gene, autobind_genes, check_genome, mutate
+from .gradients import reduce_gradients_
+from .optim import ADAMW_FIELDS, AdamWHyper, BatchedAdamW
 from .population import PopulationModel
+from .rounds import COOPERATIVE, competitive_steps, phase_at, round_problem
 from .selection import rank, truncation_sources, winner_sources
 
 __all__ = ["Clan", "Member", "DivergenceError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_HYPER_FIELDS = dict(zip(ADAMW_GENES, AdamWHyper._fields))  # gene name -> AdamWHyper field
-COOPERATIVE, COMPETITIVE = "cooperative", "competitive"
 
 
 class DivergenceError(RuntimeError):
@@ -35,20 +36,12 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
-def competitive_steps(round_length: int, duty_cycle: float) -> int:
-    """``C = max(1, floor(duty_cycle * round_length + 0.5))``: competitive steps per round."""
-    return max(1, math.floor(duty_cycle * round_length + 0.5))
-
-
 def _check_round_settings(round_length: int, duty_cycle, selection) -> None:
     if isinstance(duty_cycle, bool) or not isinstance(duty_cycle, (int, float)) or not 0 < duty_cycle <= 1:
         raise ValueError(f"Clan: duty_cycle must be in (0, 1], got {duty_cycle!r}")
-    competitive = competitive_steps(round_length, duty_cycle)
-    if duty_cycle < 1 and round_length - competitive < 1:
-        raise ValueError(
-            f"Clan: round_length={round_length} with duty_cycle={duty_cycle} leaves no cooperative step "
-            f"({competitive} competitive); use a longer round or duty_cycle=1.0"
-        )
+    problem = round_problem(round_length, duty_cycle)
+    if problem is not None:
+        raise ValueError(f"Clan: {problem}")
     if selection != "winner" and duty_cycle != 1:
         raise ValueError(
             f"Clan: selection={selection!r} keeps members that differ, so it needs duty_cycle=1.0 "
@@ -177,7 +170,7 @@ class Clan:
             hyper = AdamWHyper(**{
                 field: torch.full((self.population_size,), float(constants[gene]), dtype=torch.float64,
                                   device=self.device)
-                for gene, field in _HYPER_FIELDS.items()
+                for gene, field in ADAMW_FIELDS.items()
             })
             accum = (torch.ones(self.population_size, dtype=torch.long, device=self.device)
                      if GRAD_ACCUM_GENE in self.genes else None)
@@ -196,7 +189,7 @@ class Clan:
         self.history: list[dict] = []
         self._restores = 0
         self._last_good: dict | None = None
-        self._snapshot()
+        self.mark_restore_point()
         self._apply_genes()
 
     # -- genes ----------------------------------------------------------------------------------
@@ -231,7 +224,7 @@ class Clan:
         if self.optimizer is None:
             return
         genes = self._genes_in_force()
-        for gene, field in _HYPER_FIELDS.items():
+        for gene, field in ADAMW_FIELDS.items():
             if gene in genes:
                 getattr(self.optimizer.hyper, field).copy_(genes[gene])
         if GRAD_ACCUM_GENE in genes:
@@ -253,10 +246,17 @@ class Clan:
     @property
     def phase(self) -> str:
         """``"cooperative"`` or ``"competitive"``: the phase of the current step."""
-        return COOPERATIVE if self._round_step < self.cooperative_steps else COMPETITIVE
+        # A done round stays in its last phase until clan.step(): the genes in force at
+        # member.done are the competitors' own.
+        return phase_at(min(self._round_step, self.round_length - 1), self.round_length, self.cooperative_steps)
 
-    def _next_phase(self) -> str:
-        return self.phase
+    def phase_ahead(self, steps: int) -> str:
+        """The phase of the step ``steps`` after the next one to run, under the current round settings.
+
+        Steps past the round's end count into the next rounds: at ``round_done``,
+        ``phase_ahead(0)`` is the phase of the next round's first step.
+        """
+        return phase_at(self._round_step + steps, self.round_length, self.cooperative_steps)
 
     @property
     def round_index(self) -> int:
@@ -324,7 +324,17 @@ class Clan:
         """A loader yielding ``[P, B, ...]`` batches as the phase requires (see :class:`ClanLoader`)."""
         return ClanLoader(self, dataset, batch_size, device=device)
 
-    def _advance(self) -> None:
+    @property
+    def loader_state(self) -> LoaderState:
+        """The position and generator of the clan's data order, shared by all its loaders (part of the state)."""
+        return self._loader_state
+
+    def advance(self) -> None:
+        """Advance the round clock by one step (what ``member.step()`` and :class:`~vmapclan.FusedStep` do).
+
+        Raises:
+            RuntimeError: if the round is done (call :meth:`step` first).
+        """
         if self.round_done:
             raise RuntimeError(
                 f"member.step(): round {self._round} is done ({self.round_length} steps); "
@@ -343,19 +353,29 @@ class Clan:
             )
 
     @contextlib.contextmanager
-    def _sync_context(self):
+    def accounted_backward(self):
+        """A context for a backward whose gradients the caller reduces itself (as :class:`~vmapclan.FusedStep` does).
+
+        Inside it the check that a cooperative backward runs in ``member.sync_context()`` is off.
+        """
+        syncing = self._syncing
         self._syncing = True
         try:
             yield
         finally:
-            self._syncing = False
+            self._syncing = syncing
+
+    @contextlib.contextmanager
+    def _sync_context(self):
+        with self.accounted_backward():
+            yield
         if self.population is not None and self.phase == COOPERATIVE:
             # After a user's ``p.grad = None`` the backward wrote fresh tensors, not grad_flat:
             # bring them back first, or the average misses them and the members drift apart.
-            self.population.restore_grad_views()
+            pop = self.population
+            pop.restore_grad_views()
             with torch.no_grad():
-                grads = self.population.grad_flat
-                grads.copy_(grads.mean(0, keepdim=True).expand_as(grads))
+                reduce_gradients_(pop.grad_flat, pop.grad_flat, cooperative=True, accumulating=False, keep=True)
 
     # -- selection ------------------------------------------------------------------------------
     def _check_losses(self, val_losses) -> torch.Tensor:
@@ -411,8 +431,9 @@ class Clan:
         else:
             sources = identity
         if self.population is not None and not torch.equal(sources, identity):
-            self.population.gather_(sources)
-            self.optimizer.gather_(sources)
+            index = sources.to(self.device)
+            with torch.no_grad():
+                optree.tree_map(lambda t: t.copy_(t.index_select(0, index)), self.member_state())
         record = {
             "round": self._round,
             "step": self._global_step,
@@ -429,25 +450,35 @@ class Clan:
     def _next_round(self) -> None:
         self._round += 1
         self._round_step = 0
-        self._snapshot()
+        self.mark_restore_point()
         self._apply_genes()
 
     # -- divergence -------------------------------------------------------------------------------
-    def _snapshot(self) -> None:
-        """Remember the start of this round, to come back to if the whole population diverges.
+    def member_state(self) -> dict:
+        """The population's member-major tensors as one pytree: every tensor with the member dimension first.
+
+        ``{"params": flat, "grads": grad_flat, "buffers": {name: [P, ...]}, "optimizer": {name: [P, ...]}}``,
+        the live tensors themselves (not copies). Selection, the divergence restore point and
+        the state dict are each one tree operation over it. Empty for a genome-only clan.
+        """
+        if self.population is None:
+            return {}
+        pop = self.population
+        return {"params": pop.flat, "grads": pop.grad_flat, "buffers": pop.buffers,
+                "optimizer": self.optimizer.adamw_state._asdict()}
+
+    def mark_restore_point(self) -> None:
+        """Make the current state the one a divergence restores to (the clan does so at every round start).
 
         Only with winner selection, where every member starts the round as a copy of member 0,
-        so one row of each tensor is the whole population's state.
+        so one row of each tensor is the whole population's state. The training machine calls it
+        at the end of a cooperative phase, where the members are identical again.
         """
         if self.population is None or self.selection != "winner":
             return
-        pop, opt = self.population, self.optimizer
         self._last_good = {
             "round": self._round,
-            "params": pop.flat[0].detach().clone(),
-            "grads": pop.grad_flat[0].clone(),
-            "buffers": {n: b[0].clone() for n, b in pop.buffers.items()},
-            "optimizer": {n: t[0].clone() for n, t in opt.adamw_state._asdict().items()},
+            **optree.tree_map(lambda t: t[0].clone(), self.member_state()),
             "incumbent": {n: v.clone() for n, v in self.incumbent.items()},
         }
 
@@ -459,14 +490,9 @@ class Clan:
         if self._restores >= self.max_restores:
             raise DivergenceError(f"{message}; gave up after {self._restores} consecutive restores")
         good = self._last_good
-        pop, opt = self.population, self.optimizer
+        live = self.member_state()
         with torch.no_grad():
-            pop.flat.copy_(good["params"].expand_as(pop.flat))
-            pop.grad_flat.copy_(good["grads"].expand_as(pop.grad_flat))
-            for n, b in pop.buffers.items():
-                b.copy_(good["buffers"][n].expand_as(b))
-            for n, t in opt.adamw_state._asdict().items():
-                t.copy_(good["optimizer"][n].expand_as(t))
+            optree.tree_map(lambda t, row: t.copy_(row.expand_as(t)), live, {k: good[k] for k in live})
         incumbent = {n: v.clone() for n, v in good["incumbent"].items()}
         if "lr" in incumbent:  # a more conservative incumbent: half the learning rate
             incumbent["lr"] = (incumbent["lr"] * 0.5).clamp(min=self.genes["lr"].low)
@@ -540,13 +566,10 @@ class Clan:
         if self.population is not None:
             pop = self.population
             pop.restore_grad_views()  # gradients a user detached with ``p.grad = None`` belong in the state
-            state["model"] = {
-                "shapes": {n: list(s) for n, s in pop.shapes.items()},
-                "params": pop.flat.detach().clone(),
-                "grads": pop.grad_flat.clone(),
-                "buffers": {n: b.clone() for n, b in pop.buffers.items()},
-            }
-            state["optimizer"] = self.optimizer.state_dict()
+            members = optree.tree_map(lambda t: t.detach().clone(), self.member_state())
+            state["model"] = {"shapes": {n: list(s) for n, s in pop.shapes.items()},
+                              **{k: members[k] for k in ("params", "grads", "buffers")}}
+            state["optimizer"] = members["optimizer"]
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -581,12 +604,11 @@ class Clan:
                     "Clan.load_state_dict: the checkpoint is of another model: parameters "
                     f"{saved_model['shapes']} vs this model's {shapes}"
                 )
+            self.optimizer.load_state_dict(state["optimizer"])  # checks the optimizer's entries first
+            saved = {"params": saved_model["params"], "grads": saved_model["grads"], "buffers": saved_model["buffers"],
+                     "optimizer": state["optimizer"]}
             with torch.no_grad():
-                pop.flat.copy_(saved_model["params"])
-                pop.grad_flat.copy_(saved_model["grads"])
-                for n, b in pop.buffers.items():
-                    b.copy_(saved_model["buffers"][n])
-            self.optimizer.load_state_dict(state["optimizer"])
+                optree.tree_map(lambda t, src: t.copy_(src), self.member_state(), saved)
         check_genome(state["genomes"], self.genes, self.population_size)
         self.genomes = {n: v.clone() for n, v in state["genomes"].items()}
         self.incumbent = {n: v.clone() for n, v in state["incumbent"].items()}
@@ -653,7 +675,7 @@ class Member:
 
     def step(self) -> None:
         """Advance the round clock by one step (call once per batch, after the optimizer)."""
-        self._live()._advance()
+        self._live().advance()
 
     def sync_context(self):
         """Context for ``backward()``: in the cooperative phase, averages gradients over members on exit.

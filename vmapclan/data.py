@@ -81,7 +81,7 @@ class ClanLoader:
     @property
     def state(self) -> LoaderState:
         """The clan's loader state (shared by every loader of the clan)."""
-        return self.clan._loader_state
+        return self.clan.loader_state
 
     def __iter__(self):
         state = self.state
@@ -91,7 +91,7 @@ class ClanLoader:
                 state.perm = torch.randperm(n, generator=state.generator)
                 state.position = 0
                 state.epoch += 1
-            cooperative = self.clan._next_phase() == "cooperative"
+            cooperative = self.clan.phase == "cooperative"
             need = p * b if cooperative else b
             if n - state.position < need:
                 state.perm = None  # epoch over: the next pass draws a new permutation

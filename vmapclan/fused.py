@@ -12,10 +12,12 @@ population's tensors:
 2. in the cooperative phase the gradients are averaged over members (as ``sync_context()``
    does);
 3. AdamW updates ``flat[P, N]`` and the optimizer state in place, with the genes in force and
-   gradient accumulation exactly as :class:`~vmapclan.BatchedAdamW` (the same arithmetic as
-   :func:`~vmapclan.adamw_step_`, run as PyTorch's fused AdamW kernel per member on CPU, or as
-   batched tensor ops that can be compiled or captured);
+   gradient accumulation exactly as :class:`~vmapclan.BatchedAdamW` (it is the same update,
+   :meth:`~vmapclan.BatchedAdamW.apply_`, run as PyTorch's fused AdamW kernel per member on CPU,
+   or as batched tensor ops that can be compiled or captured);
 4. the clan's round clock advances, as ``member.step()``.
+
+Steps 2 and 3 are the gradient path every training loop shares (:mod:`vmapclan.gradients`).
 
 Because that function only reads and writes tensors whose storage never moves (selection,
 ``load_state_dict`` and phase changes all copy in place), it can be compiled with
@@ -24,18 +26,18 @@ Because that function only reads and writes tensors whose storage never moves (s
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
+import optree
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from .optim import (UPDATES, AdamWHyper, AdamWState, _kernel_members_, adamw_kernel_step_, adamw_step_,
-                    default_update)
-from .population import _batchable_attention
+from .gradients import reduce_gradients_, release_gradients_
+from .optim import UPDATES, adamw_update, resolve_update
+from .population import vectorized_forward
 
-__all__ = ["FusedStep", "check_options", "resolve_backward", "capture_cuda_graph", "LAYOUTS", "BACKWARDS", "COMPILE_MODES", "UPDATES", "fused_update_", "kernel_update_", "split_update_", "adamw_kernel_step_",
-           "adamw_factors_", "adamw_apply_"]
+__all__ = ["FusedStep", "check_options", "resolve_backward", "capture_cuda_graph", "LAYOUTS", "BACKWARDS",
+           "COMPILE_MODES", "UPDATES"]
 
 LAYOUTS = ("views", "flat")
 """How the parameters enter the vmapped function.
@@ -50,12 +52,11 @@ BACKWARDS = ("auto", "vmap", "autograd")
 """How the gradients are computed.
 
 - ``"auto"``: ``"autograd"`` (less per-op cost in the backward: measured faster eagerly for the
-  models whose step is bound by host time, on CPU and CUDA), except ``"vmap"`` where
-  ``"autograd"`` cannot go (``compile="step"``, ``layout="flat"``), under a CUDA graph (where
-  host time is gone and vmap measured up to 10% faster), and with the per-member update on CPU
-  (which reads vmap's gradients where they lie, saving two passes over ``grad_flat``). For a
-  model whose eager step is bound by device time (the wide MLP of the benchmark on CUDA)
-  ``"vmap"`` is faster. The numbers are in ``BENCHMARKS.md``.
+  models whose step is bound by host time, on CPU and CUDA, and on every model of the test zoo
+  on CPU), except ``"vmap"`` where ``"autograd"`` cannot go (``compile="step"``,
+  ``layout="flat"``) and under a CUDA graph (where host time is gone and vmap measured up to 10%
+  faster). For a model whose eager step is bound by device time (the wide MLP of the benchmark
+  on CUDA) ``"vmap"`` is faster. The numbers are in ``BENCHMARKS.md``.
 - ``"vmap"``: ``torch.func.grad_and_value`` of the per-member loss, vmapped: the backward runs
   under vmap too, and each step's gradients come back as new ``[P, *shape]`` tensors.
 - ``"autograd"``: the vmapped forward gives the ``[P]`` losses, and one ordinary autograd
@@ -66,138 +67,6 @@ BACKWARDS = ("auto", "vmap", "autograd")
 
 COMPILE_MODES = (None, "optimizer", "step")
 """``None`` (eager), ``"optimizer"`` (``torch.compile`` of the update) or ``"step"`` (of the whole step)."""
-
-def fused_update_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, state: AdamWState,
-                  hyper: AdamWHyper, num_grad_accum: torch.Tensor | None, cooperative: bool,
-                  max_grad_norm: float | None = None, step_: Callable = adamw_step_) -> None:
-    """Apply one step's gradients like ``sync_context()``, ``optimizer.step()`` and ``zero_grad()``.
-
-    Without accumulation the step starts from zero gradients (as a loop that zeroes after every
-    step), so ``grads`` is used directly and ``grad_buffer`` is left zero. With accumulation the
-    partial sums live in ``grad_buffer``: ``grads`` is added to them, and after the update the
-    members with no pending micro-batch are zeroed, as :meth:`BatchedAdamW.zero_grad` does.
-
-    Args:
-        params: ``[P, N]`` member-major parameters, updated in place.
-        grads: ``[P, N]`` this step's gradients (may be ``grad_buffer`` itself).
-        grad_buffer: ``[P, N]`` the population's gradient buffer.
-        state: The AdamW state, updated in place.
-        hyper: ``[P]`` hyperparameters in force.
-        num_grad_accum: Optional ``long [P]`` accumulation counts.
-        cooperative: Whether to average the gradients over members first.
-        max_grad_norm: Optional per-member gradient-norm clipping (see :func:`~vmapclan.adamw_step_`).
-        step_: The AdamW step: :func:`~vmapclan.adamw_step_` or :func:`~vmapclan.optim.adamw_kernel_step_`.
-    """
-    if num_grad_accum is None:
-        in_buffer = grads is grad_buffer
-        if cooperative:
-            grads = grads.mean(0, keepdim=True).expand_as(grads)
-        step_(params, grads, state, hyper, None, max_grad_norm)
-        if in_buffer:
-            grad_buffer.zero_()
-        return
-    if grads is not grad_buffer:
-        grad_buffer.add_(grads)
-    if cooperative:
-        grad_buffer.copy_(grad_buffer.mean(0, keepdim=True).expand_as(grad_buffer))
-    step_(params, grad_buffer, state, hyper, num_grad_accum, max_grad_norm)
-    grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
-
-
-def adamw_factors_(state: AdamWState, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None,
-                   dtype: torch.dtype) -> tuple:
-    """Advance the step and accumulation counters and compute :func:`~vmapclan.adamw_step_`'s per-member factors.
-
-    The ``[P]`` half of :func:`fused_update_`, kept out of compiled code: inductor would fuse
-    these float64 scalar computations (``beta1 ** t``...) into the ``[P, N]`` loop and redo them
-    for every element, which made ``torch.compile(adamw_step_)`` several times slower than the
-    elementwise work it compiles.
-
-    Returns:
-        ``(decay, 1 - beta1, beta2, 1 - beta2, step_size, sqrt(bias2), eps, count, ready)``:
-        ``[P, 1]`` columns in ``dtype`` (``count`` and ``ready`` are ``None`` without accumulation;
-        ``ready`` is a ``bool [P]``).
-    """
-    p = state.step.shape[0]
-
-    def column(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype).view(p, 1)
-
-    lr, wd, beta1, beta2, eps = hyper
-    count = ready = None
-    if num_grad_accum is None:
-        state.step.add_(1)
-    else:
-        state.accum_count.add_(1)
-        ready = state.accum_count >= num_grad_accum
-        count = column(state.accum_count.to(torch.float64))
-        state.step.add_(ready.to(torch.float64))
-    t = state.step.clamp(min=1)
-    return (column(1 - lr * wd), column(1 - beta1), column(beta2), column(1 - beta2), column(lr / (1 - beta1**t)),
-            column((1 - beta2**t).sqrt()), column(eps), count, ready)
-
-
-def adamw_apply_(params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor, exp_avg: torch.Tensor,
-                 exp_avg_sq: torch.Tensor, factors: tuple, cooperative: bool,
-                 max_grad_norm: float | None = None) -> None:
-    """The ``[P, N]`` half of :func:`fused_update_`: gradient bookkeeping and the elementwise AdamW.
-
-    Pure elementwise work (and one norm per member when clipping) over ``[P, N]`` with the
-    ``[P, 1]`` columns from :func:`adamw_factors_`, so that ``torch.compile`` turns it into one
-    or two loops. Same arithmetic as :func:`~vmapclan.adamw_step_`.
-    """
-    decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bias2_sqrt, eps, count, ready = factors
-    in_buffer = grads is grad_buffer
-    if count is None:
-        g = grads.mean(0, keepdim=True).expand_as(grads) if cooperative else grads
-    else:
-        if not in_buffer:
-            grad_buffer.add_(grads)
-        if cooperative:
-            grad_buffer.copy_(grad_buffer.mean(0, keepdim=True).expand_as(grad_buffer))
-        g = grad_buffer / count
-    if max_grad_norm is not None:
-        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
-        g = g * (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-    if ready is None:
-        params.mul_(decay)
-        exp_avg.lerp_(g, one_minus_beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g * one_minus_beta2)
-        denom = exp_avg_sq.sqrt().div_(bias2_sqrt).add_(eps)
-        params.sub_(exp_avg.div(denom).mul_(step_size))
-        if in_buffer:
-            grad_buffer.zero_()
-        return
-    mask = ready.view(-1, 1)
-    m_new = torch.lerp(exp_avg, g, one_minus_beta1)
-    v_new = (exp_avg_sq * beta2).addcmul_(g, g * one_minus_beta2)
-    denom = v_new.sqrt().div_(bias2_sqrt).add_(eps)
-    p_new = params * decay - m_new.div(denom).mul_(step_size)
-    params.copy_(torch.where(mask, p_new, params))
-    exp_avg.copy_(torch.where(mask, m_new, exp_avg))
-    exp_avg_sq.copy_(torch.where(mask, v_new, exp_avg_sq))
-
-
-def split_update_(apply: Callable, params: torch.Tensor, grads: torch.Tensor, grad_buffer: torch.Tensor,
-                  state: AdamWState, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None, cooperative: bool,
-                  max_grad_norm: float | None = None) -> None:
-    """:func:`fused_update_` as :func:`adamw_factors_` (eager) then ``apply`` (:func:`adamw_apply_`, compiled).
-
-    Args:
-        apply: :func:`adamw_apply_` or a compiled version of it.
-        params, grads, grad_buffer, state, hyper, num_grad_accum, cooperative, max_grad_norm:
-            As for :func:`fused_update_`.
-    """
-    factors = adamw_factors_(state, hyper, num_grad_accum, params.dtype)
-    apply(params, grads, grad_buffer, state.exp_avg, state.exp_avg_sq, factors, cooperative, max_grad_norm)
-    if num_grad_accum is not None:
-        state.accum_count.masked_fill_(factors[-1], 0)
-        grad_buffer.masked_fill_((state.accum_count == 0).view(-1, 1), 0)
-
-
-kernel_update_ = functools.partial(fused_update_, step_=adamw_kernel_step_)
-""":func:`fused_update_` with PyTorch's fused AdamW kernel per member (:func:`~vmapclan.optim.adamw_kernel_step_`; CPU)."""
-
 
 def check_options(device: torch.device | str, *, layout: str = "views", backward: str = "auto",
                   compile: str | None = None, update: str = "auto", cuda_graph: bool = False) -> None:
@@ -238,11 +107,12 @@ def check_options(device: torch.device | str, *, layout: str = "views", backward
 def resolve_backward(backward: str, *, layout: str, compile: str | None, update: str, cuda_graph: bool) -> str:
     """The backward ``"auto"`` stands for with these (checked) options; an explicit one is returned as is.
 
-    See :data:`BACKWARDS` for the rule and why. ``update`` is the resolved update, not ``"auto"``.
+    See :data:`BACKWARDS` for the rule and why. ``update`` is the resolved update, not ``"auto"``
+    (no choice depends on it today; it is taken so that callers need not know).
     """
     if backward != "auto":
         return backward
-    vmap_only = cuda_graph or compile == "step" or layout != "views" or update == "per-member"
+    vmap_only = cuda_graph or compile == "step" or layout != "views"
     return "vmap" if vmap_only else "autograd"
 
 
@@ -281,7 +151,7 @@ def capture_cuda_graph(step: Callable[[], object], device: torch.device, *, warm
 class FusedStep:
     """One training step of the whole clan as a single vmapped function call.
 
-    ``step(x, y)`` is the imperative loop body of ``DESIGN.md``::
+    ``step(x, y)`` is the body of the imperative ``Member`` loop::
 
         loss = member_loss(loss_fn, member.model(x), y)
         with member.sync_context():
@@ -307,10 +177,10 @@ class FusedStep:
             the batched update (one loop instead of about ten passes over ``[P, N]``); ``"step"``
             also compiles the vmapped forward and backward, which removes most per-op overhead
             (the win for small models). The first call of each phase and shape compiles.
-        update: One of :data:`UPDATES`: how the optimizer update runs (default ``"auto"``: the
-            batched tensor update when compiling, else :func:`~vmapclan.optim.default_update`'s
-            choice: PyTorch's fused AdamW kernel per member on CPU for members of 4096 values or
-            more, the batched update for smaller ones and on CUDA). Both give the same result
+        update: One of :data:`UPDATES`: how the optimizer update runs (default ``"auto"``:
+            :func:`~vmapclan.optim.resolve_update`'s choice: the batched tensor update when
+            compiling, PyTorch's fused AdamW kernel per member on CPU for members of 4096 values
+            or more, the batched update for smaller ones and on CUDA). Both give the same result
             to float rounding.
         cuda_graph: On CUDA, capture each phase's step into a CUDA graph on first use and replay
             it. Inputs are copied into static buffers; the shapes must stay the same (a new
@@ -350,13 +220,13 @@ class FusedStep:
         check_options(population.device, layout=layout, backward=backward, compile=compile, update=update,
                       cuda_graph=cuda_graph)
         self.clan, self.loss_fn, self.num_inputs = clan, loss_fn, num_inputs
-        if update == "auto":
-            update = default_update(population.flat) if compile is None else "batched"
+        update = resolve_update(update, population.flat, compile=compile is not None)
         backward = resolve_backward(backward, layout=layout, compile=compile, update=update, cuda_graph=cuda_graph)
         self.layout, self.backward, self.compile, self.update = layout, backward, compile, update
         self.cuda_graph = cuda_graph
         self._population = population
         self._optimizer = clan.optimizer
+        self._adamw = adamw_update(update, compile=compile is not None)
         p = population.population_size
         self._names = list(population.shapes)
         self._shapes = [population.shapes[n] for n in self._names]
@@ -367,17 +237,7 @@ class FusedStep:
         self._views = {n: v.view(p, *s) for n, v, s in
                        zip(self._names, self._flat.split(self._sizes, 1), self._shapes)}
         self._grad_rows = list(population.grad_flat.split(self._sizes, 1))
-        self._leaf_rows = None
-        if layout == "views" and update == "per-member" and backward == "vmap":
-            # Without accumulation the kernel reads each parameter's gradient where vmap left it:
-            # no copy into grad_flat and no zeroing afterwards (grad_flat stays zero, as after
-            # zero_grad()). Per member, per parameter: views of the weights and both moments.
-            def rows(buffer):
-                leaves = [v.view(p, *s) for v, s in zip(buffer.split(self._sizes, 1), self._shapes)]
-                return [[leaf[i] for leaf in leaves] for i in range(p)]
-
-            state = clan.optimizer.adamw_state
-            self._leaf_rows = (rows(self._flat), rows(state.exp_avg), rows(state.exp_avg_sq))
+        self._used: set[str] | None = None  # parameters the loss reaches (found on the first vmap step)
 
         module, k = population.module, num_inputs
         names, shapes, sizes = self._names, self._shapes, self._sizes
@@ -393,79 +253,78 @@ class FusedStep:
         self._grad_and_value = vmap(grad_and_value(per_member), randomness="different")
         self._losses = vmap(member_loss, randomness="different")
         self._leaves = list(population.params.values())
-        if update == "per-member":
-            self._update = kernel_update_
-        elif compile is not None:
-            self._update = functools.partial(split_update_, torch.compile(adamw_apply_, dynamic=False))
-        else:
-            self._update = fused_update_
         # Compiling "the step" compiles the gradient computation and the elementwise update; the
         # few [P]-sized factor computations between them stay eager (see adamw_factors_).
         if backward == "autograd":
             self._gradients = self._autograd_gradients
         elif compile == "step":
-            self._gradients = torch.compile(self._eager_gradients, dynamic=False)
+            self._gradients = torch.compile(self._vmap_gradients, dynamic=False)
         else:
-            self._gradients = self._eager_gradients
+            self._gradients = self._vmap_gradients
         self._graphs: dict = {}
 
     # -- the step -------------------------------------------------------------------------------
     def _eager_step(self, cooperative: bool, *batch: torch.Tensor) -> torch.Tensor:
-        """Gradients, the update and the gradient bookkeeping; returns the ``[P]`` losses."""
+        """Gradients, then the shared gradient path and update; returns the ``[P]`` losses."""
         pop, opt = self._population, self._optimizer
-        if self._leaf_rows is not None and opt.num_grad_accum is None:
-            grads, losses = self._grad_and_value(self._views, pop.buffers, *batch)
-            leaves = [grads[n] for n in self._names]
-            if cooperative:
-                leaves = [g.mean(0, keepdim=True).expand_as(g) for g in leaves]
-            opt.adamw_state.step.add_(1)
-            param_rows, m_rows, v_rows = self._leaf_rows
-            _kernel_members_(param_rows, [[g[i] for g in leaves] for i in range(len(param_rows))], m_rows, v_rows,
-                             opt.adamw_state.step, opt.hyper, getattr(opt, "max_grad_norm", None))
-            return losses.detach()
-        step_grads, losses = self._gradients(*batch)
-        if step_grads is None:  # written into grad_flat (told by None: a compiled function's outputs are new objects)
-            step_grads = pop.grad_flat
-        self._update(self._flat, step_grads, pop.grad_flat, opt.adamw_state, opt.hyper, opt.num_grad_accum,
-                     cooperative, getattr(opt, "max_grad_norm", None))
+        accumulating = opt.num_grad_accum is not None
+        if self.backward == "vmap":
+            self._mark_used(batch)
+        grads, losses = self._gradients(*batch)
+        if grads is None:  # written into grad_flat (told by None: a compiled function's outputs are new objects)
+            grads = pop.grad_flat
+        opt.apply_(reduce_gradients_(grads, pop.grad_flat, cooperative=cooperative, accumulating=accumulating),
+                   self._adamw)
+        if accumulating or grads is pop.grad_flat:
+            release_gradients_(pop, opt.adamw_state.accum_count if accumulating else None)
         return losses.detach()
 
-    def _eager_gradients(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mark_used(self, batch: tuple[torch.Tensor, ...]) -> None:
+        """Record which parameters the loss reaches, as autograd's hooks do for the other backwards.
+
+        ``torch.func.grad`` returns zeros for a parameter the loss never reaches, where autograd
+        leaves its ``.grad`` unset and AdamW skips it. So on the first call one autograd
+        backward of the vmapped loss (buffers and random state untouched) finds the parameters
+        that get a gradient; later calls reuse the answer.
+        """
+        pop = self._population
+        if self._used is None:
+            devices = [pop.device] if pop.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                buffers = {n: b.clone() for n, b in pop.buffers.items()}  # BatchNorm would update its statistics
+                losses = self._losses(pop.params, buffers, *batch)
+                grads = torch.autograd.grad(losses.sum(), self._leaves, allow_unused=True)
+            self._used = {n for n, g in zip(self._names, grads) if g is not None}
+        pop.grad_seen.update(self._used)
+
+    def _vmap_gradients(self, *batch: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Every member's gradient ``[P, N]`` (``None`` when it was written into ``grad_flat``) and loss ``[P]``."""
         pop, opt = self._population, self._optimizer
-        if self.layout == "views":
-            grads, losses = self._grad_and_value(self._views, pop.buffers, *batch)
-            leaves = [grads[n].reshape(g.shape) for n, g in zip(self._names, self._grad_rows)]
-            if opt.num_grad_accum is None:
-                # Concatenate straight into grad_flat: no extra [P, N] buffer, and the update
-                # zeroes it afterwards, which is the state zero_grad() leaves.
-                torch.cat(leaves, dim=1, out=pop.grad_flat)
-            else:
-                for row, leaf in zip(self._grad_rows, leaves):
-                    row.add_(leaf)  # partial sums of accumulation live in grad_flat
-            step_grads = None
+        if self.layout == "flat":
+            return self._grad_and_value(self._flat, pop.buffers, *batch)
+        grads, losses = self._grad_and_value(self._views, pop.buffers, *batch)
+        leaves = [grads[n].reshape(g.shape) for n, g in zip(self._names, self._grad_rows)]
+        if opt.num_grad_accum is None:
+            # Concatenate straight into grad_flat: no extra [P, N] buffer, and the update
+            # zeroes it afterwards, which is the state zero_grad() leaves.
+            torch.cat(leaves, dim=1, out=pop.grad_flat)
         else:
-            step_grads, losses = self._grad_and_value(self._flat, pop.buffers, *batch)
-        return step_grads, losses
+            for row, leaf in zip(self._grad_rows, leaves):
+                row.add_(leaf)  # partial sums of accumulation live in grad_flat
+        return None, losses
 
     def _autograd_gradients(self, *batch: torch.Tensor) -> tuple[None, torch.Tensor]:
         """The losses ``[P]`` of the vmapped forward, and their gradients accumulated into ``grad_flat``."""
-        pop, clan = self._population, self.clan
+        pop = self._population
         if self._optimizer.num_grad_accum is None:
             # AccumulateGrad adds into each parameter's .grad, a view of grad_flat. Without
             # accumulation the step starts from zero, whatever an imperative backward left there
             # (the vmap backward overwrites grad_flat instead).
-            pop.grad_flat.zero_()
-        syncing = clan._syncing
-        # The update averages a cooperative step's gradients itself; the flag tells the clan's
-        # check that this backward is accounted for.
-        clan._syncing = True
-        try:
-            with torch.enable_grad():
-                losses = self._losses(pop.params, pop.buffers, *batch)
-                torch.autograd.backward(losses.sum(), inputs=self._leaves)
-        finally:
-            clan._syncing = syncing
+            release_gradients_(pop)
+        # The update averages a cooperative step's gradients itself (reduce_gradients_).
+        with self.clan.accounted_backward(), torch.enable_grad():
+            losses = self._losses(pop.params, pop.buffers, *batch)
+            torch.autograd.backward(losses.sum(), inputs=self._leaves)
         return None, losses
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
@@ -501,15 +360,14 @@ class FusedStep:
                 )
         cooperative = clan.phase == "cooperative"
         pop.restore_grad_views()
-        with _batchable_attention():
+        with vectorized_forward():
             losses = self._replay(cooperative, batch) if self.cuda_graph else self._eager_step(cooperative, *batch)
-        clan._advance()
+        clan.advance()
         return losses
 
     # -- CUDA graphs ----------------------------------------------------------------------------
     def _mutable_state(self) -> list[torch.Tensor]:
-        pop, opt = self._population, self._optimizer
-        return [self._flat, pop.grad_flat, *opt.adamw_state, *pop.buffers.values()]
+        return optree.tree_leaves(self.clan.member_state())
 
     def _replay(self, cooperative: bool, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         key = (cooperative, tuple((tuple(t.shape), t.dtype) for t in batch))

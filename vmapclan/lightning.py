@@ -98,7 +98,7 @@ except ImportError as err:  # pragma: no cover - the extra is installed in CI
         "vmapclan.lightning needs the lightning package: pip install 'vmapclan[lightning]'"
     ) from err
 
-from .clan import COMPETITIVE, COOPERATIVE, Clan
+from .clan import Clan
 from .data import ClanLoader
 
 __all__ = ["ClanModule", "ClanCallback", "LookaheadLoader"]
@@ -107,14 +107,6 @@ STATE_VERSION = 1  # format of ClanCallback.state_dict()
 
 
 # -- batches in flight ------------------------------------------------------------------------
-def _phase_ahead(clan: Clan, ahead: int) -> str:
-    """The phase of the step ``ahead`` steps after the clan's next one, under its current settings."""
-    position = clan.step_in_round + ahead
-    if position >= clan.round_length:  # past this round: count into the next ones
-        position = (position - clan.round_length) % clan.round_length
-    return COOPERATIVE if position < clan.cooperative_steps else COMPETITIVE
-
-
 @dataclasses.dataclass
 class _Pending:
     """A batch handed out and not yet trained on."""
@@ -144,7 +136,7 @@ class _InFlight:
         """Check that the batch for the clan's next step was drawn for that step's phase."""
         self.prune(clan)
         if self.pending and self.pending[0].step == clan.global_step:
-            batch, now = self.pending[0], _phase_ahead(clan, 0)
+            batch, now = self.pending[0], clan.phase_ahead(0)
             if batch.phase != now:
                 raise RuntimeError(
                     f"LookaheadLoader: the batch for step {batch.step} was drawn for the {batch.phase} phase "
@@ -159,14 +151,14 @@ class _InFlight:
     def loader_state(self, clan: Clan) -> dict:
         """The loader state as of the clan's round clock: before the first batch not yet trained on."""
         self.prune(clan)
-        return self.pending[0].loader_state if self.pending else clan._loader_state.state_dict()
+        return self.pending[0].loader_state if self.pending else clan.loader_state.state_dict()
 
     def abandon(self, clan: Clan, *, rewind: bool = True) -> None:
         """Drop the batches in flight; with ``rewind`` the loader draws them again next time."""
         if rewind:
             self.prune(clan)
             if self.pending:
-                clan._loader_state.load_state_dict(self.pending[0].loader_state)
+                clan.loader_state.load_state_dict(self.pending[0].loader_state)
         self.pending = []
         self.generation += 1
 
@@ -183,7 +175,7 @@ def _in_flight(clan: Clan) -> _InFlight:
 class _ClanAhead:
     """The clan as the inner :class:`ClanLoader` sees it: the clan's own attributes, except the phase.
 
-    ``ClanLoader`` asks ``clan._next_phase()`` when it draws a batch; here the answer is the
+    ``ClanLoader`` reads ``clan.phase`` when it draws a batch; here the answer is the
     phase of the step the batch will feed, which :class:`LookaheadLoader` sets before each draw.
     """
 
@@ -195,9 +187,10 @@ class _ClanAhead:
             raise AttributeError(name)
         return getattr(self._clan, name)
 
-    def _next_phase(self) -> str:
+    @property
+    def phase(self) -> str:
         drawing = self._in_flight.drawing
-        return drawing if drawing is not None else self._clan._next_phase()
+        return drawing if drawing is not None else self._clan.phase
 
 
 class LookaheadLoader:
@@ -261,8 +254,8 @@ class LookaheadLoader:
                 raise RuntimeError("LookaheadLoader: this pass was ended by a newer pass over the clan's loader")
             in_flight.check(clan)
             step = in_flight.next_step(clan)
-            phase = _phase_ahead(clan, step - clan.global_step)
-            before = clan._loader_state.state_dict()
+            phase = clan.phase_ahead(step - clan.global_step)
+            before = clan.loader_state.state_dict()
             in_flight.drawing = phase
             try:
                 batch = next(inner)

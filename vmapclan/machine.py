@@ -40,9 +40,11 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clan import Clan
+from .optim import ADAMW_FIELDS
 from .population import member_loss
 from .replay import export_schedule, write_schedule
-from .schedule import Phase, PhaseSchedule, TimeController
+from .rounds import plan_rounds
+from .schedule import Phase, PhaseSchedule, TimeController, phase_optimizer
 from .specs import RunConfig
 from .tasks import get_task
 
@@ -50,8 +52,6 @@ __all__ = ["TrainingMachine", "TrainingResults", "save_run_checkpoint", "load_ru
            "CHECKPOINT_VERSION"]
 
 CHECKPOINT_VERSION = 1
-# Gene names -> fields of the batched AdamW's [P] hyperparameter tensors.
-_HYPER_FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "betas/0": "beta1", "betas/1": "beta2", "eps": "eps"}
 
 
 def save_run_checkpoint(path: str | os.PathLike, clan: Clan, machine_state: Mapping) -> None:
@@ -80,37 +80,6 @@ def load_run_checkpoint(path: str | os.PathLike) -> dict:
         version = state.get("format_version") if isinstance(state, Mapping) else None
         raise ValueError(f"load_run_checkpoint: {path} has format version {version!r}, expected {CHECKPOINT_VERSION}")
     return dict(state)
-
-
-def plan_rounds(steps: int, round_length: int, duty_cycle: float) -> tuple[list[int], int]:
-    """Split ``steps`` of a clan phase into rounds that end inside the phase.
-
-    Rounds are ``round_length`` long; the last absorbs the remainder. A phase shorter than one
-    round gets one shorter round if it can still hold a cooperative step (or ``duty_cycle == 1``);
-    otherwise its steps run cooperatively.
-
-    Args:
-        steps: Steps in the phase.
-        round_length: Steps per round.
-        duty_cycle: Competitive fraction.
-
-    Returns:
-        ``(round_lengths, cooperative_steps)``: the rounds, and steps left to run cooperatively.
-
-    Example:
-        >>> plan_rounds(100, 30, 0.25)
-        ([30, 30, 40], 0)
-        >>> plan_rounds(1, 30, 0.25)
-        ([], 1)
-    """
-    if steps >= round_length:
-        rounds = [round_length] * (steps // round_length)
-        rounds[-1] += steps % round_length
-        return rounds, 0
-    competitive = max(1, math.floor(duty_cycle * steps + 0.5))
-    if steps >= 1 and (duty_cycle == 1 or steps - competitive >= 1):
-        return [steps], 0
-    return [], steps
 
 
 @dataclasses.dataclass
@@ -359,13 +328,7 @@ class TrainingMachine:
     # -- phases -----------------------------------------------------------------------------------
     def _phase_hyper(self, phase: Phase) -> dict[str, float]:
         """The hyperparameters of a cooperative phase: the incumbent's, with the phase's overrides."""
-        hyper = {name: self.clan.incumbent[name].item() for name in _HYPER_FIELDS}
-        for key, value in phase.optimizer.items():
-            if key == "lr_scale":
-                hyper["lr"] = hyper["lr"] * value
-            else:
-                hyper[key] = float(value)
-        return hyper
+        return phase_optimizer(phase.optimizer, {name: self.clan.incumbent[name].item() for name in ADAMW_FIELDS})
 
     def _run_cooperative(self, phase: Phase, steps: int) -> None:
         """``steps`` data-parallel steps of identical members, outside the round clock."""
@@ -380,7 +343,7 @@ class TrainingMachine:
         # not call member.step(), so they do not count towards that round.
         hyper = self._phase_hyper(phase)
         with torch.no_grad():
-            for gene, field in _HYPER_FIELDS.items():
+            for gene, field in ADAMW_FIELDS.items():
                 getattr(member.optimizer.hyper, field).fill_(hyper[gene])
         batch_size = phase.data.get("batch_size", self.config.data.batch_size)
         stream = self._stream(batch_size)
@@ -391,7 +354,7 @@ class TrainingMachine:
         clan.reconfigure()  # writes the clan's own genes back into the optimizer
         # The members are identical again: make this the point a divergence restores to, so a
         # diverging round after this phase does not also undo it.
-        clan._snapshot()
+        clan.mark_restore_point()
         record = {"kind": "cooperative", "phase": phase.name, "start_step": start, "end_step": self.clock.step,
                   "hyper": hyper, "batch_size": batch_size * clan.population_size, "val_loss": val[0].item()}
         self.best_val = min(self.best_val, record["val_loss"])

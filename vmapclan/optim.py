@@ -1,18 +1,31 @@
-"""Batched AdamW: one AdamW per member, each with its own hyperparameters, in a few tensor ops.
+"""Batched AdamW: one AdamW per member, each with its own hyperparameters.
 
 ``torch.optim.AdamW`` takes one set of hyperparameters per parameter group; a population needs P
 of them, changing every round. Here the hyperparameters are ``[P]`` tensors held next to the
 optimizer state, so mutation and selection are tensor writes and nothing is recompiled.
+
+The update rule is written once, in :func:`adamw_step_`, as its two halves:
+:func:`adamw_factors_` (the ``[P]`` counters and per-member factors) and :func:`adamw_apply_`
+(the elementwise work over ``[P, N]``). :func:`adamw_kernel_step_` runs the same rule as
+PyTorch's fused AdamW kernel once per member. :func:`adamw_update` is the one dispatcher over
+these implementations (tensor ops, the per-member kernel, compiled tensor ops), as
+``torch.optim.adamw`` dispatches over for-loop, foreach and fused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["AdamWHyper", "AdamWState", "adamw_init", "adamw_step_", "adamw_kernel_step_", "BatchedAdamW", "UPDATES",
-           "default_update"]
+from .gradients import release_gradients_
+
+__all__ = ["AdamWHyper", "AdamWState", "AdamWFactors", "adamw_init", "adamw_factors_", "adamw_apply_", "adamw_step_",
+           "adamw_kernel_step_", "adamw_update", "resolve_update", "keep_columns", "BatchedAdamW", "UPDATES",
+           "ADAMW_FIELDS"]
 
 
 class AdamWHyper(NamedTuple):
@@ -23,6 +36,10 @@ class AdamWHyper(NamedTuple):
     beta1: torch.Tensor
     beta2: torch.Tensor
     eps: torch.Tensor
+
+
+ADAMW_FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "betas/0": "beta1", "betas/1": "beta2", "eps": "eps"}
+"""Gene name (as ``torch.optim.AdamW`` names the setting) -> :class:`AdamWHyper` field."""
 
 
 class AdamWState(NamedTuple):
@@ -41,6 +58,24 @@ class AdamWState(NamedTuple):
     accum_count: torch.Tensor
 
 
+class AdamWFactors(NamedTuple):
+    """The per-member factors of one :func:`adamw_step_`, ``[P, 1]`` columns in the parameters' dtype.
+
+    ``count`` (the micro-batches each member's gradient sums) and ``ready`` (``bool [P]``: the
+    members updated this call) are ``None`` without gradient accumulation.
+    """
+
+    decay: torch.Tensor
+    one_minus_beta1: torch.Tensor
+    beta2: torch.Tensor
+    one_minus_beta2: torch.Tensor
+    step_size: torch.Tensor
+    bias2_sqrt: torch.Tensor
+    eps: torch.Tensor
+    count: torch.Tensor | None
+    ready: torch.Tensor | None
+
+
 def adamw_init(params: torch.Tensor) -> AdamWState:
     """Fresh state for member-major parameters ``params[P, N]``."""
     p = params.shape[0]
@@ -52,8 +87,64 @@ def adamw_init(params: torch.Tensor) -> AdamWState:
     )
 
 
+def adamw_factors_(state: AdamWState, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None,
+                   dtype: torch.dtype) -> AdamWFactors:
+    """The ``[P]`` half of :func:`adamw_step_`: advance the counters and compute the per-member factors.
+
+    Kept apart from :func:`adamw_apply_` so that a compiled update compiles only the
+    elementwise work: inductor would fuse these float64 scalar computations (``beta1 ** t``...)
+    into the ``[P, N]`` loop and redo them for every element.
+    """
+    p = state.step.shape[0]
+
+    def column(t: torch.Tensor) -> torch.Tensor:  # [P] float64 -> [P, 1] in the parameters' dtype
+        return t.to(dtype).view(p, 1)
+
+    lr, wd, beta1, beta2, eps = hyper
+    count = ready = None
+    if num_grad_accum is None:
+        state.step.add_(1)
+    else:
+        state.accum_count.add_(1)
+        ready = state.accum_count >= num_grad_accum
+        count = column(state.accum_count.to(torch.float64))
+        state.step.add_(ready.to(torch.float64))
+    t = state.step.clamp(min=1)  # members that never stepped are masked out
+    return AdamWFactors(column(1 - lr * wd), column(1 - beta1), column(beta2), column(1 - beta2),
+                        column(lr / (1 - beta1**t)), column((1 - beta2**t).sqrt()), column(eps), count, ready)
+
+
+def adamw_apply_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 factors: AdamWFactors, max_grad_norm: float | None = None) -> None:
+    """The ``[P, N]`` half of :func:`adamw_step_`: the elementwise AdamW with :func:`adamw_factors_`'s columns.
+
+    Pure elementwise work (and one norm per member when clipping), so that ``torch.compile``
+    turns it into one or two loops.
+    """
+    g = grads if factors.count is None else grads / factors.count
+    if max_grad_norm is not None:
+        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+        g = g * (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+    if factors.ready is None:
+        params.mul_(factors.decay)
+        exp_avg.lerp_(g, factors.one_minus_beta1)
+        exp_avg_sq.mul_(factors.beta2).addcmul_(g, g * factors.one_minus_beta2)
+        denom = exp_avg_sq.sqrt().div_(factors.bias2_sqrt).add_(factors.eps)
+        params.sub_(exp_avg.div(denom).mul_(factors.step_size))
+        return
+    mask = factors.ready.view(-1, 1)
+    m_new = torch.lerp(exp_avg, g, factors.one_minus_beta1)
+    v_new = (exp_avg_sq * factors.beta2).addcmul_(g, g * factors.one_minus_beta2)
+    denom = v_new.sqrt().div_(factors.bias2_sqrt).add_(factors.eps)
+    p_new = params * factors.decay - m_new.div(denom).mul_(factors.step_size)
+    params.copy_(torch.where(mask, p_new, params))
+    exp_avg.copy_(torch.where(mask, m_new, exp_avg))
+    exp_avg_sq.copy_(torch.where(mask, v_new, exp_avg_sq))
+
+
 def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hyper: AdamWHyper,
-                num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None) -> None:
+                num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None, *,
+                apply: Callable = adamw_apply_) -> None:
     """One batched AdamW step, in place on ``params`` and ``state``.
 
     For each member ``i`` with gradient ``g`` (``grads[i]``, or with accumulation the sum of the
@@ -80,47 +171,12 @@ def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hy
         hyper: ``[P]`` hyperparameters.
         num_grad_accum: Optional ``long [P]`` accumulation counts.
         max_grad_norm: Optional per-member gradient-norm limit.
+        apply: The elementwise half: :func:`adamw_apply_` or a compiled version of it.
     """
-    p = params.shape[0]
-    dtype = params.dtype
-
-    def column(t: torch.Tensor) -> torch.Tensor:  # [P] float64 -> [P, 1] in the parameters' dtype
-        return t.to(dtype).view(p, 1)
-
-    lr, wd, beta1, beta2, eps = hyper
-    if num_grad_accum is None:
-        ready = None
-        state.step.add_(1)
-        g = grads
-    else:
-        state.accum_count.add_(1)
-        ready = state.accum_count >= num_grad_accum
-        g = grads / column(state.accum_count.to(torch.float64))
-        state.step.add_(ready.to(torch.float64))
-    if max_grad_norm is not None:
-        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
-        g = g * (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-    t = state.step.clamp(min=1)  # members that never stepped are masked out below
-    decay = column(1 - lr * wd)
-    step_size = column(lr / (1 - beta1**t))
-    bias2_sqrt = column((1 - beta2**t).sqrt())
-    m, v = state.exp_avg, state.exp_avg_sq
-    if ready is None:
-        params.mul_(decay)
-        m.lerp_(g, column(1 - beta1))
-        v.mul_(column(beta2)).addcmul_(g, g * column(1 - beta2))
-        denom = v.sqrt().div_(bias2_sqrt).add_(column(eps))
-        params.sub_(m.div(denom).mul_(step_size))
-    else:
-        mask = ready.view(p, 1)
-        m_new = torch.lerp(m, g, column(1 - beta1))
-        v_new = (v * column(beta2)).addcmul_(g, g * column(1 - beta2))
-        denom = v_new.sqrt().div_(bias2_sqrt).add_(column(eps))
-        p_new = params * decay - m_new.div(denom).mul_(step_size)
-        params.copy_(torch.where(mask, p_new, params))
-        m.copy_(torch.where(mask, m_new, m))
-        v.copy_(torch.where(mask, v_new, v))
-        state.accum_count.masked_fill_(ready, 0)
+    factors = adamw_factors_(state, hyper, num_grad_accum, params.dtype)
+    apply(params, grads, state.exp_avg, state.exp_avg_sq, factors, max_grad_norm)
+    if factors.ready is not None:
+        state.accum_count.masked_fill_(factors.ready, 0)
 
 
 def adamw_kernel_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hyper: AdamWHyper,
@@ -134,13 +190,9 @@ def adamw_kernel_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWSt
     synchronisation on CUDA, so this is the CPU form. Results equal :func:`adamw_step_`
     to float rounding.
 
-    Args:
-        params: ``[P, N]`` member-major parameters.
-        grads: ``[P, N]`` gradients (summed over accumulated micro-batches).
-        state: The AdamW state, updated in place.
-        hyper: ``[P]`` hyperparameters.
-        num_grad_accum: Optional ``long [P]`` accumulation counts.
-        max_grad_norm: Optional per-member gradient-norm limit.
+    The kernel walks its tensors' memory in order, so every row it is handed must be dense:
+    a member's row of a ``[P, N]`` buffer is, and any other gradient (an expanded view, a
+    transposed gradient) is made contiguous first.
     """
     p = params.shape[0]
     if num_grad_accum is None:
@@ -151,39 +203,30 @@ def adamw_kernel_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWSt
         ready_mask = state.accum_count >= num_grad_accum
         state.step.add_(ready_mask.to(state.step.dtype))
         ready, counts = ready_mask.tolist(), state.accum_count.tolist()
-    rows = [[params[i]] for i in range(p)]
-    grad_rows = [[grads[i] if counts[i] == 1 else grads[i] / counts[i]] if ready[i] else None for i in range(p)]
-    _kernel_members_(rows, grad_rows, [[m] for m in state.exp_avg], [[v] for v in state.exp_avg_sq], state.step,
-                     hyper, max_grad_norm)
+    steps = state.step.to(torch.float32).unbind()  # the kernel takes the step already counted
+    lr, wd, beta1, beta2, eps = (t.tolist() for t in hyper)
+    m_rows, v_rows = state.exp_avg, state.exp_avg_sq
+    for i in range(p):
+        if not ready[i]:
+            continue
+        g = grads[i] if counts[i] == 1 else grads[i] / counts[i]
+        if max_grad_norm is not None:
+            g = g * (max_grad_norm / (torch.linalg.vector_norm(g) + 1e-6)).clamp(max=1.0)
+        rows = [params[i], m_rows[i], v_rows[i]]
+        if not all(t.is_contiguous() for t in rows):
+            raise ValueError("adamw_kernel_step_: params and moments must be dense member-major [P, N] buffers")
+        torch._fused_adamw_([rows[0]], [g.contiguous()], [rows[1]], [rows[2]], [], [steps[i]],
+                            lr=lr[i], weight_decay=wd[i], beta1=beta1[i], beta2=beta2[i], eps=eps[i],
+                            amsgrad=False, maximize=False)
     if num_grad_accum is not None:
         state.accum_count.masked_fill_(ready_mask, 0)
 
 
-def _kernel_members_(params: list, grads: list, exp_avg: list, exp_avg_sq: list, step: torch.Tensor,
-                     hyper: AdamWHyper, max_grad_norm: float | None) -> None:
-    """One ``torch._fused_adamw_`` call per member over that member's tensors (lists, one per member).
-
-    ``grads[i] is None`` skips member ``i``; ``step`` must already count this update.
-    """
-    # The kernel takes the step already counted (torch.optim adds 1 before calling it).
-    steps = step.to(torch.float32).unbind()
-    lr, wd, beta1, beta2, eps = (t.tolist() for t in hyper)
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        if max_grad_norm is not None:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g]))
-            scale = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            g = [t * scale for t in g]
-        torch._fused_adamw_(params[i], g, exp_avg[i], exp_avg_sq[i], [], [steps[i]] * len(g),
-                            lr=lr[i], weight_decay=wd[i], beta1=beta1[i], beta2=beta2[i], eps=eps[i],
-                            amsgrad=False, maximize=False)
-
-
 UPDATES = ("auto", "batched", "per-member")
-"""How :class:`BatchedAdamW` updates: ``"batched"`` (:func:`adamw_step_`: tensor ops over ``[P, N]``, no
-host reads), ``"per-member"`` (:func:`adamw_kernel_step_`: PyTorch's fused AdamW kernel once per
-member, hyperparameters read on the host), or ``"auto"`` (see :func:`default_update`)."""
+"""How the AdamW update runs: ``"batched"`` (:func:`adamw_step_`: tensor ops over ``[P, N]``, no
+host reads; can be compiled), ``"per-member"`` (:func:`adamw_kernel_step_`: PyTorch's fused AdamW
+kernel once per member, hyperparameters read on the host; CPU only), or ``"auto"`` (see
+:func:`resolve_update`)."""
 
 # Per member, the fused kernel costs a call (~10 us) and one pass over the member's N values; the
 # batched update costs ~10 passes over all P x N values. Measured on 2 CPU threads at P = 32: the
@@ -192,15 +235,64 @@ member, hyperparameters read on the host), or ``"auto"`` (see :func:`default_upd
 _KERNEL_MIN_NUMEL = 4096
 
 
-def default_update(params: torch.Tensor) -> str:
-    """The update ``"auto"`` picks for member-major ``params[P, N]``.
+def resolve_update(update: str, params: torch.Tensor, *, compile: bool = False) -> str:
+    """The update ``"auto"`` stands for, for member-major ``params[P, N]``; an explicit one is returned as is.
 
-    ``"per-member"`` for CPU tensors of at least 4096 values per member (reading the ``[P]``
-    hyperparameters on the host costs nothing there, and the fused kernel makes one pass where the
-    batched update makes about ten); ``"batched"`` for smaller members, where the per-call cost of
-    P kernel calls dominates, and on accelerators, where host reads would synchronise.
+    ``"per-member"`` for CPU tensors of at least 4096 values per member, not compiled (reading the
+    ``[P]`` hyperparameters on the host costs nothing there, and the fused kernel makes one pass
+    where the batched update makes about ten); ``"batched"`` for smaller members, where the
+    per-call cost of P kernel calls dominates, when compiling, and on accelerators, where host
+    reads would synchronise.
+
+    Raises:
+        ValueError: for an unknown update.
     """
-    return "per-member" if params.device.type == "cpu" and params.shape[1] >= _KERNEL_MIN_NUMEL else "batched"
+    if update not in UPDATES:
+        raise ValueError(f"BatchedAdamW: update must be one of {UPDATES}, got {update!r}")
+    if update != "auto":
+        return update
+    kernel = params.device.type == "cpu" and params.shape[1] >= _KERNEL_MIN_NUMEL and not compile
+    return "per-member" if kernel else "batched"
+
+
+@functools.cache
+def _compiled_apply() -> Callable:
+    return torch.compile(adamw_apply_, dynamic=False)
+
+
+def adamw_update(update: str, *, compile: bool = False) -> Callable:
+    """The AdamW step for a resolved ``update``: a function with :func:`adamw_step_`'s arguments.
+
+    Args:
+        update: ``"batched"`` or ``"per-member"`` (see :data:`UPDATES`; resolve ``"auto"`` with
+            :func:`resolve_update` first).
+        compile: Compile the elementwise half of the batched update with ``torch.compile``.
+
+    Raises:
+        ValueError: for another update, or ``compile`` with ``"per-member"``.
+    """
+    if update == "per-member":
+        if compile:
+            raise ValueError("adamw_update: the per-member kernel cannot be compiled")
+        return adamw_kernel_step_
+    if update != "batched":
+        raise ValueError(f"adamw_update: update must be 'batched' or 'per-member', got {update!r}")
+    return functools.partial(adamw_step_, apply=_compiled_apply()) if compile else adamw_step_
+
+
+@contextlib.contextmanager
+def keep_columns(tensors: Sequence[torch.Tensor], columns: Sequence[slice]):
+    """Undo whatever the block writes into ``columns`` of each ``[P, N]`` tensor.
+
+    This is how an update skips the parameters that received no gradient, as
+    ``torch.optim.AdamW`` skips a parameter whose ``.grad`` is ``None``: their values and moments
+    stay exactly as they were (no weight decay, no moment decay). Nothing is copied when
+    ``columns`` is empty.
+    """
+    saved = [(t, c, t[:, c].clone()) for c in columns for t in tensors]
+    yield
+    for t, c, values in saved:
+        t[:, c] = values
 
 
 class BatchedAdamW(torch.optim.Optimizer):
@@ -210,14 +302,15 @@ class BatchedAdamW(torch.optim.Optimizer):
     ``load_state_dict``) whose parameters are the stacked ``[P, ...]`` tensors of a
     :class:`~vmapclan.PopulationModel`. The math is :func:`adamw_step_`; the hyperparameters
     are the ``[P]`` tensors of ``hyper``, which the clan rewrites in place at phase boundaries
-    and selection.
+    and selection. As in ``torch.optim.AdamW``, a parameter that received no gradient since the
+    last ``zero_grad()`` is skipped (no weight decay, no moment update).
 
     Args:
         population: The :class:`~vmapclan.PopulationModel` to train.
         hyper: ``[P]`` hyperparameters on the population's device.
         num_grad_accum: Optional ``long [P]`` accumulation counts (also rewritten in place).
         max_grad_norm: Optional per-member gradient-norm clipping (see :func:`adamw_step_`).
-        update: One of :data:`UPDATES` (default ``"auto"``: :func:`default_update` picks PyTorch's
+        update: One of :data:`UPDATES` (default ``"auto"``: :func:`resolve_update` picks PyTorch's
             fused kernel per member on CPU for members of 4096 values or more, the batched tensor-op
             update otherwise, which reads nothing on the host).
 
@@ -229,19 +322,33 @@ class BatchedAdamW(torch.optim.Optimizer):
 
     def __init__(self, population, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None = None,
                  max_grad_norm: float | None = None, update: str = "auto"):
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
+                                          or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0):
             raise ValueError(f"BatchedAdamW: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        if update not in UPDATES:
-            raise ValueError(f"BatchedAdamW: update must be one of {UPDATES}, got {update!r}")
-        if update == "auto":
-            update = default_update(population.flat)
-        self.update = update
+        self.update = resolve_update(update, population.flat)
         super().__init__(list(population.parameters()), defaults={})
         self.population = population
         self.hyper = hyper
         self.num_grad_accum = num_grad_accum
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.adamw_state = adamw_init(population.flat)
+        self._step = adamw_update(self.update)
+
+    def apply_(self, grads: torch.Tensor, step: Callable | None = None) -> None:
+        """Update every member from ``grads[P, N]`` (with accumulation: the summed micro-batches).
+
+        The one place every training path (this optimizer's :meth:`step`, :class:`~vmapclan.FusedStep`)
+        applies AdamW: with the hyperparameters and accumulation counts in force, skipping the
+        parameters that received no gradient.
+
+        Args:
+            grads: The gradients, e.g. the population's ``grad_flat``.
+            step: The AdamW implementation (default: this optimizer's, from ``update``).
+        """
+        state = self.adamw_state
+        with keep_columns((self.population.flat, state.exp_avg, state.exp_avg_sq), self.population.unused_columns()):
+            (step or self._step)(self.population.flat, grads, state, self.hyper, self.num_grad_accum,
+                                 self.max_grad_norm)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -258,27 +365,14 @@ class BatchedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.population.restore_grad_views()
-        step_ = adamw_kernel_step_ if self.update == "per-member" else adamw_step_
-        step_(self.population.flat, self.population.grad_flat, self.adamw_state, self.hyper, self.num_grad_accum,
-              self.max_grad_norm)
+        self.apply_(self.population.grad_flat)
         return loss
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients in place (of members with no pending micro-batches)."""
         self.population.restore_grad_views()
-        grads = self.population.grad_flat
-        if self.num_grad_accum is None:
-            grads.zero_()
-        else:
-            idle = (self.adamw_state.accum_count == 0).view(-1, 1)
-            grads.masked_fill_(idle, 0)
-
-    def gather_(self, index: torch.Tensor) -> None:
-        """Member ``i`` takes member ``index[i]``'s optimizer state, in place."""
-        with torch.no_grad():
-            for t in self.adamw_state:
-                t.copy_(t.index_select(0, index.to(t.device)))
+        release_gradients_(self.population, None if self.num_grad_accum is None else self.adamw_state.accum_count)
 
     def state_dict(self) -> dict:
         """The optimizer state as a plain dict of tensors."""

@@ -36,25 +36,46 @@ def _check_module(module: nn.Module) -> None:
             )
 
 
-@contextlib.contextmanager
-def _batchable_attention():
-    """Route attention to kernels that vmap can batch, forward and backward.
+def _padding_rows_get_no_gradient(module, args, kwargs, output):
+    """Forward hook: an ``nn.Embedding``'s output at ``padding_idx`` positions, cut from autograd.
 
-    Only the math kernel of ``scaled_dot_product_attention`` batches everywhere. On CPU the flash
-    kernel and the fused ``TransformerEncoderLayer`` fast path have no batching rule, so vmap
-    would silently fall back to a per-member loop. On CUDA (measured on an H100, torch 2.11) the
-    flash and cuDNN kernels find no kernel for batched inputs, and the memory-efficient kernel's
-    backward under vmap fails ("LSE is not correctly aligned"). The math kernel gives the same
-    result, batched.
+    With batched weights, vmap's embedding rule looks every member up in one ``[P * V, D]``
+    table, where ``padding_idx`` names member 0's padding row only: an autograd backward then
+    gives the padding row of members 1.. a gradient, which torch never does. Detaching those
+    positions gives every member's padding row exactly torch's zero gradient from this lookup,
+    while a tied use of the same weight (an output head) still contributes its own. The values
+    are unchanged.
     """
+    if not isinstance(module, nn.Embedding) or module.padding_idx is None:
+        return None
+    index = args[0] if args else kwargs["input"]
+    return torch.where((index == module.padding_idx).unsqueeze(-1), output.detach(), output)
+
+
+@contextlib.contextmanager
+def vectorized_forward():
+    """The context of every vmapped forward of a population: the modules made to batch correctly.
+
+    - Attention goes to kernels that vmap can batch, forward and backward. Only the math kernel
+      of ``scaled_dot_product_attention`` batches everywhere. On CPU the flash kernel and the
+      fused ``TransformerEncoderLayer`` fast path have no batching rule, so vmap would silently
+      fall back to a per-member loop. On CUDA (measured on an H100, torch 2.11) the flash and
+      cuDNN kernels find no kernel for batched inputs, and the memory-efficient kernel's
+      backward under vmap fails ("LSE is not correctly aligned"). The math kernel gives the
+      same result, batched.
+    - ``nn.Embedding(padding_idx=...)`` gives every member's padding row no gradient (see
+      :func:`_padding_rows_get_no_gradient`).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    hook = torch.nn.modules.module.register_module_forward_hook(_padding_rows_get_no_gradient, with_kwargs=True)
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
+        hook.remove()
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
@@ -116,6 +137,10 @@ class PopulationModel:
         self.flat = torch.empty(p, self.numel, dtype=self.dtype, device=device)
         self.grad_flat = torch.zeros_like(self.flat)
         self.params: dict[str, torch.Tensor] = {}
+        self.columns: dict[str, slice] = {}  # each parameter's columns of flat and grad_flat
+        # Names of the parameters that received a gradient since the gradients were last released
+        # (see unused_columns); autograd's post-accumulate hooks fill it in.
+        self.grad_seen: set[str] = set()
         offset = 0
         for name, shape in self.shapes.items():
             n = shape.numel()
@@ -124,7 +149,9 @@ class PopulationModel:
                     self.flat[i, offset:offset + n].copy_(m.get_parameter(name).reshape(-1))
             leaf = self.flat[:, offset:offset + n].view(p, *shape).detach().requires_grad_()
             leaf.grad = self.grad_flat[:, offset:offset + n].view(p, *shape)
+            leaf.register_post_accumulate_grad_hook(lambda _, name=name: self.grad_seen.add(name))
             self.params[name] = leaf
+            self.columns[name] = slice(offset, offset + n)
             offset += n
         # Buffers and frozen parameters: per member, not optimized.
         state = {n: b for n, b in self.module.named_buffers()}
@@ -194,7 +221,7 @@ class PopulationModel:
             return functional_call(module, (params, buffers), a, kw)
 
         batched = vmap(one_member, in_dims=(0, 0, *in_dims), randomness="different")
-        with _batchable_attention():
+        with vectorized_forward():
             return batched(self.params, self.buffers, *leaves)
 
     # -- members as plain modules -----------------------------------------------------------
@@ -227,11 +254,19 @@ class PopulationModel:
                     view.add_(stray)
                 leaf.grad = view
 
-    def gather_(self, index: torch.Tensor) -> None:
-        """Member ``i`` takes member ``index[i]``'s parameters, gradients and buffers, in place."""
-        with torch.no_grad():
-            for t in (self.flat, self.grad_flat, *self.buffers.values()):
-                t.copy_(t.index_select(0, index.to(t.device)))
+    def unused_columns(self) -> list[slice]:
+        """The columns of ``flat`` of every parameter the backwards since the last release did not reach.
+
+        ``torch.optim.AdamW`` skips a parameter whose ``.grad`` is ``None`` (no weight decay, no
+        moment update); the population's gradients are never ``None``, so the record of which
+        parameters a backward reached (``grad_seen``, filled by autograd's post-accumulate hooks)
+        stands in for it. Empty when every parameter was reached (the usual case, which costs
+        nothing) and when no backward ran at all (gradients written into ``.grad`` by hand count
+        as gradients).
+        """
+        if not self.grad_seen or len(self.grad_seen) == len(self.columns):
+            return []
+        return [c for name, c in self.columns.items() if name not in self.grad_seen]
 
 
 def _reinit(module: nn.Module, generator: torch.Generator | None) -> nn.Module:

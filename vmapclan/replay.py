@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .schedule import Phase, PhaseSchedule, TimeController
+from .optim import ADAMW_FIELDS
+from .rounds import competitive_steps
+from .schedule import Phase, PhaseSchedule, TimeController, phase_optimizer
 from .specs import RunConfig
 
 __all__ = ["export_schedule", "write_schedule", "read_schedule", "replay", "ReplayResult", "SCHEDULE_VERSION"]
 
 SCHEDULE_VERSION = 1
-GENES = ("lr", "weight_decay", "betas/0", "betas/1", "eps")
+GENES = tuple(ADAMW_FIELDS)
 
 
 def _pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: float | None,
@@ -50,7 +51,7 @@ def _pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: floa
         if duty_cycle is None:
             raise ValueError("export_schedule: the history has no 'cooperative_steps'; pass duty_cycle")
         length = end - start
-        coop = 0 if duty_cycle == 1 else length - max(1, math.floor(duty_cycle * length + 0.5))
+        coop = 0 if duty_cycle == 1 else length - competitive_steps(length, duty_cycle)
     b = record.get("batch_size", batch_size)
     p = record.get("population_size", population_size)
     if b is None or p is None:
@@ -181,8 +182,9 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
 
     The model is built and initialised as the training machine does (same task, config and
     seed), so it starts from the clan's initial weights. At each step the param group takes the
-    ``lr``, ``weight_decay``, ``betas`` and ``eps`` of the phase in force (a value a phase does
-    not set keeps the config's; ``lr_scale`` multiplies the config's lr) and the batch holds the
+    ``lr``, ``weight_decay``, ``betas`` and ``eps`` of the phase in force, by the machine's rule
+    (:func:`~vmapclan.schedule.phase_optimizer`, with the config's optimizer as the incumbent: a
+    value a phase does not set keeps the config's; ``lr_scale`` multiplies the config's lr) and the batch holds the
     phase's ``data.batch_size`` samples (default: ``config.data.batch_size``), drawn from a
     fresh permutation each epoch.
 
@@ -211,6 +213,8 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     model = task.build_model(config.model, config.data)
     optimizer = config.optimizer.build(model.parameters())
     group = optimizer.param_groups[0]
+    configured = {"lr": config.optimizer.lr, "weight_decay": config.optimizer.weight_decay,
+                  "betas/0": config.optimizer.betas[0], "betas/1": config.optimizer.betas[1], "eps": config.optimizer.eps}
     x_train, y_train = data.train
     n = len(x_train)
     generator = torch.Generator().manual_seed(config.seed + 2)
@@ -219,11 +223,9 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     model.train()
     for step in range(total):
         phase = schedule.phase_at_step(step, total)
-        opt = phase.optimizer
-        group["lr"] = opt.get("lr", config.optimizer.lr * opt.get("lr_scale", 1.0))
-        group["weight_decay"] = opt.get("weight_decay", config.optimizer.weight_decay)
-        group["betas"] = (opt.get("betas/0", config.optimizer.betas[0]), opt.get("betas/1", config.optimizer.betas[1]))
-        group["eps"] = opt.get("eps", config.optimizer.eps)
+        settings = phase_optimizer(phase.optimizer, configured)
+        group["lr"], group["weight_decay"], group["eps"] = settings["lr"], settings["weight_decay"], settings["eps"]
+        group["betas"] = (settings["betas/0"], settings["betas/1"])
         batch_size = phase.data.get("batch_size", config.data.batch_size)
         if batch_size > n:
             raise ValueError(f"replay: phase {phase.name!r} asks for batch_size={batch_size}, "

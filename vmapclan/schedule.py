@@ -21,10 +21,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["TimeController", "Phase", "PhaseSchedule", "OPTIMIZER_KEYS", "DATA_KEYS", "CLAN_KEYS"]
+__all__ = ["TimeController", "Phase", "PhaseSchedule", "OPTIMIZER_KEYS", "DATA_KEYS", "CLAN_KEYS",
+           "phase_optimizer"]
 
 #: Optimizer settings a phase may override: the AdamW genes, plus ``lr_scale`` (a factor on the
-#: learning rate in force when the phase begins).
+#: incumbent's learning rate, see :func:`phase_optimizer`).
 OPTIMIZER_KEYS = ("lr", "weight_decay", "betas/0", "betas/1", "eps", "lr_scale")
 #: Data settings a phase may override (``batch_size`` is per member in the training machine).
 DATA_KEYS = ("batch_size",)
@@ -164,8 +165,9 @@ class Phase:
         start_t: Where the phase begins, in ``[0, 1)``.
         end_t: Where it ends, in ``(start_t, 1]``.
         optimizer: Overrides of ``lr``, ``weight_decay``, ``betas/0``, ``betas/1``, ``eps`` (fixed
-            values) and ``lr_scale`` (a factor on the learning rate in force when the phase
-            begins). They need ``clan.competition = false``: a clan phase evolves them.
+            values) and ``lr_scale`` (a factor on the incumbent's learning rate when the phase
+            begins; see :func:`phase_optimizer`). They need ``clan.competition = false``: a clan
+            phase evolves them.
         data: Overrides of ``batch_size``.
         clan: ``competition`` (bool, default true: clan rounds with selection; false: the
             population trains cooperatively as one data-parallel model), ``round_length``,
@@ -406,3 +408,33 @@ class PhaseSchedule:
         """Read a schedule written by :meth:`save` (other top-level keys are ignored)."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def phase_optimizer(overrides: Mapping[str, float], incumbent: Mapping[str, float]) -> dict[str, float]:
+    """The AdamW settings a cooperative phase trains with: the incumbent's, with the phase's overrides.
+
+    The one meaning of a phase's optimizer table, for the training machine and the replay alike:
+    a fixed value (``lr``, ``weight_decay``, ``betas/0``, ``betas/1``, ``eps``) replaces the
+    incumbent's; ``lr_scale`` multiplies the incumbent's ``lr``. The incumbent is the genome the
+    clan has evolved when the phase begins (in the machine), or the configured optimizer's
+    settings where nothing evolves them (a plain replay, or a run before its first round).
+
+    Args:
+        overrides: The phase's ``optimizer`` table.
+        incumbent: ``{gene: value}`` for every AdamW gene.
+
+    Returns:
+        ``{gene: value}`` for every AdamW gene.
+
+    Example:
+        >>> phase_optimizer({"lr_scale": 0.1, "eps": 1e-6}, {"lr": 3e-3, "weight_decay": 0.0, "betas/0": 0.9,
+        ...                                                   "betas/1": 0.999, "eps": 1e-8})["lr"]
+        0.00030000000000000003
+    """
+    settings = {name: float(value) for name, value in incumbent.items()}
+    for key, value in overrides.items():
+        if key == "lr_scale":
+            settings["lr"] = settings["lr"] * value
+        else:
+            settings[key] = float(value)
+    return settings

@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from .rounds import round_problem
 from .schedule import Phase, PhaseSchedule
 
 __all__ = ["ModelSpec", "DataSpec", "OptimizerSpec", "ClanSpec", "ScheduleSpec", "RunConfig", "TASK_NAMES"]
@@ -249,12 +250,9 @@ def check_round(where: str, round_length: int, duty_cycle: float) -> None:
         round_length: Steps per round.
         duty_cycle: Competitive fraction.
     """
-    competitive = max(1, math.floor(duty_cycle * round_length + 0.5))
-    if duty_cycle < 1 and round_length - competitive < 1:
-        raise ValueError(
-            f"{where}.round_length={round_length} with duty_cycle={duty_cycle} leaves no cooperative step; "
-            "use a longer round or duty_cycle = 1.0"
-        )
+    problem = round_problem(round_length, duty_cycle)
+    if problem is not None:
+        raise ValueError(f"{where}.{problem}")
 
 
 @dataclasses.dataclass(frozen=True)

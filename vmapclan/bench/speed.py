@@ -10,7 +10,7 @@ For each model and population size P, in one process and on the same random data
   uses by default on the device -- what vmap and ``functional_call`` would cost if they cost
   nothing; on CUDA also **ceiling+cuda-graph**, the same step captured into a CUDA graph. The
   faster of the two is the baseline of ``x ceiling``;
-- **imperative**: the ``Member`` loop of ``DESIGN.md`` (vmapped forward, ``backward``,
+- **imperative**: the ``Member`` loop of the README (vmapped forward, ``backward``,
   ``BatchedAdamW``);
 - **fused**, **fused-flat**, **fused-batched**, **fused-vmap**, **fused-autograd**:
   :class:`~vmapclan.FusedStep` eager with its defaults, with the ``"flat"`` layout, with the
@@ -205,8 +205,7 @@ def _loop_variant(spec: BenchModel, model: nn.Module, x, y, setting: str) -> Cal
 
 
 def _ceiling_variant(spec: BenchModel, model: nn.Module, x, y) -> Callable[[], None]:
-    from ..fused import fused_update_, kernel_update_
-    from ..optim import AdamWHyper, adamw_init
+    from ..optim import AdamWHyper, adamw_init, adamw_update, resolve_update
 
     p, device = x.shape[0], x.device
     linears = [m for m in model if isinstance(m, nn.Linear)]
@@ -223,8 +222,8 @@ def _ceiling_variant(spec: BenchModel, model: nn.Module, x, y) -> Callable[[], N
     biases = [views[2 * i + 1].view(p, 1, lin.out_features) for i, lin in enumerate(linears)]
     leaves = [t for pair in zip(weights, biases) for t in pair]
     grad_views = grads.split(sizes, 1)
-    # The same optimizer update FusedStep uses by default on this device.
-    update = kernel_update_ if device.type == "cpu" else fused_update_
+    # The same optimizer update FusedStep uses by default for this member size and device.
+    update = adamw_update(resolve_update("auto", flat))
     rows = p * x.shape[1]
 
     def step():
@@ -241,7 +240,7 @@ def _ceiling_variant(spec: BenchModel, model: nn.Module, x, y) -> Callable[[], N
             loss = F.cross_entropy(out, y.reshape(rows), reduction="sum") / x.shape[1]
         for view, g in zip(grad_views, torch.autograd.grad(loss, params)):
             view.copy_(g.reshape(p, -1))
-        update(flat, grads, grads, state, hyper, None, False)
+        update(flat, grads, state, hyper)
 
     return step
 

@@ -1,0 +1,70 @@
+"""The gradient path: what every training step does with its gradients around the AdamW update.
+
+Every way of training a clan (the ``Member`` loop, :class:`~vmapclan.FusedStep`, the training
+machine, Lightning) runs the same three steps, written here once:
+
+1. :func:`reduce_gradients_`: this step's gradients are added to the member's pending
+   micro-batches (gradient accumulation) and, in the cooperative phase, averaged over the members,
+   so identical members take identical updates (data-parallel training at batch ``P x B``);
+2. the AdamW update (:meth:`~vmapclan.BatchedAdamW.apply_`), which divides by the micro-batch
+   count, clips each member's gradient and skips the parameters that received no gradient;
+3. :func:`release_gradients_`: the members with no micro-batch pending start from zero again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["member_mean", "reduce_gradients_", "release_gradients_"]
+
+
+def member_mean(grads: torch.Tensor) -> torch.Tensor:
+    """The mean over the member dimension, broadcast back to every member as a view: ``[P, ...]``."""
+    return grads.mean(0, keepdim=True).expand_as(grads)
+
+
+def reduce_gradients_(grads: torch.Tensor, grad_buffer: torch.Tensor, *, cooperative: bool, accumulating: bool,
+                      keep: bool = False) -> torch.Tensor:
+    """The gradients the update reads: ``grads`` with the pending micro-batches, averaged when cooperating.
+
+    Args:
+        grads: ``[P, N]`` this step's gradients; may be ``grad_buffer`` itself (a backward that
+            accumulated into it).
+        grad_buffer: ``[P, N]`` the population's gradient buffer (``grad_flat``), which holds the
+            partial sums of accumulation.
+        cooperative: Average over the members.
+        accumulating: Gradient accumulation is on: the sums live in ``grad_buffer``.
+        keep: The buffer must hold the result (the user can read ``.grad``): average in place
+            rather than into a view.
+
+    Returns:
+        ``[P, N]``: the gradient sums to update from (``grad_buffer``, or a view when nothing
+        needs to be kept).
+    """
+    if accumulating:
+        if grads is not grad_buffer:
+            grad_buffer.add_(grads)
+        grads, keep = grad_buffer, True  # the pending sums must be averaged too
+    if not cooperative:
+        return grads
+    if keep and grads is grad_buffer:
+        grad_buffer.copy_(member_mean(grad_buffer))
+        return grad_buffer
+    return member_mean(grads)
+
+
+def release_gradients_(population, accum_count: torch.Tensor | None = None) -> None:
+    """After an update: zero the gradients of the members with no micro-batch pending (all, without accumulation).
+
+    Without accumulation this is also where the record of which parameters received a gradient
+    starts afresh (see :meth:`~vmapclan.PopulationModel.unused_columns`).
+
+    Args:
+        population: The :class:`~vmapclan.PopulationModel`.
+        accum_count: ``long [P]`` micro-batches pending per member, or ``None`` without accumulation.
+    """
+    if accum_count is None:
+        population.grad_flat.zero_()
+        population.grad_seen.clear()
+    else:
+        population.grad_flat.masked_fill_((accum_count == 0).view(-1, 1), 0)
