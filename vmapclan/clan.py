@@ -366,10 +366,19 @@ class Clan:
             self._syncing = syncing
 
     @contextlib.contextmanager
-    def _sync_context(self):
+    def sync_context(self, *, cooperative: bool | None = None):
+        """Context for ``backward()``: on exit, averages the gradients over members when cooperating.
+
+        Args:
+            cooperative: Whether to average; default: whether the current step is cooperative
+                (what ``member.sync_context()`` does). The training machine passes ``True`` for
+                its cooperative phases, which run outside the round clock.
+        """
+        if cooperative is None:
+            cooperative = self.phase == COOPERATIVE
         with self.accounted_backward():
             yield
-        if self.population is not None and self.phase == COOPERATIVE:
+        if self.population is not None and cooperative:
             # After a user's ``p.grad = None`` the backward wrote fresh tensors, not grad_flat:
             # bring them back first, or the average misses them and the members drift apart.
             pop = self.population
@@ -683,7 +692,7 @@ class Member:
         In the competitive phase it does nothing. A backward outside it in the cooperative
         phase is an error.
         """
-        return self._live()._sync_context()
+        return self._live().sync_context()
 
     @property
     def genome(self) -> dict[str, torch.Tensor]:

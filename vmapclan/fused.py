@@ -328,7 +328,7 @@ class FusedStep:
         return None, losses
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
-        """Train every member one step on ``batch`` and advance the round clock.
+        """Train every member one step on ``batch`` in the clan's current phase and advance the round clock.
 
         Args:
             *batch: Tensors with the member dimension first, ``[P, B, ...]`` (as the clan's
@@ -342,12 +342,35 @@ class FusedStep:
             RuntimeError: if the round is done (call ``clan.step`` first).
             ValueError: for a tensor without the member dimension, or too few tensors.
         """
-        clan, pop = self.clan, self._population
+        clan = self.clan
         if clan.round_done:
             raise RuntimeError(
                 f"FusedStep: round {clan.round_index} is done ({clan.round_length} steps); "
                 "call clan.step(val_losses) before the next step"
             )
+        losses = self.train_step(*batch, cooperative=clan.phase == "cooperative")
+        clan.advance()
+        return losses
+
+    def train_step(self, *batch: torch.Tensor, cooperative: bool) -> torch.Tensor:
+        """Train every member one step on ``batch``, without touching the round clock.
+
+        The step :meth:`__call__` runs, with the phase given instead of read off the clan: the
+        training machine runs its cooperative phases (a warmup, an anneal) this way, outside
+        the clan's rounds, with the hyperparameters it wrote into the optimizer.
+
+        Args:
+            *batch: As for :meth:`__call__`.
+            cooperative: Average the gradients over the members (identical members trained
+                data-parallel), or train each member on its own.
+
+        Returns:
+            ``[P]``: each member's loss on its batch, before the update.
+
+        Raises:
+            ValueError: for a tensor without the member dimension, or too few tensors.
+        """
+        pop = self._population
         p = pop.population_size
         if len(batch) < self.num_inputs:
             raise ValueError(f"FusedStep: expected at least {self.num_inputs} batch tensors, got {len(batch)}")
@@ -358,12 +381,11 @@ class FusedStep:
                     f"FusedStep: expected every batch tensor to have the member dimension first ([{p}, ...]), "
                     f"got {shape}; use member.share(t) for data every member sees"
                 )
-        cooperative = clan.phase == "cooperative"
         pop.restore_grad_views()
         with vectorized_forward():
-            losses = self._replay(cooperative, batch) if self.cuda_graph else self._eager_step(cooperative, *batch)
-        clan.advance()
-        return losses
+            if self.cuda_graph:
+                return self._replay(cooperative, batch)
+            return self._eager_step(cooperative, *batch)
 
     # -- CUDA graphs ----------------------------------------------------------------------------
     def _mutable_state(self) -> list[torch.Tensor]:

@@ -15,13 +15,13 @@ machine scores each member on validation data at the end of every round, records
 checkpoints when given an ``out_dir``, and returns a :class:`TrainingResults` with the history,
 final metrics, the best model and the exported schedule (see :mod:`vmapclan.replay`).
 
-How a cooperative phase runs: between rounds the clan sits at step 0 of its next round, which
-is cooperative (``sync_context`` averages gradients, every member holds the incumbent genome), so
-the machine trains there with ``member.model``, ``sync_context`` and ``member.optimizer`` without
-calling ``member.step()``: the steps do not count towards the round. The phase's optimizer
-overrides are written into the batched AdamW's ``[P]`` hyperparameters and the clan's own genes
-are written back afterwards (``clan.reconfigure()``), and the end of the phase becomes the point
-the clan's divergence recovery restores to.
+How a cooperative phase runs: between rounds the clan sits at step 0 of its next round and
+its members are identical. The machine trains there with the gradients averaged over the
+members (``clan.sync_context(cooperative=True)``, or ``FusedStep.train_step(...,
+cooperative=True)``) and without advancing the round clock: the steps do not count towards the
+round. The phase's optimizer overrides are written into the batched AdamW's ``[P]``
+hyperparameters and the clan's own genes are written back afterwards (``clan.reconfigure()``),
+and the end of the phase becomes the point the clan's divergence recovery restores to.
 """
 
 from __future__ import annotations
@@ -205,11 +205,11 @@ class TrainingMachine:
             "round", "best_val"}`` after every step (no host sync), and ``{"event": "round", ...}``,
             ``{"event": "cooperative", ...}``, ``{"event": "train", ...}`` records as they are made.
         device: Where the population lives (default: CPU).
-        fused: Train clan rounds with :class:`~vmapclan.FusedStep` (one vmapped forward and
-            backward and one batched update per step; the same numbers as the imperative loop):
-            ``True``, ``False`` (the imperative loop), or a dict of ``FusedStep`` options, e.g.
-            ``{"cuda_graph": True, "compile": "optimizer"}`` on CUDA. Cooperative phases use the
-            imperative loop, since they run outside the round clock that ``FusedStep`` advances.
+        fused: Train with :class:`~vmapclan.FusedStep` (one vmapped forward and backward and one
+            batched update per step; the same numbers as the imperative loop), in clan rounds and
+            in cooperative phases alike (there with :meth:`~vmapclan.FusedStep.train_step`, which
+            leaves the round clock alone): ``True``, ``False`` (the imperative loop), or a dict of
+            ``FusedStep`` options, e.g. ``{"cuda_graph": True, "compile": "optimizer"}`` on CUDA.
 
     Raises:
         ValueError, TypeError: for a bad config (naming the field), ``total_steps`` or ``fused``.
@@ -282,26 +282,40 @@ class TrainingMachine:
         return self._streams[batch_size]
 
     # -- the step ---------------------------------------------------------------------------------
-    def _train_step(self, member, batch) -> None:
-        """One step of the imperative loop; it does not advance the round clock."""
+    def _fused(self):
+        if self._fused_step is None:
+            from .fused import FusedStep
+
+            self._fused_step = FusedStep(self.clan, self.task.loss, **self._fused_options)
+        return self._fused_step
+
+    def _train_step(self, member, batch, cooperative: bool | None = None) -> torch.Tensor:
+        """One step of the imperative loop, without the round clock; returns the ``[P]`` losses.
+
+        ``cooperative=None`` averages the gradients when the clan's current step is cooperative
+        (``member.sync_context()``); a cooperative phase of the machine passes ``True``.
+        """
         x, y = batch
         loss = member_loss(self.task.loss, member.model(x), y)  # [P]
-        with member.sync_context():  # cooperative: gradients averaged over members
+        with self.clan.sync_context(cooperative=cooperative):
             loss.sum().backward()
         member.optimizer.step()
         member.optimizer.zero_grad()
-        self._after_step(loss.detach())
+        return loss.detach()
+
+    def _cooperative_step(self, member, batch) -> None:
+        """One data-parallel step of identical members, outside the round clock (fused when enabled)."""
+        if self.fused:
+            self._after_step(self._fused().train_step(*batch, cooperative=True))
+        else:
+            self._after_step(self._train_step(member, batch, cooperative=True))
 
     def _round_step(self, member, batch) -> None:
         """One step of a clan round, advancing the round clock (fused when enabled)."""
         if self.fused:
-            if self._fused_step is None:
-                from .fused import FusedStep
-
-                self._fused_step = FusedStep(self.clan, self.task.loss, **self._fused_options)
-            self._after_step(self._fused_step(*batch))
+            self._after_step(self._fused()(*batch))
         else:
-            self._train_step(member, batch)
+            self._after_step(self._train_step(member, batch))
             member.step()
 
     def _after_step(self, loss: torch.Tensor) -> None:
@@ -333,14 +347,11 @@ class TrainingMachine:
     def _run_cooperative(self, phase: Phase, steps: int) -> None:
         """``steps`` data-parallel steps of identical members, outside the round clock."""
         clan = self.clan
-        if clan.cooperative_steps < 1:
-            # Round settings with no cooperative step (duty_cycle = 1): borrow ones that have one.
-            clan.reconfigure(round_length=2, duty_cycle=0.5)
         member = clan.round()
         member.model.train()
-        # Between rounds the clan is in the cooperative phase of its next round: sync_context
-        # averages gradients and every member holds the incumbent genome. Steps taken here do
-        # not call member.step(), so they do not count towards that round.
+        # Between rounds the clan sits at step 0 of its next round; the steps taken here leave
+        # the round clock alone, average the gradients over the (identical) members, and train
+        # with the phase's hyperparameters, written into the optimizer for the phase's length.
         hyper = self._phase_hyper(phase)
         with torch.no_grad():
             for gene, field in ADAMW_FIELDS.items():
@@ -349,7 +360,7 @@ class TrainingMachine:
         stream = self._stream(batch_size)
         start = self.clock.step
         for _ in range(steps):
-            self._train_step(member, next(stream))
+            self._cooperative_step(member, next(stream))
         val = self.task.population_losses(member.model, *self.data.eval)
         clan.reconfigure()  # writes the clan's own genes back into the optimizer
         # The members are identical again: make this the point a divergence restores to, so a
