@@ -3,14 +3,20 @@
 from vmapclan import member_loss
 
 
-def train_step(member, loss_fn, x, y):
+def train_step(member, loss_fn, *batch):
     """One step of the plain loop: each member's loss, backward inside ``sync_context()``,
     ``optimizer.step()``, ``zero_grad()`` and ``member.step()``.
+
+    Args:
+        member: The round's member.
+        loss_fn: One member's loss, ``loss_fn(output, target)``.
+        *batch: The model's inputs, then the target, each ``[P, B, ...]``.
 
     Returns:
         The ``[P]`` losses (before the update).
     """
-    loss = member_loss(loss_fn, member.model(x), y)
+    *inputs, y = batch
+    loss = member_loss(loss_fn, member.model(*inputs), y)
     with member.sync_context():
         loss.sum().backward()
     member.optimizer.step()

@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
-from vmapclan import Clan, FusedStep, TrainingMachine, member_loss
+from vmapclan import Clan, FusedStep, TrainingMachine
 from vmapclan.fused import LAYOUTS, check_options
 
 from plain_loop import train_step
@@ -373,21 +373,7 @@ def make_stepper(clan: Clan, case: Case, path: dict | None) -> Callable:
     if path is not None:
         return FusedStep(clan, case.loss, num_inputs=case.num_inputs, **path)
 
-    def loop_step(*batch):
-        member = clan.round()
-        *inputs, y = batch
-        if len(inputs) == 1:
-            return train_step(member, case.loss, inputs[0], y)
-        # The same loop as plain_loop.train_step, with every model input passed on.
-        loss = member_loss(case.loss, member.model(*inputs), y)
-        with member.sync_context():
-            loss.sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
-        member.step()
-        return loss
-
-    return loop_step
+    return lambda *batch: train_step(clan.round(), case.loss, *batch)
 
 
 # -- states and their comparison ----------------------------------------------------------------

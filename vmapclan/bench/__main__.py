@@ -1,4 +1,4 @@
-"""``python -m vmapclan.bench [speed options]`` or ``python -m vmapclan.bench quality [options]``."""
+"""``python -m vmapclan.bench [speed options]``, ``python -m vmapclan.bench quality [options]`` or ``... zoo [options]``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to the quality benchmark (first argument ``quality``) or the speed benchmark.
+    """Dispatch to the quality benchmark (first argument ``quality``), the zoo (``zoo``) or the speed benchmark.
 
     Args:
         argv: Command-line arguments (default: ``sys.argv[1:]``).
@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         from .quality import main as quality_main  # imported lazily: it pulls in the training machine
 
         return quality_main(argv[1:])
+    if argv and argv[0] == "zoo":
+        from .zoo import main as zoo_main
+
+        return zoo_main(argv[1:])
     if argv and argv[0] == "speed":
         argv = argv[1:]
     from .speed import main as speed_main

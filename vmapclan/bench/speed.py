@@ -257,12 +257,13 @@ def _graphed(step: Callable[[], None], device: torch.device) -> Callable[[], Non
     return replay
 
 
-def _imperative_variant(spec: BenchModel, clan, x, y) -> Callable[[], None]:
+def _imperative_variant(loss_fn: Callable, clan, x, y) -> Callable[[], None]:
+    """The ``Member`` loop's step (vmapped forward, ``backward`` in ``sync_context``, ``BatchedAdamW``)."""
     from .. import member_loss
 
     def step():
         member = clan.round()
-        loss = member_loss(spec.loss, member.model(x), y)
+        loss = member_loss(loss_fn, member.model(x), y)
         with member.sync_context():
             loss.sum().backward()
         member.optimizer.step()
@@ -423,7 +424,7 @@ def _measure(spec, p, variant, setting, model, x, y, device, generator, warmup, 
         else:
             clan = _sweep_clan(model, p, device, generator)
             if variant == "imperative":
-                step = _imperative_variant(spec, clan, x, y)
+                step = _imperative_variant(spec.loss, clan, x, y)
             else:
                 kwargs = {
                     "fused": {}, "fused-flat": {"layout": "flat"}, "fused-batched": {"update": "batched"},
