@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vmapclan import Clan, DivergenceError, Gene, member_loss
+from vmapclan import Clan, DivergenceError, FusedStep, Gene, member_loss
 from vmapclan.schedule import Phase, PhaseSchedule
+from vmapclan.specs import DataSpec
+from vmapclan.tasks import get_task
 
 P = 3
 
@@ -114,6 +116,26 @@ def run_load_other_model():
     clan(model=nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))).load_state_dict(clan().state_dict())
 
 
+def genome_only(genes=None):
+    return Clan(genome_config=genes or {"x": Gene(0.1, 1.0)}, population_size=P, round_length=4, duty_cycle=0.5)
+
+
+def run_reconfigure_mid_round():
+    c = clan()
+    c.round().step()
+    c.reconfigure(duty_cycle=1.0)
+
+
+def run_load_model_checkpoint_into_genome_only_clan():
+    source = clan()
+    genome_only(source.genes).load_state_dict(source.state_dict())  # the same genes: only the model differs
+
+
+def run_load_genome_only_checkpoint_into_model_clan():
+    target = clan()
+    target.load_state_dict(genome_only(target.genes).state_dict())
+
+
 def run_schedule_with_gap():
     PhaseSchedule([Phase("warmup", 0.0, 0.3), Phase("main", 0.4, 1.0)])
 
@@ -214,6 +236,29 @@ CATALOGUE = [
     ("a phase schedule with a gap", run_schedule_with_gap, ValueError,
      r"gap between phase 'warmup' \(ends at t=0.3\) and"),
     ("a seed that is not an int", lambda: clan(seed=1.5), TypeError, r"seed must be an int, got float"),
+    ("reconfigure in the middle of a round", run_reconfigure_mid_round, RuntimeError,
+     r"Clan.reconfigure: only between rounds; round 0 is at step 1"),
+    ("a checkpoint with a model into a genome-only clan", run_load_model_checkpoint_into_genome_only_clan, ValueError,
+     r"Clan.load_state_dict: the checkpoint and this clan disagree on having a model"),
+    ("a genome-only checkpoint into a clan with a model", run_load_genome_only_checkpoint_into_model_clan, ValueError,
+     r"Clan.load_state_dict: the checkpoint and this clan disagree on having a model"),
+    ("member.share of a list in a genome-only clan", lambda: genome_only().round().share([1.0, 2.0]), TypeError,
+     r"member.share: expected a tensor, got list"),
+    ("cuda_graph that is not a bool", lambda: FusedStep(clan(), F.cross_entropy, cuda_graph=1), TypeError,
+     r"FusedStep: cuda_graph must be True or False, got 1"),
+    ("cuda_graph given as text", lambda: FusedStep(clan(), F.cross_entropy, cuda_graph="yes"), TypeError,
+     r"FusedStep: cuda_graph must be True or False, got 'yes'"),
+    ("stdlib-chars with max_chars too small for seq_len",
+     lambda: get_task("stdlib-chars").load(DataSpec(max_chars=1000, seq_len=500), 0), ValueError,
+     r"data.max_chars=1000 is too small for data.seq_len=500 \(\d+ training and \d+ validation characters\)"),
+    ("an unknown task", lambda: get_task("mnist"), ValueError,
+     r"get_task: unknown task 'mnist'; the tasks are \['digits-mlp', 'stdlib-chars'\]"),
+    ("a step past the end of the run", lambda: PhaseSchedule.single("all").phase_at_step(10, 10), ValueError,
+     r"PhaseSchedule.phase_at_step: step must be an int in \[0, 10\), got 10"),
+    ("a negative step", lambda: PhaseSchedule.single("all").phase_at_step(-1, 10), ValueError,
+     r"PhaseSchedule.phase_at_step: step must be an int in \[0, 10\), got -1"),
+    ("a step that is not an int", lambda: PhaseSchedule.single("all").phase_at_step(2.0, 10), ValueError,
+     r"PhaseSchedule.phase_at_step: step must be an int in \[0, 10\), got 2.0"),
 ]
 
 

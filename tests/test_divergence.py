@@ -81,7 +81,9 @@ def test_cooperative_divergence_restores_the_last_good_round_with_half_the_lr():
         assert torch.equal(restored, saved)
     assert record["event"] == "diverged" and record["winner"] is None and record["restored_round"] == 1
     assert clan.incumbent["lr"].item() == pytest.approx(lr_before / 2)
-    assert clan.history[-1] is not None and len(clan.history) == 2
+    # The event is in the history, after round 0's ordinary record, with round 1's (NaN) losses.
+    assert len(clan.history) == 2 and clan.history[-1] is record and "event" not in clan.history[0]
+    assert record["round"] == 1 and len(record["val_losses"]) == P and all(map(math.isnan, record["val_losses"]))
     assert clan.genomes["lr"][0].item() == pytest.approx(lr_before / 2)  # member 0 keeps the incumbent
 
     clan.step(train_round(clan, batches))  # training goes on, finite

@@ -120,10 +120,44 @@ def test_fused_step_defaults_follow_member_size_on_cpu():
     assert FusedStep(clan, F.cross_entropy, layout="flat").backward == "vmap"
 
 
-def test_fused_accumulation_counts_differ_per_member():
-    # The competitive genomes really hold different accumulation counts, so masking is exercised.
-    clan = make_clan(accumulate=True)
-    assert len(set(clan.genomes["num_grad_accum"].tolist())) > 1
+@pytest.mark.parametrize("backward", EXPLICIT_BACKWARDS)
+@pytest.mark.parametrize("update", ["batched", "per-member"])
+def test_fused_accumulation_counts_differ_per_member(update, backward):
+    """Competing members with their own num_grad_accum each update exactly when their own count is reached."""
+    counts = [2, 1, 3, 4]  # in force in the competitive phase; the cooperative phase runs the incumbent's 2
+    ref, fused = make_clan(accumulate=True, round_length=10), make_clan(accumulate=True, round_length=10)
+    for clan in (ref, fused):
+        clan.set_genome("num_grad_accum", counts)
+    step = FusedStep(fused, F.cross_entropy, update=update, backward=backward)
+    member = ref.round()
+    pending, updates, ready_at = [0] * P, [0] * P, []  # what each member's own count predicts
+    data = make_data()
+    for (xr, yr), (xf, yf) in zip(ref.loader(data, batch_size=8), fused.loader(data, batch_size=8)):
+        in_force = fused.optimizer.num_grad_accum.tolist()
+        assert in_force == ([2] * P if fused.phase == "cooperative" else counts)
+        before = fused.population.flat.clone()
+        torch.testing.assert_close(step(xf, yf), imperative_step(member, xr, yr), atol=1e-12, rtol=0)
+        assert_same_state(ref, fused)
+        ready = []
+        for i in range(P):
+            pending[i] += 1
+            if pending[i] >= in_force[i]:
+                pending[i], updates[i] = 0, updates[i] + 1
+                ready.append(i)
+        ready_at.append(ready)
+        for clan in (ref, fused):
+            state = clan.optimizer.adamw_state
+            assert state.accum_count.tolist() == pending
+            assert state.step.tolist() == updates
+            # Pending micro-batches keep their gradient sum; a member that just updated starts from zero.
+            assert (clan.population.grad_flat.abs().amax(1) > 0).tolist() == [n > 0 for n in pending]
+        for i in range(P):  # weights move exactly for the members that were ready
+            assert torch.equal(fused.population.flat[i], before[i]) == (i not in ready), (len(ready_at), i)
+        if member.done:
+            break
+    everyone = list(range(P))
+    # 5 cooperative steps at 2 (one micro-batch left pending), then 5 competitive steps at [2, 1, 3, 4].
+    assert ready_at == [[], everyone, [], everyone, [], [0, 1], [1, 2], [0, 1, 3], [1], [0, 1, 2]]
 
 
 @pytest.mark.parametrize("backward", EXPLICIT_BACKWARDS)

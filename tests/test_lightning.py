@@ -5,8 +5,10 @@ The digits runs use examples/lightning_digits.py at a tiny size: 4 members, roun
 """
 
 import csv
+import importlib
 import importlib.util
 import pathlib
+import sys
 
 import lightning.pytorch as pl
 from lightning.pytorch.plugins import MixedPrecision
@@ -36,7 +38,7 @@ def example():
 
 def plain_loop(example, epochs, population_size, batch_size, round_length, duty_cycle, hidden, lr, seed,
                max_steps=None):
-    """DESIGN.md's loop, top to bottom, on the example's data, model and clan."""
+    """The README's loop, top to bottom, on the example's data, model and clan."""
     torch.manual_seed(seed)
     (x_train, y_train), (x_val, y_val) = load_digits(val_fraction=0.2, seed=seed)
     clan = example.make_clan(population_size, round_length, duty_cycle, hidden, lr, seed)
@@ -88,6 +90,18 @@ def assert_same_weights(clan_a, clan_b):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def assert_resumed_exactly(resumed, whole):
+    """A resumed run does the same float32 work as the uninterrupted one: bit for bit the same clan."""
+    assert resumed.history == whole.history
+    for name in ("flat", "grad_flat"):
+        assert torch.equal(getattr(resumed.population, name), getattr(whole.population, name)), name
+    for name, buffer in whole.population.buffers.items():
+        assert torch.equal(resumed.population.buffers[name], buffer), name
+    for name, t in whole.optimizer.adamw_state._asdict().items():
+        assert torch.equal(getattr(resumed.optimizer.adamw_state, name), t), name
+    assert all(torch.equal(resumed.genomes[n], v) for n, v in whole.genomes.items())
+
+
 # -- a real Trainer against the plain loop ------------------------------------------------------
 def test_trainer_run_equals_the_plain_loop(run, plain):
     history = run["history"]
@@ -136,8 +150,8 @@ def test_checkpoint_saves_the_loader_before_the_prefetched_batch(run, example):
 def test_fit_from_checkpoint_resumes_to_the_same_history(run, example):
     resumed = example.main(**TINY, progress=False, resume=str(run["checkpoint"]))
     assert len(torch.load(run["checkpoint"], weights_only=False)["callbacks"]["ClanCallback"]["clan"]["history"]) == 3
-    assert_same_history(resumed["history"], run["history"])
-    assert_same_weights(resumed["clan"], run["clan"])
+    assert resumed["clan"].global_step == run["clan"].global_step == 52
+    assert_resumed_exactly(resumed["clan"], run["clan"])
 
 
 # -- the loader under Lightning's fetch order (no Trainer needed) ---------------------------------
@@ -306,6 +320,59 @@ def test_plain_clan_loader_is_refused():
         fit(Tiny(loader="clan"))
 
 
+def test_train_loader_of_another_clan_is_refused():
+    class OtherClansLoader(Tiny):
+        def train_dataloader(self):
+            return LookaheadLoader(small_clan(round_length=2, duty_cycle=0.5), DATA, batch_size=2)
+
+    with pytest.raises(ValueError, match="ClanCallback: the train loader belongs to another clan than the module's"):
+        fit(OtherClansLoader())
+
+
+def test_train_loader_that_is_not_the_clans_is_refused():
+    class PlainLoader(Tiny):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*DATA), batch_size=2)
+
+    with pytest.raises(TypeError, match=r"ClanCallback: the train loader must be the clan's LookaheadLoader "
+                                        r"\(module.clan_loader\(...\)\), got DataLoader"):
+        fit(PlainLoader())
+
+
+def test_clan_on_another_device_than_the_trainer_is_refused():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-2), population_size=3, round_length=2,
+                duty_cycle=0.5, autobind=["adamw"], seed=0, device="meta")
+    with pytest.raises(ValueError, match="ClanCallback: the clan's members are on meta but the Trainer runs on cpu; "
+                                         "build the Clan with device='cpu'"):
+        fit(Tiny(clan))
+    assert clan.global_step == 0  # refused before training
+
+
+def test_empty_validation_loader_is_an_error_at_the_first_selection():
+    module = Tiny()
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ClanCallback([])])
+    with pytest.raises(ValueError, match="ClanCallback: val_dataloader yielded no batches; selection needs a "
+                                         "validation loss"):
+        trainer.fit(module)
+    assert module.clan.global_step == 2 and module.clan.history == []  # the first round ran, no selection
+
+
+def test_base_member_validation_step_is_abstract():
+    with pytest.raises(NotImplementedError, match=r"ClanModule must implement member_validation_step\(batch, batch_idx\)"):
+        ClanModule(small_clan()).member_validation_step(DATA, 0)
+
+
+def test_import_without_lightning_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # a missing package: import raises ImportError
+    monkeypatch.delitem(sys.modules, "vmapclan.lightning")
+    with pytest.raises(ImportError, match=r"vmapclan.lightning needs the lightning package: "
+                                          r"pip install 'vmapclan\[lightning\]'"):
+        importlib.import_module("vmapclan.lightning")
+
+
 def test_trainer_gradient_accumulation_is_refused():
     with pytest.raises(ValueError, match=r"accumulate_grad_batches=2\) is not supported"):
         fit(Tiny(), accumulate_grad_batches=2)
@@ -378,8 +445,7 @@ def test_second_fit_continues_like_one_fit():
     fit(split, max_steps=5)  # stops with a prefetched batch in flight
     fit(split, max_steps=4)  # a new Trainer counts from 0
     assert split.clan.global_step == whole.clan.global_step == 9
-    assert_same_history(split.clan.history, whole.clan.history)
-    assert_same_weights(split.clan, whole.clan)
+    assert_resumed_exactly(split.clan, whole.clan)
     # After fit, the batch the Trainer fetched last and never trained on is back in the clan's loader:
     # its state is that of a plain loop after the same 9 steps.
     reference = small_clan(round_length=2, duty_cycle=0.5)

@@ -96,9 +96,13 @@ def test_cooperative_phase_keeps_members_identical_with_its_overrides():
     assert all(torch.all(lr == 3e-3) for lr in seen) and len(seen) == 12
     flat = machine.clan.population.flat
     assert torch.equal(flat, flat[:1].expand_as(flat))
+    # The record's val_loss, computed another way: the plain model on the per-round evaluation data.
+    evaluated = machine.task.evaluate(machine.clan.best_model(), *machine.data.eval)["loss"]
+    # The phase's overrides on the config's AdamW (betas and eps at their defaults), and 4 x 8 samples a step.
     assert results.history == [{"kind": "cooperative", "phase": "coop", "start_step": 0, "end_step": 12,
-                                "hyper": {**results.history[0]["hyper"], "lr": 3e-3, "weight_decay": 0.0},
-                                "batch_size": 32, "val_loss": results.history[0]["val_loss"]}]
+                                "hyper": {"lr": 3e-3, "weight_decay": 0.0, "betas/0": 0.9, "betas/1": 0.999,
+                                          "eps": 1e-8},
+                                "batch_size": 32, "val_loss": pytest.approx(evaluated, rel=1e-6)}]
     assert machine.clan.round_index == 0  # cooperative steps are outside the round clock
     # afterwards the optimizer holds the clan's own genes again
     assert torch.all(machine.clan.optimizer.hyper.lr == 1e-3)
@@ -145,6 +149,10 @@ def test_export_from_a_plain_clan_history():
         ("clan/r0/coop", 0.0, 0.8, 1e-3, 8), ("clan/r0/compete", 0.8, 1.0, 2e-3, 4)]
     with pytest.raises(ValueError, match="export_schedule: the history has no 'cooperative_steps'; pass duty_cycle"):
         export_schedule(history, 10)
+    for sizes in ({}, {"batch_size": 4}, {"population_size": 2}):
+        with pytest.raises(ValueError, match="export_schedule: the history has no 'batch_size'/'population_size'; "
+                                             "pass them"):
+            export_schedule(history, 10, duty_cycle=0.2, **sizes)
     with pytest.raises(ValueError, match=r"export_schedule: the history covers steps \[0, 10\), but total_steps is 12"):
         export_schedule(history, 12, duty_cycle=0.2, batch_size=4, population_size=2)
     with pytest.raises(ValueError, match="export_schedule: the history is empty"):
@@ -260,24 +268,46 @@ def test_stdlib_corpus_is_deterministic_and_split_by_file():
     assert int(train.max()) < 128 and int(val.max()) < 128
 
 
-@pytest.mark.parametrize("fused", [True, {"backward": "vmap", "layout": "flat"}], ids=["default", "options"])
-def test_fused_rounds_match_the_imperative_loop(fused):
+def test_fused_rounds_equal_the_imperative_loop_bitwise():
+    # On CPU the default FusedStep for this model resolves to the autograd backward and the batched
+    # update: the imperative loop's float32 arithmetic in the same order, so the runs are bit-equal.
     config = tiny(total_steps=70)
-    machine = TrainingMachine(config, fused=fused)
+    machine = TrainingMachine(config, fused=True)
     fused_run = machine.train()
     plain = TrainingMachine(config, fused=False).train()
-    if isinstance(fused, dict):
-        assert (machine._fused_step.backward, machine._fused_step.layout) == ("vmap", "flat")
-    assert [r["winner"] for r in fused_run.rounds] == [r["winner"] for r in plain.rounds]
-    for a, b in zip(fused_run.rounds, plain.rounds):
-        assert a["val_losses"] == pytest.approx(b["val_losses"], rel=1e-4)
-    assert fused_run.final["val_loss"] == pytest.approx(plain.final["val_loss"], rel=1e-4)
+    assert (machine._fused_step.backward, machine._fused_step.update) == ("autograd", "batched")
+    assert len(fused_run.rounds) == 2
+    assert fused_run.history == plain.history
+    assert fused_run.final["member_val_losses"] == plain.final["member_val_losses"]
+    assert fused_run.final["val_loss"] == plain.final["val_loss"]
+    fused_weights, plain_weights = fused_run.best_model.state_dict(), plain.best_model.state_dict()
+    assert fused_weights.keys() == plain_weights.keys()
+    for name, value in plain_weights.items():
+        assert torch.equal(fused_weights[name], value), name
+
+
+def test_fused_rounds_with_the_vmap_backward_match_the_imperative_loop():
+    # Not bit-equal, by construction: the vmap backward (grad_and_value under vmap) computes the
+    # last Linear's weight gradient with another matmul than autograd over the vmapped forward
+    # (the imperative loop's backward), which differs in the last bit of some entries from the
+    # first step on. Selection, genes and the round records must still agree exactly here.
+    config = tiny(total_steps=70)
+    machine = TrainingMachine(config, fused={"backward": "vmap", "layout": "flat"})
+    fused_run = machine.train()
+    plain = TrainingMachine(config, fused=False).train()
+    assert (machine._fused_step.backward, machine._fused_step.layout) == ("vmap", "flat")
+    assert len(fused_run.rounds) == 2
+    for a, b in zip(fused_run.rounds, plain.rounds, strict=True):
+        assert (a["winner"], a["genomes"], a["incumbent"]) == (b["winner"], b["genomes"], b["incumbent"])
+        assert a["val_losses"] == pytest.approx(b["val_losses"], rel=1e-6)
+    assert fused_run.final["val_loss"] == pytest.approx(plain.final["val_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize(("fused", "error", "match"), [
     ("yes", TypeError, "fused must be a bool or a dict of FusedStep options, got str"),
     ({"graph": True}, ValueError, r"unknown FusedStep options \['graph'\]"),
     ({"cuda_graph": True}, ValueError, "cuda_graph=True needs the clan on a CUDA device, it is on cpu"),
+    ({"cuda_graph": "true"}, TypeError, "FusedStep: cuda_graph must be True or False, got 'true'"),
     ({"compile": "everything"}, ValueError, "compile must be one of"),
 ])
 def test_fused_options_are_checked_before_training(fused, error, match):

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vmapclan import Clan
+from vmapclan import Clan, member_loss
 from vmapclan.checkpoint import load_checkpoint, save_checkpoint
+
+from plain_loop import train_step
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 TOTAL_STEPS = 40
@@ -132,10 +135,44 @@ def test_checkpoint_of_another_version_or_model_is_refused():
         make_clan().load_state_dict({"weights": 1})
 
 
-def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
+def trained_clan(steps=6):
+    """``make_clan()`` trained ``steps`` steps of the plain loop, through one selection."""
     clan = make_clan()
+    g = torch.Generator().manual_seed(7)
+    member = clan.round()
+    for _ in range(steps):
+        x, y = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 1, generator=g)
+        train_step(member, F.mse_loss, x, y)
+        if member.done:
+            clan.step(torch.tensor([3.0, 1.0, 2.0]))
+            member = clan.round()
+    # A backward not yet stepped leaves gradients pending: they are state too.
+    x, y = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 1, generator=g)
+    with member.sync_context():
+        member_loss(F.mse_loss, member.model(x), y).sum().backward()
+    return clan
+
+
+def clan_values(clan):
+    """What a resume must carry over, as comparable values."""
+    state = clan.optimizer.adamw_state  # its accum_count is always 0 without the accumulation gene
+    return {"flat": clan.population.flat.detach().clone(), "grad_flat": clan.population.grad_flat.clone(),
+            **{f"adamw:{n}": getattr(state, n).clone() for n in ("step", "exp_avg", "exp_avg_sq")},
+            **{f"gene:{n}": v.clone() for n, v in clan.genomes.items()},
+            "clock": torch.tensor([clan.round_index, clan.step_in_round, clan.global_step])}
+
+
+def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
+    clan = trained_clan()
+    assert (clan.round_index, clan.step_in_round) == (1, 2)  # mid-round, after a selection
     save_checkpoint(clan.state_dict(), tmp_path / "c.pt")
     restored = make_clan(seed=5)
+    source, before = clan_values(clan), clan_values(restored)
+    # Everything a load must bring differs before it (a fresh clan is not the trained one) ...
+    assert [n for n in source if torch.equal(source[n], before[n])] == []
     restored.load_state_dict(load_checkpoint(tmp_path / "c.pt"))
-    assert torch.equal(restored.population.flat, clan.population.flat)
-    assert {n: v.tolist() for n, v in restored.genomes.items()} == {n: v.tolist() for n, v in clan.genomes.items()}
+    after = clan_values(restored)
+    # ... and is equal after it.
+    assert [n for n in source if not torch.equal(source[n], after[n])] == []
+    assert restored.history == clan.history and len(restored.history) == 1
+    assert torch.equal(restored.optimizer.hyper.lr, clan.optimizer.hyper.lr)

@@ -90,6 +90,17 @@ def snapshot(clan):
     return {n: t.detach().clone() for n, t in out.items()}
 
 
+def storage_pointers(clan):
+    """``{name: storage address}`` of every tensor selection moves, and of each parameter leaf and its .grad."""
+    pop, state = clan.population, clan.optimizer.adamw_state
+    tensors = {"flat": pop.flat, "grad_flat": pop.grad_flat}
+    tensors.update({f"buffer:{n}": b for n, b in pop.buffers.items()})
+    tensors.update({f"adamw:{n}": t for n, t in state._asdict().items()})
+    for name, leaf in pop.named_parameters():
+        tensors[f"param:{name}"], tensors[f"grad:{name}"] = leaf, leaf.grad
+    return {n: t.untyped_storage().data_ptr() for n, t in tensors.items()}
+
+
 def assert_rows_moved(clan, before, sources):
     """Row ``i`` of every tensor now holds what row ``sources[i]`` held before."""
     after = snapshot(clan)
@@ -114,13 +125,18 @@ def test_winner_selection_moves_every_row_to_the_winner(losses, winner):
     before = snapshot(clan)
     used = {n: v.clone() for n, v in clan.genomes.items()}
     params_before = {n: t.detach().clone() for n, t in clan.population.named_parameters()}
+    storages = storage_pointers(clan)
     record = clan.step(torch.tensor(losses))
     assert record["winner"] == winner
     assert_rows_moved(clan, before, [winner] * 3)
-    # The parameter leaves and their .grad are views of the moved buffers, not copies.
-    for name, leaf in clan.population.named_parameters():
+    # Selection copies in place: every tensor keeps its storage, and the parameter leaves and
+    # their .grad are still views of the moved buffers, not copies.
+    assert storage_pointers(clan) == storages
+    pop = clan.population
+    for name, leaf in pop.named_parameters():
         assert torch.equal(leaf.detach(), params_before[name][winner].expand_as(leaf))
-        assert leaf.grad.data_ptr() >= clan.population.grad_flat.data_ptr()
+        assert leaf.untyped_storage().data_ptr() == pop.flat.untyped_storage().data_ptr()
+        assert leaf.grad.untyped_storage().data_ptr() == pop.grad_flat.untyped_storage().data_ptr()
     # The winner's genome is the incumbent; member 0 keeps it unmutated, the others mutate it.
     for name, values in clan.genomes.items():
         assert clan.incumbent[name] == used[name][winner]
