@@ -199,6 +199,11 @@ def test_fused_compiled_equals_imperative(kwargs, accumulate):
     run_both(kwargs, accumulate=accumulate, rounds=1)
 
 
+def test_fused_compiled_update_with_gradient_clipping_equals_imperative():
+    """Clipping with the compiled update (inductor could not compile the clip norm into the update)."""
+    run_both({"compile": "optimizer"}, accumulate=True, rounds=1, max_grad_norm=0.05)
+
+
 def test_fused_step_refuses_a_done_round():
     clan = make_clan(round_length=2, duty_cycle=0.5)
     step = FusedStep(clan, F.cross_entropy)

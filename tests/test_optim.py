@@ -1,7 +1,9 @@
 """The batched AdamW equals ``torch.optim.AdamW`` run separately for every member, in float64.
 
 One table of hyperparameter sets runs through one harness (the optax / torch.optim habit), for
-both the functional :func:`adamw_step_` and the :class:`BatchedAdamW` class; the other tests pin
+every implementation of the update: the functional :func:`adamw_step_`, its compiled form, and
+the :class:`BatchedAdamW` class with PyTorch's per-member kernel and with the batched tensor-op
+update; the other tests pin
 gradient accumulation, ``zero_grad``, ``state_dict`` and a step worked out by hand.
 """
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from vmapclan import AdamWHyper, BatchedAdamW, PopulationModel, adamw_init, adamw_step_
+from vmapclan.optim import adamw_update
 
 DTYPE = torch.float64
 # float64 round-off of a few dozen elementwise steps; the batched and the per-member code order
@@ -69,6 +72,8 @@ STEPS = 30  # calls of the optimizer (micro-batches when accumulating)
 class FunctionalRunner:
     """Drives :func:`adamw_step_` the way a training loop would: summed grads, reset when used."""
 
+    adamw = staticmethod(adamw_step_)
+
     def __init__(self, init: torch.Tensor, hyper: AdamWHyper, accum: torch.Tensor | None,
                  max_grad_norm: float | None = None):
         self.params = init.clone()
@@ -79,7 +84,7 @@ class FunctionalRunner:
     def step(self, grad: torch.Tensor) -> None:
         """Add one micro-batch gradient ``[P, N]`` and call the optimizer."""
         self.grad_sum += grad
-        adamw_step_(self.params, self.grad_sum, self.state, self.hyper, self.accum, self.max_grad_norm)
+        self.adamw(self.params, self.grad_sum, self.state, self.hyper, self.accum, self.max_grad_norm)
         # Members that just updated (count back to 0) start a fresh sum.
         self.grad_sum[self.state.accum_count == 0] = 0
 
@@ -120,6 +125,12 @@ class BatchedClassRunner(ClassRunner):
     """:class:`ClassRunner` with the tensor-op update that accelerators use."""
 
     update = "batched"
+
+
+class CompiledRunner(FunctionalRunner):
+    """:class:`FunctionalRunner` with the elementwise half compiled (``FusedStep(compile="optimizer")``)."""
+
+    adamw = staticmethod(adamw_update("batched", compile=True))
 
 
 class TorchReference:
@@ -177,8 +188,8 @@ def gradient_stream(p: int, n: int, steps: int, seed: int) -> list[torch.Tensor]
     return out
 
 
-@pytest.mark.parametrize("runner_cls", [FunctionalRunner, ClassRunner, BatchedClassRunner],
-                         ids=["adamw_step_", "BatchedAdamW", "BatchedAdamW-batched"])
+@pytest.mark.parametrize("runner_cls", [FunctionalRunner, CompiledRunner, ClassRunner, BatchedClassRunner],
+                         ids=["adamw_step_", "adamw_step_-compiled", "BatchedAdamW", "BatchedAdamW-batched"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_matches_torch_adamw_per_member(case, runner_cls):
     spec = dict(CASES[case])

@@ -353,19 +353,6 @@ class Clan:
             )
 
     @contextlib.contextmanager
-    def accounted_backward(self):
-        """A context for a backward whose gradients the caller reduces itself (as :class:`~vmapclan.FusedStep` does).
-
-        Inside it the check that a cooperative backward runs in ``member.sync_context()`` is off.
-        """
-        syncing = self._syncing
-        self._syncing = True
-        try:
-            yield
-        finally:
-            self._syncing = syncing
-
-    @contextlib.contextmanager
     def sync_context(self, *, cooperative: bool | None = None):
         """Context for ``backward()``: on exit, averages the gradients over members when cooperating.
 
@@ -376,8 +363,11 @@ class Clan:
         """
         if cooperative is None:
             cooperative = self.phase == COOPERATIVE
-        with self.accounted_backward():
+        syncing, self._syncing = self._syncing, True  # the backward check: this backward is averaged here
+        try:
             yield
+        finally:
+            self._syncing = syncing
         if self.population is not None and cooperative:
             # After a user's ``p.grad = None`` the backward wrote fresh tensors, not grad_flat:
             # bring them back first, or the average misses them and the members drift apart.

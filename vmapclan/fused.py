@@ -32,7 +32,7 @@ import optree
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from .gradients import reduce_gradients_, release_gradients_
+from .gradients import member_mean, reduce_gradients_, release_gradients_
 from .optim import UPDATES, adamw_update, resolve_update
 from .population import vectorized_forward
 
@@ -269,63 +269,79 @@ class FusedStep:
         pop, opt = self._population, self._optimizer
         accumulating = opt.num_grad_accum is not None
         if self.backward == "vmap":
-            self._mark_used(batch)
+            self._find_used(batch)
         grads, losses = self._gradients(*batch)
-        if grads is None:  # written into grad_flat (told by None: a compiled function's outputs are new objects)
+        if self.layout == "views":
+            # One gradient per parameter; None where the loss does not reach (AdamW skips it).
+            used = self._used
+            leaves = [g if used is None or n in used else None for n, g in zip(self._names, grads)]
+            if self.update == "per-member" and not accumulating:
+                # The kernel reads each gradient where the backward left it: no copy into grad_flat.
+                leaves = [None if g is None else member_mean(g) if cooperative else g for g in leaves]
+                opt.apply_(leaves, self._adamw, sizes=self._sizes)
+                return losses.detach()
+            pop.grad_seen.update(n for n, g in zip(self._names, leaves) if g is not None)
+            self._into_grad_flat(leaves, accumulating)
             grads = pop.grad_flat
+        else:
+            pop.grad_seen.update(self._used)  # the flat layout is vmap's only: _used is known
         opt.apply_(reduce_gradients_(grads, pop.grad_flat, cooperative=cooperative, accumulating=accumulating),
                    self._adamw)
         if accumulating or grads is pop.grad_flat:
             release_gradients_(pop, opt.adamw_state.accum_count if accumulating else None)
         return losses.detach()
 
-    def _mark_used(self, batch: tuple[torch.Tensor, ...]) -> None:
-        """Record which parameters the loss reaches, as autograd's hooks do for the other backwards.
+    def _into_grad_flat(self, leaves: list, accumulating: bool) -> None:
+        """Write (or, accumulating, add) the per-parameter gradients into ``grad_flat``; ``None`` is zero."""
+        rows = self._grad_rows
+        if accumulating:
+            for row, g in zip(rows, leaves):
+                if g is not None:
+                    row.add_(g.reshape(row.shape))  # partial sums of accumulation live in grad_flat
+            return
+        # Concatenate straight into grad_flat: no extra [P, N] buffer, and the update zeroes it
+        # afterwards, which is the state zero_grad() leaves.
+        torch.cat([row.new_zeros(row.shape) if g is None else g.reshape(row.shape) for row, g in zip(rows, leaves)],
+                  dim=1, out=self._population.grad_flat)
 
-        ``torch.func.grad`` returns zeros for a parameter the loss never reaches, where autograd
-        leaves its ``.grad`` unset and AdamW skips it. So on the first call one autograd
-        backward of the vmapped loss (buffers and random state untouched) finds the parameters
-        that get a gradient; later calls reuse the answer.
+    def _find_used(self, batch: tuple[torch.Tensor, ...]) -> None:
+        """Find which parameters the loss reaches, once: ``torch.func.grad`` gives the others zeros.
+
+        Autograd leaves a parameter that the loss never reaches without gradient, and AdamW
+        skips it; ``torch.func.grad`` returns zeros for it instead. So on the first call one
+        autograd backward of the vmapped loss (buffers and random state untouched) finds the
+        parameters that get a gradient; later calls reuse the answer.
         """
+        if self._used is not None:
+            return
         pop = self._population
-        if self._used is None:
-            devices = [pop.device] if pop.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                buffers = {n: b.clone() for n, b in pop.buffers.items()}  # BatchNorm would update its statistics
-                losses = self._losses(pop.params, buffers, *batch)
-                grads = torch.autograd.grad(losses.sum(), self._leaves, allow_unused=True)
-            self._used = {n for n, g in zip(self._names, grads) if g is not None}
-        pop.grad_seen.update(self._used)
+        devices = [pop.device] if pop.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            buffers = {n: b.clone() for n, b in pop.buffers.items()}  # BatchNorm would update its statistics
+            losses = self._losses(pop.params, buffers, *batch)
+            grads = torch.autograd.grad(losses.sum(), self._leaves, allow_unused=True)
+        self._used = {n for n, g in zip(self._names, grads) if g is not None}
 
-    def _vmap_gradients(self, *batch: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Every member's gradient ``[P, N]`` (``None`` when it was written into ``grad_flat``) and loss ``[P]``."""
-        pop, opt = self._population, self._optimizer
+    def _vmap_gradients(self, *batch: torch.Tensor) -> tuple:
+        """Every member's gradients (``[P, N]`` for the flat layout, else one ``[P, ...]`` per parameter) and losses."""
+        pop = self._population
         if self.layout == "flat":
             return self._grad_and_value(self._flat, pop.buffers, *batch)
         grads, losses = self._grad_and_value(self._views, pop.buffers, *batch)
-        leaves = [grads[n].reshape(g.shape) for n, g in zip(self._names, self._grad_rows)]
-        if opt.num_grad_accum is None:
-            # Concatenate straight into grad_flat: no extra [P, N] buffer, and the update
-            # zeroes it afterwards, which is the state zero_grad() leaves.
-            torch.cat(leaves, dim=1, out=pop.grad_flat)
-        else:
-            for row, leaf in zip(self._grad_rows, leaves):
-                row.add_(leaf)  # partial sums of accumulation live in grad_flat
-        return None, losses
+        return [grads[n] for n in self._names], losses
 
-    def _autograd_gradients(self, *batch: torch.Tensor) -> tuple[None, torch.Tensor]:
-        """The losses ``[P]`` of the vmapped forward, and their gradients accumulated into ``grad_flat``."""
+    def _autograd_gradients(self, *batch: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """The losses ``[P]`` of the vmapped forward, and one autograd backward's gradient per parameter.
+
+        ``None`` for a parameter the loss does not reach. ``torch.autograd.grad`` returns the
+        gradients rather than accumulating them into ``.grad``, so nothing is left in
+        ``grad_flat`` by an earlier imperative backward's doing.
+        """
         pop = self._population
-        if self._optimizer.num_grad_accum is None:
-            # AccumulateGrad adds into each parameter's .grad, a view of grad_flat. Without
-            # accumulation the step starts from zero, whatever an imperative backward left there
-            # (the vmap backward overwrites grad_flat instead).
-            release_gradients_(pop)
-        # The update averages a cooperative step's gradients itself (reduce_gradients_).
-        with self.clan.accounted_backward(), torch.enable_grad():
+        with torch.enable_grad():
             losses = self._losses(pop.params, pop.buffers, *batch)
-            torch.autograd.backward(losses.sum(), inputs=self._leaves)
-        return None, losses
+            grads = torch.autograd.grad(losses.sum(), self._leaves, allow_unused=True)
+        return list(grads), losses
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
         """Train every member one step on ``batch`` in the clan's current phase and advance the round clock.
@@ -382,7 +398,7 @@ class FusedStep:
                     f"got {shape}; use member.share(t) for data every member sees"
                 )
         pop.restore_grad_views()
-        with vectorized_forward():
+        with vectorized_forward(pop.padding_rows):
             if self.cuda_graph:
                 return self._replay(cooperative, batch)
             return self._eager_step(cooperative, *batch)

@@ -100,6 +100,7 @@ except ImportError as err:  # pragma: no cover - the extra is installed in CI
 
 from .clan import Clan
 from .data import ClanLoader
+from .population import score_members
 
 __all__ = ["ClanModule", "ClanCallback", "LookaheadLoader"]
 
@@ -383,15 +384,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
-def _module_modes(module: torch.nn.Module) -> list[bool]:
-    return [m.training for m in module.modules()]
-
-
-def _restore_modes(module: torch.nn.Module, modes: list[bool]) -> None:
-    for m, mode in zip(module.modules(), modes):
-        m.training = mode
-
-
 class ClanCallback(pl.Callback):
     """Runs the clan's rounds inside ``Trainer.fit``: round clock, validation, selection, checkpoints.
 
@@ -547,31 +539,12 @@ class ClanCallback(pl.Callback):
 
     def _validate(self, pl_module: pl.LightningModule) -> torch.Tensor:
         clan = self._clan
-        p = clan.population_size
-        modes = _module_modes(clan.population.module)
-        clan.population.eval()
-        total, count = None, 0
-        try:
-            with torch.no_grad():
-                for batch_idx, batch in enumerate(self.val_dataloader):
-                    batch = move_data_to_device(batch, clan.device)
-                    losses = pl_module.member_validation_step(batch, batch_idx)
-                    if not isinstance(losses, torch.Tensor) or losses.shape != (p,):
-                        got = list(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                        raise ValueError(
-                            f"ClanCallback: member_validation_step must return every member's loss, shape [{p}], "
-                            f"got {got}"
-                        )
-                    # Weighted by batch size, so the mean over batches is the mean over samples.
-                    n = extract_batch_size(batch)
-                    weighted = losses.detach().to(torch.float64) * n
-                    total = weighted if total is None else total + weighted
-                    count += n
-        finally:
-            _restore_modes(clan.population.module, modes)
-        if total is None:
+        batches = (move_data_to_device(batch, clan.device) for batch in self.val_dataloader)
+        losses = score_members(clan.population, batches, pl_module.member_validation_step, size_of=extract_batch_size,
+                               who="ClanCallback: member_validation_step")
+        if losses is None:
             raise ValueError("ClanCallback: val_dataloader yielded no batches; selection needs a validation loss")
-        return total / count
+        return losses
 
     def _log(self, trainer: pl.Trainer, record: dict) -> None:
         if not trainer.loggers:

@@ -23,7 +23,8 @@ import torch
 
 from .gradients import release_gradients_
 
-__all__ = ["AdamWHyper", "AdamWState", "AdamWFactors", "adamw_init", "adamw_factors_", "adamw_apply_", "adamw_step_",
+__all__ = ["AdamWHyper", "AdamWState", "AdamWFactors", "adamw_init", "adamw_factors_", "clip_factors", "adamw_apply_",
+           "adamw_step_",
            "adamw_kernel_step_", "adamw_update", "resolve_update", "keep_columns", "BatchedAdamW", "UPDATES",
            "ADAMW_FIELDS"]
 
@@ -114,17 +115,27 @@ def adamw_factors_(state: AdamWState, hyper: AdamWHyper, num_grad_accum: torch.T
                         column(lr / (1 - beta1**t)), column((1 - beta2**t).sqrt()), column(eps), count, ready)
 
 
+def clip_factors(grads: torch.Tensor, count: torch.Tensor | None, max_grad_norm: float) -> torch.Tensor:
+    """Each member's gradient-clipping factor ``min(1, max_grad_norm / (||g|| + 1e-6))``, a ``[P, 1]`` column.
+
+    ``g`` is the member's gradient, divided by its micro-batch ``count`` when accumulating. Kept
+    out of the compiled elementwise half: inductor fails to compile the norm's reduction feeding
+    the in-place update (torch 2.13 on CPU: ``KeyError`` in its scheduler).
+    """
+    g = grads if count is None else grads / count
+    return (max_grad_norm / (torch.linalg.vector_norm(g, dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+
+
 def adamw_apply_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 factors: AdamWFactors, max_grad_norm: float | None = None) -> None:
+                 factors: AdamWFactors, clip: torch.Tensor | None = None) -> None:
     """The ``[P, N]`` half of :func:`adamw_step_`: the elementwise AdamW with :func:`adamw_factors_`'s columns.
 
-    Pure elementwise work (and one norm per member when clipping), so that ``torch.compile``
-    turns it into one or two loops.
+    Pure elementwise work, so that ``torch.compile`` turns it into one or two loops. ``clip``
+    is :func:`clip_factors`' column when clipping.
     """
     g = grads if factors.count is None else grads / factors.count
-    if max_grad_norm is not None:
-        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
-        g = g * (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+    if clip is not None:
+        g = g * clip
     if factors.ready is None:
         params.mul_(factors.decay)
         exp_avg.lerp_(g, factors.one_minus_beta1)
@@ -174,13 +185,15 @@ def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hy
         apply: The elementwise half: :func:`adamw_apply_` or a compiled version of it.
     """
     factors = adamw_factors_(state, hyper, num_grad_accum, params.dtype)
-    apply(params, grads, state.exp_avg, state.exp_avg_sq, factors, max_grad_norm)
+    clip = None if max_grad_norm is None else clip_factors(grads, factors.count, max_grad_norm)
+    apply(params, grads, state.exp_avg, state.exp_avg_sq, factors, clip)
     if factors.ready is not None:
         state.accum_count.masked_fill_(factors.ready, 0)
 
 
-def adamw_kernel_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hyper: AdamWHyper,
-                       num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None) -> None:
+def adamw_kernel_step_(params: torch.Tensor, grads, state: AdamWState, hyper: AdamWHyper,
+                       num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None, *,
+                       sizes: Sequence[int] | None = None) -> None:
     """:func:`adamw_step_` (same arguments, same contract) with PyTorch's fused AdamW kernel per member.
 
     ``torch._fused_adamw_`` (what ``torch.optim.AdamW(fused=True)`` runs) reads each tensor once
@@ -190,9 +203,19 @@ def adamw_kernel_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWSt
     synchronisation on CUDA, so this is the CPU form. Results equal :func:`adamw_step_`
     to float rounding.
 
-    The kernel walks its tensors' memory in order, so every row it is handed must be dense:
-    a member's row of a ``[P, N]`` buffer is, and any other gradient (an expanded view, a
-    transposed gradient) is made contiguous first.
+    The gradients may also come one per parameter, as a backward returns them, so that they
+    need not be copied into a ``[P, N]`` buffer first: with ``sizes`` (the parameters' value
+    counts, in ``params``' column order), ``grads`` is a sequence of ``[P, ...]`` tensors, and a
+    ``None`` marks a parameter without gradient, which is skipped (no weight decay, no moment
+    update), as ``torch.optim.AdamW`` skips it. The kernel walks its tensors' memory in order,
+    so every member's gradient is made dense first (a no-op for a dense one): vmap can return a
+    gradient transposed (a position embedding looked up with ``arange``), and the kernel would
+    read it wrongly.
+
+    Args:
+        params, state, hyper, num_grad_accum, max_grad_norm: As for :func:`adamw_step_`.
+        grads: ``[P, N]`` gradients, or with ``sizes`` one ``[P, ...]`` tensor (or ``None``) per parameter.
+        sizes: Values per parameter, when ``grads`` comes per parameter.
     """
     p = params.shape[0]
     if num_grad_accum is None:
@@ -205,19 +228,24 @@ def adamw_kernel_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWSt
         ready, counts = ready_mask.tolist(), state.accum_count.tolist()
     steps = state.step.to(torch.float32).unbind()  # the kernel takes the step already counted
     lr, wd, beta1, beta2, eps = (t.tolist() for t in hyper)
-    m_rows, v_rows = state.exp_avg, state.exp_avg_sq
     for i in range(p):
         if not ready[i]:
             continue
-        g = grads[i] if counts[i] == 1 else grads[i] / counts[i]
+        rows = (params[i], state.exp_avg[i], state.exp_avg_sq[i])
+        if sizes is None:
+            tensors = [(*rows, grads[i])]
+        else:
+            tensors = [(w, m, v, g[i]) for w, m, v, g in zip(*(r.split(sizes) for r in rows), grads) if g is not None]
+        ws, ms, vs, gs = ([t[k] for t in tensors] for k in range(4))
+        gs = [g.reshape(-1) if g.is_contiguous() else g.contiguous().reshape(-1) for g in gs]
+        if counts[i] != 1:
+            gs = [g / counts[i] for g in gs]
         if max_grad_norm is not None:
-            g = g * (max_grad_norm / (torch.linalg.vector_norm(g) + 1e-6)).clamp(max=1.0)
-        rows = [params[i], m_rows[i], v_rows[i]]
-        if not all(t.is_contiguous() for t in rows):
-            raise ValueError("adamw_kernel_step_: params and moments must be dense member-major [P, N] buffers")
-        torch._fused_adamw_([rows[0]], [g.contiguous()], [rows[1]], [rows[2]], [], [steps[i]],
-                            lr=lr[i], weight_decay=wd[i], beta1=beta1[i], beta2=beta2[i], eps=eps[i],
-                            amsgrad=False, maximize=False)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
+            scale = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            gs = [g * scale for g in gs]
+        torch._fused_adamw_(ws, gs, ms, vs, [], [steps[i]] * len(ws), lr=lr[i], weight_decay=wd[i],
+                            beta1=beta1[i], beta2=beta2[i], eps=eps[i], amsgrad=False, maximize=False)
     if num_grad_accum is not None:
         state.accum_count.masked_fill_(ready_mask, 0)
 
@@ -334,7 +362,7 @@ class BatchedAdamW(torch.optim.Optimizer):
         self.adamw_state = adamw_init(population.flat)
         self._step = adamw_update(self.update)
 
-    def apply_(self, grads: torch.Tensor, step: Callable | None = None) -> None:
+    def apply_(self, grads, step: Callable | None = None, *, sizes: Sequence[int] | None = None) -> None:
         """Update every member from ``grads[P, N]`` (with accumulation: the summed micro-batches).
 
         The one place every training path (this optimizer's :meth:`step`, :class:`~vmapclan.FusedStep`)
@@ -342,13 +370,18 @@ class BatchedAdamW(torch.optim.Optimizer):
         parameters that received no gradient.
 
         Args:
-            grads: The gradients, e.g. the population's ``grad_flat``.
+            grads: The gradients, e.g. the population's ``grad_flat``; with ``sizes``, one
+                ``[P, ...]`` tensor per parameter, ``None`` for a parameter without gradient
+                (only for the per-member kernel, see :func:`adamw_kernel_step_`).
             step: The AdamW implementation (default: this optimizer's, from ``update``).
+            sizes: The parameters' value counts, when ``grads`` comes per parameter.
         """
-        state = self.adamw_state
+        state, step = self.adamw_state, step or self._step
+        if sizes is not None:  # a missing gradient is a None: the kernel skips it
+            step(self.population.flat, grads, state, self.hyper, self.num_grad_accum, self.max_grad_norm, sizes=sizes)
+            return
         with keep_columns((self.population.flat, state.exp_avg, state.exp_avg_sq), self.population.unused_columns()):
-            (step or self._step)(self.population.flat, grads, state, self.hyper, self.num_grad_accum,
-                                 self.max_grad_norm)
+            step(self.population.flat, grads, state, self.hyper, self.num_grad_accum, self.max_grad_norm)
 
     @torch.no_grad()
     def step(self, closure=None):

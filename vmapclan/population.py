@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import optree
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-__all__ = ["PopulationModel", "member_loss"]
+__all__ = ["PopulationModel", "member_loss", "score_members"]
 
 # The parameter views into ``flat`` are strided across members, so autograd notes once that
 # ``.grad`` (a view of ``grad_flat`` with the same strides) is not dense. Accumulation into it is
@@ -53,8 +53,13 @@ def _padding_rows_get_no_gradient(module, args, kwargs, output):
 
 
 @contextlib.contextmanager
-def vectorized_forward():
+def vectorized_forward(padding_rows: bool = True):
     """The context of every vmapped forward of a population: the modules made to batch correctly.
+
+    Args:
+        padding_rows: Install the ``padding_idx`` fix below (a global forward hook, which puts
+            every module call on PyTorch's slower hook path: only for models that need it, see
+            :attr:`PopulationModel.padding_rows`).
 
     - Attention goes to kernels that vmap can batch, forward and backward. Only the math kernel
       of ``scaled_dot_product_attention`` batches everywhere. On CPU the flash kernel and the
@@ -70,12 +75,14 @@ def vectorized_forward():
 
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
-    hook = torch.nn.modules.module.register_module_forward_hook(_padding_rows_get_no_gradient, with_kwargs=True)
+    hook = (torch.nn.modules.module.register_module_forward_hook(_padding_rows_get_no_gradient, with_kwargs=True)
+            if padding_rows else None)
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
@@ -127,6 +134,9 @@ class PopulationModel:
                 )
         self.module.to(device)
         self.device, self.dtype = device, first.dtype
+        #: Whether the model has an ``nn.Embedding`` with a ``padding_idx`` (see :func:`vectorized_forward`).
+        self.padding_rows = any(isinstance(m, nn.Embedding) and m.padding_idx is not None
+                                for m in self.module.modules())
         self.shapes = {n: t.shape for n, t in trainable}
         self.numel = sum(t.numel() for _, t in trainable)
 
@@ -221,7 +231,7 @@ class PopulationModel:
             return functional_call(module, (params, buffers), a, kw)
 
         batched = vmap(one_member, in_dims=(0, 0, *in_dims), randomness="different")
-        with vectorized_forward():
+        with vectorized_forward(self.padding_rows):
             return batched(self.params, self.buffers, *leaves)
 
     # -- members as plain modules -----------------------------------------------------------
@@ -328,3 +338,46 @@ def member_loss(fn, output, target, **kwargs) -> torch.Tensor:
             "use a mean or sum reduction"
         )
     return loss
+
+
+def score_members(population: PopulationModel, batches: Iterable, losses_of: Callable, *,
+                  size_of: Callable = len, who: str = "score_members") -> torch.Tensor | None:
+    """Every member's mean loss over ``batches``, for selection: a ``float64 [P]`` tensor.
+
+    The one scoring loop of the package (the tasks' per-round evaluation and Lightning's
+    callback): in eval mode and without gradients, each batch's ``[P]`` losses weighted by its
+    size, so the result is the mean over samples. Every submodule's training mode is restored
+    afterwards.
+
+    Args:
+        population: The members to score.
+        batches: The validation batches.
+        losses_of: ``losses_of(batch, index) -> [P]``: every member's mean loss on one batch.
+        size_of: ``size_of(batch) -> int``: the samples in a batch (default ``len``).
+        who: Names the caller in the error message.
+
+    Returns:
+        ``[P]`` mean losses, or ``None`` when ``batches`` was empty.
+
+    Raises:
+        ValueError: if ``losses_of`` returns anything but a ``[P]`` tensor.
+    """
+    p = population.population_size
+    modes = [m.training for m in population.module.modules()]
+    population.eval()
+    total, count = None, 0
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                losses = losses_of(batch, index)
+                if not isinstance(losses, torch.Tensor) or losses.shape != (p,):
+                    got = list(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                    raise ValueError(f"{who} must return every member's loss, shape [{p}], got {got}")
+                n = size_of(batch)
+                weighted = losses.detach().to(torch.float64) * n
+                total = weighted if total is None else total + weighted
+                count += n
+    finally:
+        for module, mode in zip(population.module.modules(), modes):
+            module.training = mode
+    return None if total is None else total / count

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .population import PopulationModel, member_loss
+from .population import PopulationModel, member_loss, score_members
 from .specs import DataSpec, ModelSpec
 
 __all__ = ["Task", "TaskData", "DigitsTask", "StdlibCharsTask", "CharTransformer", "get_task", "stdlib_corpus",
@@ -97,17 +97,16 @@ class Task(abc.ABC):
         model.train(was_training)
         return {"loss": loss / len(x), "accuracy": correct / len(x)}
 
-    @torch.no_grad()
     def population_losses(self, population: PopulationModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each member's mean loss on shared data ``(x, y)``: a ``[P]`` tensor (eval mode, chunked)."""
-        was_training = population.training
-        population.eval()
-        total = torch.zeros(population.population_size, dtype=torch.float64, device=population.device)
-        for i in range(0, len(x), _EVAL_CHUNK):
-            xb, yb = population.share(x[i:i + _EVAL_CHUNK]), population.share(y[i:i + _EVAL_CHUNK])
-            total += member_loss(self.loss, population(xb), yb).double() * xb.shape[1]
-        population.train(was_training)
-        return total / len(x)
+        chunks = [(x[i:i + _EVAL_CHUNK], y[i:i + _EVAL_CHUNK]) for i in range(0, len(x), _EVAL_CHUNK)]
+
+        def losses_of(chunk, _index):
+            xb, yb = population.share(chunk)
+            return member_loss(self.loss, population(xb), yb)
+
+        return score_members(population, chunks, losses_of, size_of=lambda chunk: len(chunk[0]),
+                             who=f"{type(self).__name__}.loss")
 
 
 class DigitsTask(Task):
