@@ -6,6 +6,7 @@ caller (the clan, the machine, the replay) agrees with it.
 
 import math
 
+import optree
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,3 +191,48 @@ def test_a_hand_written_schedule_with_lr_scale_replays_as_the_machine_trained():
     lrs = [r["hyper"]["lr"] for r in results.history]
     assert lrs == [1e-3, 2e-3, 2e-3 * 0.25]
     assert math.isclose(results.history[1]["hyper"]["weight_decay"], 0.1)
+
+
+# -- the member state: one pytree ---------------------------------------------------------------
+def _trained_clan(seed):
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 2)
+    clan = Clan(model, torch.optim.AdamW(model.parameters()), population_size=2, round_length=4, duty_cycle=0.5,
+                autobind=["adamw"], seed=seed)
+    member = clan.round()
+    for _ in range(3):
+        train_step(member, F.cross_entropy, torch.randn(2, 4, 3), torch.randint(0, 2, (2, 4)))
+    return clan
+
+
+def _by_path(tree) -> dict:
+    """``{path: tensor}`` of a pytree's leaves (the live tensors)."""
+    paths, leaves, _ = optree.tree_flatten_with_path(tree)
+    return dict(zip(paths, leaves))
+
+
+def test_selection_moves_every_member_tensor_of_the_tree():
+    clan = _trained_clan(0)
+    train_step(clan.round(), F.cross_entropy, torch.randn(2, 4, 3), torch.randint(0, 2, (2, 4)))  # competitive
+    before = {path: t.detach().clone() for path, t in _by_path(clan.member_state()).items()}
+    assert any(not torch.equal(t[0], t[1]) for t in before.values())  # the members differ
+    clan.step(torch.tensor([2.0, 1.0]))  # member 1 wins
+    for path, t in _by_path(clan.member_state()).items():
+        assert torch.equal(t[0], before[path][1]) and torch.equal(t[1], before[path][1]), path
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda s: s["optimizer"].update(exp_avg=s["optimizer"]["exp_avg"][:, :-1]),
+     r"the checkpoint's optimizer/exp_avg is \[2, 7\], expected shape \[2, 8\]"),
+    (lambda s: s["optimizer"].pop("accum_count"), r"the checkpoint's optimizer entries are"),
+    (lambda s: s["genomes"]["lr"].fill_(1e9), r"lr"),
+])
+def test_a_refused_state_leaves_the_clan_as_it_was(edit, match):
+    clan, other = _trained_clan(0), _trained_clan(1)
+    state = other.state_dict()
+    edit(state)
+    before = {path: t.detach().clone() for path, t in _by_path(clan.member_state()).items()}
+    with pytest.raises(ValueError, match=match):
+        clan.load_state_dict(state)
+    for path, t in _by_path(clan.member_state()).items():
+        assert torch.equal(t, before[path]), path

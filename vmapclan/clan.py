@@ -603,12 +603,23 @@ class Clan:
                     "Clan.load_state_dict: the checkpoint is of another model: parameters "
                     f"{saved_model['shapes']} vs this model's {shapes}"
                 )
-            self.optimizer.load_state_dict(state["optimizer"])  # checks the optimizer's entries first
+        check_genome(state["genomes"], self.genes, self.population_size)
+        if self.population is not None:
+            # Every member-major tensor is checked before any is copied: a refused state leaves the clan as it was.
             saved = {"params": saved_model["params"], "grads": saved_model["grads"], "buffers": saved_model["buffers"],
                      "optimizer": state["optimizer"]}
+            live = self.member_state()
+            if optree.tree_structure(saved) != optree.tree_structure(live):
+                raise ValueError(f"Clan.load_state_dict: the checkpoint's optimizer entries are "
+                                 f"{sorted(state['optimizer'])}, expected {sorted(live['optimizer'])}")
+            paths, targets, _ = optree.tree_flatten_with_path(live)
+            for path, target, source in zip(paths, targets, optree.tree_leaves(saved)):
+                if not isinstance(source, torch.Tensor) or source.shape != target.shape:
+                    got = list(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
+                    raise ValueError(f"Clan.load_state_dict: the checkpoint's {'/'.join(map(str, path))} is "
+                                     f"{got}, expected shape {list(target.shape)}")
             with torch.no_grad():
-                optree.tree_map(lambda t, src: t.copy_(src), self.member_state(), saved)
-        check_genome(state["genomes"], self.genes, self.population_size)
+                optree.tree_map(lambda t, src: t.copy_(src), live, saved)
         self.genomes = {n: v.clone() for n, v in state["genomes"].items()}
         self.incumbent = {n: v.clone() for n, v in state["incumbent"].items()}
         self._set_round_settings(theirs["round_length"], theirs["duty_cycle"])

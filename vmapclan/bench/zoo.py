@@ -4,8 +4,9 @@ For each model, in one process and on the same random data, a sweep clan (every 
 competitive, every member with its own hyperparameters) is stepped with: the imperative
 ``Member`` loop (``member.model``, ``member_loss``, ``backward``, ``BatchedAdamW``), and
 :class:`~vmapclan.FusedStep` with its defaults and with each update and backward it accepts.
-The table gives milliseconds per step (medians) and each variant's time over the loop's: the
-default should never be above 1.
+The variants are timed in turns, a block of steps each per repetition. The table gives
+milliseconds per step (medians) and each variant's time over the loop's: the default should
+never be above 1.
 
 Models: a CNN with BatchNorm and Dropout, a causal character transformer with learned position
 embeddings, an LSTM written from ``nn.Linear`` cells, and (when ``transformers`` is installed) a
@@ -18,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .speed import _imperative_variant, _time_step
+from .speed import _imperative_variant
 
 __all__ = ["ZOO", "run_zoo", "main"]
 
@@ -123,6 +127,29 @@ def _variants(clan) -> dict[str, dict]:
     return variants
 
 
+def _interleaved(steps: dict[str, Callable[[], object]], reps: int, warmup: int, min_time: float) -> dict[str, float]:
+    """Median seconds per step of each step function, timed in turns (one block each per repetition).
+
+    Turns rather than one variant after the other: on a shared machine the speed drifts over
+    seconds, and taking turns spreads that drift over every variant alike.
+    """
+    blocks = {}
+    for label, step in steps.items():
+        for _ in range(warmup):
+            step()
+        start = time.perf_counter()
+        step()
+        blocks[label] = max(1, math.ceil(min_time / max(time.perf_counter() - start, 1e-6)))
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(reps):
+        for label, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(blocks[label]):
+                step()
+            times[label].append((time.perf_counter() - start) / blocks[label])
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def run_zoo(names: list[str], population: int = 8, reps: int = 5, warmup: int = 2, min_time: float = 0.2,
             log: Callable[[str], None] = print) -> list[dict]:
     """Time the Member loop and FusedStep's variants on each zoo model; one row per model and variant."""
@@ -144,17 +171,18 @@ def run_zoo(names: list[str], population: int = 8, reps: int = 5, warmup: int = 
             return Clan(m, torch.optim.AdamW(m.parameters(), lr=1e-3), population_size=population,
                         round_length=10**9, duty_cycle=1.0, selection=None, autobind=["adamw"])
 
-        clan = fresh_clan()
-
-        loop = _time_step(_imperative_variant(loss_fn, clan, x, y), clan.device, warmup, reps, min_time)
-        rows.append({"model": name, "variant": "member loop", "ms": loop * 1e3, "x loop": 1.0, "choice": ""})
-        log(f"{name:<17} member loop            {loop * 1e3:8.2f} ms")
-        for label, options in _variants(clan).items():
-            step = FusedStep(fresh_clan(), loss_fn, **options)
-            seconds = _time_step(lambda step=step: step(x, y), clan.device, warmup, reps, min_time)
-            rows.append({"model": name, "variant": label, "ms": seconds * 1e3, "x loop": seconds / loop,
-                         "choice": f"{step.update}/{step.backward}"})
-            log(f"{name:<17} {label:<22} {seconds * 1e3:8.2f} ms  ({seconds / loop:.2f}x loop)")
+        loop_clan = fresh_clan()
+        steps = {"member loop": _imperative_variant(loss_fn, loop_clan, x, y)}
+        choices = {"member loop": ""}
+        for label, options in _variants(loop_clan).items():
+            fused = FusedStep(fresh_clan(), loss_fn, **options)
+            steps[label] = lambda fused=fused: fused(x, y)
+            choices[label] = f"{fused.update}/{fused.backward}"
+        seconds = _interleaved(steps, reps, warmup, min_time)
+        loop = seconds["member loop"]
+        for label, t in seconds.items():
+            rows.append({"model": name, "variant": label, "ms": t * 1e3, "x loop": t / loop, "choice": choices[label]})
+            log(f"{name:<17} {label:<26} {t * 1e3:8.2f} ms  ({t / loop:.2f}x loop)")
     return rows
 
 
