@@ -271,10 +271,10 @@ class FusedStep:
         if self.backward == "vmap":
             self._find_used(batch)
         grads, losses = self._gradients(*batch)
-        if self.layout == "views":
-            # One gradient per parameter; None where the loss does not reach (AdamW skips it).
-            used = self._used
-            leaves = [g if used is None or n in used else None for n, g in zip(self._names, grads)]
+        if grads is None:  # the autograd backward accumulated into grad_flat (its hooks noted what it reached)
+            grads = pop.grad_flat
+        elif isinstance(grads, list):  # the vmap backward's, one per parameter
+            leaves = [g if n in self._used else None for n, g in zip(self._names, grads)]  # None: AdamW skips it
             if self.update == "per-member" and not accumulating:
                 # The kernel reads each gradient where the backward left it: no copy into grad_flat.
                 leaves = [None if g is None else member_mean(g) if cooperative else g for g in leaves]
@@ -283,8 +283,8 @@ class FusedStep:
             pop.grad_seen.update(n for n, g in zip(self._names, leaves) if g is not None)
             self._into_grad_flat(leaves, accumulating)
             grads = pop.grad_flat
-        else:
-            pop.grad_seen.update(self._used)  # the flat layout is vmap's only: _used is known
+        else:  # the flat layout's [P, N] gradients
+            pop.grad_seen.update(self._used)
         opt.apply_(reduce_gradients_(grads, pop.grad_flat, cooperative=cooperative, accumulating=accumulating),
                    self._adamw)
         if accumulating or grads is pop.grad_flat:
@@ -330,18 +330,23 @@ class FusedStep:
         grads, losses = self._grad_and_value(self._views, pop.buffers, *batch)
         return [grads[n] for n in self._names], losses
 
-    def _autograd_gradients(self, *batch: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """The losses ``[P]`` of the vmapped forward, and one autograd backward's gradient per parameter.
+    def _autograd_gradients(self, *batch: torch.Tensor) -> tuple[None, torch.Tensor]:
+        """The losses ``[P]`` of the vmapped forward, and their gradients accumulated into ``grad_flat``.
 
-        ``None`` for a parameter the loss does not reach. ``torch.autograd.grad`` returns the
-        gradients rather than accumulating them into ``.grad``, so nothing is left in
-        ``grad_flat`` by an earlier imperative backward's doing.
+        The imperative loop's own backward (AccumulateGrad into each parameter's ``.grad``, a view
+        of ``grad_flat``), so this step does the loop's work without its Python calls.
         """
         pop = self._population
-        with torch.enable_grad():
+        if self._optimizer.num_grad_accum is None:
+            # Without accumulation the step starts from zero, whatever an imperative backward
+            # left there (the vmap backward overwrites grad_flat instead).
+            release_gradients_(pop)
+        # The update averages a cooperative step's gradients itself (reduce_gradients_), so the
+        # backward runs in a context that averages nothing but satisfies the clan's check.
+        with self.clan.sync_context(cooperative=False), torch.enable_grad():
             losses = self._losses(pop.params, pop.buffers, *batch)
-            grads = torch.autograd.grad(losses.sum(), self._leaves, allow_unused=True)
-        return list(grads), losses
+            torch.autograd.backward(losses.sum(), inputs=self._leaves)
+        return None, losses
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
         """Train every member one step on ``batch`` in the clan's current phase and advance the round clock.
