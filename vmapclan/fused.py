@@ -55,10 +55,13 @@ BACKWARDS = ("auto", "vmap", "autograd")
   models whose step is bound by host time, on CPU and CUDA, and on every model of the test zoo
   on CPU), except ``"vmap"`` where ``"autograd"`` cannot go (``compile="step"``,
   ``layout="flat"``) and under a CUDA graph (where host time is gone and vmap measured up to 10%
-  faster). For a model whose eager step is bound by device time (the wide MLP of the benchmark
-  on CUDA) ``"vmap"`` is faster. The numbers are in ``BENCHMARKS.md``.
+  faster). For a model of a few large matmuls (the MLPs of the benchmark, on CPU and on CUDA)
+  ``"vmap"`` is faster; for one of many small ops (an LSTM, GPT-2) it is much slower. The
+  numbers are in ``BENCHMARKS.md``.
 - ``"vmap"``: ``torch.func.grad_and_value`` of the per-member loss, vmapped: the backward runs
-  under vmap too, and each step's gradients come back as new ``[P, *shape]`` tensors.
+  under vmap too, and each step's gradients come back as new ``[P, *shape]`` tensors. With the
+  per-member update and no accumulation the kernel reads them where they are (each member's
+  row made dense), with no copy into ``grad_flat``.
 - ``"autograd"``: the vmapped forward gives the ``[P]`` losses, and one ordinary autograd
   backward over the stacked parameters accumulates the gradients in place into ``grad_flat``
   (as the imperative loop does): fewer per-op costs in the backward and no second gradient
