@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .data import ClanLoader, LoaderState
-from .genome import GRAD_ACCUM_GENE, Gene, autobind_genes, check_genome, mutate
+from .genome import GRAD_ACCUM_GENE, Gene, adamw_settings, autobind_genes, check_genome, mutate
 from .gradients import reduce_gradients_
 from .optim import ADAMW_FIELDS, AdamWHyper, BatchedAdamW
 from .population import PopulationModel
@@ -164,11 +164,9 @@ class Clan:
             self.population = PopulationModel(model, self.population_size, init=init, generator=self._generator,
                                               device=device)
             self.device = self.population.device
-            group = optimizer.param_groups[0]
-            constants = {"lr": group["lr"], "weight_decay": group["weight_decay"], "betas/0": group["betas"][0],
-                         "betas/1": group["betas"][1], "eps": group["eps"]}
+            constants = adamw_settings(optimizer.param_groups[0])
             hyper = AdamWHyper(**{
-                field: torch.full((self.population_size,), float(constants[gene]), dtype=torch.float64,
+                field: torch.full((self.population_size,), constants[gene], dtype=torch.float64,
                                   device=self.device)
                 for gene, field in ADAMW_FIELDS.items()
             })

@@ -135,9 +135,9 @@ def autobind_genes(names, optimizer: torch.optim.Optimizer | None) -> dict[str, 
                     "Clan: autobind=['adamw'] needs optimizer=torch.optim.AdamW(...), "
                     f"got {type(optimizer).__name__ if optimizer is not None else None}"
                 )
-            group = optimizer.param_groups[0]
-            lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
-            beta1, beta2 = (float(b) for b in group["betas"])
+            settings = adamw_settings(optimizer.param_groups[0])
+            lr, wd, eps = settings["lr"], settings["weight_decay"], settings["eps"]
+            beta1, beta2 = settings["betas/0"], settings["betas/1"]
             genes["lr"] = Gene(lr / 100, lr * 100, init=lr)
             genes["weight_decay"] = (
                 Gene(wd / 100, wd * 100, init=wd) if wd > 0 else Gene(0.0, 1.0, init=0.0, scale="linear")
@@ -153,6 +153,12 @@ def autobind_genes(names, optimizer: torch.optim.Optimizer | None) -> dict[str, 
         else:
             raise ValueError(f"Clan: unknown autobind name {name!r}; expected 'adamw' or 'gradient_accumulation'")
     return genes
+
+
+def adamw_settings(group: Mapping) -> dict[str, float]:
+    """A ``torch.optim.AdamW`` param group's settings by gene name: ``{"lr", "weight_decay", "betas/0", "betas/1", "eps"}``."""
+    return {"lr": float(group["lr"]), "weight_decay": float(group["weight_decay"]), "betas/0": float(group["betas"][0]),
+            "betas/1": float(group["betas"][1]), "eps": float(group["eps"])}
 
 
 def mutate(genome: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], generator: torch.Generator,

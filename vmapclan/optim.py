@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from .genome import ADAMW_GENES
 from .gradients import release_gradients_
 
 __all__ = ["AdamWHyper", "AdamWState", "AdamWFactors", "adamw_init", "adamw_factors_", "clip_factors", "adamw_apply_",
@@ -39,7 +40,7 @@ class AdamWHyper(NamedTuple):
     eps: torch.Tensor
 
 
-ADAMW_FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "betas/0": "beta1", "betas/1": "beta2", "eps": "eps"}
+ADAMW_FIELDS = dict(zip(ADAMW_GENES, AdamWHyper._fields))
 """Gene name (as ``torch.optim.AdamW`` names the setting) -> :class:`AdamWHyper` field."""
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .optim import ADAMW_FIELDS
+from .genome import ADAMW_GENES, adamw_settings
 from .rounds import competitive_steps
 from .schedule import Phase, PhaseSchedule, TimeController, phase_optimizer
 from .specs import RunConfig
@@ -32,7 +32,7 @@ from .specs import RunConfig
 __all__ = ["export_schedule", "write_schedule", "read_schedule", "replay", "ReplayResult", "SCHEDULE_VERSION"]
 
 SCHEDULE_VERSION = 1
-GENES = tuple(ADAMW_FIELDS)
+GENES = ADAMW_GENES
 
 
 def _pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: float | None,
@@ -213,8 +213,7 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     model = task.build_model(config.model, config.data)
     optimizer = config.optimizer.build(model.parameters())
     group = optimizer.param_groups[0]
-    configured = {"lr": config.optimizer.lr, "weight_decay": config.optimizer.weight_decay,
-                  "betas/0": config.optimizer.betas[0], "betas/1": config.optimizer.betas[1], "eps": config.optimizer.eps}
+    configured = adamw_settings(group)
     x_train, y_train = data.train
     n = len(x_train)
     generator = torch.Generator().manual_seed(config.seed + 2)
