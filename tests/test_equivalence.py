@@ -197,7 +197,7 @@ def test_cooperative_phase_equals_data_parallel_adamw(clear_grads):
         ref_opt.step()
 
     def assert_members_identical(what: str) -> None:
-        flat = clan.population.flat
+        flat = clan.member_state()["params"]  # every member's rows up to date
         assert all(torch.equal(flat[0], flat[i]) for i in range(1, p)), f"{what}: members differ"
         for name, t in clan.optimizer.state_dict().items():
             assert all(torch.equal(t[0], t[i]) for i in range(1, p)), f"{what}: optimizer {name} differs"

@@ -43,12 +43,20 @@ def imperative_step(member, x, y):
     return loss.detach()
 
 
+def as_fused(losses, cooperative):
+    """What FusedStep returns for the Member loop's ``[P]`` losses: in a cooperative step the members
+    are one model, and every entry is its loss on the whole ``P x B`` batch."""
+    return losses.mean().expand(P) if cooperative else losses
+
+
 def fake_val(clan):
     """A deterministic validation loss that makes a member other than 0 win some rounds."""
     return clan.population.flat.detach().sum(1).sin()
 
 
 def assert_same_state(a, b, tol=1e-10):
+    a.sync_members()  # while cooperating only member 0's rows move; the raw buffers are compared here
+    b.sync_members()
     pa, pb = a.population, b.population
     torch.testing.assert_close(pa.flat, pb.flat, atol=tol, rtol=0)
     torch.testing.assert_close(pa.grad_flat, pb.grad_flat, atol=tol, rtol=0)
@@ -68,7 +76,8 @@ def run_both(fused_kwargs, accumulate, rounds=2, duty_cycle=0.5, selection="winn
     for (xr, yr), (xf, yf) in zip(ref_loader, fused_loader):
         torch.testing.assert_close(xr, xf, atol=0, rtol=0)
         phases.add(fused.phase)
-        ref_loss = imperative_step(member, xr, yr)
+        cooperative = fused.phase == "cooperative"
+        ref_loss = as_fused(imperative_step(member, xr, yr), cooperative)
         fused_loss = step(xf, yf)
         assert fused_loss.shape == (P,)
         torch.testing.assert_close(fused_loss, ref_loss, atol=1e-12, rtol=0)
@@ -134,9 +143,12 @@ def test_fused_accumulation_counts_differ_per_member(update, backward):
     data = make_data()
     for (xr, yr), (xf, yf) in zip(ref.loader(data, batch_size=8), fused.loader(data, batch_size=8)):
         in_force = fused.optimizer.num_grad_accum.tolist()
-        assert in_force == ([2] * P if fused.phase == "cooperative" else counts)
+        cooperative = fused.phase == "cooperative"
+        assert in_force == ([2] * P if cooperative else counts)
+        fused.sync_members()
         before = fused.population.flat.clone()
-        torch.testing.assert_close(step(xf, yf), imperative_step(member, xr, yr), atol=1e-12, rtol=0)
+        torch.testing.assert_close(step(xf, yf), as_fused(imperative_step(member, xr, yr), cooperative),
+                                   atol=1e-12, rtol=0)
         assert_same_state(ref, fused)
         ready = []
         for i in range(P):
@@ -396,7 +408,11 @@ def test_fused_batchnorm_buffers_and_weights_follow_the_imperative_loop():
     member = ref.round()
     data = make_data()
     for (xr, yr), (xf, yf) in zip(ref.loader(data, batch_size=8), fused.loader(data, batch_size=8)):
-        torch.testing.assert_close(step(xf, yf), imperative_step(member, xr, yr), atol=1e-12, rtol=0)
+        cooperative = fused.phase == "cooperative"
+        torch.testing.assert_close(step(xf, yf), as_fused(imperative_step(member, xr, yr), cooperative),
+                                   atol=1e-12, rtol=0)
+        ref.sync_members()
+        fused.sync_members()
         for name, buffer in ref.population.buffers.items():
             torch.testing.assert_close(fused.population.buffers[name], buffer, atol=1e-10, rtol=0)
         # Looser than elsewhere: the first Linear's bias has a zero true gradient before BatchNorm,
@@ -438,6 +454,9 @@ def test_fused_step_with_two_model_inputs():
             loss.sum().backward()
         member.optimizer.step()
         member.optimizer.zero_grad()
+        cooperative = fused.phase == "cooperative"
         member.step()
-        torch.testing.assert_close(step(x, z, y), loss.detach(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(step(x, z, y), as_fused(loss.detach(), cooperative), atol=1e-12, rtol=0)
+        ref.sync_members()
+        fused.sync_members()
         torch.testing.assert_close(fused.population.flat, ref.population.flat, atol=1e-10, rtol=0)

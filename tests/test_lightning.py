@@ -60,12 +60,22 @@ def plain_loop(example, epochs, population_size, batch_size, round_length, duty_
 
 
 @pytest.fixture(scope="module")
-def plain(example):
+def one_thread():
+    """The module's runs on one thread, as each test runs (conftest): a matmul splits its sums by
+    thread, so runs compared bit for bit must use the same number of threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def plain(example, one_thread):
     return plain_loop(example, **TINY)
 
 
 @pytest.fixture(scope="module")
-def run(example, tmp_path_factory):
+def run(example, tmp_path_factory, one_thread):
     """One uninterrupted Trainer run, logging to CSV and checkpointing at RESUME_STEP."""
     root = tmp_path_factory.mktemp("lightning_run")
     result = example.main(**TINY, progress=False, log_dir=str(root / "logs"), checkpoint_dir=str(root / "ckpt"),

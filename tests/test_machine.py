@@ -268,22 +268,27 @@ def test_stdlib_corpus_is_deterministic_and_split_by_file():
     assert int(train.max()) < 128 and int(val.max()) < 128
 
 
-def test_fused_rounds_equal_the_imperative_loop_bitwise():
-    # On CPU the default FusedStep for this model resolves to the autograd backward and the batched
-    # update: the imperative loop's float32 arithmetic in the same order, so the runs are bit-equal.
+def test_fused_rounds_match_the_imperative_loop():
+    # Not bit-equal: the default FusedStep trains a cooperative step as one plain model on the
+    # merged P x B batch, where the imperative loop runs member 0's weights under vmap and
+    # averages the members' gradients: the same sums in another order. The competitive steps are
+    # the loop's own arithmetic (autograd backward, batched update).
     config = tiny(total_steps=70)
     machine = TrainingMachine(config, fused=True)
     fused_run = machine.train()
     plain = TrainingMachine(config, fused=False).train()
-    assert (machine._fused_step.backward, machine._fused_step.update) == ("autograd", "batched")
+    step = machine._fused_step
+    assert (step.backward, step.update, step._form) == ("autograd", "batched", "batch")
     assert len(fused_run.rounds) == 2
-    assert fused_run.history == plain.history
-    assert fused_run.final["member_val_losses"] == plain.final["member_val_losses"]
-    assert fused_run.final["val_loss"] == plain.final["val_loss"]
+    for a, b in zip(fused_run.history, plain.history, strict=True):
+        assert a.get("winner") == b.get("winner") and a.get("genomes") == b.get("genomes")
+        if "val_losses" in a:
+            assert a["val_losses"] == pytest.approx(b["val_losses"], rel=1e-5)
+    assert fused_run.final["val_loss"] == pytest.approx(plain.final["val_loss"], rel=1e-5)
     fused_weights, plain_weights = fused_run.best_model.state_dict(), plain.best_model.state_dict()
     assert fused_weights.keys() == plain_weights.keys()
     for name, value in plain_weights.items():
-        assert torch.equal(fused_weights[name], value), name
+        torch.testing.assert_close(fused_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_fused_rounds_with_the_vmap_backward_match_the_imperative_loop():

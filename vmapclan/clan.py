@@ -174,7 +174,11 @@ class Clan:
                      if GRAD_ACCUM_GENE in self.genes else None)
             self.optimizer = BatchedAdamW(self.population, hyper, accum, max_grad_norm=max_grad_norm)
             for leaf in self.population.parameters():
+                leaf.register_post_accumulate_grad_hook(self._check_stacked_backward)
+            for leaf in self.population.module_params.values():
+                leaf.register_hook(self._average_over_members)
                 leaf.register_post_accumulate_grad_hook(self._check_backward_synced)
+            self.population.sync_rows = self.sync_members
         else:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -184,6 +188,7 @@ class Clan:
         self._round_step = 0
         self._global_step = 0
         self._syncing = False
+        self._averaging = False  # inside a cooperative sync_context while the members train as one model
         self.history: list[dict] = []
         self._restores = 0
         self._last_good: dict | None = None
@@ -218,9 +223,13 @@ class Clan:
         return dict(self.genomes)
 
     def _apply_genes(self) -> None:
-        """Write the genes in force into the optimizer's ``[P]`` hyperparameter tensors."""
+        """Enter the current phase: write the genes in force into the optimizer's ``[P]`` tensors.
+
+        Also where the members start or stop training as one model (see :meth:`cooperate`).
+        """
         if self.optimizer is None:
             return
+        self._train_as_one(self.phase == COOPERATIVE)
         genes = self._genes_in_force()
         for gene, field in ADAMW_FIELDS.items():
             if gene in genes:
@@ -344,11 +353,82 @@ class Clan:
             self._apply_genes()  # entering the competitive phase: each member's own genome
 
     def _check_backward_synced(self, _leaf) -> None:
-        if self.phase == COOPERATIVE and not self._syncing:
+        if (self.phase == COOPERATIVE or self.population.one_model) and not self._syncing:
             raise RuntimeError(
                 "backward ran outside member.sync_context() in the cooperative phase: members would drift apart; "
                 "wrap it as `with member.sync_context(): loss.sum().backward()`"
             )
+
+    def _check_stacked_backward(self, leaf) -> None:
+        if self.population.one_model:
+            raise RuntimeError(
+                "a backward reached the stacked [P, ...] parameters while the members train as one model (the "
+                "cooperative phase), e.g. through a penalty on member.model.parameters(); compute the loss from "
+                "member.model's output, and take a term on the weights from member 0's model, "
+                "member.model.module.parameters()"
+            )
+        self._check_backward_synced(leaf)
+
+    def _average_over_members(self, grad: torch.Tensor) -> torch.Tensor | None:
+        # Member 0's weights ran every member's shard, so its gradient is the members' sum:
+        # inside a cooperative sync_context that is averaged as it arrives.
+        return grad / self.population_size if self._averaging else None
+
+    # -- one model while cooperating ------------------------------------------------------------
+    def _train_as_one(self, on: bool) -> None:
+        """Turn training the (identical) members as one model on or off; off brings every row up to date."""
+        pop = self.population
+        if pop is None:
+            return
+        on = on and self.selection == "winner"  # only winner selection keeps every member a copy of one
+        if pop.one_model and not on:
+            self.sync_members()
+        pop.one_model = on
+
+    def sync_members(self) -> None:
+        """Bring every member's rows of the parameters, gradients and optimizer state up to date with member 0's.
+
+        While the members are identical (the cooperative phase, :meth:`cooperate`) the clan
+        trains them as one model, member 0, and leaves the other rows behind until they are
+        needed: the competitive phase, selection, :meth:`state_dict`, :meth:`member_state`,
+        :meth:`best_model`, the population's :meth:`~vmapclan.PopulationModel.parameters`. Those
+        call this; call it yourself before reading the raw ``flat``/``grad_flat`` buffers or the
+        optimizer's moments during a cooperative phase. Buffers (BatchNorm statistics) are
+        per member at all times and are not touched.
+        """
+        pop = self.population
+        if pop is None or not pop.rows_stale:
+            return
+        state = self._state_tree()
+        del state["buffers"]
+        with torch.no_grad():
+            for t in optree.tree_leaves(state):
+                t[1:].copy_(t[:1].expand_as(t[1:]))
+        pop.rows_stale = False
+
+    @contextlib.contextmanager
+    def cooperate(self):
+        """Train the members as one data-parallel model outside the round clock (a warmup, an anneal).
+
+        Inside, the members must be identical and each step averages their gradients
+        (``sync_context(cooperative=True)``, :meth:`~vmapclan.FusedStep.train_step` with
+        ``cooperative=True``): the step does the work of one model at batch ``P x B`` (see
+        :attr:`~vmapclan.PopulationModel.one_model`), whatever the round's phase. The training
+        machine runs its cooperative phases in it.
+
+        Raises:
+            RuntimeError: in the middle of a round (members may differ there).
+        """
+        if self._round_step != 0:
+            raise RuntimeError(
+                f"Clan.cooperate: only between rounds, where the members are copies of one; round {self._round} "
+                f"is at step {self._round_step}"
+            )
+        self._train_as_one(True)
+        try:
+            yield
+        finally:
+            self._train_as_one(self.phase == COOPERATIVE)
 
     @contextlib.contextmanager
     def sync_context(self, *, cooperative: bool | None = None):
@@ -361,12 +441,14 @@ class Clan:
         """
         if cooperative is None:
             cooperative = self.phase == COOPERATIVE
+        one_model = self.population is not None and self.population.one_model
         syncing, self._syncing = self._syncing, True  # the backward check: this backward is averaged here
+        averaging, self._averaging = self._averaging, cooperative and one_model
         try:
             yield
         finally:
-            self._syncing = syncing
-        if self.population is not None and cooperative:
+            self._syncing, self._averaging = syncing, averaging
+        if self.population is not None and cooperative and not one_model:
             # After a user's ``p.grad = None`` the backward wrote fresh tensors, not grad_flat:
             # bring them back first, or the average misses them and the members drift apart.
             pop = self.population
@@ -458,6 +540,11 @@ class Clan:
         the live tensors themselves (not copies). Selection, the divergence restore point and
         the state dict are each one tree operation over it. Empty for a genome-only clan.
         """
+        self.sync_members()
+        return self._state_tree()
+
+    def _state_tree(self) -> dict:
+        """:meth:`member_state` without bringing the rows up to date (for what reads row 0 or writes every row)."""
         if self.population is None:
             return {}
         pop = self.population
@@ -475,7 +562,7 @@ class Clan:
             return
         self._last_good = {
             "round": self._round,
-            **optree.tree_map(lambda t: t[0].clone(), self.member_state()),
+            **optree.tree_map(lambda t: t[0].clone(), self._state_tree()),  # member 0's row is up to date
             "incumbent": {n: v.clone() for n, v in self.incumbent.items()},
         }
 
@@ -487,9 +574,10 @@ class Clan:
         if self._restores >= self.max_restores:
             raise DivergenceError(f"{message}; gave up after {self._restores} consecutive restores")
         good = self._last_good
-        live = self.member_state()
+        live = self._state_tree()
         with torch.no_grad():
             optree.tree_map(lambda t, row: t.copy_(row.expand_as(t)), live, {k: good[k] for k in live})
+        self.population.rows_stale = False
         incumbent = {n: v.clone() for n, v in good["incumbent"].items()}
         if "lr" in incumbent:  # a more conservative incumbent: half the learning rate
             incumbent["lr"] = (incumbent["lr"] * 0.5).clamp(min=self.genes["lr"].low)
@@ -606,7 +694,7 @@ class Clan:
             # Every member-major tensor is checked before any is copied: a refused state leaves the clan as it was.
             saved = {"params": saved_model["params"], "grads": saved_model["grads"], "buffers": saved_model["buffers"],
                      "optimizer": state["optimizer"]}
-            live = self.member_state()
+            live = self._state_tree()
             if optree.tree_structure(saved) != optree.tree_structure(live):
                 raise ValueError(f"Clan.load_state_dict: the checkpoint's optimizer entries are "
                                  f"{sorted(state['optimizer'])}, expected {sorted(live['optimizer'])}")
@@ -618,6 +706,7 @@ class Clan:
                                      f"{got}, expected shape {list(target.shape)}")
             with torch.no_grad():
                 optree.tree_map(lambda t, src: t.copy_(src), live, saved)
+            self.population.rows_stale = False
         self.genomes = {n: v.clone() for n, v in state["genomes"].items()}
         self.incumbent = {n: v.clone() for n, v in state["incumbent"].items()}
         self._set_round_settings(theirs["round_length"], theirs["duty_cycle"])

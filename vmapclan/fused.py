@@ -19,6 +19,12 @@ population's tensors:
 
 Steps 2 and 3 are the gradient path every training loop shares (:mod:`vmapclan.gradients`).
 
+A cooperative step of members that are copies of one model (the clan's cooperative phase, and
+:meth:`~vmapclan.Clan.cooperate`) does one model's work instead (:data:`ONE_MODEL_FORMS`): the
+forward and backward of member 0's weights over all ``P x B`` samples and one AdamW update of
+member 0's row; the other members catch up when they are needed
+(:meth:`~vmapclan.Clan.sync_members`).
+
 Because that function only reads and writes tensors whose storage never moves (selection,
 ``load_state_dict`` and phase changes all copy in place), it can be compiled with
 ``torch.compile`` or, on CUDA, captured once into a CUDA graph and replayed.
@@ -26,6 +32,7 @@ Because that function only reads and writes tensors whose storage never moves (s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import optree
@@ -37,7 +44,23 @@ from .optim import UPDATES, adamw_update, resolve_update
 from .population import vectorized_forward
 
 __all__ = ["FusedStep", "check_options", "resolve_backward", "capture_cuda_graph", "LAYOUTS", "BACKWARDS",
-           "COMPILE_MODES", "UPDATES"]
+           "COMPILE_MODES", "UPDATES", "ONE_MODEL_FORMS"]
+
+ONE_MODEL_FORMS = ("batch", "members")
+"""How a cooperative step runs the members as one model (chosen once, on the first such step).
+
+- ``"batch"``: the plain module on the ``P x B`` samples as one batch (each batch tensor's member
+  and batch dimensions merged), and ``loss_fn`` on that whole batch: exactly one model trained
+  data-parallel. Chosen when it gives the same outputs and loss as ``"members"`` on the first
+  cooperative batch, under the same random state, and leaves the buffers alone: the usual case,
+  for any model whose samples do not interact in the forward and a ``loss_fn`` that means over
+  its batch (``F.cross_entropy``, ``F.mse_loss``).
+- ``"members"``: every member's forward and ``loss_fn`` on its own shard under vmap, with member
+  0's weights not batched (``in_dims=None``: one matmul over all ``P x B`` rows) and per-member
+  buffers; the mean of the members' losses is differentiated. For the rest: BatchNorm in
+  training mode (per-member batch statistics and running statistics), losses summed over the
+  batch or coupling its samples.
+"""
 
 LAYOUTS = ("views", "flat")
 """How the parameters enter the vmapped function.
@@ -151,6 +174,18 @@ def capture_cuda_graph(step: Callable[[], object], device: torch.device, *, warm
     return graph, output
 
 
+def _close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Whether two computations of one value agree to their dtype's rounding (shapes may differ by a merged dim)."""
+    if ours.numel() != theirs.numel() or ours.dtype != theirs.dtype:
+        return False
+    ours = ours.reshape(theirs.shape)
+    if not theirs.is_floating_point():
+        return torch.equal(ours, theirs)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(theirs.dtype, 1e-2)
+    scale = max(1.0, theirs.abs().max().item()) if theirs.numel() else 1.0
+    return torch.allclose(ours, theirs, rtol=tol, atol=tol * scale)
+
+
 class FusedStep:
     """One training step of the whole clan as a single vmapped function call.
 
@@ -256,6 +291,36 @@ class FusedStep:
         self._grad_and_value = vmap(grad_and_value(per_member), randomness="different")
         self._losses = vmap(member_loss, randomness="different")
         self._leaves = list(population.params.values())
+        # One model's step: member 0's parameters (views of flat's row 0) as autograd leaves, and
+        # as plain views for the functional backward.
+        self._module_leaves = list(population.module_params.values())
+        self._module_views = {n: v[0] for n, v in self._views.items()}
+        self._one_model_adamw = adamw_update(resolve_update(update, population.flat[:1], compile=compile is not None),
+                                             compile=compile is not None)
+        self._form: str | None = None  # one of ONE_MODEL_FORMS, chosen on the first one-model step
+
+        def batch_loss(params, *batch):
+            inputs = [t.flatten(0, 1) for t in batch[:k]]
+            return loss_fn(functional_call(module, params, tuple(inputs)), *(t.flatten(0, 1) for t in batch[k:]))
+
+        def shared_losses(params, buffers, *batch):  # every member's loss, member 0's weights not batched
+            return vmap(member_loss, in_dims=(None, 0) + (0,) * len(batch), randomness="different")(
+                params, buffers, *batch)
+
+        def members_mean_loss(params, buffers, *batch):
+            return shared_losses(params, buffers, *batch).mean()
+
+        def shared_outputs(params, buffers, *batch):  # (outputs, losses) per member, for choosing the form
+            def one(params, buffers, *batch):
+                output = functional_call(module, (params, buffers), batch[:k])
+                return output, loss_fn(output, *batch[k:])
+            return vmap(one, in_dims=(None, 0) + (0,) * len(batch), randomness="different")(params, buffers, *batch)
+
+        self._shared_outputs = shared_outputs
+        self._one_model_losses = {"batch": batch_loss, "members": members_mean_loss}
+        self._one_model_grads = {"batch": grad_and_value(batch_loss), "members": grad_and_value(members_mean_loss)}
+        if compile == "step":
+            self._one_model_grads = {f: torch.compile(g, dynamic=False) for f, g in self._one_model_grads.items()}
         # Compiling "the step" compiles the gradient computation and the elementwise update; the
         # few [P]-sized factor computations between them stay eager (see adamw_factors_).
         if backward == "autograd":
@@ -270,6 +335,8 @@ class FusedStep:
     def _eager_step(self, cooperative: bool, *batch: torch.Tensor) -> torch.Tensor:
         """Gradients, then the shared gradient path and update; returns the ``[P]`` losses."""
         pop, opt = self._population, self._optimizer
+        if pop.one_model:
+            return self._one_model_step(*batch)
         accumulating = opt.num_grad_accum is not None
         if self.backward == "vmap":
             self._find_used(batch)
@@ -293,6 +360,76 @@ class FusedStep:
         if accumulating or grads is pop.grad_flat:
             release_gradients_(pop, opt.adamw_state.accum_count if accumulating else None)
         return losses.detach()
+
+    def _one_model_step(self, *batch: torch.Tensor) -> torch.Tensor:
+        """A cooperative step of members that are copies of member 0: one model's work at batch ``P x B``.
+
+        The gradient of the mean loss over all members' samples lands in member 0's row of
+        ``grad_flat`` (added to it when accumulating) and AdamW updates member 0's row alone.
+        """
+        pop, opt = self._population, self._optimizer
+        accumulating = opt.num_grad_accum is not None
+        form = self._choose_form(batch)
+        if self.backward == "autograd":
+            if not accumulating:
+                release_gradients_(pop)  # start from zero, whatever an imperative backward left there
+            with self.clan.sync_context(cooperative=False), torch.enable_grad():  # the mean needs no averaging
+                if form == "batch":
+                    loss = self._one_model_losses["batch"](self._module_params, *batch)
+                else:
+                    loss = self._one_model_losses["members"](self._module_params, pop.buffers, *batch)
+                torch.autograd.backward(loss, inputs=self._module_leaves)
+        else:
+            self._find_used(batch)
+            args = (self._module_views,) if form == "batch" else (self._module_views, pop.buffers)
+            grads, loss = self._one_model_grads[form](*args, *batch)
+            row = pop.grad_flat[0]
+            flat = torch.cat([grads[n].reshape(-1) if n in self._used else row.new_zeros(size)
+                              for n, size in zip(self._names, self._sizes)])
+            row.add_(flat) if accumulating else row.copy_(flat)
+            pop.grad_seen.update(self._used)
+            pop.rows_stale = True
+        row = pop.grad_flat[:1]  # already the members' mean, and with accumulation the pending sum
+        opt.apply_(reduce_gradients_(row, row, cooperative=False, accumulating=accumulating), self._one_model_adamw)
+        release_gradients_(pop, opt.adamw_state.accum_count if accumulating else None)
+        return loss.detach().expand(pop.population_size)
+
+    def _choose_form(self, batch: tuple[torch.Tensor, ...]) -> str:
+        """The one-model form for this model and loss (see :data:`ONE_MODEL_FORMS`), found on the first call."""
+        if self._form is None:
+            self._form = "batch" if self._batch_form_matches(batch) else "members"
+        return self._form
+
+    def _batch_form_matches(self, batch: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the ``"batch"`` form gives the ``"members"`` form's outputs and loss on ``batch``.
+
+        Both run from the same random state (dropout then draws the same masks) on copies of
+        the buffers, so nothing of the run changes. A forward that updates a buffer (BatchNorm's
+        running statistics) needs the per-member form; so does one the merged batch cannot run.
+        """
+        pop, k = self._population, self.num_inputs
+        devices = [pop.device] if pop.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            rng = torch.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state(pop.device) if devices else None
+            buffers = {n: b.clone() for n, b in pop.buffers.items()}
+            with vectorized_forward(pop.padding_rows):
+                outputs, losses = self._shared_outputs(self._module_views, buffers, *batch)
+            if any(not torch.equal(b, pop.buffers[n]) for n, b in buffers.items()):
+                return False
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, pop.device)
+            inputs = tuple(t.flatten(0, 1) for t in batch[:k])
+            try:  # a model that cannot take the merged batch (a fixed batch size, say) keeps the other form
+                merged = functional_call(pop.module, ({**self._module_views, **{n: b[0] for n, b in buffers.items()}}),
+                                         inputs)
+                loss = self.loss_fn(merged, *(t.flatten(0, 1) for t in batch[k:]))
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                return False
+        ours, theirs = optree.tree_leaves(merged), optree.tree_leaves(outputs)
+        return (len(ours) == len(theirs) and all(_close(a, b) for a, b in zip(ours, theirs))
+                and _close(loss, losses.mean()))
 
     def _into_grad_flat(self, leaves: list, accumulating: bool) -> None:
         """Write (or, accumulating, add) the per-parameter gradients into ``grad_flat``; ``None`` is zero."""
@@ -332,6 +469,10 @@ class FusedStep:
             return self._grad_and_value(self._flat, pop.buffers, *batch)
         grads, losses = self._grad_and_value(self._views, pop.buffers, *batch)
         return [grads[n] for n in self._names], losses
+
+    @property
+    def _module_params(self) -> dict[str, torch.Tensor]:
+        return self._population.module_params
 
     def _autograd_gradients(self, *batch: torch.Tensor) -> tuple[None, torch.Tensor]:
         """The losses ``[P]`` of the vmapped forward, and their gradients accumulated into ``grad_flat``.
@@ -405,8 +546,16 @@ class FusedStep:
                     f"FusedStep: expected every batch tensor to have the member dimension first ([{p}, ...]), "
                     f"got {shape}; use member.share(t) for data every member sees"
                 )
+        if pop.one_model and not cooperative:
+            raise RuntimeError(
+                "FusedStep.train_step: cooperative=False while the members train as one model (the clan's "
+                "cooperative phase, or Clan.cooperate()); training them apart there would make copies differ"
+            )
         pop.restore_grad_views()
-        with vectorized_forward(pop.padding_rows):
+        # The merged-batch form runs the plain module, with the kernels a plain model gets; the
+        # vmapped forms need the ones vmap can batch.
+        plain = pop.one_model and self._form == "batch"
+        with contextlib.nullcontext() if plain else vectorized_forward(pop.padding_rows):
             if self.cuda_graph:
                 return self._replay(cooperative, batch)
             return self._eager_step(cooperative, *batch)
@@ -416,7 +565,7 @@ class FusedStep:
         return optree.tree_leaves(self.clan.member_state())
 
     def _replay(self, cooperative: bool, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        key = (cooperative, tuple((tuple(t.shape), t.dtype) for t in batch))
+        key = (cooperative, self._population.one_model, tuple((tuple(t.shape), t.dtype) for t in batch))
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(cooperative, batch)

@@ -59,12 +59,16 @@ def release_gradients_(population, accum_count: torch.Tensor | None = None) -> N
     Without accumulation this is also where the record of which parameters received a gradient
     starts afresh (see :meth:`~vmapclan.PopulationModel.unused_columns`).
 
+    While the members train as one model (:attr:`~vmapclan.PopulationModel.one_model`) only
+    member 0's row is in use, and only it is zeroed.
+
     Args:
         population: The :class:`~vmapclan.PopulationModel`.
         accum_count: ``long [P]`` micro-batches pending per member, or ``None`` without accumulation.
     """
+    grads = population.grad_flat[:1] if population.one_model else population.grad_flat
     if accum_count is None:
-        population.grad_flat.zero_()
+        grads.zero_()
         population.grad_seen.clear()
     else:
-        population.grad_flat.masked_fill_((accum_count == 0).view(-1, 1), 0)
+        grads.masked_fill_((accum_count[:grads.shape[0]] == 0).view(-1, 1), 0)

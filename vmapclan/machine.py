@@ -359,9 +359,10 @@ class TrainingMachine:
         batch_size = phase.data.get("batch_size", self.config.data.batch_size)
         stream = self._stream(batch_size)
         start = self.clock.step
-        for _ in range(steps):
-            self._cooperative_step(member, next(stream))
-        val = self.task.population_losses(member.model, *self.data.eval)
+        with clan.cooperate():  # identical members trained as one model at batch P x B
+            for _ in range(steps):
+                self._cooperative_step(member, next(stream))
+            val = self.task.population_losses(member.model, *self.data.eval)
         clan.reconfigure()  # writes the clan's own genes back into the optimizer
         # The members are identical again: make this the point a divergence restores to, so a
         # diverging round after this phase does not also undo it.

@@ -267,11 +267,11 @@ _KERNEL_MIN_NUMEL = 4096
 def resolve_update(update: str, params: torch.Tensor, *, compile: bool = False) -> str:
     """The update ``"auto"`` stands for, for member-major ``params[P, N]``; an explicit one is returned as is.
 
-    ``"per-member"`` for CPU tensors of at least 4096 values per member, not compiled (reading the
-    ``[P]`` hyperparameters on the host costs nothing there, and the fused kernel makes one pass
-    where the batched update makes about ten); ``"batched"`` for smaller members, where the
-    per-call cost of P kernel calls dominates, when compiling, and on accelerators, where host
-    reads would synchronise.
+    ``"per-member"`` for CPU tensors of one member (a population training as one model) or of at
+    least 4096 values per member, not compiled (reading the ``[P]`` hyperparameters on the host
+    costs nothing there, and the fused kernel makes one pass where the batched update makes
+    about ten); ``"batched"`` for several smaller members, where the per-call cost of P kernel
+    calls dominates, when compiling, and on accelerators, where host reads would synchronise.
 
     Raises:
         ValueError: for an unknown update.
@@ -280,7 +280,8 @@ def resolve_update(update: str, params: torch.Tensor, *, compile: bool = False) 
         raise ValueError(f"BatchedAdamW: update must be one of {UPDATES}, got {update!r}")
     if update != "auto":
         return update
-    kernel = params.device.type == "cpu" and params.shape[1] >= _KERNEL_MIN_NUMEL and not compile
+    kernel = (params.device.type == "cpu" and not compile
+              and (params.shape[0] == 1 or params.shape[1] >= _KERNEL_MIN_NUMEL))
     return "per-member" if kernel else "batched"
 
 
@@ -332,7 +333,8 @@ class BatchedAdamW(torch.optim.Optimizer):
     :class:`~vmapclan.PopulationModel`. The math is :func:`adamw_step_`; the hyperparameters
     are the ``[P]`` tensors of ``hyper``, which the clan rewrites in place at phase boundaries
     and selection. As in ``torch.optim.AdamW``, a parameter that received no gradient since the
-    last ``zero_grad()`` is skipped (no weight decay, no moment update).
+    last ``zero_grad()`` is skipped (no weight decay, no moment update). While the members train
+    as one model (:attr:`~vmapclan.PopulationModel.one_model`) it updates member 0's row only.
 
     Args:
         population: The :class:`~vmapclan.PopulationModel` to train.
@@ -354,14 +356,27 @@ class BatchedAdamW(torch.optim.Optimizer):
         if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
                                           or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0):
             raise ValueError(f"BatchedAdamW: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        self.update = resolve_update(update, population.flat)
         super().__init__(list(population.parameters()), defaults={})
         self.population = population
         self.hyper = hyper
         self.num_grad_accum = num_grad_accum
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.adamw_state = adamw_init(population.flat)
-        self._step = adamw_update(self.update)
+        self.update = update
+
+    @property
+    def update(self) -> str:
+        """The resolved :data:`UPDATES` choice for the members trained apart; settable (``"auto"`` resolves again)."""
+        return self._update
+
+    @update.setter
+    def update(self, update: str) -> None:
+        flat = self.population.flat
+        self._update = resolve_update(update, flat)
+        #: The update for member 0's row alone, while the members train as one model.
+        self.one_model_update = resolve_update(update, flat[:1])
+        self._step = adamw_update(self._update)
+        self._one_model_step = adamw_update(self.one_model_update)
 
     def apply_(self, grads, step: Callable | None = None, *, sizes: Sequence[int] | None = None) -> None:
         """Update every member from ``grads[P, N]`` (with accumulation: the summed micro-batches).
@@ -370,19 +385,33 @@ class BatchedAdamW(torch.optim.Optimizer):
         applies AdamW: with the hyperparameters and accumulation counts in force, skipping the
         parameters that received no gradient.
 
+        While the members train as one model, only member 0's row of everything is read and
+        updated (``grads`` may then be that row alone, ``[1, N]``).
+
         Args:
             grads: The gradients, e.g. the population's ``grad_flat``; with ``sizes``, one
                 ``[P, ...]`` tensor per parameter, ``None`` for a parameter without gradient
                 (only for the per-member kernel, see :func:`adamw_kernel_step_`).
-            step: The AdamW implementation (default: this optimizer's, from ``update``).
+            step: The AdamW implementation (default: this optimizer's, from ``update``, or for
+                one model's row ``one_model_update``).
             sizes: The parameters' value counts, when ``grads`` comes per parameter.
         """
-        state, step = self.adamw_state, step or self._step
+        pop = self.population
+        params, state, hyper, accum = pop.flat, self.adamw_state, self.hyper, self.num_grad_accum
+        if pop.one_model:  # every member is a copy of member 0: update its row alone
+            if sizes is not None:
+                raise ValueError("BatchedAdamW.apply_: per-parameter gradients are for members trained apart")
+            params, grads, hyper = params[:1], grads[:1], AdamWHyper(*(h[:1] for h in hyper))
+            state = AdamWState(*(t[:1] for t in state))
+            accum = None if accum is None else accum[:1]
+            step = step or self._one_model_step
+            pop.rows_stale = True
+        step = step or self._step
         if sizes is not None:  # a missing gradient is a None: the kernel skips it
-            step(self.population.flat, grads, state, self.hyper, self.num_grad_accum, self.max_grad_norm, sizes=sizes)
+            step(params, grads, state, hyper, accum, self.max_grad_norm, sizes=sizes)
             return
-        with keep_columns((self.population.flat, state.exp_avg, state.exp_avg_sq), self.population.unused_columns()):
-            step(self.population.flat, grads, state, self.hyper, self.num_grad_accum, self.max_grad_norm)
+        with keep_columns((params, state.exp_avg, state.exp_avg_sq), pop.unused_columns()):
+            step(params, grads, state, hyper, accum, self.max_grad_norm)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -409,7 +438,8 @@ class BatchedAdamW(torch.optim.Optimizer):
         release_gradients_(self.population, None if self.num_grad_accum is None else self.adamw_state.accum_count)
 
     def state_dict(self) -> dict:
-        """The optimizer state as a plain dict of tensors."""
+        """The optimizer state as a plain dict of tensors (every member's rows up to date)."""
+        self.population.sync_rows()
         return {name: t.clone() for name, t in self.adamw_state._asdict().items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -417,6 +447,7 @@ class BatchedAdamW(torch.optim.Optimizer):
 
         Every entry is checked before any is copied, so a refused state leaves the optimizer as it was.
         """
+        self.population.sync_rows()  # the parameters' rows must agree with the moments written into every row
         current = self.adamw_state._asdict()
         for name, t in current.items():
             if name not in state_dict:

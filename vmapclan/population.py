@@ -5,6 +5,11 @@ parameter is a view ``flat[:, offset:offset + n].view(P, *shape)`` and a leaf of
 its ``.grad`` is the matching view of a second buffer ``grad_flat[P, N]``. The optimizer,
 gradient averaging and selection then work on two tensors instead of one per parameter.
 Buffers (BatchNorm running statistics) and frozen parameters are stacked per name, ``[P, ...]``.
+
+Member 0 is also an ordinary module (:attr:`PopulationModel.module`) whose parameters, gradients
+and buffers are views of row 0 of that storage. While the members are identical (a cooperative
+phase) the clan trains that one model on all the members' data, and the other rows catch up only
+when something needs them (see :attr:`PopulationModel.one_model`).
 """
 
 from __future__ import annotations
@@ -102,6 +107,22 @@ class PopulationModel:
         generator: CPU generator for ``init="independent"``.
         device: Where the members live (default: the module's device).
 
+    Attributes:
+        module: Member 0 as an ordinary ``nn.Module``: its parameters, their ``.grad`` and its
+            buffers are views of row 0 of the stacked storage (it is also the template every
+            member's forward runs through). Not a copy: use :meth:`member_module` for one.
+        one_model: Set by the clan while the members are identical (its cooperative phases):
+            the forward runs every member's data through member 0's weights, unbatched (one
+            model's work; per-member buffers and dropout masks as always), the optimizer updates
+            member 0's row only, and the other members' rows of the parameters, gradients and
+            optimizer state lag behind until :attr:`sync_rows` brings them up to date. Reading
+            them through :meth:`parameters`, :meth:`named_parameters`, :attr:`params` or
+            :meth:`member_module` does that first; the raw ``flat`` and ``grad_flat`` buffers
+            show the lagging rows as they are.
+        rows_stale: Whether rows 1.. lag behind row 0 (only ever while ``one_model`` is on).
+        sync_rows: ``sync_rows()`` brings every member's rows up to date with member 0's; the
+            clan installs its :meth:`~vmapclan.Clan.sync_members` here (default: nothing to do).
+
     Note:
         An input whose first dimension happens to equal P cannot be told from a member batch:
         it is taken as one. Wrap data that every member should see in :meth:`share`.
@@ -146,7 +167,7 @@ class PopulationModel:
 
         self.flat = torch.empty(p, self.numel, dtype=self.dtype, device=device)
         self.grad_flat = torch.zeros_like(self.flat)
-        self.params: dict[str, torch.Tensor] = {}
+        self._params: dict[str, torch.Tensor] = {}
         self.columns: dict[str, slice] = {}  # each parameter's columns of flat and grad_flat
         # Names of the parameters that received a gradient since the gradients were last released
         # (see unused_columns); autograd's post-accumulate hooks fill it in.
@@ -160,7 +181,7 @@ class PopulationModel:
             leaf = self.flat[:, offset:offset + n].view(p, *shape).detach().requires_grad_()
             leaf.grad = self.grad_flat[:, offset:offset + n].view(p, *shape)
             leaf.register_post_accumulate_grad_hook(lambda _, name=name: self.grad_seen.add(name))
-            self.params[name] = leaf
+            self._params[name] = leaf
             self.columns[name] = slice(offset, offset + n)
             offset += n
         # Buffers and frozen parameters: per member, not optimized.
@@ -171,7 +192,52 @@ class PopulationModel:
             get = (lambda m, n=name: m.get_buffer(n)) if name in dict(self.module.named_buffers()) else (
                 lambda m, n=name: m.get_parameter(n))
             self.buffers[name] = torch.stack([get(m).detach() for m in members]).to(device)
-        self._grad_views = {n: t.grad for n, t in self.params.items()}
+        self.one_model = False
+        self.rows_stale = False
+        self.sync_rows: Callable[[], None] = lambda: None
+        #: Member 0's trainable parameters (the parameters of :attr:`module`), in ``flat``'s column order.
+        self.module_params: dict[str, nn.Parameter] = self._alias_member_zero()
+        self._grad_views = {n: t.grad for n, t in self._params.items()}
+        self._module_grad_views = {n: t.grad for n, t in self.module_params.items()}
+
+    def _alias_member_zero(self) -> dict[str, nn.Parameter]:
+        """Make :attr:`module`'s tensors views of row 0 of the stacked storage; return its trainable parameters.
+
+        Tied parameters (one tensor under several names, e.g. an embedding shared with the output
+        head) stay tied: every name of the tensor gets the same new parameter.
+        """
+        def owners(named):  # id of each tensor -> every (submodule, attribute name) holding it
+            found: dict[int, list] = {}
+            for full, t in named:
+                path, _, leaf = full.rpartition(".")
+                found.setdefault(id(t), []).append((self.module.get_submodule(path), leaf))
+            return found
+
+        param_owners = owners(self.module.named_parameters(remove_duplicate=False))
+        buffer_owners = owners(self.module.named_buffers(remove_duplicate=False))
+        trainable: dict[str, nn.Parameter] = {}
+        for name, columns in self.columns.items():
+            old = self.module.get_parameter(name)
+            new = nn.Parameter(self.flat[0, columns].view(self.shapes[name]))
+            new.grad = self.grad_flat[0, columns].view(self.shapes[name])
+            new.register_post_accumulate_grad_hook(lambda _, name=name: self._noted_one_model_grad(name))
+            for owner, leaf in param_owners[id(old)]:
+                owner._parameters[leaf] = new
+            trainable[name] = new
+        buffer_names = dict(self.module.named_buffers())
+        for name, stacked in self.buffers.items():
+            if name in buffer_names:
+                for owner, leaf in buffer_owners[id(buffer_names[name])]:
+                    owner._buffers[leaf] = stacked[0]
+            else:  # a frozen parameter
+                frozen = nn.Parameter(stacked[0], requires_grad=False)
+                for owner, leaf in param_owners[id(self.module.get_parameter(name))]:
+                    owner._parameters[leaf] = frozen
+        return trainable
+
+    def _noted_one_model_grad(self, name: str) -> None:
+        self.grad_seen.add(name)
+        self.rows_stale = True  # member 0's gradient moved; the other rows did not
 
     # -- nn.Module-like surface -------------------------------------------------------------
     @property
@@ -188,12 +254,18 @@ class PopulationModel:
         """Set evaluation mode for every member (as ``nn.Module.eval``)."""
         return self.train(False)
 
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """``{name: [P, *shape]}``: the stacked trainable parameters (every member's rows up to date)."""
+        self.sync_rows()
+        return self._params
+
     def parameters(self) -> Iterator[torch.Tensor]:
-        """The stacked trainable parameters, each ``[P, *shape]``."""
+        """The stacked trainable parameters, each ``[P, *shape]`` (every member's rows up to date)."""
         return iter(self.params.values())
 
     def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, [P, *shape])`` for each trainable parameter."""
+        """``(name, [P, *shape])`` for each trainable parameter (every member's rows up to date)."""
         return iter(self.params.items())
 
     def share(self, data):
@@ -210,7 +282,12 @@ class PopulationModel:
         return optree.tree_map(expand, data)
 
     def __call__(self, *args, **kwargs):
-        """Run every member's forward. Tensor arguments must be ``[P, ...]``."""
+        """Run every member's forward. Tensor arguments must be ``[P, ...]``.
+
+        With :attr:`one_model` on, every member's data goes through member 0's weights, which vmap
+        does not batch (``in_dims=None``): one matmul over all ``P x B`` rows per layer, and the
+        backward sums the members' gradients into member 0's (``sync_context`` averages them).
+        """
         p = self.population_size
         leaves, spec = optree.tree_flatten((args, kwargs))
         in_dims = []
@@ -225,21 +302,30 @@ class PopulationModel:
             else:
                 in_dims.append(None)
         module = self.module
+        # A ``p.grad = None`` before this forward means "start from zero": the backward that
+        # follows may go to member 0's parameters rather than to ``p``, so clear it now.
+        self.restore_grad_views()
 
         def one_member(params, buffers, *flat_inputs):
             a, kw = optree.tree_unflatten(spec, list(flat_inputs))
             return functional_call(module, (params, buffers), a, kw)
 
-        batched = vmap(one_member, in_dims=(0, 0, *in_dims), randomness="different")
+        params, param_dim = (self.module_params, None) if self.one_model else (self._params, 0)
+        batched = vmap(one_member, in_dims=(param_dim, 0, *in_dims), randomness="different")
         with vectorized_forward(self.padding_rows):
-            return batched(self.params, self.buffers, *leaves)
+            return batched(params, self.buffers, *leaves)
 
     # -- members as plain modules -----------------------------------------------------------
     def member_module(self, index: int) -> nn.Module:
         """A new plain ``nn.Module`` holding member ``index``'s current weights and buffers."""
         if not -self.population_size <= index < self.population_size:
             raise IndexError(f"member index {index} out of range for a population of {self.population_size}")
-        module = copy.deepcopy(self.module)
+        # A deep copy of ``module`` as is would copy the whole stacked storage its tensors view:
+        # give each of them a fresh tensor of its own instead (the values are written below).
+        memo = {id(t): nn.Parameter(torch.empty_like(t), requires_grad=t.requires_grad)
+                for t in self.module.parameters()}
+        memo.update((id(t), torch.empty_like(t)) for t in self.module.buffers())
+        module = copy.deepcopy(self.module, memo)
         with torch.no_grad():
             for name, stacked in self.params.items():
                 module.get_parameter(name).copy_(stacked[index])
@@ -254,15 +340,17 @@ class PopulationModel:
 
         A ``p.grad = None`` (or a new tensor) from outside would otherwise make the optimizer
         read stale gradients. What the detached ``.grad`` held is added back into ``grad_flat``.
+        The same holds for :attr:`module`'s parameters, whose ``.grad`` is row 0 of ``grad_flat``.
         """
-        for name, leaf in self.params.items():
-            view = self._grad_views[name]
-            if leaf.grad is not view:
-                stray = leaf.grad
-                view.zero_()
-                if stray is not None:
-                    view.add_(stray)
-                leaf.grad = view
+        for leaves, views in ((self._params, self._grad_views), (self.module_params, self._module_grad_views)):
+            for name, leaf in leaves.items():
+                view = views[name]
+                if leaf.grad is not view:
+                    stray = leaf.grad
+                    view.zero_()
+                    if stray is not None:
+                        view.add_(stray)
+                    leaf.grad = view
 
     def unused_columns(self) -> list[slice]:
         """The columns of ``flat`` of every parameter the backwards since the last release did not reach.
