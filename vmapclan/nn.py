@@ -75,11 +75,45 @@ def _step(t: Tensor, index: int) -> Tensor:
     return t.select(-3, index)
 
 
-def _buffer(like: Tensor, features: int) -> Tensor:
-    """An empty ``[*, T, B, features]`` tensor shaped as ``like``, stored time-major: every step's
-    slice is contiguous, so a step's kernels write into it (out=) without a copy."""
-    lead, steps, batch = like.shape[:-3], like.shape[-3], like.shape[-2]
-    return like.new_empty((steps, *lead, batch, features)).movedim(0, -3)
+def _wrapped(*tensors) -> bool:
+    """Whether any tensor is one of torch.func's wrappers (a backward run under ``vmap(grad(...))``)."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+class _Steps:
+    """Per-step results of a ``[*, T, B, features]`` tensor shaped as ``like``.
+
+    On plain tensors, an empty tensor stored time-major: each step's slice (:meth:`at`) is
+    contiguous, so a step's kernels write into it (out=) without a copy, and there is no stack at
+    the end (its copies would cost as much as the steps' elementwise work). Under torch.func's
+    transforms, where out= has no batching rule, a list stacked at the end (:meth:`at` is None).
+    ``member_major`` stores the tensor as ``like`` is laid out instead.
+    """
+
+    def __init__(self, like: Tensor, features: int, wrapped: bool, member_major: bool = False):
+        self.wrapped = wrapped
+        lead, steps, batch = like.shape[:-3], like.shape[-3], like.shape[-2]
+        if wrapped:
+            self.items: list = [None] * steps
+        else:
+            self.buffer = (like.new_empty((*lead, steps, batch, features)) if member_major
+                           else like.new_empty((steps, *lead, batch, features)).movedim(0, -3))
+            self.slices = self.buffer.unbind(-3)
+
+    def at(self, t: int) -> Tensor | None:
+        return None if self.wrapped else self.slices[t]
+
+    def put(self, t: int, value: Tensor) -> Tensor:
+        """Record step ``t``'s ``value``; returns the stored tensor (in-place changes to it are kept)."""
+        if self.wrapped:
+            self.items[t] = value
+            return value
+        if value is not self.slices[t]:
+            self.slices[t].copy_(value)
+        return self.slices[t]
+
+    def all(self) -> Tensor:
+        return torch.stack(self.items, -3) if self.wrapped else self.buffer
 
 
 def _previous(out: Tensor, first: Tensor | None, reverse: bool) -> Tensor:
@@ -124,23 +158,23 @@ class _LSTMScan(torch.autograd.Function):
         w_hr_t = w_hr.transpose(-1, -2) if w_hr is not None else None
         # Every step writes into these (out=) rather than into lists stacked at the end: the copies
         # of a stack cost as much as the steps' elementwise work.
-        acts = _buffer(gx, 4 * size)
-        cell_gates, cells, tanh_cells = (_buffer(gx, size) for _ in range(3))
-        outs = _buffer(gx, w_hh.shape[-1])
+        wrapped = _wrapped(gx, h0, c0, w_hh, w_hr)
+        acts = _Steps(gx, 4 * size, wrapped)
+        cell_gates, cells, tanh_cells = (_Steps(gx, size, wrapped) for _ in range(3))
+        outs = _Steps(gx, w_hh.shape[-1], wrapped)
         h, c = h0, c0
         for t in _order(steps, reverse):
-            gates = _step(acts, t)
-            if h is None:  # a zero initial state: no hidden matmul
-                gates.copy_(_step(gx, t))
-            else:
-                _addmm(_step(gx, t), h, w_hh_t, out=gates)
+            # A zero initial state has no hidden matmul: the gates are the input projection.
+            gates = acts.put(t, _step(gx, t).clone() if h is None else _addmm(_step(gx, t), h, w_hh_t, out=acts.at(t)))
             # One sigmoid over all four gates (the g slot's is unused) is fewer calls than three.
-            g = torch.tanh(gates[..., 2 * size:3 * size], out=_step(cell_gates, t))
+            g = cell_gates.put(t, torch.tanh(gates[..., 2 * size:3 * size], out=cell_gates.at(t)))
             i, f, _, o = gates.sigmoid_().chunk(4, -1)
-            c = torch.mul(i, g, out=_step(cells, t)) if c is None else torch.addcmul(f * c, i, g, out=_step(cells, t))
-            tc = torch.tanh(c, out=_step(tanh_cells, t))
-            h = torch.mul(o, tc, out=_step(outs, t)) if w_hr_t is None else torch.matmul(o * tc, w_hr_t, out=_step(outs, t))
-        return outs, h.clone(), c.clone(), acts, cell_gates, cells, tanh_cells
+            c = cells.put(t, torch.mul(i, g, out=cells.at(t)) if c is None
+                          else torch.addcmul(f * c, i, g, out=cells.at(t)))
+            tc = tanh_cells.put(t, torch.tanh(c, out=tanh_cells.at(t)))
+            h = outs.put(t, torch.mul(o, tc, out=outs.at(t)) if w_hr_t is None
+                         else torch.matmul(o * tc, w_hr_t, out=outs.at(t)))
+        return outs.all(), h.clone(), c.clone(), acts.all(), cell_gates.all(), cells.all(), tanh_cells.all()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -153,36 +187,41 @@ class _LSTMScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_h, grad_c, *_):
-        h0, c0, w_hh, w_hr, out, acts, g, cells, tanh_cells = ctx.saved_tensors
-        reverse, steps = ctx.reverse, out.shape[-3]
-        i, f, _, o = acts.chunk(4, -1)
-        # Every factor that does not depend on the incoming gradient, for all steps at once (with
-        # the kernels autograd uses for sigmoid and tanh), so that the loop below is six operations
-        # per step:
-        #   d gates = [dc * g * i(1-i), dc * c_prev * f(1-f), dc * i * (1-g^2), dh * tanh(c) * o(1-o)]
-        factors = torch.cat([_sigmoid_grad(g, i), _sigmoid_grad(_previous(cells, c0, reverse), f),
-                             _tanh_grad(i, g), _sigmoid_grad(tanh_cells, o)], -1)
-        through_h = _tanh_grad(o, tanh_cells)  # dc += dh * o * (1 - tanh(c)^2)
-        f_steps, through_steps, factor_steps = f.unbind(-3), through_h.unbind(-3), factors.unbind(-3)
-        out_steps = grad_out.unbind(-3) if grad_out is not None else None
-        dh = grad_h if grad_h is not None else torch.zeros_like(out[..., 0, :, :])
-        dc = grad_c if grad_c is not None else torch.zeros_like(cells[..., 0, :, :])
-        # Member-major, as gx came: the gradient goes on into the input projection's matmul.
-        d_gx = acts.new_empty(acts.shape)
-        d_outs = _buffer(out, out.shape[-1]) if w_hr is not None else None
-        for t in _order(steps, not reverse):
-            if out_steps is not None:
-                dh = dh + out_steps[t]
-            if w_hr is not None:
-                _step(d_outs, t).copy_(dh)
-                dh = dh @ w_hr
-            dc = torch.addcmul(dc, dh, through_steps[t])
-            d_gates = torch.mul(torch.cat([dc, dc, dc, dh], -1), factor_steps[t], out=_step(d_gx, t))
-            dh = d_gates @ w_hh
-            dc = dc * f_steps[t]
-        d_w_hh = _weight_grad(d_gx, _previous(out, h0, reverse))
-        d_w_hr = _weight_grad(d_outs, o * tanh_cells) if w_hr is not None else None
-        return d_gx, (dh if h0 is not None else None), (dc if c0 is not None else None), d_w_hh, d_w_hr, None
+        # First derivatives only (see the module docstring): the gradient is computed, not recorded.
+        with torch.no_grad():
+            h0, c0, w_hh, w_hr, out, acts, g, cells, tanh_cells = ctx.saved_tensors
+            reverse, steps = ctx.reverse, out.shape[-3]
+            i, f, _, o = acts.chunk(4, -1)
+            # Every factor that does not depend on the incoming gradient, for all steps at once (with
+            # the kernels autograd uses for sigmoid and tanh), so that the loop below is six operations
+            # per step:
+            #   d gates = [dc * g * i(1-i), dc * c_prev * f(1-f), dc * i * (1-g^2), dh * tanh(c) * o(1-o)]
+            factors = torch.cat([_sigmoid_grad(g, i), _sigmoid_grad(_previous(cells, c0, reverse), f),
+                                 _tanh_grad(i, g), _sigmoid_grad(tanh_cells, o)], -1)
+            through_h = _tanh_grad(o, tanh_cells)  # dc += dh * o * (1 - tanh(c)^2)
+            f_steps, through_steps, factor_steps = f.unbind(-3), through_h.unbind(-3), factors.unbind(-3)
+            out_steps = grad_out.unbind(-3) if grad_out is not None else None
+            dh = grad_h if grad_h is not None else torch.zeros_like(out[..., 0, :, :])
+            dc = grad_c if grad_c is not None else torch.zeros_like(cells[..., 0, :, :])
+            # Member-major, as gx came: the gradient goes on into the input projection's matmul.
+            wrapped = _wrapped(out, grad_out, grad_h, grad_c)
+            # Member-major, as gx came: the gradient goes on into the input projection's matmul.
+            d_gx = _Steps(acts, acts.shape[-1], wrapped, member_major=True)
+            d_outs = _Steps(out, out.shape[-1], wrapped) if w_hr is not None else None
+            for t in _order(steps, not reverse):
+                if out_steps is not None:
+                    dh = dh + out_steps[t]
+                if w_hr is not None:
+                    d_outs.put(t, dh)
+                    dh = dh @ w_hr
+                dc = torch.addcmul(dc, dh, through_steps[t])
+                d_gates = d_gx.put(t, torch.mul(torch.cat([dc, dc, dc, dh], -1), factor_steps[t], out=d_gx.at(t)))
+                dh = d_gates @ w_hh
+                dc = dc * f_steps[t]
+            d_gx = d_gx.all()
+            d_w_hh = _weight_grad(d_gx, _previous(out, h0, reverse))
+            d_w_hr = _weight_grad(d_outs.all(), o * tanh_cells) if w_hr is not None else None
+            return d_gx, (dh if h0 is not None else None), (dc if c0 is not None else None), d_w_hh, d_w_hr, None
 
     @staticmethod
     def vmap(info, in_dims, gx, h0, c0, w_hh, w_hr, reverse):
@@ -198,22 +237,24 @@ class _GRUScan(torch.autograd.Function):
         steps, size = gx.shape[-3], w_hh.shape[-1]
         w_hh_t = w_hh.transpose(-1, -2)
         b_hh = b_hh.unsqueeze(-2) if b_hh is not None else None  # [*, 1, 3H]: broadcast over the batch
-        hidden = _buffer(gx, 3 * size)  # each step's hidden projection W_hh h + b_hh
-        gates = _buffer(gx, 2 * size)
-        news, outs = _buffer(gx, size), _buffer(gx, size)
+        wrapped = _wrapped(gx, h0, w_hh, b_hh)
+        hidden = _Steps(gx, 3 * size, wrapped)  # each step's hidden projection W_hh h + b_hh
+        gates, news, outs = _Steps(gx, 2 * size, wrapped), _Steps(gx, size, wrapped), _Steps(gx, size, wrapped)
         h = h0
         for t in _order(steps, reverse):
-            x, gh = _step(gx, t), _step(hidden, t)
+            x = _step(gx, t)
             if h is None:  # a zero state: the hidden projection is its bias alone
-                gh.copy_(b_hh.expand(gh.shape)) if b_hh is not None else gh.zero_()
+                gh = b_hh.expand(x.shape).clone() if b_hh is not None else torch.zeros_like(x)
             elif b_hh is not None:
-                _addmm(b_hh, h, w_hh_t, out=gh)
+                gh = _addmm(b_hh, h, w_hh_t, out=hidden.at(t))
             else:
-                torch.matmul(h, w_hh_t, out=gh)
-            r, z = torch.add(x[..., :2 * size], gh[..., :2 * size], out=_step(gates, t)).sigmoid_().chunk(2, -1)
-            n = torch.addcmul(x[..., 2 * size:], r, gh[..., 2 * size:], out=_step(news, t)).tanh_()
-            h = torch.addcmul(n, torch.neg(n) if h is None else h - n, z, out=_step(outs, t))
-        return outs, h.clone(), gates, news, hidden[..., 2 * size:]
+                gh = torch.matmul(h, w_hh_t, out=hidden.at(t))
+            hidden.put(t, gh)
+            rz = gates.put(t, torch.add(x[..., :2 * size], gh[..., :2 * size], out=gates.at(t)).sigmoid_())
+            r, z = rz.chunk(2, -1)
+            n = news.put(t, torch.addcmul(x[..., 2 * size:], r, gh[..., 2 * size:], out=news.at(t)).tanh_())
+            h = outs.put(t, torch.addcmul(n, torch.neg(n) if h is None else h - n, z, out=outs.at(t)))
+        return outs.all(), h.clone(), gates.all(), news.all(), hidden.all()[..., 2 * size:]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -226,31 +267,35 @@ class _GRUScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_h, *_):
-        h0, w_hh, out, gates, n, hn = ctx.saved_tensors
-        reverse, steps = ctx.reverse, out.shape[-3]
-        r, z = gates.chunk(2, -1)
-        h_prev = _previous(out, h0, reverse)
-        # Every gradient of a gate is the incoming dh times a factor known from the forward:
-        #   dz = dh * (h - n) * z(1-z),  dn = dh * (1-z)(1-n^2),  dr = dn * hn * r(1-r),  d hn = dn * r.
-        d_n = _tanh_grad(1 - z, n)
-        d_z = _sigmoid_grad(h_prev - n, z)
-        d_r = _sigmoid_grad(d_n * hn, r)
-        to_gx = torch.cat([d_r, d_z, d_n], -1)
-        to_gh = torch.cat([d_r, d_z, d_n * r], -1)
-        z_steps, to_gh_steps = z.unbind(-3), to_gh.unbind(-3)
-        out_steps = grad_out.unbind(-3) if grad_out is not None else None
-        dh = grad_h if grad_h is not None else torch.zeros_like(out[..., 0, :, :])
-        d_h, d_gh = _buffer(out, out.shape[-1]), _buffer(to_gh, to_gh.shape[-1])
-        for t in _order(steps, not reverse):
-            if out_steps is not None:
-                dh = dh + out_steps[t]
-            _step(d_h, t).copy_(dh)
-            d_hidden = torch.mul(torch.cat([dh, dh, dh], -1), to_gh_steps[t], out=_step(d_gh, t))
-            dh = _addmm(dh * z_steps[t], d_hidden, w_hh)
-        d_gx = torch.cat([d_h, d_h, d_h], -1).mul_(to_gx)
-        d_w_hh = _weight_grad(d_gh, h_prev)
-        d_b_hh = d_gh.flatten(-3, -2).sum(-2) if ctx.has_bias else None
-        return d_gx, (dh if h0 is not None else None), d_w_hh, d_b_hh, None
+        # First derivatives only (see the module docstring): the gradient is computed, not recorded.
+        with torch.no_grad():
+            h0, w_hh, out, gates, n, hn = ctx.saved_tensors
+            reverse, steps = ctx.reverse, out.shape[-3]
+            r, z = gates.chunk(2, -1)
+            h_prev = _previous(out, h0, reverse)
+            # Every gradient of a gate is the incoming dh times a factor known from the forward:
+            #   dz = dh * (h - n) * z(1-z),  dn = dh * (1-z)(1-n^2),  dr = dn * hn * r(1-r),  d hn = dn * r.
+            d_n = _tanh_grad(1 - z, n)
+            d_z = _sigmoid_grad(h_prev - n, z)
+            d_r = _sigmoid_grad(d_n * hn, r)
+            to_gx = torch.cat([d_r, d_z, d_n], -1)
+            to_gh = torch.cat([d_r, d_z, d_n * r], -1)
+            z_steps, to_gh_steps = z.unbind(-3), to_gh.unbind(-3)
+            out_steps = grad_out.unbind(-3) if grad_out is not None else None
+            dh = grad_h if grad_h is not None else torch.zeros_like(out[..., 0, :, :])
+            wrapped = _wrapped(out, grad_out, grad_h)
+            d_h, d_gh = _Steps(out, out.shape[-1], wrapped), _Steps(to_gh, to_gh.shape[-1], wrapped)
+            for t in _order(steps, not reverse):
+                if out_steps is not None:
+                    dh = dh + out_steps[t]
+                d_h.put(t, dh)
+                d_hidden = d_gh.put(t, torch.mul(torch.cat([dh, dh, dh], -1), to_gh_steps[t], out=d_gh.at(t)))
+                dh = _addmm(dh * z_steps[t], d_hidden, w_hh)
+            d_h, d_gh = d_h.all(), d_gh.all()
+            d_gx = torch.cat([d_h, d_h, d_h], -1).mul_(to_gx)
+            d_w_hh = _weight_grad(d_gh, h_prev)
+            d_b_hh = d_gh.flatten(-3, -2).sum(-2) if ctx.has_bias else None
+            return d_gx, (dh if h0 is not None else None), d_w_hh, d_b_hh, None
 
     @staticmethod
     def vmap(info, in_dims, gx, h0, w_hh, b_hh, reverse):
@@ -264,16 +309,13 @@ class _RNNScan(torch.autograd.Function):
     def forward(gx, h0, w_hh, relu, reverse):
         steps = gx.shape[-3]
         w_hh_t = w_hh.transpose(-1, -2)
-        outs = _buffer(gx, gx.shape[-1])
+        outs = _Steps(gx, gx.shape[-1], _wrapped(gx, h0, w_hh))
         h = h0
         for t in _order(steps, reverse):
-            pre = _step(outs, t)
-            if h is None:  # a zero initial state: no hidden matmul
-                pre.copy_(_step(gx, t))
-            else:
-                _addmm(_step(gx, t), h, w_hh_t, out=pre)
+            # A zero initial state has no hidden matmul.
+            pre = outs.put(t, _step(gx, t).clone() if h is None else _addmm(_step(gx, t), h, w_hh_t, out=outs.at(t)))
             h = pre.relu_() if relu else pre.tanh_()
-        return outs, h.clone()
+        return outs.all(), h.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -285,19 +327,22 @@ class _RNNScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_h):
-        h0, w_hh, out = ctx.saved_tensors
-        reverse, steps = ctx.reverse, out.shape[-3]
-        slope = (out > 0).to(out.dtype) if ctx.relu else _tanh_grad(torch.ones_like(out), out)
-        slope_steps = slope.unbind(-3)
-        out_steps = grad_out.unbind(-3) if grad_out is not None else None
-        dh = grad_h if grad_h is not None else torch.zeros_like(out[..., 0, :, :])
-        d_gx = _buffer(out, out.shape[-1])
-        for t in _order(steps, not reverse):
-            if out_steps is not None:
-                dh = dh + out_steps[t]
-            dh = torch.mul(dh, slope_steps[t], out=_step(d_gx, t)) @ w_hh
-        d_w_hh = _weight_grad(d_gx, _previous(out, h0, reverse))
-        return d_gx, (dh if h0 is not None else None), d_w_hh, None, None
+        # First derivatives only (see the module docstring): the gradient is computed, not recorded.
+        with torch.no_grad():
+            h0, w_hh, out = ctx.saved_tensors
+            reverse, steps = ctx.reverse, out.shape[-3]
+            slope = (out > 0).to(out.dtype) if ctx.relu else _tanh_grad(torch.ones_like(out), out)
+            slope_steps = slope.unbind(-3)
+            out_steps = grad_out.unbind(-3) if grad_out is not None else None
+            dh = grad_h if grad_h is not None else torch.zeros_like(out[..., 0, :, :])
+            d_gx = _Steps(out, out.shape[-1], _wrapped(out, grad_out, grad_h), member_major=True)
+            for t in _order(steps, not reverse):
+                if out_steps is not None:
+                    dh = dh + out_steps[t]
+                dh = d_gx.put(t, torch.mul(dh, slope_steps[t], out=d_gx.at(t))) @ w_hh
+            d_gx = d_gx.all()
+            d_w_hh = _weight_grad(d_gx, _previous(out, h0, reverse))
+            return d_gx, (dh if h0 is not None else None), d_w_hh, None, None
 
     @staticmethod
     def vmap(info, in_dims, gx, h0, w_hh, relu, reverse):
@@ -702,13 +747,12 @@ class _CellBase(nn.Module):
                                    f"(batch, hidden_size), got {list(s.shape)}")
         return input, states, unbatched
 
-    def _projections(self, input: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor]:
-        gi = F.linear(input, self.weight_ih, self.bias_ih)
-        if h is None:  # a zero state: its projection is the bias alone
-            gh = self.bias_hh.expand_as(gi) if self.bias else torch.zeros_like(gi)
-        else:
-            gh = F.linear(h, self.weight_hh, self.bias_hh)
-        return gi, gh
+    def _projections(self, input: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The input and hidden projections, and the state (zeros when None, as torch's cells: the
+        hidden weights then get torch's zero gradient rather than none, which AdamW would skip)."""
+        if h is None:
+            h = input.new_zeros(input.shape[0], self.hidden_size)
+        return F.linear(input, self.weight_ih, self.bias_ih), F.linear(h, self.weight_hh, self.bias_hh), h
 
 
 class LSTMCell(_CellBase):
@@ -736,10 +780,11 @@ class LSTMCell(_CellBase):
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """One step: ``(h', c')`` from ``input`` ``[B, input_size]`` (or ``[input_size]``) and ``(h, c)``."""
         input, (h, c), unbatched = self._prepare(input, [None, None] if hx is None else list(hx))
-        gi, gh = self._projections(input, h)
+        gi, gh, h = self._projections(input, h)
         i, f, g, o = (gi + gh).chunk(4, -1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c = i * g if c is None else f * c + i * g
+        c = torch.zeros_like(h) if c is None else c
+        c = f * c + i * g
         h = o * torch.tanh(c)
         return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
 
@@ -768,11 +813,11 @@ class GRUCell(_CellBase):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``h'`` from ``input`` ``[B, input_size]`` (or ``[input_size]``) and ``h``."""
         input, (h,), unbatched = self._prepare(input, [hx])
-        gi, gh = self._projections(input, h)
+        gi, gh, h = self._projections(input, h)
         size = self.hidden_size
         r, z = torch.sigmoid(gi[..., :2 * size] + gh[..., :2 * size]).chunk(2, -1)
         n = torch.tanh(gi[..., 2 * size:] + r * gh[..., 2 * size:])
-        h = n - n * z if h is None else (h - n) * z + n
+        h = (h - n) * z + n
         return h.squeeze(0) if unbatched else h
 
 
@@ -803,7 +848,7 @@ class RNNCell(_CellBase):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``h'`` from ``input`` ``[B, input_size]`` (or ``[input_size]``) and ``h``."""
         input, (h,), unbatched = self._prepare(input, [hx])
-        gi, gh = self._projections(input, h)
+        gi, gh, _ = self._projections(input, h)
         pre = gi + gh
         h = torch.relu(pre) if self.nonlinearity == "relu" else torch.tanh(pre)
         return h.squeeze(0) if unbatched else h
@@ -872,14 +917,14 @@ def _hooks(module: nn.Module) -> list[str]:
 
 def _replace(module: nn.Module, path: str) -> nn.Module:
     cls = _torch_recurrent(module)
-    if type(module) is not cls:
-        raise TypeError(f"vectorizable: {path} is a {type(module).__name__}, a subclass of torch.nn.{cls.__name__}; "
-                        f"expected torch.nn.{cls.__name__} itself (a subclass's own code cannot be carried over): "
-                        f"build it on vmapclan.nn.{cls.__name__} instead")
     if torch.nn.utils.parametrize.is_parametrized(module):
         raise ValueError(f"vectorizable: {path} has parametrized weights, which the replacement would not carry; "
                          f"expected a plain torch.nn.{cls.__name__}: register the parametrization on the "
                          f"vmapclan.nn.{cls.__name__} instead")
+    if type(module) is not cls:
+        raise TypeError(f"vectorizable: {path} is a {type(module).__name__}, a subclass of torch.nn.{cls.__name__}; "
+                        f"expected torch.nn.{cls.__name__} itself (a subclass's own code cannot be carried over): "
+                        f"build it on vmapclan.nn.{cls.__name__} instead")
     hooks = _hooks(module)
     if hooks:
         raise ValueError(f"vectorizable: {path} has {' and '.join(hooks)}, which the replacement would not carry; "
