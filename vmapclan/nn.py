@@ -5,8 +5,8 @@ no batching rule: under vmap they fail ("Batching rule not implemented for aten:
 ``nn.LSTMCell`` fails the same way, and ``nn.GRUCell`` and ``nn.RNNCell`` run one member at a time
 (vmap's slow fallback). The classes here have the same constructor arguments, parameter names,
 state-dict keys, initialisation, forward signature, return values and arithmetic as torch's, and
-are written only with operations vmap batches (``addmm``, ``sigmoid``, ``tanh``, ``chunk``,
-``stack``), so a population of P members runs each time step as one batched matmul.
+batch over the members under vmap: a population of P members runs each time step as one batched
+matmul.
 
 How a layer runs, and why:
 
@@ -15,12 +15,14 @@ How a layer runs, and why:
 - The time loop of each layer and direction is one ``torch.autograd.Function`` with a hand-written
   backward through time (what the fused kernels do). Left to autograd, every time step would be a
   dozen graph nodes, and the gradient of the hidden weights one small matmul per step (a batched
-  matmul with an inner dimension of B, slow on CPU); here it is one matmul over all steps. The
-  function sets ``generate_vmap_rule``, so vmap batches its forward and backward like any other
-  operation, and ``torch.func.grad`` differentiates through it.
-- Like the fused kernels on CUDA (cuDNN), the layers give first derivatives only: a double
-  backward through them (``create_graph=True`` and differentiating again) does not see how the
-  saved gates depend on the weights.
+  matmul with an inner dimension of B, slow on CPU); here it is one matmul over all steps. Its
+  ``vmap`` rule runs the loop once on the members' stacked tensors (``baddbmm``, ``sigmoid``,
+  ``tanh``, ``addcmul``), free of vmap's per-operation dispatch, and ``torch.func.grad`` under vmap
+  differentiates through it (FusedStep's ``backward="vmap"``).
+- Like the fused kernels on CUDA (cuDNN), the layers give first derivatives only: their backward
+  is computed without being recorded, so in a double backward (``create_graph=True``, then
+  differentiating the gradient) their part of the gradient is a constant.
+- The cells are plain batched operations (one step has no loop to fuse).
 
 What is refused: a ``PackedSequence`` input (see :func:`_refuse_packed` for the padding and masking
 that replace it). :func:`vectorizable` swaps torch's layers in a model for these, weights and all,
