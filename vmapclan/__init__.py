@@ -16,6 +16,8 @@ from .specs import ClanSpec, DataSpec, ModelSpec, OptimizerSpec, RunConfig, Sche
 from .tasks import Task, get_task
 from .replay import ReplayResult, export_schedule, read_schedule, replay, write_schedule
 from .machine import TrainingMachine, TrainingResults, load_run_checkpoint, save_run_checkpoint
+from . import nn
+from .nn import unsupported_recurrent, vectorizable
 
 __version__ = "0.1.0"
 
@@ -56,5 +58,8 @@ __all__ = [
     "read_schedule",
     "replay",
     "ReplayResult",
+    "nn",
+    "vectorizable",
+    "unsupported_recurrent",
     "__version__",
 ]

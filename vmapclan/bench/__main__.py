@@ -1,4 +1,5 @@
-"""``python -m vmapclan.bench [speed options]``, ``python -m vmapclan.bench quality [options]`` or ``... zoo [options]``."""
+"""``python -m vmapclan.bench [speed options]``, ``python -m vmapclan.bench quality [options]``, ``... zoo [options]``
+or ``... recurrent [options]``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to the quality benchmark (first argument ``quality``), the zoo (``zoo``) or the speed benchmark.
+    """Dispatch to the quality benchmark (first argument ``quality``), the zoo (``zoo``), the recurrent
+    layers (``recurrent``) or the speed benchmark.
 
     Args:
         argv: Command-line arguments (default: ``sys.argv[1:]``).
@@ -23,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from .zoo import main as zoo_main
 
         return zoo_main(argv[1:])
+    if argv and argv[0] == "recurrent":
+        from .recurrent import main as recurrent_main
+
+        return recurrent_main(argv[1:])
     if argv and argv[0] == "speed":
         argv = argv[1:]
     from .speed import main as speed_main
