@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -53,6 +54,28 @@ def check_device(device, who: str) -> torch.device:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{who}: device {str(device)!r} cannot be used: {reason}") from None
     return device
+
+
+def _check_fits(population_size: int, model: nn.Module | None, genes: int, device: torch.device | None) -> None:
+    """Refuse a population that cannot fit in the memory of its device, before allocating any of it.
+
+    Each member holds its weights, gradients and two AdamW moments (about four copies of the
+    model) and its genes; allocating far more than the device has would fail deep inside torch,
+    or get the process killed by the operating system instead of raising.
+    """
+    values = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 4 if model is not None else 0
+    need = population_size * (values + 8 * 3 * max(genes, 1))
+    device = device if device is not None else (next(iter(model.parameters()), torch.empty(0)).device
+                                                if model is not None else torch.device("cpu"))
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    if need > have:
+        raise ValueError(f"Clan: population_size={population_size} needs about {need / 2**30:.3g} GiB on {device}, "
+                         f"more than its {have / 2**30:.3g} GiB")
 
 
 def _positive_int(value, name: str) -> int:
@@ -190,6 +213,7 @@ class Clan:
         if model is not None:
             _check_optimizer(optimizer, model)
         self.genes = self._gene_specs(autobind, optimizer, genome_config)
+        _check_fits(self.population_size, model, len(self.genes), device)
         self.incumbent = {n: torch.tensor(g.init, dtype=g.torch_dtype) for n, g in self.genes.items()}
         self.genomes = {n: v.expand(self.population_size).clone() for n, v in self.incumbent.items()}
         # Member 0 keeps the incumbent as a control; the others start from mutations of it.

@@ -591,9 +591,11 @@ class TrainingMachine:
         # The members are identical again, and finite (checked above): make this the point a
         # divergence restores to, so a diverging round after this phase does not also undo it.
         clan.mark_restore_point()
+        self.best_val = min(self.best_val, val[0].item())
+        if start == self.clock.step:
+            return  # restored after the stretch's last step: its diverged record covers it
         record = {"kind": "cooperative", "phase": phase.name, "start_step": start, "end_step": self.clock.step,
                   "hyper": hyper, "batch_size": batch_size * clan.population_size, "val_loss": val[0].item()}
-        self.best_val = min(self.best_val, record["val_loss"])
         self.history.append(record)
         self._record({"event": "cooperative", **record})
 
