@@ -273,7 +273,7 @@ def test_a_stop_saves_at_that_step_and_resumes_to_the_same_run(uninterrupted, tm
 
 
 def test_sigterm_stops_with_a_checkpoint_and_the_command_to_resume(tmp_path):
-    config, out = write(tmp_path, tiny(total_steps=400)), tmp_path / "run"
+    config, out = write(tmp_path, tiny(total_steps=150)), tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "vmapclan.cli", "train", str(config), "--out", str(out), *ARGS],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not (out / "metrics.jsonl").exists() and proc.poll() is None:
