@@ -259,7 +259,19 @@ CATALOGUE = [
      r"PhaseSchedule.phase_at_step: step must be an int in \[0, 10\), got -1"),
     ("a step that is not an int", lambda: PhaseSchedule.single("all").phase_at_step(2.0, 10), ValueError,
      r"PhaseSchedule.phase_at_step: step must be an int in \[0, 10\), got 2.0"),
+    ("a torch LSTM in the model", lambda: _recurrent_clan(nn.LSTM(4, 8, batch_first=True)), ValueError,
+     r"PopulationModel: model.rnn is a torch.nn.LSTM, which has no vmap batching rule; use vmapclan.nn.LSTM "
+     r"\(same weights and state dict\) or vmapclan.nn.vectorizable\(model\)"),
+    ("a torch GRUCell in the model", lambda: _recurrent_clan(nn.GRUCell(4, 8)), ValueError,
+     r"PopulationModel: model.rnn is a torch.nn.GRUCell, which vmap runs one member at a time"),
 ]
+
+
+def _recurrent_clan(rnn):
+    """A clan of a model holding ``rnn`` (refused: vmap cannot batch torch's recurrent layers)."""
+    model = nn.Module()
+    model.rnn = rnn
+    return Clan(model, torch.optim.AdamW(model.parameters()), population_size=2, round_length=4)
 
 
 @pytest.mark.parametrize("what,action,error,message", CATALOGUE, ids=[row[0] for row in CATALOGUE])

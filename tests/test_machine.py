@@ -8,6 +8,7 @@ from torch import nn
 
 from vmapclan import (PhaseSchedule, RunConfig, TrainingMachine, export_schedule, load_run_checkpoint,
                       read_schedule, replay, save_run_checkpoint)
+from vmapclan.checkpoint import save_checkpoint
 from vmapclan.machine import plan_rounds
 from vmapclan.tasks import get_task, stdlib_corpus, stdlib_files
 
@@ -219,8 +220,12 @@ def test_checkpoints(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().count('"event": "round"') == 2
     save_run_checkpoint(tmp_path / "again.pt", machine.clan, {"note": 1})
     assert load_run_checkpoint(tmp_path / "again.pt")["machine"] == {"note": 1}
-    torch.save({"format_version": 99}, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="old.pt has format version 99, expected 1"):
+    save_checkpoint({"format_version": 99}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt has format version 99, expected 2"):
+        load_run_checkpoint(tmp_path / "other.pt")
+    torch.save({"format_version": 1}, tmp_path / "old.pt")  # what format 1 wrote: no header, no hash
+    with pytest.raises(ValueError, match=r"old.pt has checkpoint format 1 \(no content hash\), this vmapclan reads "
+                                         r"format 2; start a new run"):
         load_run_checkpoint(tmp_path / "old.pt")
 
 

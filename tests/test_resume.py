@@ -110,7 +110,7 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     torn = tmp_path / "torn.pt"
     torn.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="is not a readable checkpoint"):
+    with pytest.raises(ValueError, match="is not a vmapclan checkpoint"):
         load_checkpoint(torn)
 
 

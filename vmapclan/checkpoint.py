@@ -1,35 +1,88 @@
-"""Atomic checkpoint files: a crash while saving never destroys the previous checkpoint."""
+"""Checkpoint files: atomic, verified by a content hash, read without trusting a byte of them.
+
+A checkpoint file is one header line, ``vmapclan checkpoint 2 sha256=<64 hex digits> size=<n>``,
+then the ``n`` bytes of ``torch.save(state)``. :func:`load_checkpoint` checks the header, the
+size and the hash before torch parses anything, so a flipped bit, a torn write or a truncated
+file is refused with one line instead of loading different numbers. The state itself stays a
+plain dict of tensors and values (read back with ``torch.load(..., weights_only=True)``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
 import pickle
+import re
+import stat
 import tempfile
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+from .rundir import process_alive
+
+__all__ = ["save_checkpoint", "load_checkpoint", "FILE_FORMAT_VERSION"]
+
+#: The file format (the header line and the hash). Version 1 files were a bare ``torch.save``
+#: without a hash; they are refused because nothing can vouch for their contents.
+FILE_FORMAT_VERSION = 2
+_MAGIC = b"vmapclan checkpoint "
+_HEADER = re.compile(rb"vmapclan checkpoint (\d+) sha256=([0-9a-f]{64}) size=(\d+)\n")
+_MAX_HEADER = 128  # the header line is about 100 bytes
+
+
+def _temporary_prefix(path: str) -> str:
+    return ".tmp-" + os.path.basename(path) + "-"
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete temporary files a killed writer of ``path`` left behind.
+
+    Each writer puts its pid in its temporary file's name; a file whose writer is no longer
+    running (or whose name holds no pid: an older writer's) is debris, never a checkpoint.
+    """
+    directory, prefix = os.path.dirname(path), _temporary_prefix(path)
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if not name.startswith(prefix):
+                continue
+            pid = name[len(prefix):].split("-", 1)[0]
+            if not (pid.isdigit() and process_alive(int(pid))):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write ``state`` (a plain dict of tensors and values) to ``path`` atomically.
+    """Write ``state`` (a plain dict of tensors and values) to ``path`` atomically, with its hash.
 
-    The state is written to a temporary file in the same directory, flushed to disk, and then
-    renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows). A process killed at
-    any moment leaves either the old checkpoint or the new one, never a torn file.
+    The state is serialized in memory, written with its header to a temporary file in the same
+    directory, flushed to disk and renamed over ``path`` (``os.replace`` is atomic on POSIX and
+    Windows): a process killed at any moment leaves the old checkpoint or the new one, never a
+    torn file. Temporary files of earlier writers that were killed are removed first.
 
     Args:
         state: What to save, e.g. ``{"clan": clan.state_dict(), ...}``.
         path: Destination file.
+
+    Raises:
+        OSError: if the file cannot be written (a full disk, a read-only directory); the
+            previous checkpoint is left as it was.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # in memory: a full disk then fails in os.write with ENOSPC, not inside torch
+    payload = buffer.getbuffer()
+    header = b"%s%d sha256=%s size=%d\n" % (_MAGIC, FILE_FORMAT_VERSION, hashlib.sha256(payload).hexdigest().encode(),
+                                            len(payload))
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_prefix(path)}{os.getpid()}-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(header)
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,6 +90,8 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        payload.release()
     # Make the rename itself durable (POSIX: fsync the directory entry).
     if hasattr(os, "O_DIRECTORY"):
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -46,8 +101,27 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
             os.close(dir_fd)
 
 
+def _read_regular_file(path: str) -> bytes:
+    """The bytes of ``path``, refusing anything but a regular file without blocking on it."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}") from None
+    except OSError as err:
+        raise ValueError(f"load_checkpoint: cannot open {path}: {err.strerror or err}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"load_checkpoint: {path} is not a regular file")
+        try:
+            return f.read()
+        except OSError as err:
+            raise ValueError(f"load_checkpoint: cannot read {path}: {err.strerror or err}") from None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+    """Read a checkpoint written by :func:`save_checkpoint`, after checking its size and hash.
 
     Args:
         path: The checkpoint file.
@@ -55,14 +129,32 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file is not a readable checkpoint.
+        ValueError: if the file is not a regular file, not a checkpoint, of another format
+            version, truncated, or its contents do not match its hash.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}")
+    data = _read_regular_file(path)
+    if not data.startswith(_MAGIC):
+        if data[:4] == b"PK\x03\x04":  # a bare torch.save zip: what format 1 wrote
+            raise ValueError(f"load_checkpoint: {path} has checkpoint format 1 (no content hash), this vmapclan "
+                             f"reads format {FILE_FORMAT_VERSION}; start a new run")
+        raise ValueError(f"load_checkpoint: {path} is not a vmapclan checkpoint (no header)")
+    end = data.find(b"\n", 0, _MAX_HEADER)
+    match = _HEADER.fullmatch(data[:end + 1]) if end >= 0 else None
+    if match is None:
+        raise ValueError(f"load_checkpoint: {path} has a damaged header")
+    version, digest, size = int(match[1]), match[2].decode(), int(match[3])
+    if version != FILE_FORMAT_VERSION:
+        raise ValueError(f"load_checkpoint: {path} has checkpoint format {version}, this vmapclan reads format "
+                         f"{FILE_FORMAT_VERSION}")
+    payload = memoryview(data)[end + 1:]
+    if len(payload) != size:
+        raise ValueError(f"load_checkpoint: {path} holds {len(payload)} bytes after its header, its header says "
+                         f"{size}: the file is truncated or damaged")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise ValueError(f"load_checkpoint: {path} is damaged: its contents do not match their sha256 hash")
     try:
         # Checkpoints are plain containers of tensors and numbers: no pickled code is needed to read them.
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         raise ValueError(f"load_checkpoint: {path} is not a readable checkpoint ({err})") from err
-

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -28,6 +29,53 @@ FORMAT_VERSION = 1
 
 class DivergenceError(RuntimeError):
     """Every member's validation loss is NaN or infinite: there is no member to select."""
+
+
+def check_device(device, who: str) -> torch.device:
+    """``device`` as a ``torch.device``, refusing a name torch does not know or a device it cannot use.
+
+    Args:
+        device: A device or its name (``"cpu"``, ``"cuda:0"``).
+        who: The caller, for the message (``"Clan"``).
+
+    Raises:
+        ValueError: naming the device and why it cannot be used (e.g. a torch built without CUDA).
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{who}: device must be a device such as 'cpu' or 'cuda', got {device!r} ({err})") from None
+    try:
+        torch.empty(0, device=device)  # torch raises AssertionError for CUDA on a CPU-only build
+    except (RuntimeError, AssertionError) as err:
+        if device.type == "cuda" and not torch.backends.cuda.is_built():
+            reason = f"this torch ({torch.__version__}) is built without CUDA"
+        else:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{who}: device {str(device)!r} cannot be used: {reason}") from None
+    return device
+
+
+def _check_fits(population_size: int, model: nn.Module | None, genes: int, device: torch.device | None) -> None:
+    """Refuse a population that cannot fit in the memory of its device, before allocating any of it.
+
+    Each member holds its weights, gradients and two AdamW moments (about four copies of the
+    model) and its genes; allocating far more than the device has would fail deep inside torch,
+    or get the process killed by the operating system instead of raising.
+    """
+    values = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 4 if model is not None else 0
+    need = population_size * (values + 8 * 3 * max(genes, 1))
+    device = device if device is not None else (next(iter(model.parameters()), torch.empty(0)).device
+                                                if model is not None else torch.device("cpu"))
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    if need > have:
+        raise ValueError(f"Clan: population_size={population_size} needs about {need / 2**30:.3g} GiB on {device}, "
+                         f"more than its {have / 2**30:.3g} GiB")
 
 
 def _positive_int(value, name: str) -> int:
@@ -129,10 +177,21 @@ class Clan:
             raise ValueError(f"Clan: selection={selection!r} needs population_size >= 2, got {population_size}")
         self.selection = selection
         self._set_round_settings(round_length, duty_cycle)
+        if init not in ("copy", "independent"):
+            raise ValueError(f"Clan: init must be 'copy' or 'independent', got {init!r}")
         self.init = init
         self._check_independent_start(duty_cycle, model is not None)
-        if not 0 < truncation_fraction <= 0.5:
+        if isinstance(truncation_fraction, bool) or not isinstance(truncation_fraction, (int, float)) \
+                or not 0 < truncation_fraction <= 0.5:
             raise ValueError(f"Clan: truncation_fraction must be in (0, 0.5], got {truncation_fraction!r}")
+        if isinstance(autobind, str):
+            autobind = [autobind]
+        if not isinstance(autobind, Sequence) or not all(isinstance(name, str) for name in autobind):
+            raise TypeError(f"Clan: autobind must be 'adamw', 'gradient_accumulation' or a list of them, got {autobind!r}")
+        if genome_config is not None and not isinstance(genome_config, Mapping):
+            raise TypeError(f"Clan: genome_config must be a dict {{gene name: Gene or dict}}, got {genome_config!r}")
+        if device is not None:
+            device = check_device(device, "Clan")
         self.selection, self.truncation_fraction = selection, float(truncation_fraction)
         if on_divergence not in ("restore", "raise"):
             raise ValueError(f"Clan: on_divergence must be 'restore' or 'raise', got {on_divergence!r}")
@@ -140,6 +199,8 @@ class Clan:
         self.max_restores = _positive_int(max_restores, "max_restores")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"Clan: seed must be an int, got {type(seed).__name__}")
+        if not 0 <= seed < 2**63:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"Clan: seed must be an int in [0, 2**63), got {seed}")
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -152,6 +213,7 @@ class Clan:
         if model is not None:
             _check_optimizer(optimizer, model)
         self.genes = self._gene_specs(autobind, optimizer, genome_config)
+        _check_fits(self.population_size, model, len(self.genes), device)
         self.incumbent = {n: torch.tensor(g.init, dtype=g.torch_dtype) for n, g in self.genes.items()}
         self.genomes = {n: v.expand(self.population_size).clone() for n, v in self.incumbent.items()}
         # Member 0 keeps the incumbent as a control; the others start from mutations of it.
@@ -660,59 +722,164 @@ class Clan:
     def load_state_dict(self, state: Mapping) -> None:
         """Restore a :meth:`state_dict`, in place (the loader, member views and optimizer stay valid).
 
-        Also restores torch's global RNG state, so dropout continues as in the saved run.
+        Also restores torch's global RNG state, so dropout continues as in the saved run. The
+        whole state is checked before anything is copied (a refused state leaves the clan as it
+        was): the settings (gene set and bounds, selection, population size, round settings),
+        every member tensor's shape and dtype, the counters, the genomes and incumbent within
+        their bounds, the generators, the loader's permutation and position, and the restore point.
 
         Raises:
-            ValueError: for another format version, clan configuration or model.
+            ValueError: for another format version, clan configuration or model, or a value no
+                clan can hold, naming the entry.
         """
+        who = "Clan.load_state_dict"
         if not isinstance(state, Mapping) or "format_version" not in state:
-            raise ValueError("Clan.load_state_dict: not a vmapclan state dict (no 'format_version')")
+            raise ValueError(f"{who}: not a vmapclan state dict (no 'format_version')")
         if state["format_version"] != FORMAT_VERSION:
             raise ValueError(
-                f"Clan.load_state_dict: checkpoint format version {state['format_version']!r}, "
+                f"{who}: checkpoint format version {state['format_version']!r}, "
                 f"this vmapclan reads version {FORMAT_VERSION}"
             )
+        missing = [k for k in ("config", "round", "round_step", "global_step", "genomes", "incumbent", "generator",
+                               "loader", "torch_rng", "history", "restores", "last_good", "model", "optimizer")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"{who}: the checkpoint has no {missing[0]!r} entry")
+
+        def refuse(name: str, expected: str, got) -> None:
+            raise ValueError(f"{who}: the checkpoint's {name} must be {expected}, got {got!r}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         mine, theirs = self._config(), state["config"]
+        if not isinstance(theirs, Mapping):
+            refuse("config", "a table", type(theirs).__name__)
         for key in mine:
             if key in ("round_length", "duty_cycle"):
                 continue  # round settings are state (see reconfigure), taken from the checkpoint below
             if mine[key] != theirs.get(key):
-                raise ValueError(f"Clan.load_state_dict: the checkpoint's {key} is {theirs.get(key)!r}, this clan's is {mine[key]!r}")
+                raise ValueError(f"{who}: the checkpoint's {key} is {theirs.get(key)!r}, this clan's is {mine[key]!r}")
+        round_length, duty_cycle = theirs.get("round_length"), theirs.get("duty_cycle")
+        if not is_int(round_length) or round_length < 1:
+            refuse("round_length", "a positive int", round_length)
+        try:
+            _check_round_settings(round_length, duty_cycle, self.selection)
+        except ValueError as err:
+            raise ValueError(f"{who}: the checkpoint's round settings are impossible: {err}") from None
+        for name, low, high in (("round", 0, None), ("round_step", 0, round_length), ("global_step", 0, None),
+                                ("restores", 0, self.max_restores)):
+            value = state[name]
+            if not is_int(value) or value < low or (high is not None and value > high):
+                refuse(name, f"an int in [{low}, {high if high is not None else 'inf'}]", value)
+        if state["global_step"] < state["round_step"]:
+            refuse("global_step", f">= round_step ({state['round_step']})", state["global_step"])
+        if not isinstance(state["history"], list) or not all(isinstance(r, Mapping) for r in state["history"]):
+            refuse("history", "a list of round records", type(state["history"]).__name__)
+
+        def check_genes(name: str, genes, shape: tuple) -> None:
+            if not isinstance(genes, Mapping) or not all(isinstance(v, torch.Tensor) for v in genes.values()):
+                refuse(name, "a table of tensors", type(genes).__name__)
+            if set(genes) != set(self.genes):
+                raise ValueError(f"{who}: the checkpoint's {name} has genes {sorted(genes)}, expected {sorted(self.genes)}")
+            for gene, spec in self.genes.items():
+                values = genes[gene]
+                if values.dtype != spec.torch_dtype or values.shape != shape:
+                    raise ValueError(f"{who}: the checkpoint's {name}[{gene!r}] is {values.dtype} {list(values.shape)}, "
+                                     f"expected {spec.torch_dtype} {list(shape)}")
+            try:
+                check_genome({g: v.reshape(-1).expand(self.population_size) for g, v in genes.items()}, self.genes,
+                             self.population_size)
+            except ValueError as err:
+                raise ValueError(f"{who}: the checkpoint's {name}: {err}") from None
+
+        check_genes("genomes", state["genomes"], (self.population_size,))
+        check_genes("incumbent", state["incumbent"], ())
+
+        def check_generator_state(name: str, value, like: torch.Tensor) -> None:
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.shape != like.shape:
+                got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{who}: the checkpoint's {name} is {got}, expected a generator state "
+                                 f"(uint8 {list(like.shape)})")
+
+        check_generator_state("generator", state["generator"], self._generator.get_state())
+        check_generator_state("torch_rng", state["torch_rng"], torch.get_rng_state())
+        loader = state["loader"]
+        if not isinstance(loader, Mapping) or set(loader) != {"generator", "perm", "position", "epoch"}:
+            refuse("loader", "a table of generator, perm, position and epoch", loader if not isinstance(loader, Mapping)
+                   else sorted(loader))
+        check_generator_state("loader/generator", loader["generator"], self._loader_state.generator.get_state())
+        perm, position, epoch = loader["perm"], loader["position"], loader["epoch"]
+        if perm is not None:
+            if not isinstance(perm, torch.Tensor) or perm.dtype != torch.long or perm.dim() != 1:
+                refuse("loader/perm", "None or a 1-D long tensor", type(perm).__name__ if not isinstance(
+                    perm, torch.Tensor) else f"{perm.dtype} {list(perm.shape)}")
+            if not torch.equal(perm.sort().values, torch.arange(perm.numel())):
+                raise ValueError(f"{who}: the checkpoint's loader/perm is not a permutation of {perm.numel()} samples")
+        limit = perm.numel() if perm is not None else None
+        if not is_int(position) or position < 0 or (limit is not None and position > limit):
+            refuse("loader/position", f"an int in [0, {limit if limit is not None else 'inf'}]", position)
+        if not is_int(epoch) or epoch < (1 if perm is not None else 0):
+            refuse("loader/epoch", f"an int >= {1 if perm is not None else 0}", epoch)
+
         saved_model = state["model"]
         if (saved_model is None) != (self.population is None):
-            raise ValueError("Clan.load_state_dict: the checkpoint and this clan disagree on having a model")
+            raise ValueError(f"{who}: the checkpoint and this clan disagree on having a model")
         if self.population is not None:
             pop = self.population
+            if not isinstance(saved_model, Mapping) or not {"shapes", "params", "grads", "buffers"} <= set(saved_model):
+                refuse("model", "a table of shapes, params, grads and buffers", type(saved_model).__name__)
             shapes = {n: list(s) for n, s in pop.shapes.items()}
-            if saved_model["shapes"] != shapes or set(saved_model["buffers"]) != set(pop.buffers):
+            buffers = saved_model["buffers"]
+            if saved_model["shapes"] != shapes or not isinstance(buffers, Mapping) or set(buffers) != set(pop.buffers):
                 raise ValueError(
-                    "Clan.load_state_dict: the checkpoint is of another model: parameters "
+                    f"{who}: the checkpoint is of another model: parameters "
                     f"{saved_model['shapes']} vs this model's {shapes}"
                 )
-        check_genome(state["genomes"], self.genes, self.population_size)
-        if self.population is not None:
             # Every member-major tensor is checked before any is copied: a refused state leaves the clan as it was.
-            saved = {"params": saved_model["params"], "grads": saved_model["grads"], "buffers": saved_model["buffers"],
+            saved = {"params": saved_model["params"], "grads": saved_model["grads"], "buffers": buffers,
                      "optimizer": state["optimizer"]}
             live = self._state_tree()
             if optree.tree_structure(saved) != optree.tree_structure(live):
-                raise ValueError(f"Clan.load_state_dict: the checkpoint's optimizer entries are "
-                                 f"{sorted(state['optimizer'])}, expected {sorted(live['optimizer'])}")
+                got = sorted(state["optimizer"]) if isinstance(state["optimizer"], Mapping) else state["optimizer"]
+                raise ValueError(f"{who}: the checkpoint's optimizer entries are {got}, "
+                                 f"expected {sorted(live['optimizer'])}")
             paths, targets, _ = optree.tree_flatten_with_path(live)
             for path, target, source in zip(paths, targets, optree.tree_leaves(saved)):
-                if not isinstance(source, torch.Tensor) or source.shape != target.shape:
-                    got = list(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
-                    raise ValueError(f"Clan.load_state_dict: the checkpoint's {'/'.join(map(str, path))} is "
-                                     f"{got}, expected shape {list(target.shape)}")
+                if not isinstance(source, torch.Tensor) or source.shape != target.shape or source.dtype != target.dtype:
+                    got = f"{source.dtype} {list(source.shape)}" if isinstance(source, torch.Tensor) \
+                        else type(source).__name__
+                    raise ValueError(f"{who}: the checkpoint's {'/'.join(map(str, path))} is "
+                                     f"{got}, expected {target.dtype} {list(target.shape)}")
+            good = state["last_good"]
+            if good is not None:
+                # The restore point: one member's row of each tensor, finite, and an incumbent in bounds.
+                rows = {k: good.get(k) for k in live} if isinstance(good, Mapping) else None
+                if rows is None or not is_int(good.get("round")) or optree.tree_structure(rows) != \
+                        optree.tree_structure(live):
+                    refuse("last_good", "None or a restore point of this model", type(good).__name__)
+                for path, target, row in zip(paths, targets, optree.tree_leaves(rows)):
+                    if not isinstance(row, torch.Tensor) or row.shape != target.shape[1:] or row.dtype != target.dtype:
+                        got = f"{row.dtype} {list(row.shape)}" if isinstance(row, torch.Tensor) else type(row).__name__
+                        raise ValueError(f"{who}: the checkpoint's last_good/{'/'.join(map(str, path))} is {got}, "
+                                         f"expected {target.dtype} {list(target.shape[1:])}")
+                    if row.is_floating_point() and not bool(torch.isfinite(row).all()):
+                        raise ValueError(f"{who}: the checkpoint's restore point holds NaN or infinite values in "
+                                         f"{'/'.join(map(str, path))}")
+                check_genes("last_good/incumbent", good.get("incumbent"), ())
+        elif state["last_good"] is not None:
+            refuse("last_good", "None for a clan without a model", type(state["last_good"]).__name__)
+
+        if self.population is not None:
             with torch.no_grad():
                 optree.tree_map(lambda t, src: t.copy_(src), live, saved)
             self.population.rows_stale = False
         self.genomes = {n: v.clone() for n, v in state["genomes"].items()}
         self.incumbent = {n: v.clone() for n, v in state["incumbent"].items()}
-        self._set_round_settings(theirs["round_length"], theirs["duty_cycle"])
+        self._set_round_settings(round_length, duty_cycle)
         self._round, self._round_step, self._global_step = state["round"], state["round_step"], state["global_step"]
         self._generator.set_state(state["generator"])
-        self._loader_state.load_state_dict(state["loader"])
+        self._loader_state.load_state_dict(loader)
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)

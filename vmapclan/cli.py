@@ -2,32 +2,52 @@
 
 Usage::
 
-    vmapclan train configs/digits.toml [--out DIR] [--steps N] [--device cuda --cuda-graph]
+    vmapclan train configs/digits.toml [--out DIR] [--overwrite] [--steps N] [--device cuda --cuda-graph]
     vmapclan train --resume RUN_DIR
-    vmapclan demo [--out DIR] [--steps N]
+    vmapclan demo [--out DIR] [--overwrite] [--steps N]
     vmapclan replay runs/demo/schedule.json
 
 ``train`` and ``demo`` show a progress bar (phase, round, step, best validation loss), print a
 table of rounds at the end and write a run directory: ``metrics.jsonl``, ``history.json``,
-``schedule.json``, ``config.toml``, ``best_model.pt`` and PNG plots. ``replay`` trains one plain
-model with ``torch.optim.AdamW`` on the exported schedule and prints its final loss next to the
-clan's.
+``schedule.json``, ``config.toml``, ``best_model.pt``, ``checkpoint.pt`` and PNG plots. ``replay``
+trains one plain model with ``torch.optim.AdamW`` on the exported schedule and prints its final
+loss next to the clan's.
+
+The run directory is never overwritten by accident: ``--out`` naming a directory that holds a
+run is refused unless ``--resume`` continues it or ``--overwrite`` replaces it. While a run
+trains it holds ``RUN_DIR/run.lock`` (naming its pid and host); a second run in the same
+directory is refused, and the lock of a process that died is taken over. ``--resume`` reads
+every setting from the checkpoint, verifies the checkpoint's hash and contents, and refuses a
+``config.toml`` that was edited since. Ctrl-C or SIGTERM stops after the current step, saves a
+checkpoint there and prints the command that resumes (a second Ctrl-C stops at once, keeping
+the last checkpoint).
 
 Exit codes: 0 success; 2 bad command line; 3 bad input (missing file, invalid config or
-schedule, naming the bad field); 4 training diverged (every member's loss NaN or infinite).
+schedule, naming the bad field; a damaged or edited checkpoint; a run directory in use or
+holding a run); 4 training diverged (the population's losses or weights turned NaN or infinite
+and could not be restored; the last good checkpoint is kept); 5 the run directory could not be
+written (disk full, read-only, no permission: the error is named); 128 + the signal's number
+(130 for Ctrl-C, 143 for SIGTERM) stopped by a signal, resumable.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-__all__ = ["main", "DEMO_CONFIG", "EXIT_OK", "EXIT_USAGE", "EXIT_INPUT", "EXIT_DIVERGED"]
+__all__ = ["main", "DEMO_CONFIG", "EXIT_OK", "EXIT_USAGE", "EXIT_INPUT", "EXIT_DIVERGED", "EXIT_WRITE",
+           "EXIT_SIGNAL"]
 
-EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_DIVERGED = 0, 2, 3, 4
+EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_DIVERGED, EXIT_WRITE = 0, 2, 3, 4, 5
+#: A run stopped by signal ``n`` exits with ``EXIT_SIGNAL + n`` (130 for Ctrl-C), as shells report it.
+EXIT_SIGNAL = 128
 
 #: The demo: a clan of 8 MLPs on scikit-learn's digits, a cooperative warmup, clan rounds, and a
 #: cooperative anneal at a third of the evolved learning rate (about a minute on 2 CPU cores).
@@ -55,11 +75,14 @@ class _InputError(Exception):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmapclan", description="Population training with vmapclan.",
-        epilog="exit codes: 0 success, 2 bad command line, 3 bad input file or config, 4 training diverged")
+        epilog="exit codes: 0 success, 2 bad command line, 3 bad input file, config, checkpoint or run directory, "
+               "4 training diverged, 5 the run directory cannot be written, 128+N stopped by signal N (resumable)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def run_options(p, threads=None):
         p.add_argument("--out", type=Path, help="run directory (default: runs/<task>-<time>)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out (without it an existing run is refused)")
         p.add_argument("--steps", type=int, help="total steps (overrides the config's total_steps)")
         p.add_argument("--threads", type=int, default=threads,
                        help=f"torch CPU threads (default: {threads or 'torch' + chr(39) + 's choice'})")
@@ -107,23 +130,88 @@ def _step_options(args) -> dict | bool:
     return options or True
 
 
+def _write_error(err: OSError, out: Path) -> int:
+    """Report a failed write into the run directory in one line, naming the errno (ENOSPC, EROFS, ...)."""
+    code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    what = f"{err.strerror or err}{f' ({code})' if code else ''}"
+    where = f" ({err.filename})" if err.filename else ""
+    print(f"vmapclan: error: cannot write the run directory {out}{where}: {what}; "
+          f"an existing checkpoint.pt there is intact", file=sys.stderr)
+    return EXIT_WRITE
+
+
+@contextlib.contextmanager
+def _stop_on_signals(machine):
+    """Turn SIGINT and SIGTERM into ``machine.request_stop()``; a second signal interrupts at once."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signal handlers can only be set from the main thread
+        return
+
+    def on_signal(signum, _frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        machine.request_stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _train(config, args) -> int:
+    from .rundir import RunDirectoryBusy, run_lock
+
+    if config is None:  # --resume
+        out = args.resume
+        if not out.is_dir():
+            raise _InputError(f"--resume: no run directory at {out}")
+    else:
+        out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if out.exists() and not out.is_dir():
+            raise _InputError(f"--out {out} is a file, not a run directory")
+    created = not out.exists()
+    try:
+        with run_lock(out):
+            return _train_locked(config, args, out)
+    except RunDirectoryBusy as err:
+        raise _InputError(str(err)) from None
+    except _InputError:
+        if created:  # leave no empty directory behind a refused run
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    except OSError as err:
+        return _write_error(err, out)
+
+
+def _train_locked(config, args, out: Path) -> int:
     from .clan import DivergenceError
-    from .machine import TrainingMachine
+    from .machine import TrainingMachine, TrainingStopped
+    from .rundir import remove_run_files, run_files_in
 
     fused = _step_options(args)
+    existing = []
     try:
         if config is None:  # --resume
-            out = args.resume
             machine = TrainingMachine.resume(out, device=args.device, fused=fused)
         else:
+            existing = run_files_in(out)
+            if existing and not args.overwrite:
+                raise _InputError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
+                                  f"{out}, or give --overwrite to replace it")
             steps = args.steps if args.steps is not None else config.total_steps
-            out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
             machine = TrainingMachine(config, steps, out_dir=out, device=args.device, fused=fused)
+        machine.prepare()  # data, model, clan and a resumed state: every error here is bad input
     except FileNotFoundError as err:
         raise _InputError(str(err)) from None
     except (ValueError, TypeError, RuntimeError) as err:  # torch.device() raises RuntimeError for a bad name
         raise _InputError(str(err)) from None
+    if existing:
+        remove_run_files(out)  # --overwrite: the old run goes only once the new one can start
     config = machine.config
     bar = _progress(machine.total_steps, not args.no_progress, config.task)
     shown = {}
@@ -139,11 +227,24 @@ def _train(config, args) -> int:
             bar.set_postfix_str(f"phase={event['phase']} round={event['round']} best_val={best}")
 
     machine.callback = on_event
+    resume = f"vmapclan train --resume {out}"
     try:
-        results = machine.train()
+        with _stop_on_signals(machine) as received:
+            results = machine.train()
     except DivergenceError as err:
-        print(f"vmapclan: training diverged: {err}", file=sys.stderr)
+        kept = machine._checkpoint_step
+        print(f"vmapclan: training diverged: {err}" + (f"; the last good checkpoint (step {kept}) is kept in {out}"
+                                                       if kept is not None else ""), file=sys.stderr)
         return EXIT_DIVERGED
+    except TrainingStopped as err:
+        name = signal.Signals(received[0]).name if received else "a stop request"
+        print(f"vmapclan: {name}: {err}; resume with: {resume}", file=sys.stderr)
+        return EXIT_SIGNAL + (received[0] if received else signal.SIGINT)
+    except KeyboardInterrupt:
+        kept = machine._checkpoint_step
+        print(f"vmapclan: interrupted at step {machine.clock.step}; the checkpoint of step {kept} is kept; "
+              f"resume with: {resume}", file=sys.stderr)
+        return EXIT_SIGNAL + signal.SIGINT
     finally:
         if bar is not None:
             bar.close()
@@ -196,7 +297,8 @@ def main(argv=None) -> int:
         argv: Arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit code: 0 success, 2 bad command line, 3 bad input, 4 training diverged.
+        The exit code: 0 success, 2 bad command line, 3 bad input, 4 training diverged, 5 the run
+        directory cannot be written, 128 + N stopped by signal N (see the module docstring).
     """
     parser = _parser()
     try:
@@ -233,9 +335,9 @@ def main(argv=None) -> int:
             if args.out is None:
                 args.out = Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         elif args.resume is not None:
-            if args.config is not None or args.steps is not None or args.out is not None:
+            if args.config is not None or args.steps is not None or args.out is not None or args.overwrite:
                 print("vmapclan: error: --resume takes its config, steps and run directory from the checkpoint; "
-                      "give no CONFIG, --steps or --out with it", file=sys.stderr)
+                      "give no CONFIG, --steps, --out or --overwrite with it", file=sys.stderr)
                 return EXIT_USAGE
             config = None
         elif args.config is None:
@@ -254,6 +356,9 @@ def main(argv=None) -> int:
     except _InputError as err:
         print(f"vmapclan: error: {err}", file=sys.stderr)
         return EXIT_INPUT
+    except KeyboardInterrupt:  # before training started (reading data, building): nothing to save yet
+        print("vmapclan: interrupted", file=sys.stderr)
+        return EXIT_SIGNAL + signal.SIGINT
 
 
 if __name__ == "__main__":

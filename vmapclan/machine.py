@@ -22,36 +22,88 @@ cooperative=True)``) and without advancing the round clock: the steps do not cou
 round. The phase's optimizer overrides are written into the batched AdamW's ``[P]``
 hyperparameters and the clan's own genes are written back afterwards (``clan.reconfigure()``),
 and the end of the phase becomes the point the clan's divergence recovery restores to.
+
+Divergence is caught in every phase. A cooperative phase checks its training losses and the
+weights every :data:`DIVERGENCE_CHECK_EVERY` steps and at its end (one host sync per check,
+none per step); a diverged stretch is undone like a diverged round (the clan's restore point,
+half the learning rate), and after ``max_restores`` restores in a row the run stops with
+:class:`~vmapclan.DivergenceError`. Checkpoints and restore points are written only from a
+finite state, and a run never returns a model whose validation loss is not finite.
+
+``request_stop()`` (the command calls it on Ctrl-C and SIGTERM) ends the run after the step in
+progress, saves a checkpoint there and raises :class:`TrainingStopped`; a resume continues
+from that step as if nothing had happened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import io
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import optree
 import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .clan import Clan
+from .clan import Clan, DivergenceError, check_device
 from .optim import ADAMW_FIELDS
 from .population import member_loss
 from .replay import export_schedule, write_schedule
 from .rounds import plan_rounds
+from .rundir import run_lock
 from .schedule import Phase, PhaseSchedule, TimeController, phase_optimizer
 from .specs import RunConfig
 from .tasks import get_task
 
-__all__ = ["TrainingMachine", "TrainingResults", "save_run_checkpoint", "load_run_checkpoint", "plan_rounds",
-           "CHECKPOINT_VERSION"]
+__all__ = ["TrainingMachine", "TrainingResults", "TrainingStopped", "save_run_checkpoint", "load_run_checkpoint",
+           "plan_rounds", "CHECKPOINT_VERSION", "DIVERGENCE_CHECK_EVERY"]
 
-CHECKPOINT_VERSION = 1
+#: Version 2: checkpoints may be taken at any step (a stop), not only at round and phase ends.
+CHECKPOINT_VERSION = 2
+#: Steps between the divergence checks of a cooperative phase (each check is one host sync).
+DIVERGENCE_CHECK_EVERY = 25
+
+
+class TrainingStopped(Exception):
+    """The run was asked to stop (:meth:`TrainingMachine.request_stop`) and stopped after a step.
+
+    Attributes:
+        step: The step it stopped at.
+        checkpoint_step: The step of the checkpoint a resume continues from (``None``: no run
+            directory), equal to ``step`` unless the state there had diverged.
+    """
+
+    def __init__(self, step: int, checkpoint_step: int | None):
+        self.step, self.checkpoint_step = step, checkpoint_step
+        saved = "" if checkpoint_step is None else (
+            f"; checkpoint saved at step {checkpoint_step}" if checkpoint_step == step else
+            f"; the state had diverged, so the checkpoint of step {checkpoint_step} is kept")
+        super().__init__(f"stopped at step {step}{saved}")
+
+
+class _StopRequested(Exception):
+    """Raised between steps once a stop was requested; turned into :class:`TrainingStopped`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stretch:
+    """One stretch of the run's plan: a clan round, or steps run cooperatively outside the round clock."""
+
+    kind: str  # "round" or "cooperative"
+    phase: Phase
+    index: int  # the phase's index in the schedule
+    start: int
+    end: int
+    duty_cycle: float | None = None  # rounds only
+    phase_end: bool = False  # the last stretch of its phase: a checkpoint follows
 
 
 def save_run_checkpoint(path: str | os.PathLike, clan: Clan, machine_state: Mapping) -> None:
@@ -79,7 +131,27 @@ def load_run_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, Mapping) or state.get("format_version") != CHECKPOINT_VERSION:
         version = state.get("format_version") if isinstance(state, Mapping) else None
         raise ValueError(f"load_run_checkpoint: {path} has format version {version!r}, expected {CHECKPOINT_VERSION}")
+    for key in ("clan", "machine"):
+        if not isinstance(state.get(key), Mapping):
+            raise ValueError(f"load_run_checkpoint: {path} has no {key!r} table; it is not a run checkpoint")
     return dict(state)
+
+
+def _first_difference(a, b, prefix: str = "") -> str | None:
+    """The dotted name of the first setting where the plain values ``a`` and ``b`` differ, or ``None``."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in list(a) + [k for k in b if k not in a]:
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+            if found is not None:
+                return found
+        return None
+    return None if a == b else prefix or "config"
+
+
+def _lookup(data, dotted: str):
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, Mapping) else None
+    return data
 
 
 @dataclasses.dataclass
@@ -167,7 +239,9 @@ class TrainingResults:
         files["config"] = out / "config.toml"
         files["config"].write_text(self.config.replace(total_steps=self.total_steps).to_toml())
         files["best_model"] = out / "best_model.pt"
-        torch.save(self.best_model.state_dict(), files["best_model"])
+        buffer = io.BytesIO()
+        torch.save(self.best_model.state_dict(), buffer)  # in memory: a full disk fails below with ENOSPC, not in torch
+        files["best_model"].write_bytes(buffer.getbuffer())
         if plots:
             from .plots import save_plots
 
@@ -198,9 +272,11 @@ class TrainingMachine:
     Args:
         config: A :class:`~vmapclan.RunConfig` or its dict form (e.g. a parsed TOML file).
         total_steps: Steps to run (default: ``config.total_steps``).
-        out_dir: If given, ``metrics.jsonl`` is appended as training goes and checkpoints
-            (``checkpoint.pt``) are written at phase ends and every ``config.checkpoint_every``
-            rounds. The rest of the run directory is written by :meth:`TrainingResults.save`.
+        out_dir: If given, ``config.toml`` is written at the start, ``metrics.jsonl`` is appended
+            as training goes and checkpoints (``checkpoint.pt``) are written at phase ends, every
+            ``config.checkpoint_every`` rounds and on a stop; the run holds the directory's lock
+            (see :func:`vmapclan.rundir.run_lock`) while it trains. The rest of the run directory
+            is written by :meth:`TrainingResults.save`.
         callback: Called with event dicts as training goes: ``{"event": "step", "step", "phase",
             "round", "best_val"}`` after every step (no host sync), and ``{"event": "round", ...}``,
             ``{"event": "cooperative", ...}``, ``{"event": "train", ...}`` records as they are made.
@@ -212,7 +288,8 @@ class TrainingMachine:
             ``FusedStep`` options, e.g. ``{"cuda_graph": True, "compile": "optimizer"}`` on CUDA.
 
     Raises:
-        ValueError, TypeError: for a bad config (naming the field), ``total_steps`` or ``fused``.
+        ValueError, TypeError: for a bad config (naming the field), ``total_steps``, ``fused``
+            or a device this torch cannot use.
 
     Example:
         >>> results = TrainingMachine({"task": "digits-mlp", "clan": {"population_size": 4}}, 200).train()  # doctest: +SKIP
@@ -237,7 +314,7 @@ class TrainingMachine:
         self.task = get_task(config.task)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback = callback
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = check_device(device if device is not None else "cpu", "TrainingMachine")
         self.log_every = config.log_every or max(1, self.total_steps // 100)
         self.fused, self._fused_options = _fused_options(fused, self.device)
         self._fused_step = None
@@ -249,8 +326,34 @@ class TrainingMachine:
         self._phase_name = ""
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._loss_count = 0
+        # Whether every training loss of the cooperative stretch since its last check was finite;
+        # kept on the device so the steps themselves never wait for the host.
+        self._losses_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._stop_requested = False
+        self._prepared = self._trained = False
+        self._checkpoint_step: int | None = None
 
     # -- assembly ---------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Build the data, the model and the clan, and restore a resumed run's state; check the plan.
+
+        :meth:`train` calls it first if it has not run. Calling it before lets a caller tell
+        bad input (a config that cannot run, a checkpoint that does not fit) from training.
+
+        Raises:
+            ValueError, TypeError: for settings that cannot run (e.g. a phase needing more
+                samples per step than the training data holds, gene bounds), naming the setting,
+                or a checkpoint that does not fit this run.
+        """
+        if self._prepared:
+            return
+        self._build()
+        self._check_data()
+        resume = getattr(self, "_resume_state", None)
+        if resume is not None:
+            self._restore(resume)
+        self._prepared = True
+
     def _build(self) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)  # the model's init; a replay with the same seed starts from the same weights
@@ -267,7 +370,51 @@ class TrainingMachine:
             # A sweep over lr only: every other gene is held at the incumbent for every member.
             for name, value in self.clan.incumbent.items():
                 values = cfg.clan.lr_grid if name == "lr" else [value.item()] * cfg.clan.population_size
-                self.clan.set_genome(name, values)
+                try:
+                    self.clan.set_genome(name, values)
+                except ValueError as err:
+                    raise ValueError(f"clan.lr_grid: {err}") from None
+
+    def _plan(self) -> Iterator[_Stretch]:
+        """The run's stretches in order: every clan round and every cooperative stretch, tiling the steps.
+
+        The one walk over the schedule: training, the checks before it and the checks of a
+        resumed state all read it.
+        """
+        cfg = self.config
+        for index, (phase, first, end) in enumerate(self.schedule.step_ranges(self.total_steps)):
+            if end == first:
+                continue  # a phase shorter than half a step
+            if not phase.competition:
+                yield _Stretch("cooperative", phase, index, first, end, phase_end=True)
+                continue
+            duty_cycle = phase.clan.get("duty_cycle", cfg.clan.duty_cycle)
+            rounds, leftover = plan_rounds(end - first, phase.clan.get("round_length", cfg.clan.round_length),
+                                           duty_cycle)
+            position = first
+            for i, length in enumerate(rounds):
+                yield _Stretch("round", phase, index, position, position + length, duty_cycle,
+                               phase_end=not leftover and i == len(rounds) - 1)
+                position += length
+            if leftover:
+                # Too short for a round: these steps run cooperatively, with the incumbent's settings.
+                yield _Stretch("cooperative", dataclasses.replace(phase, optimizer={}), index, position, end,
+                               phase_end=True)
+
+    def _check_data(self) -> None:
+        """Refuse, before training, a stretch whose steps take more samples than the training data holds."""
+        n, p = len(self.data.train[0]), self.clan.population_size
+        for stretch in self._plan():
+            batch = stretch.phase.data.get("batch_size", self.config.data.batch_size)
+            cooperates = stretch.kind == "cooperative" or stretch.duty_cycle != 1
+            need = p * batch if cooperates else batch
+            if need > n:
+                what = (f"population_size x batch_size = {p} x {batch} = {need} samples" if cooperates
+                        else f"batch_size = {batch} samples")
+                raise ValueError(
+                    f"schedule[{stretch.index}] ({stretch.phase.name!r}): a {'cooperative' if cooperates else 'competitive'} "
+                    f"step takes {what}, but the training data has only {n}; lower data.batch_size"
+                    f"{' or clan.population_size' if cooperates else ''}")
 
     def _stream(self, batch_size: int):
         """An endless batch iterator over the training data (epochs back to back) for ``batch_size``."""
@@ -275,8 +422,17 @@ class TrainingMachine:
             loader = self.clan.loader(self.data.train, batch_size=batch_size)
 
             def endless():
+                empty = 0
                 while True:
-                    yield from loader
+                    for batch in loader:
+                        empty = 0
+                        yield batch
+                    # One empty pass is the end of an epoch; two in a row mean no step fits the data
+                    # (``_check_data`` refuses that before training: this only keeps a loop from spinning).
+                    empty += 1
+                    if empty > 1:
+                        raise ValueError(f"TrainingMachine: the training data ({len(self.data.train[0])} samples) "
+                                         f"cannot fill one step of batch_size {batch_size}")
 
             self._streams[batch_size] = endless()
         return self._streams[batch_size]
@@ -306,9 +462,11 @@ class TrainingMachine:
     def _cooperative_step(self, member, batch) -> None:
         """One data-parallel step of identical members, outside the round clock (fused when enabled)."""
         if self.fused:
-            self._after_step(self._fused().train_step(*batch, cooperative=True))
+            loss = self._fused().train_step(*batch, cooperative=True)
         else:
-            self._after_step(self._train_step(member, batch, cooperative=True))
+            loss = self._train_step(member, batch, cooperative=True)
+        self._losses_finite &= torch.isfinite(loss).all()
+        self._after_step(loss)
 
     def _round_step(self, member, batch) -> None:
         """One step of a clan round, advancing the round clock (fused when enabled)."""
@@ -339,71 +497,135 @@ class TrainingMachine:
         if self.callback is not None and record["event"] != "step":
             self.callback(record)
 
+    def request_stop(self) -> None:
+        """Ask the run to stop after the step in progress (safe to call from a signal handler).
+
+        :meth:`train` then saves a checkpoint at that step (with an ``out_dir``) and raises
+        :class:`TrainingStopped`; :meth:`resume` continues from there.
+        """
+        self._stop_requested = True
+
+    def _poll_stop(self, stretch: _Stretch) -> None:
+        # Never after a stretch's last step: the stretch's record, selection and restore point
+        # come first, so a stop always lands where a resume can pick the stretch up again.
+        if self._stop_requested and self.clock.step < stretch.end:
+            raise _StopRequested
+
+    # -- divergence -------------------------------------------------------------------------------
+    def _finite_members(self) -> torch.Tensor:
+        """``bool[P]``: which members hold only finite weights, gradients, buffers and optimizer state."""
+        finite = torch.ones(self.clan.population_size, dtype=torch.bool, device=self.device)
+        for leaf in optree.tree_leaves(self.clan.member_state()):
+            if leaf.is_floating_point():
+                finite &= torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(1)
+        return finite
+
+    def _cooperative_diverged(self) -> bool:
+        """Whether the cooperative stretch since the last check saw a non-finite loss or weight (one host sync)."""
+        diverged = ~self._losses_finite | ~torch.isfinite(self.clan.population.flat).all()
+        self._losses_finite.fill_(True)
+        return bool(diverged)
+
+    def _recover_cooperative(self, stretch: _Stretch, start: int) -> None:
+        """Undo a diverged cooperative stretch the way a diverged round is undone, or stop the run.
+
+        The clan's restore point (the last state known good) comes back with half the
+        incumbent's learning rate; the steps since then are lost, as in a diverged round.
+        """
+        clan = self.clan
+        where = (f"phase {stretch.phase.name!r} (cooperative, steps {stretch.start}-{stretch.end}): the training loss "
+                 f"or the weights became NaN or infinite by step {self.clock.step}")
+        if clan._restores >= clan.max_restores:
+            raise DivergenceError(f"{where}; gave up after {clan._restores} consecutive restores")
+        losses = torch.full((clan.population_size,), math.nan, dtype=torch.float64)
+        clan._recover(losses, {n: v.tolist() for n, v in clan.genomes.items()})  # the clan's one restore rule
+        record = {"kind": "cooperative", "phase": stretch.phase.name, "start_step": start,
+                  "end_step": self.clock.step, "hyper": self._phase_hyper(stretch.phase),
+                  "batch_size": self._batch_size(stretch) * clan.population_size, "val_loss": math.nan,
+                  "event": "diverged", "restored_round": clan.history[-1]["restored_round"]}
+        self.history.append(record)
+        self._record({"event": "cooperative", **record})
+
     # -- phases -----------------------------------------------------------------------------------
     def _phase_hyper(self, phase: Phase) -> dict[str, float]:
         """The hyperparameters of a cooperative phase: the incumbent's, with the phase's overrides."""
         return phase_optimizer(phase.optimizer, {name: self.clan.incumbent[name].item() for name in ADAMW_FIELDS})
 
-    def _run_cooperative(self, phase: Phase, steps: int) -> None:
-        """``steps`` data-parallel steps of identical members, outside the round clock."""
-        clan = self.clan
-        member = clan.round()
-        member.model.train()
+    def _batch_size(self, stretch: _Stretch) -> int:
+        return stretch.phase.data.get("batch_size", self.config.data.batch_size)
+
+    def _run_cooperative(self, stretch: _Stretch) -> None:
+        """The steps of a cooperative stretch not yet run: data-parallel steps of identical members."""
+        clan, phase = self.clan, stretch.phase
         # Between rounds the clan sits at step 0 of its next round; the steps taken here leave
         # the round clock alone, average the gradients over the (identical) members, and train
         # with the phase's hyperparameters, written into the optimizer for the phase's length.
-        hyper = self._phase_hyper(phase)
-        with torch.no_grad():
-            for gene, field in ADAMW_FIELDS.items():
-                getattr(member.optimizer.hyper, field).fill_(hyper[gene])
-        batch_size = phase.data.get("batch_size", self.config.data.batch_size)
+        batch_size = self._batch_size(stretch)
         stream = self._stream(batch_size)
-        start = self.clock.step
-        with clan.cooperate():  # identical members trained as one model at batch P x B
-            for _ in range(steps):
-                self._cooperative_step(member, next(stream))
-            val = self.task.population_losses(member.model, *self.data.eval)
+        # The records tile the run, so this one starts where the last ends: the stretch's start,
+        # or the step of a restore inside it (also after a resume in the middle of it).
+        start = self.history[-1]["end_step"] if self.history else 0
+        while True:
+            hyper = self._phase_hyper(phase)
+            with torch.no_grad():
+                for gene, field in ADAMW_FIELDS.items():
+                    getattr(clan.optimizer.hyper, field).fill_(hyper[gene])
+            member = clan.round()
+            member.model.train()
+            diverged = False
+            with clan.cooperate():  # identical members trained as one model at batch P x B
+                while self.clock.step < stretch.end and not diverged:
+                    self._cooperative_step(member, next(stream))
+                    if self.clock.step % DIVERGENCE_CHECK_EVERY == 0 or self.clock.step == stretch.end:
+                        diverged = self._cooperative_diverged()
+                    if not diverged:
+                        self._poll_stop(stretch)
+                val = None
+                if not diverged:
+                    val = self.task.population_losses(member.model, *self.data.eval)
+                    diverged = not bool(torch.isfinite(val).all())
+            if not diverged:
+                break
+            self._recover_cooperative(stretch, start)
+            start = self.clock.step
         clan.reconfigure()  # writes the clan's own genes back into the optimizer
-        # The members are identical again: make this the point a divergence restores to, so a
-        # diverging round after this phase does not also undo it.
+        # The members are identical again, and finite (checked above): make this the point a
+        # divergence restores to, so a diverging round after this phase does not also undo it.
         clan.mark_restore_point()
+        self.best_val = min(self.best_val, val[0].item())
+        if start == self.clock.step:
+            return  # restored after the stretch's last step: its diverged record covers it
         record = {"kind": "cooperative", "phase": phase.name, "start_step": start, "end_step": self.clock.step,
                   "hyper": hyper, "batch_size": batch_size * clan.population_size, "val_loss": val[0].item()}
-        self.best_val = min(self.best_val, record["val_loss"])
         self.history.append(record)
         self._record({"event": "cooperative", **record})
 
-    def _run_rounds(self, phase: Phase, first: int, steps: int) -> None:
+    def _run_round(self, stretch: _Stretch) -> None:
+        """The steps of a clan round not yet run, then validation and selection."""
         cfg, clan = self.config, self.clan
-        round_length = phase.clan.get("round_length", cfg.clan.round_length)
-        duty_cycle = phase.clan.get("duty_cycle", cfg.clan.duty_cycle)
-        rounds, leftover = plan_rounds(steps, round_length, duty_cycle)
-        batch_size = phase.data.get("batch_size", cfg.data.batch_size)
+        batch_size = self._batch_size(stretch)
         stream = self._stream(batch_size)
-        position = first
-        for length in rounds:
-            position += length
-            if position <= self.clock.step:
-                continue  # done before the checkpoint this run resumed from
-            clan.reconfigure(round_length=length, duty_cycle=duty_cycle)
-            cooperative_steps, start = clan.cooperative_steps, self.clock.step
-            member = clan.round()
-            member.model.train()
-            for _ in range(length):
-                self._round_step(member, next(stream))
-            val = self.task.population_losses(member.model, *self.data.eval)
-            record = dict(clan.step(val))
-            record.update(kind="round", phase=phase.name, start_step=start, end_step=self.clock.step,
-                          cooperative_steps=cooperative_steps, batch_size=batch_size,
-                          population_size=clan.population_size)
-            self.best_val = min(self.best_val, min(v for v in record["val_losses"] if math.isfinite(v))
-                                if any(math.isfinite(v) for v in record["val_losses"]) else math.inf)
-            self.history.append(record)
-            self._record({"event": "round", **record})
-            if self.out_dir is not None and cfg.checkpoint_every and clan.round_index % cfg.checkpoint_every == 0:
-                self.checkpoint()
-        if leftover:
-            self._run_cooperative(dataclasses.replace(phase, optimizer={}), leftover)
+        length = stretch.end - stretch.start
+        if self.clock.step == stretch.start:
+            clan.reconfigure(round_length=length, duty_cycle=stretch.duty_cycle)
+        # else: resumed inside the round, whose settings are part of the clan's restored state
+        cooperative_steps = clan.cooperative_steps
+        member = clan.round()
+        member.model.train()
+        while self.clock.step < stretch.end:
+            self._round_step(member, next(stream))
+            self._poll_stop(stretch)
+        val = self.task.population_losses(member.model, *self.data.eval)
+        record = dict(clan.step(val))
+        record.update(kind="round", phase=stretch.phase.name, start_step=stretch.start, end_step=self.clock.step,
+                      cooperative_steps=cooperative_steps, batch_size=batch_size,
+                      population_size=clan.population_size)
+        self.best_val = min(self.best_val, min(v for v in record["val_losses"] if math.isfinite(v))
+                            if any(math.isfinite(v) for v in record["val_losses"]) else math.inf)
+        self.history.append(record)
+        self._record({"event": "round", **record})
+        if self.out_dir is not None and cfg.checkpoint_every and clan.round_index % cfg.checkpoint_every == 0:
+            self.checkpoint()
 
     # -- running ----------------------------------------------------------------------------------
     def machine_state(self) -> dict:
@@ -420,7 +642,9 @@ class TrainingMachine:
         Its :meth:`train` restores the clan (weights, optimizer, genomes, loader position, random
         generators) and the machine's clock, history and metrics, skips what was done, and ends
         with the same weights, genomes and history as the run would have without the interruption.
-        ``metrics.jsonl`` is cut back to the checkpoint, so no record appears twice.
+        ``metrics.jsonl`` is cut back to the checkpoint, so no record appears twice. The run keeps
+        the settings it started with: a ``config.toml`` in ``run_dir`` that says otherwise is
+        refused rather than mixed into the saved state.
 
         Args:
             run_dir: The run directory given as ``out_dir`` to the interrupted run.
@@ -430,33 +654,140 @@ class TrainingMachine:
 
         Raises:
             FileNotFoundError: if ``run_dir`` has no checkpoint.
-            ValueError: if the checkpoint is unreadable or of another format version.
+            ValueError: if the checkpoint is unreadable, damaged or of another format version, or
+                ``run_dir/config.toml`` differs from the checkpoint's config (naming the setting).
         """
-        state = load_run_checkpoint(Path(run_dir) / "checkpoint.pt")
-        config = RunConfig.from_dict(state["machine"]["config"])
+        run_dir = Path(run_dir)
+        state = load_run_checkpoint(run_dir / "checkpoint.pt")
+        if not isinstance(state["machine"].get("config"), Mapping):
+            raise ValueError(f"TrainingMachine.resume: {run_dir / 'checkpoint.pt'} has no machine config")
+        try:
+            config = RunConfig.from_dict(state["machine"]["config"])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"TrainingMachine.resume: the checkpoint's config is invalid: {err}") from None
+        toml_path = run_dir / "config.toml"
+        if toml_path.exists():
+            try:
+                edited = RunConfig.from_toml(toml_path).to_dict()
+            except (ValueError, TypeError, OSError) as err:
+                raise ValueError(f"TrainingMachine.resume: {toml_path} cannot be read: {err}") from None
+            saved = config.to_dict()
+            field = _first_difference(saved, edited)
+            if field is not None:
+                raise ValueError(
+                    f"TrainingMachine.resume: {toml_path} sets {field} = {_lookup(edited, field)!r}, the checkpoint's "
+                    f"run has {_lookup(saved, field)!r}; a resumed run keeps its settings: undo the edit, or start "
+                    f"a new run")
         machine = cls(config, out_dir=run_dir, callback=callback, device=device, fused=fused)
         machine._resume_state = state
         return machine
 
     def _restore(self, state: Mapping) -> None:
+        """Load a checkpoint's state after checking that it belongs to this run and this point of it."""
         saved = state["machine"]
-        self.clan.load_state_dict(state["clan"])
+        self._check_saved_machine(saved)
+        loader = state["clan"].get("loader")
+        perm = loader.get("perm") if isinstance(loader, Mapping) else None
+        n = len(self.data.train[0])
+        if perm is not None and (not isinstance(perm, torch.Tensor) or perm.shape != (n,)):
+            got = list(perm.shape) if isinstance(perm, torch.Tensor) else type(perm).__name__
+            raise ValueError(f"TrainingMachine.resume: the checkpoint's loader permutation is {got}, the training "
+                             f"data has {n} samples")
+        try:
+            self.clan.load_state_dict(state["clan"])
+        except (KeyError, TypeError, AttributeError, RuntimeError) as err:
+            # Every check of Clan.load_state_dict names what it expected; anything else is a state
+            # that is not a clan's at all.
+            raise ValueError(f"TrainingMachine.resume: the checkpoint's clan state is malformed "
+                             f"({type(err).__name__}: {err})") from None
         self.clock.load_state_dict(saved["clock"])
         self.history, self.metrics = list(saved["history"]), list(saved["metrics"])
-        self.best_val = saved["best_val"]
+        self.best_val = float(saved["best_val"])
         self._loss_sum.fill_(saved["loss_sum"])
         self._loss_count = saved["loss_count"]
+        self._check_position()
+        if not bool(self._finite_members().any()):
+            raise ValueError("TrainingMachine.resume: the checkpoint holds NaN or infinite values in every member")
+
+    def _check_saved_machine(self, saved: Mapping) -> None:
+        """Refuse a checkpoint's machine state with values no run of this config can have."""
+        def refuse(name: str, expected: str, got) -> None:
+            raise ValueError(f"TrainingMachine.resume: the checkpoint's machine/{name} must be {expected}, got {got!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        clock = saved.get("clock")
+        if not isinstance(clock, Mapping):
+            refuse("clock", "a table", clock)
+        if clock.get("total_steps") != self.total_steps:
+            refuse("clock/total_steps", f"{self.total_steps} (the config's)", clock.get("total_steps"))
+        step = clock.get("step")
+        if not is_int(step) or not 0 <= step <= self.total_steps:
+            refuse("clock/step", f"an int in [0, {self.total_steps}]", step)
+        for name in ("history", "metrics"):
+            records = saved.get(name)
+            if not isinstance(records, list) or not all(isinstance(r, Mapping) for r in records):
+                refuse(name, "a list of records", type(records).__name__)
+        history = saved["history"]
+        ends = [r.get("end_step") for r in history]
+        if not all(is_int(e) for e in ends) or ends != sorted(ends) or (ends and ends[-1] > step):
+            refuse("history", f"records in step order ending by step {step}", ends)
+        best_val = saved.get("best_val")
+        if not is_number(best_val) or math.isnan(best_val):
+            refuse("best_val", "a number", best_val)
+        loss_sum = saved.get("loss_sum")
+        if not is_number(loss_sum) or math.isinf(loss_sum):
+            refuse("loss_sum", "a number", loss_sum)
+        expected = 0 if step == self.total_steps else step % self.log_every
+        if saved.get("loss_count") != expected:
+            refuse("loss_count", f"{expected} (steps since the last training-loss record at step {step})",
+                   saved.get("loss_count"))
+
+    def _check_position(self) -> None:
+        """Refuse a restored clan whose round clock is not where this run's plan has it at the restored step."""
+        step, clan = self.clock.step, self.clan
+        for stretch in self._plan():
+            if not stretch.start <= step < stretch.end:
+                continue
+            if stretch.kind == "round" and step > stretch.start:
+                expected = (stretch.end - stretch.start, step - stretch.start, stretch.duty_cycle)
+                got = (clan.round_length, clan.step_in_round, clan.duty_cycle)
+                if got != expected:
+                    raise ValueError(
+                        f"TrainingMachine.resume: at step {step} the plan has a round of {expected[0]} steps at "
+                        f"duty_cycle {expected[2]}, {expected[1]} steps in; the checkpoint's clan is {got[1]} steps "
+                        f"into a round of {got[0]} at duty_cycle {got[2]}")
+                return
+            break
+        if clan.step_in_round != 0:
+            raise ValueError(f"TrainingMachine.resume: at step {step} the plan is between rounds, the checkpoint's "
+                             f"clan is {clan.step_in_round} steps into round {clan.round_index}")
 
     def checkpoint(self) -> Path:
         """Save ``checkpoint.pt`` into ``out_dir`` atomically (see :func:`save_run_checkpoint`).
 
+        Only a state with at least one finite member is saved (members that cooperate are
+        identical, so there it means all of them): a diverged state never replaces a good
+        checkpoint.
+
         Raises:
             ValueError: if the machine has no ``out_dir`` or has not started.
+            vmapclan.DivergenceError: if every member holds a NaN or infinite value (nothing is written).
+            OSError: if the file cannot be written (the previous checkpoint stays).
         """
         if self.out_dir is None or self.clan is None:
             raise ValueError("TrainingMachine.checkpoint: needs an out_dir and a started run")
+        if not bool(self._finite_members().any()):
+            raise DivergenceError(
+                f"TrainingMachine.checkpoint: at step {self.clock.step} every member holds NaN or infinite values; "
+                f"not saved (the checkpoint of step {self._checkpoint_step} is kept)")
         path = self.out_dir / "checkpoint.pt"
         save_run_checkpoint(path, self.clan, self.machine_state())
+        self._checkpoint_step = self.clock.step
         return path
 
     def train(self) -> TrainingResults:
@@ -467,32 +798,46 @@ class TrainingMachine:
 
         Raises:
             RuntimeError: if this machine has already trained.
-            vmapclan.DivergenceError: if every member's validation loss is NaN or infinite.
+            vmapclan.rundir.RunDirectoryBusy: if another live process holds ``out_dir``'s lock.
+            vmapclan.DivergenceError: if the population diverged and could not be restored, or
+                the run would end without a finite model.
+            TrainingStopped: after :meth:`request_stop`, with the checkpoint saved.
         """
-        if self.clan is not None:
+        if self._trained:
             raise RuntimeError("TrainingMachine.train: this machine has already run; make a new one")
+        self._trained = True
         start_time = time.perf_counter()
-        self._build()
-        resume = getattr(self, "_resume_state", None)
-        if resume is not None:
-            self._restore(resume)
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            # A resumed run rewrites the metrics up to its checkpoint: later lines were lost work.
-            (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
-            if resume is None:
-                self.checkpoint()  # a run stopped before its first round can resume too
-        for phase, first, end in self.schedule.step_ranges(self.total_steps):
-            if end == first or end <= self.clock.step:
-                continue  # a phase shorter than half a step, or one finished before a resume
-            self._phase_name = phase.name
-            if phase.competition:
-                self._run_rounds(phase, first, end - first)
-            else:
-                self._run_cooperative(phase, end - first)
+        with run_lock(self.out_dir) if self.out_dir is not None else contextlib.nullcontext():
+            self.prepare()
+            resume = getattr(self, "_resume_state", None)
             if self.out_dir is not None:
-                self.checkpoint()
-        final = self._final(time.perf_counter() - start_time)
+                # A resumed run rewrites the metrics up to its checkpoint: later lines were lost work.
+                (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
+                if resume is None:
+                    (self.out_dir / "config.toml").write_text(self.config.to_toml())  # what a resume holds to
+                    self.checkpoint()  # a run stopped before its first round can resume too
+                else:
+                    self._checkpoint_step = self.clock.step
+            try:
+                for stretch in self._plan():
+                    if stretch.end <= self.clock.step:
+                        continue  # finished before the checkpoint this run resumed from
+                    self._phase_name = stretch.phase.name
+                    if stretch.kind == "round":
+                        self._run_round(stretch)
+                    else:
+                        self._run_cooperative(stretch)
+                    if stretch.phase_end and self.out_dir is not None:
+                        self.checkpoint()
+            except _StopRequested:
+                saved = None
+                if self.out_dir is not None:
+                    # A cooperative stretch that saw a non-finite loss since its last check is diverged.
+                    if bool(self._losses_finite) and bool(self._finite_members().any()):
+                        self.checkpoint()
+                    saved = self._checkpoint_step
+                raise TrainingStopped(self.clock.step, saved) from None
+            final = self._final(time.perf_counter() - start_time)
         return TrainingResults(config=self.config, total_steps=self.total_steps, history=self.history,
                                metrics=self.metrics, final=final, best_model=self._best_model,
                                schedule=self._exported)
@@ -504,6 +849,9 @@ class TrainingMachine:
         best = int(torch.argmin(finite).item())
         self._best_model = population.member_module(best).eval()
         scores = self.task.evaluate(self._best_model, *self.data.val)
+        if not math.isfinite(scores["loss"]) or not bool(self._finite_members()[best]):
+            raise DivergenceError(f"TrainingMachine: the run ends without a finite model: the best member's "
+                                  f"validation loss is {scores['loss']}")
         # A sweep's members never copy each other: the best one's own genes are its schedule.
         # With truncation the history does not say who copied whom, so each round's winner
         # stands in for the lineage (an approximation).

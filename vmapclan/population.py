@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .nn import unsupported_recurrent
+
 __all__ = ["PopulationModel", "member_loss", "score_members"]
 
 # The parameter views into ``flat`` are strided across members, so autograd notes once that
@@ -33,6 +35,9 @@ warnings.filterwarnings("ignore", message="grad and param do not obey the gradie
 
 
 def _check_module(module: nn.Module) -> None:
+    recurrent = unsupported_recurrent(module)
+    if recurrent is not None:
+        raise ValueError(f"PopulationModel: {recurrent}")
     for name, sub in module.named_modules():
         if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.momentum is None and sub.track_running_stats:
             raise ValueError(

@@ -40,7 +40,9 @@ def _pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: floa
     """``(name, first_step, end_step, hyper, samples_per_step)`` pieces of one history record."""
     end = record.get("end_step", record.get("step"))
     if record.get("kind") == "cooperative":
-        return [(record["phase"], start, end, dict(record["hyper"]), record["batch_size"])]
+        # A stretch undone by a divergence restore is its own piece: its phase goes on after it.
+        name = f"{record['phase']}/diverged/{start}" if record.get("event") == "diverged" else record["phase"]
+        return [(name, start, end, dict(record["hyper"]), record["batch_size"])]
     genomes = record["genomes"]
     missing = [g for g in GENES if g not in genomes]
     if missing:
