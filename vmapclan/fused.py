@@ -200,9 +200,15 @@ class FusedStep:
 
     computed as one vmapped forward and backward (see :data:`BACKWARDS`) followed by the batched
     AdamW update in place. It respects the phase (gradients averaged over members when
-    cooperating), the genes in force and gradient accumulation exactly as that loop, advances the
-    clan's round clock, and returns the per-member losses ``[P]`` without a host synchronisation.
-    It computes gradients also when called under ``torch.no_grad()``.
+    cooperating), the genes in force and gradient accumulation as that loop does (the same
+    numbers to float rounding), advances the clan's round clock, and returns the per-member
+    losses ``[P]`` without a host synchronisation. It computes gradients also when called under
+    ``torch.no_grad()``.
+
+    A cooperative step of the clan (its cooperative phase, or :meth:`~vmapclan.Clan.cooperate`)
+    trains the identical members as the one model they are (:data:`ONE_MODEL_FORMS`): one
+    forward and backward of member 0's weights over all ``P x B`` samples and one AdamW update of
+    member 0's row, whatever ``layout`` and ``update`` say about the members trained apart.
 
     Args:
         clan: The :class:`~vmapclan.Clan` to train (it must have a model).
@@ -299,9 +305,10 @@ class FusedStep:
                                              compile=compile is not None)
         self._form: str | None = None  # one of ONE_MODEL_FORMS, chosen on the first one-model step
 
-        def batch_loss(params, *batch):
-            inputs = [t.flatten(0, 1) for t in batch[:k]]
-            return loss_fn(functional_call(module, params, tuple(inputs)), *(t.flatten(0, 1) for t in batch[k:]))
+        def batch_loss(params, *batch):  # params=None: the module's own, member 0's (no functional_call)
+            inputs = tuple(t.flatten(0, 1) for t in batch[:k])
+            output = module(*inputs) if params is None else functional_call(module, params, inputs)
+            return loss_fn(output, *(t.flatten(0, 1) for t in batch[k:]))
 
         def shared_losses(params, buffers, *batch):  # every member's loss, member 0's weights not batched
             return vmap(member_loss, in_dims=(None, 0) + (0,) * len(batch), randomness="different")(
@@ -375,7 +382,7 @@ class FusedStep:
                 release_gradients_(pop)  # start from zero, whatever an imperative backward left there
             with self.clan.sync_context(cooperative=False), torch.enable_grad():  # the mean needs no averaging
                 if form == "batch":
-                    loss = self._one_model_losses["batch"](self._module_params, *batch)
+                    loss = self._one_model_losses["batch"](None, *batch)
                 else:
                     loss = self._one_model_losses["members"](self._module_params, pop.buffers, *batch)
                 torch.autograd.backward(loss, inputs=self._module_leaves)
@@ -501,7 +508,9 @@ class FusedStep:
                 ``loss_fn``.
 
         Returns:
-            ``[P]``: each member's loss on its batch, before the update.
+            ``[P]``: each member's loss on its batch, before the update. In a cooperative step,
+            where the members are one model, every entry is that model's loss on the whole
+            ``P x B`` batch (the mean of the members' losses).
 
         Raises:
             RuntimeError: if the round is done (call ``clan.step`` first).
@@ -530,9 +539,10 @@ class FusedStep:
                 data-parallel), or train each member on its own.
 
         Returns:
-            ``[P]``: each member's loss on its batch, before the update.
+            ``[P]``: as for :meth:`__call__`.
 
         Raises:
+            RuntimeError: for ``cooperative=False`` while the members train as one model.
             ValueError: for a tensor without the member dimension, or too few tensors.
         """
         pop = self._population
