@@ -75,8 +75,23 @@ class Centered(nn.Module):
         return self.fc2(h - h.mean(0, keepdim=True))
 
 
+class InputTracker(nn.Module):
+    """Keeps a running mean of its inputs in a buffer (as an input normaliser would) but computes every
+    sample alone: on the merged batch its outputs are right and its buffer update is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+        self.register_buffer("seen", torch.zeros(6))
+
+    def forward(self, x):
+        if self.training:
+            self.seen.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return self.net(x)
+
+
 MODELS = {"mlp": mlp, "batchnorm": batchnorm_mlp, "dropout": dropout_mlp, "batchnorm-dropout": batchnorm_dropout_mlp,
-          "centered": Centered}
+          "centered": Centered, "tracker": InputTracker}
 
 
 def summed_cross_entropy(output, target):
@@ -286,8 +301,8 @@ def test_resume_in_the_middle_of_cooperation_is_bitwise(path, model):
 # -- 3. the form of FusedStep's one-model step ---------------------------------------------------
 FORMS = [("mlp", F.cross_entropy, "batch"), ("dropout", F.cross_entropy, "batch"),
          ("batchnorm", F.cross_entropy, "members"), ("mlp", summed_cross_entropy, "members"),
-         ("centered", F.cross_entropy, "members")]
-FORM_IDS = ["mlp", "dropout", "batchnorm", "summed-loss", "batch-coupling"]
+         ("centered", F.cross_entropy, "members"), ("tracker", F.cross_entropy, "members")]
+FORM_IDS = ["mlp", "dropout", "batchnorm", "summed-loss", "batch-coupling", "buffer-update"]
 
 
 @pytest.mark.parametrize("backward", ["autograd", "vmap"])
@@ -297,7 +312,8 @@ def test_form_choice_and_its_steps_equal_the_p_fold_path(model, loss_fn, form, b
 
     A plain model with a mean loss, dropout included (the merged batch draws the members' masks),
     runs as one batch; BatchNorm in training (per-member statistics), a loss summed over the batch
-    (P times larger on the merged one) and a forward mixing its samples need the members form.
+    (P times larger on the merged one), a forward mixing its samples and one that writes a buffer
+    (the merged batch would write member 0's row alone) need the members form.
     Either way the cooperative steps equal the P-fold path, so a wrong choice would show here too.
     """
     runs = {}
@@ -398,6 +414,31 @@ def test_rows_lag_while_cooperating_and_catch_up(path):
     assert_rows_equal(clan, "at the start of the competitive phase")
     now = raw_rows(clan)
     assert now["step"].tolist() == [1] * P and now["accum_count"].tolist() == [1] * P
+
+
+def test_zero_grad_and_the_one_model_steps_clear_row_0_only():
+    """Rows 1.. of the gradient are not work of one model's step: ``zero_grad()``, and FusedStep's
+    own start from zero, leave what they hold (here the gradient a sync copied there)."""
+    clan = make_clan(duty_cycle=0.2)  # 5 cooperative steps
+    steps = [FusedStep(clan, F.cross_entropy, backward=backward) for backward in ("autograd", "vmap")]
+    member = clan.round()
+    x, y = shards()
+    loss = member_loss(F.cross_entropy, member.model(x), y)
+    with member.sync_context():
+        loss.sum().backward()
+    clan.sync_members()
+    grads = clan.population.grad_flat.clone()
+    assert grads.abs().amax(1).min() > 0  # every row holds the gradient
+    member.optimizer.step()
+    member.optimizer.zero_grad()
+    member.step()
+    for step in [*steps, None]:
+        assert clan.population.rows_stale
+        assert clan.population.grad_flat[0].abs().max() == 0
+        assert torch.equal(clan.population.grad_flat[1:], grads[1:])
+        if step is not None:
+            step(*shards(6))
+    assert clan.phase == "cooperative" and clan.population.one_model
 
 
 READERS = {  # each reader of every member's rows, and what it read, which must be row 0's values
