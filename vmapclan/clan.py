@@ -149,8 +149,11 @@ class Clan:
     Args:
         model: The model to train (copied; the original is not trained in place). ``None``
             makes a genome-only clan that evolves genes for the user's own training code.
-        optimizer: A ``torch.optim.AdamW`` over ``model``'s trainable parameters, one param group.
-            Its values seed the incumbent genome and fix the hyperparameters that are not genes.
+        optimizer: A ``torch.optim.AdamW`` (or ``torch.optim.Adam`` with ``weight_decay=0``) over
+            ``model``'s trainable parameters, in any number of param groups (frozen parameters
+            may be in it; they are skipped). Its values seed the incumbent genome and fix the
+            hyperparameters that are not genes; the lr and weight-decay genes scale every group
+            in proportion (the README's "What models work").
         population_size: P.
         round_length: Steps per round.
         duty_cycle: Fraction of the round that is competitive, in (0, 1]. ``1.0`` is classic
