@@ -109,7 +109,8 @@ def run_missing_params():
 
 def run_two_param_groups():
     model = mlp()
-    clan(model=model, optimizer=torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters()}]))
+    clan(model=model, optimizer=torch.optim.AdamW([{"params": model[0].parameters()},
+                                                   {"params": model[2].parameters(), "betas": (0.5, 0.999)}]))
 
 
 def run_load_other_model():
@@ -178,16 +179,20 @@ CATALOGUE = [
      r"selection must be 'winner', 'truncation' or None, got 'tournament'"),
     ("SGD with autobind=['adamw']",
      lambda: clan(optimizer=torch.optim.SGD(mlp().parameters(), lr=0.1)), TypeError,
-     r"the optimizer must be torch.optim.AdamW \(the population trains with a batched AdamW\), got SGD"),
-    ("Adam (not AdamW)", lambda: (lambda m: clan(model=m, optimizer=torch.optim.Adam(m.parameters())))(mlp()),
-     TypeError, r"the optimizer must be torch.optim.AdamW .*got Adam"),
+     r"the optimizer must be torch.optim.AdamW or torch.optim.Adam \(the population trains with a batched AdamW\), "
+     r"got SGD"),
+    ("Adam with L2 weight decay",
+     lambda: (lambda m: clan(model=m, optimizer=torch.optim.Adam(m.parameters(), weight_decay=0.01)))(mlp()),
+     ValueError, r"torch.optim.Adam\(weight_decay=0.01\) adds the decay to the gradient \(L2\), which the batched "
+                 r"AdamW does not do; use torch.optim.AdamW"),
     ("autobind=['adamw'] without an optimizer", lambda: Clan(autobind=["adamw"]), ValueError,
      r"autobind=\['adamw'\] needs optimizer=torch.optim.AdamW\(...\), got None"),
     ("AdamW with amsgrad", lambda: (lambda m: clan(model=m, optimizer=torch.optim.AdamW(m.parameters(), amsgrad=True)))(mlp()),
      ValueError, r"AdamW\(amsgrad=True\) is not supported"),
     ("AdamW with maximize", lambda: (lambda m: clan(model=m, optimizer=torch.optim.AdamW(m.parameters(), maximize=True)))(mlp()),
      ValueError, r"AdamW\(maximize=True\) is not supported"),
-    ("AdamW with two param groups", run_two_param_groups, ValueError, r"the AdamW must have one param group, got 2"),
+    ("AdamW groups with different betas", run_two_param_groups, ValueError,
+     r"every param group must have the first group's betas/0 \(0.9\), group 1 has 0.5"),
     ("parameters missing from the optimizer", run_missing_params, ValueError,
      r"parameters missing from the optimizer: \['2.weight', '2.bias'\]"),
     ("a model without its optimizer", lambda: Clan(mlp(), population_size=P), ValueError,

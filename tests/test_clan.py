@@ -282,9 +282,9 @@ def test_cooperative_phase_keeps_members_identical_while_training():
 # -- configuration errors -------------------------------------------------------------------------
 
 def two_groups():
-    """A model and an AdamW with two param groups."""
+    """A model and an AdamW with two param groups, the first with lr 0."""
     model = mlp()
-    return model, torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[-1].parameters()}])
+    return model, torch.optim.AdamW([{"params": model[0].parameters(), "lr": 0.0}, {"params": model[-1].parameters()}])
 
 
 def one_layer_only():
@@ -334,18 +334,20 @@ def with_optimizer(cls, **kwargs):
      r"Clan: init='independent' starts members that differ, so the first round needs duty_cycle=1.0 "
      r"\(a cooperative phase averages gradients over identical members\), got 0.5"),
     (dict(model_and_optimizer=with_optimizer(torch.optim.SGD, lr=0.1)), TypeError,
-     r"Clan: the optimizer must be torch.optim.AdamW \(the population trains with a batched AdamW\), got SGD"),
-    (dict(model_and_optimizer=with_optimizer(torch.optim.Adam)), TypeError,
-     r"Clan: the optimizer must be torch.optim.AdamW .*got Adam"),
+     r"Clan: the optimizer must be torch.optim.AdamW or torch.optim.Adam \(the population trains with a batched "
+     r"AdamW\), got SGD"),
+    (dict(model_and_optimizer=with_optimizer(torch.optim.Adam, weight_decay=0.1)), ValueError,
+     r"Clan: torch.optim.Adam\(weight_decay=0.1\) adds the decay to the gradient"),
     (dict(model_and_optimizer=with_optimizer(torch.optim.AdamW, amsgrad=True)), ValueError,
      r"Clan: AdamW\(amsgrad=True\) is not supported by the batched AdamW"),
     (dict(model_and_optimizer=with_optimizer(torch.optim.AdamW, maximize=True)), ValueError,
      r"Clan: AdamW\(maximize=True\) is not supported by the batched AdamW"),
     (dict(model_and_optimizer=one_layer_only), ValueError,
      r"Clan: parameters missing from the optimizer: \['3.weight', '3.bias'\]"),
-    (dict(model_and_optimizer=two_groups), ValueError, r"Clan: the AdamW must have one param group, got 2"),
+    (dict(model_and_optimizer=two_groups), ValueError,
+     r"Clan: the first param group's lr is 0, so it cannot scale group 1's lr \(0.001\)"),
     (dict(model_and_optimizer=extra_tensor), ValueError,
-     r"Clan: the optimizer holds tensors that are not trainable parameters of the model"),
+     r"Clan: the optimizer holds 1 tensors that are not parameters of the model"),
     (dict(model_and_optimizer=lambda: (None, torch.optim.AdamW(mlp().parameters()))), ValueError,
      r"Clan: an optimizer was given without a model"),
     (dict(model_and_optimizer=lambda: (mlp(), None)), ValueError,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vmapclan import AdamWHyper, BatchedAdamW, PopulationModel, adamw_init, adamw_step_
+from vmapclan.optim import group_scales
 from vmapclan.optim import adamw_update
 
 DTYPE = torch.float64
@@ -65,7 +66,13 @@ CASES = {
     # The stream's gradient norms run from about 0.005 to 50, so some steps clip and some do not.
     "clipping": dict(ALL_DIFFERENT, max_grad_norm=1.0),
     "clipping_accumulation": dict(ALL_DIFFERENT, num_grad_accum=[2, 1, 3, 1], max_grad_norm=0.5),
+    # Several param groups, one per parameter of tiny_model: (lr, weight decay) relative to the genes'.
+    # The biases do not decay; the second layer trains at 0.3x the lr and decays twice as hard.
+    "param_groups": dict(ALL_DIFFERENT, groups=[(1.0, 1.0), (1.0, 0.0), (0.3, 2.0), (0.3, 0.0)]),
+    "param_groups_accumulation_clipping": dict(ALL_DIFFERENT, groups=[(1.0, 1.0), (2.0, 0.0), (0.5, 0.5), (1.0, 0.0)],
+                                               num_grad_accum=[2, 1, 3, 1], max_grad_norm=0.5),
 }
+SIZES = [12, 4, 8, 2]  # tiny_model's parameters' value counts, in flat's column order
 STEPS = 30  # calls of the optimizer (micro-batches when accumulating)
 
 
@@ -75,16 +82,17 @@ class FunctionalRunner:
     adamw = staticmethod(adamw_step_)
 
     def __init__(self, init: torch.Tensor, hyper: AdamWHyper, accum: torch.Tensor | None,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, scales=None):
         self.params = init.clone()
         self.state = adamw_init(self.params)
         self.hyper, self.accum, self.max_grad_norm = hyper, accum, max_grad_norm
+        self.extra = {} if scales is None else {"scales": scales}
         self.grad_sum = torch.zeros_like(self.params)
 
     def step(self, grad: torch.Tensor) -> None:
         """Add one micro-batch gradient ``[P, N]`` and call the optimizer."""
         self.grad_sum += grad
-        self.adamw(self.params, self.grad_sum, self.state, self.hyper, self.accum, self.max_grad_norm)
+        self.adamw(self.params, self.grad_sum, self.state, self.hyper, self.accum, self.max_grad_norm, **self.extra)
         # Members that just updated (count back to 0) start a fresh sum.
         self.grad_sum[self.state.accum_count == 0] = 0
 
@@ -99,11 +107,12 @@ class ClassRunner:
     update = "per-member"  # PyTorch's fused kernel per member, the CPU default for members of 4096+ values
 
     def __init__(self, init: torch.Tensor, hyper: AdamWHyper, accum: torch.Tensor | None,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, scales=None):
         self.population = PopulationModel(tiny_model(), init.shape[0])
         with torch.no_grad():
             self.population.flat.copy_(init)
-        self.optimizer = BatchedAdamW(self.population, hyper, accum, max_grad_norm, update=self.update)
+        self.optimizer = BatchedAdamW(self.population, hyper, accum, max_grad_norm, update=self.update,
+                                      scales=scales)
 
     def step(self, grad: torch.Tensor) -> None:
         """Accumulate one micro-batch gradient ``[P, N]`` into ``p.grad`` (as backward does), step, zero_grad."""
@@ -141,16 +150,27 @@ class TorchReference:
     """
 
     def __init__(self, init: torch.Tensor, hyper: AdamWHyper, accum: list[int] | None,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, groups: list[tuple[float, float]] | None = None):
         p = init.shape[0]
         self.max_grad_norm = max_grad_norm
         self.params = [nn.Parameter(init[i].clone()) for i in range(p)]
         self.optimizers = [torch.optim.AdamW([w], **member_kwargs(hyper, i)) for i, w in enumerate(self.params)]
+        self.groups = groups
+        if groups is not None:  # one tensor per parameter, each in its own group of torch's AdamW
+            self.pieces = [[nn.Parameter(t.clone()) for t in init[i].split(SIZES)] for i in range(p)]
+            self.optimizers = []
+            for i in range(p):
+                kw = member_kwargs(hyper, i)
+                self.optimizers.append(torch.optim.AdamW(
+                    [{"params": [w], "lr": kw["lr"] * a, "weight_decay": kw["weight_decay"] * b}
+                     for w, (a, b) in zip(self.pieces[i], groups)], betas=kw["betas"], eps=kw["eps"]))
         self.accum = accum or [1] * p
         self.pending = [0] * p
 
     def step(self, grad: torch.Tensor) -> list[bool]:
         """Feed one micro-batch ``grad[i]`` to every member; return which members updated."""
+        if self.groups is not None:
+            return self._step_groups(grad)
         updated = []
         for i, (w, opt) in enumerate(zip(self.params, self.optimizers)):
             w.grad = grad[i].clone() if w.grad is None else w.grad + grad[i]
@@ -166,8 +186,35 @@ class TorchReference:
             updated.append(ready)
         return updated
 
+    def _step_groups(self, grad: torch.Tensor) -> list[bool]:
+        updated = []
+        for i, opt in enumerate(self.optimizers):
+            for w, g in zip(self.pieces[i], grad[i].split(SIZES)):
+                w.grad = g.clone() if w.grad is None else w.grad + g
+            self.pending[i] += 1
+            ready = self.pending[i] == self.accum[i]
+            if ready:
+                for w in self.pieces[i]:
+                    w.grad /= self.accum[i]
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.pieces[i], self.max_grad_norm)
+                opt.step()
+                for w in self.pieces[i]:
+                    w.grad = None
+                self.pending[i] = 0
+            updated.append(ready)
+        return updated
+
     def member_state(self, i: int):
         """Member ``i``'s ``(param, exp_avg, exp_avg_sq, step)``, or zeros before its first update."""
+        if self.groups is not None:
+            states = [self.optimizers[i].state.get(w) for w in self.pieces[i]]
+            w = torch.cat([t.detach() for t in self.pieces[i]])
+            if not states[0]:
+                zeros = torch.zeros_like(w)
+                return w, zeros, zeros, torch.tensor(0.0, dtype=torch.float64)
+            return (w, torch.cat([s["exp_avg"] for s in states]), torch.cat([s["exp_avg_sq"] for s in states]),
+                    states[0]["step"].to(torch.float64))
         w = self.params[i]
         state = self.optimizers[i].state.get(w)
         if not state:
@@ -195,14 +242,17 @@ def test_matches_torch_adamw_per_member(case, runner_cls):
     spec = dict(CASES[case])
     accum_list = spec.pop("num_grad_accum", None)
     max_grad_norm = spec.pop("max_grad_norm", None)
+    groups = spec.pop("groups", None)
     hyper = make_hyper(**spec)
     p = hyper.lr.shape[0]
     n = sum(t.numel() for t in tiny_model().parameters())
     init = torch.randn(p, n, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
     accum = None if accum_list is None else torch.tensor(accum_list, dtype=torch.long)
 
-    batched = runner_cls(init, hyper, accum, max_grad_norm)
-    reference = TorchReference(init, hyper, accum_list, max_grad_norm)
+    scales = None if groups is None else group_scales(groups, SIZES, DTYPE)
+    assert n == sum(SIZES)
+    batched = runner_cls(init, hyper, accum, max_grad_norm, scales)
+    reference = TorchReference(init, hyper, accum_list, max_grad_norm, groups)
     updates = torch.zeros(p, dtype=torch.long)
     for grad in gradient_stream(p, n, STEPS, seed=2):
         before = [t.clone() for t in batched.flat_state()]

@@ -10,7 +10,7 @@ from .data import ClanLoader
 from .fused import FusedStep
 from .genome import Gene
 from .optim import AdamWHyper, AdamWState, BatchedAdamW, adamw_init, adamw_step_
-from .population import PopulationModel, member_loss
+from .population import PopulationModel, additive_attention_mask, member_loss
 from .schedule import Phase, PhaseSchedule, TimeController
 from .specs import ClanSpec, DataSpec, ModelSpec, OptimizerSpec, RunConfig, ScheduleSpec
 from .tasks import Task, get_task
@@ -31,6 +31,7 @@ __all__ = [
     "Gene",
     "PopulationModel",
     "member_loss",
+    "additive_attention_mask",
     "BatchedAdamW",
     "AdamWHyper",
     "AdamWState",

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .data import ClanLoader, LoaderState
-from .genome import GRAD_ACCUM_GENE, Gene, adamw_settings, autobind_genes, check_genome, mutate
+from .genome import GRAD_ACCUM_GENE, Gene, autobind_genes, check_genome, group_ratios, is_adamw, mutate, optimizer_settings
 from .gradients import reduce_gradients_
-from .optim import ADAMW_FIELDS, AdamWHyper, BatchedAdamW
+from .optim import ADAMW_FIELDS, AdamWHyper, BatchedAdamW, group_scales
 from .population import PopulationModel
 from .rounds import COOPERATIVE, competitive_steps, phase_at, round_problem
 from .selection import rank, truncation_sources, winner_sources
@@ -97,25 +97,40 @@ def _check_round_settings(round_length: int, duty_cycle, selection) -> None:
         )
 
 
-def _check_optimizer(optimizer, model: nn.Module) -> None:
-    if not isinstance(optimizer, torch.optim.AdamW):
+def _check_optimizer(optimizer, model: nn.Module) -> list[tuple[float, float]]:
+    """Check the user's optimizer; return each trainable parameter's group ``(lr, wd)`` ratios, in model order."""
+    if not is_adamw(optimizer):
         raise TypeError(
-            f"Clan: the optimizer must be torch.optim.AdamW (the population trains with a batched AdamW), "
-            f"got {type(optimizer).__name__}"
+            f"Clan: the optimizer must be torch.optim.AdamW or torch.optim.Adam (the population trains with a "
+            f"batched AdamW), got {type(optimizer).__name__}"
         )
-    if len(optimizer.param_groups) != 1:
-        raise ValueError(f"Clan: the AdamW must have one param group, got {len(optimizer.param_groups)}")
-    group = optimizer.param_groups[0]
-    for flag in ("amsgrad", "maximize"):
-        if group.get(flag):
-            raise ValueError(f"Clan: AdamW({flag}=True) is not supported by the batched AdamW")
-    in_optimizer = {id(p) for p in group["params"]}
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
+    for k, group in enumerate(optimizer.param_groups):
+        for flag in ("amsgrad", "maximize"):
+            if group.get(flag):
+                raise ValueError(f"Clan: AdamW({flag}=True) is not supported by the batched AdamW")
+        if not decoupled and not group.get("decoupled_weight_decay") and group["weight_decay"] != 0:
+            # torch's Adam adds weight_decay * p to the gradient (L2), before the moments: another update.
+            raise ValueError(
+                f"Clan: torch.optim.Adam(weight_decay={group['weight_decay']}) adds the decay to the gradient (L2), "
+                "which the batched AdamW does not do; use torch.optim.AdamW (decoupled weight decay) or Adam with "
+                f"weight_decay=0 (param group {k})"
+            )
+    ratios = group_ratios(optimizer)
+    group_of: dict[int, int] = {}
+    for k, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            group_of[id(p)] = k
     trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    missing = [n for i, n in trainable.items() if i not in in_optimizer]
+    missing = [n for i, n in trainable.items() if i not in group_of]
     if missing:
         raise ValueError(f"Clan: parameters missing from the optimizer: {missing}")
-    if len(in_optimizer - set(trainable)) > 0:
-        raise ValueError("Clan: the optimizer holds tensors that are not trainable parameters of the model")
+    # Frozen parameters may sit in the optimizer (AdamW(model.parameters())): torch skips them, and so does the clan.
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    strangers = [i for i in group_of if i not in trainable and i not in frozen]
+    if strangers:
+        raise ValueError(f"Clan: the optimizer holds {len(strangers)} tensors that are not parameters of the model")
+    return [ratios[group_of[i]] for i in trainable]
 
 
 class Clan:
@@ -134,8 +149,11 @@ class Clan:
     Args:
         model: The model to train (copied; the original is not trained in place). ``None``
             makes a genome-only clan that evolves genes for the user's own training code.
-        optimizer: A ``torch.optim.AdamW`` over ``model``'s trainable parameters, one param group.
-            Its values seed the incumbent genome and fix the hyperparameters that are not genes.
+        optimizer: A ``torch.optim.AdamW`` (or ``torch.optim.Adam`` with ``weight_decay=0``) over
+            ``model``'s trainable parameters, in any number of param groups (frozen parameters
+            may be in it; they are skipped). Its values seed the incumbent genome and fix the
+            hyperparameters that are not genes; the lr and weight-decay genes scale every group
+            in proportion (the README's "What models work").
         population_size: P.
         round_length: Steps per round.
         duty_cycle: Fraction of the round that is competitive, in (0, 1]. ``1.0`` is classic
@@ -210,8 +228,7 @@ class Clan:
             raise ValueError("Clan: a model needs its optimizer (a torch.optim.AdamW over its parameters)")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"Clan: model must be an nn.Module, got {type(model).__name__}")
-        if model is not None:
-            _check_optimizer(optimizer, model)
+        ratios = _check_optimizer(optimizer, model) if model is not None else None
         self.genes = self._gene_specs(autobind, optimizer, genome_config)
         _check_fits(self.population_size, model, len(self.genes), device)
         self.incumbent = {n: torch.tensor(g.init, dtype=g.torch_dtype) for n, g in self.genes.items()}
@@ -226,7 +243,7 @@ class Clan:
             self.population = PopulationModel(model, self.population_size, init=init, generator=self._generator,
                                               device=device)
             self.device = self.population.device
-            constants = adamw_settings(optimizer.param_groups[0])
+            constants = optimizer_settings(optimizer)
             hyper = AdamWHyper(**{
                 field: torch.full((self.population_size,), constants[gene], dtype=torch.float64,
                                   device=self.device)
@@ -234,7 +251,9 @@ class Clan:
             })
             accum = (torch.ones(self.population_size, dtype=torch.long, device=self.device)
                      if GRAD_ACCUM_GENE in self.genes else None)
-            self.optimizer = BatchedAdamW(self.population, hyper, accum, max_grad_norm=max_grad_norm)
+            pop = self.population
+            scales = group_scales(ratios, [pop.shapes[n].numel() for n in pop.shapes], pop.dtype, self.device)
+            self.optimizer = BatchedAdamW(pop, hyper, accum, max_grad_norm=max_grad_norm, scales=scales)
             for leaf in self.population.parameters():
                 leaf.register_post_accumulate_grad_hook(self._check_stacked_backward)
             for leaf in self.population.module_params.values():

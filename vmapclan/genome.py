@@ -15,7 +15,8 @@ from typing import Literal
 
 import torch
 
-__all__ = ["Gene", "ADAMW_GENES", "GRAD_ACCUM_GENE", "autobind_genes", "mutate", "check_genome"]
+__all__ = ["Gene", "ADAMW_GENES", "GRAD_ACCUM_GENE", "autobind_genes", "mutate", "check_genome", "optimizer_settings",
+           "group_ratios"]
 
 Scale = Literal["log", "linear", "log1m"]
 
@@ -130,12 +131,12 @@ def autobind_genes(names, optimizer: torch.optim.Optimizer | None) -> dict[str, 
     genes: dict[str, Gene] = {}
     for name in names:
         if name == "adamw":
-            if not isinstance(optimizer, torch.optim.AdamW):
+            if not is_adamw(optimizer):
                 raise ValueError(
                     "Clan: autobind=['adamw'] needs optimizer=torch.optim.AdamW(...), "
                     f"got {type(optimizer).__name__ if optimizer is not None else None}"
                 )
-            settings = adamw_settings(optimizer.param_groups[0])
+            settings = optimizer_settings(optimizer)
             lr, wd, eps = settings["lr"], settings["weight_decay"], settings["eps"]
             beta1, beta2 = settings["betas/0"], settings["betas/1"]
             genes["lr"] = Gene(lr / 100, lr * 100, init=lr)
@@ -153,6 +154,57 @@ def autobind_genes(names, optimizer: torch.optim.Optimizer | None) -> dict[str, 
         else:
             raise ValueError(f"Clan: unknown autobind name {name!r}; expected 'adamw' or 'gradient_accumulation'")
     return genes
+
+
+def is_adamw(optimizer) -> bool:
+    """Whether ``optimizer`` is one the batched AdamW stands for: ``torch.optim.AdamW`` or ``torch.optim.Adam``."""
+    return isinstance(optimizer, torch.optim.Adam)  # torch.optim.AdamW is a subclass
+
+
+def optimizer_settings(optimizer) -> dict[str, float]:
+    """The settings the genes stand for, by gene name, over all of an AdamW's param groups.
+
+    ``lr`` is the first group's; ``weight_decay`` the first decaying group's (0 when none
+    decays); betas and eps are every group's (:func:`group_ratios` checks they agree).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> opt = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}],
+        ...                         lr=1e-3, weight_decay=0.1)
+        >>> optimizer_settings(opt)["weight_decay"]
+        0.1
+    """
+    groups = optimizer.param_groups
+    settings = adamw_settings(groups[0])
+    settings["weight_decay"] = next((float(g["weight_decay"]) for g in groups if g["weight_decay"] > 0), 0.0)
+    return settings
+
+
+def group_ratios(optimizer) -> list[tuple[float, float]]:
+    """Each param group's ``(lr, weight decay)`` relative to :func:`optimizer_settings`' (1 for one group).
+
+    Raises:
+        ValueError: if the groups' betas or eps differ (the genes hold one value per member), or
+            the first group's lr is 0 while another's is not.
+    """
+    reference = optimizer_settings(optimizer)
+    ratios = []
+    for k, group in enumerate(optimizer.param_groups):
+        own = adamw_settings(group)
+        for name in ("betas/0", "betas/1", "eps"):
+            if own[name] != reference[name]:
+                raise ValueError(f"Clan: every param group must have the first group's {name} "
+                                 f"({reference[name]}), group {k} has {own[name]}")
+        if reference["lr"] == 0:
+            if own["lr"] != 0:
+                raise ValueError(f"Clan: the first param group's lr is 0, so it cannot scale group {k}'s lr "
+                                 f"({own['lr']}); put a group with a positive lr first")
+            lr_ratio = 1.0
+        else:
+            lr_ratio = own["lr"] / reference["lr"]
+        wd_ratio = own["weight_decay"] / reference["weight_decay"] if reference["weight_decay"] > 0 else 1.0
+        ratios.append((lr_ratio, wd_ratio))
+    return ratios
 
 
 def adamw_settings(group: Mapping) -> dict[str, float]:

@@ -24,7 +24,7 @@ import torch
 from .genome import ADAMW_GENES
 from .gradients import release_gradients_
 
-__all__ = ["AdamWHyper", "AdamWState", "AdamWFactors", "adamw_init", "adamw_factors_", "clip_factors", "adamw_apply_",
+__all__ = ["AdamWHyper", "GroupScales", "group_scales", "AdamWState", "AdamWFactors", "adamw_init", "adamw_factors_", "clip_factors", "adamw_apply_",
            "adamw_step_",
            "adamw_kernel_step_", "adamw_update", "resolve_update", "keep_columns", "BatchedAdamW", "UPDATES",
            "ADAMW_FIELDS"]
@@ -42,6 +42,53 @@ class AdamWHyper(NamedTuple):
 
 ADAMW_FIELDS = dict(zip(ADAMW_GENES, AdamWHyper._fields))
 """Gene name (as ``torch.optim.AdamW`` names the setting) -> :class:`AdamWHyper` field."""
+
+
+class GroupScales(NamedTuple):
+    """How several param groups scale the ``[P]`` lr and weight decay, column by column of ``flat[P, N]``.
+
+    A parameter in a group with ``lr_k`` and ``weight_decay_k`` updates with ``lr * lr_k / lr_ref``
+    and ``weight_decay * wd_k / wd_ref``, where ``lr`` and ``weight_decay`` are the member's
+    ``[P]`` values (the genes) and the references are those of the groups they stand for (see
+    :func:`group_scales`).
+
+    Attributes:
+        lr: ``[1, N]``: each column's lr multiplier, in the parameters' dtype.
+        decay: ``[1, N]``: each column's multiplier of ``lr * weight_decay``.
+        sizes: The parameters' value counts, in ``flat``'s column order.
+        ratios: ``(lr multiplier, weight-decay multiplier)`` of each parameter, in the same order.
+    """
+
+    lr: torch.Tensor
+    decay: torch.Tensor
+    sizes: tuple[int, ...]
+    ratios: tuple[tuple[float, float], ...]
+
+
+def group_scales(ratios: Sequence[tuple[float, float]], sizes: Sequence[int], dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> GroupScales | None:
+    """The :class:`GroupScales` of parameters with these ``(lr, weight-decay)`` multipliers; ``None`` if all are 1.
+
+    Args:
+        ratios: Per parameter, in ``flat``'s column order: its group's ``lr / lr_ref`` and
+            ``weight_decay / wd_ref``.
+        sizes: Per parameter, its value count.
+        dtype, device: Of the parameters.
+
+    Example:
+        >>> s = group_scales([(1.0, 1.0), (0.5, 0.0)], [3, 2], torch.float64)
+        >>> s.lr.tolist(), s.decay.tolist()
+        ([[1.0, 1.0, 1.0, 0.5, 0.5]], [[1.0, 1.0, 1.0, 0.0, 0.0]])
+    """
+    ratios = tuple((float(a), float(b)) for a, b in ratios)
+    if all(r == (1.0, 1.0) for r in ratios):
+        return None  # one group's worth: the update needs no per-column factors
+    sizes = tuple(int(n) for n in sizes)
+    counts = torch.tensor(sizes)
+    lr = torch.tensor([a for a, _ in ratios], dtype=torch.float64).repeat_interleave(counts)
+    wd = torch.tensor([b for _, b in ratios], dtype=torch.float64).repeat_interleave(counts)
+    return GroupScales(lr.to(dtype=dtype, device=device).view(1, -1), (lr * wd).to(dtype=dtype, device=device).view(1, -1),
+                       sizes, ratios)
 
 
 class AdamWState(NamedTuple):
@@ -90,8 +137,11 @@ def adamw_init(params: torch.Tensor) -> AdamWState:
 
 
 def adamw_factors_(state: AdamWState, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None,
-                   dtype: torch.dtype) -> AdamWFactors:
+                   dtype: torch.dtype, scales: GroupScales | None = None) -> AdamWFactors:
     """The ``[P]`` half of :func:`adamw_step_`: advance the counters and compute the per-member factors.
+
+    With ``scales`` (several param groups) the decay and step-size factors are ``[P, N]``: each
+    member's ``[P, 1]`` column times the groups' ``[1, N]`` multipliers.
 
     Kept apart from :func:`adamw_apply_` so that a compiled update compiles only the
     elementwise work: inductor would fuse these float64 scalar computations (``beta1 ** t``...)
@@ -112,8 +162,11 @@ def adamw_factors_(state: AdamWState, hyper: AdamWHyper, num_grad_accum: torch.T
         count = column(state.accum_count.to(torch.float64))
         state.step.add_(ready.to(torch.float64))
     t = state.step.clamp(min=1)  # members that never stepped are masked out
-    return AdamWFactors(column(1 - lr * wd), column(1 - beta1), column(beta2), column(1 - beta2),
-                        column(lr / (1 - beta1**t)), column((1 - beta2**t).sqrt()), column(eps), count, ready)
+    decay, step_size = column(1 - lr * wd), column(lr / (1 - beta1**t))
+    if scales is not None:
+        decay, step_size = 1 - column(lr * wd) * scales.decay, step_size * scales.lr
+    return AdamWFactors(decay, column(1 - beta1), column(beta2), column(1 - beta2),
+                        step_size, column((1 - beta2**t).sqrt()), column(eps), count, ready)
 
 
 def clip_factors(grads: torch.Tensor, count: torch.Tensor | None, max_grad_norm: float) -> torch.Tensor:
@@ -156,7 +209,7 @@ def adamw_apply_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tenso
 
 def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hyper: AdamWHyper,
                 num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None, *,
-                apply: Callable = adamw_apply_) -> None:
+                apply: Callable = adamw_apply_, scales: GroupScales | None = None) -> None:
     """One batched AdamW step, in place on ``params`` and ``state``.
 
     For each member ``i`` with gradient ``g`` (``grads[i]``, or with accumulation the sum of the
@@ -184,8 +237,10 @@ def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hy
         num_grad_accum: Optional ``long [P]`` accumulation counts.
         max_grad_norm: Optional per-member gradient-norm limit.
         apply: The elementwise half: :func:`adamw_apply_` or a compiled version of it.
+        scales: Several param groups' lr and weight-decay multipliers per column (see
+            :class:`GroupScales`); ``None`` for one group.
     """
-    factors = adamw_factors_(state, hyper, num_grad_accum, params.dtype)
+    factors = adamw_factors_(state, hyper, num_grad_accum, params.dtype, scales)
     clip = None if max_grad_norm is None else clip_factors(grads, factors.count, max_grad_norm)
     apply(params, grads, state.exp_avg, state.exp_avg_sq, factors, clip)
     if factors.ready is not None:
@@ -194,7 +249,7 @@ def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hy
 
 def adamw_kernel_step_(params: torch.Tensor, grads, state: AdamWState, hyper: AdamWHyper,
                        num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None, *,
-                       sizes: Sequence[int] | None = None) -> None:
+                       sizes: Sequence[int] | None = None, scales: GroupScales | None = None) -> None:
     """:func:`adamw_step_` (same arguments, same contract) with PyTorch's fused AdamW kernel per member.
 
     ``torch._fused_adamw_`` (what ``torch.optim.AdamW(fused=True)`` runs) reads each tensor once
@@ -217,8 +272,13 @@ def adamw_kernel_step_(params: torch.Tensor, grads, state: AdamWState, hyper: Ad
         params, state, hyper, num_grad_accum, max_grad_norm: As for :func:`adamw_step_`.
         grads: ``[P, N]`` gradients, or with ``sizes`` one ``[P, ...]`` tensor (or ``None``) per parameter.
         sizes: Values per parameter, when ``grads`` comes per parameter.
+        scales: Several param groups' multipliers (see :class:`GroupScales`): the kernel takes one
+            lr and weight decay per call, so it runs once per distinct group setting.
     """
     p = params.shape[0]
+    if scales is not None and sizes is None:  # split by parameter, to give each its group's setting
+        sizes, grads = scales.sizes, list(grads.split(scales.sizes, dim=1))
+    ratios = scales.ratios if scales is not None else None
     if num_grad_accum is None:
         state.step.add_(1)
         ready, counts = [True] * p, [1] * p
@@ -234,10 +294,11 @@ def adamw_kernel_step_(params: torch.Tensor, grads, state: AdamWState, hyper: Ad
             continue
         rows = (params[i], state.exp_avg[i], state.exp_avg_sq[i])
         if sizes is None:
-            tensors = [(*rows, grads[i])]
+            tensors = [(*rows, grads[i], (1.0, 1.0))]
         else:
-            tensors = [(w, m, v, g[i]) for w, m, v, g in zip(*(r.split(sizes) for r in rows), grads) if g is not None]
-        ws, ms, vs, gs = ([t[k] for t in tensors] for k in range(4))
+            tensors = [(w, m, v, g[i], r) for w, m, v, g, r in
+                       zip(*(r.split(sizes) for r in rows), grads, ratios or [(1.0, 1.0)] * len(sizes)) if g is not None]
+        ws, ms, vs, gs, rs = ([t[k] for t in tensors] for k in range(5))
         gs = [g.reshape(-1) if g.is_contiguous() else g.contiguous().reshape(-1) for g in gs]
         if counts[i] != 1:
             gs = [g / counts[i] for g in gs]
@@ -245,8 +306,12 @@ def adamw_kernel_step_(params: torch.Tensor, grads, state: AdamWState, hyper: Ad
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
             scale = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             gs = [g * scale for g in gs]
-        torch._fused_adamw_(ws, gs, ms, vs, [], [steps[i]] * len(ws), lr=lr[i], weight_decay=wd[i],
-                            beta1=beta1[i], beta2=beta2[i], eps=eps[i], amsgrad=False, maximize=False)
+        for ratio in dict.fromkeys(rs):  # one kernel call per group setting
+            pick = [k for k, r in enumerate(rs) if r == ratio]
+            torch._fused_adamw_([ws[k] for k in pick], [gs[k] for k in pick], [ms[k] for k in pick],
+                                [vs[k] for k in pick], [], [steps[i]] * len(pick), lr=lr[i] * ratio[0],
+                                weight_decay=wd[i] * ratio[1], beta1=beta1[i], beta2=beta2[i], eps=eps[i],
+                                amsgrad=False, maximize=False)
     if num_grad_accum is not None:
         state.accum_count.masked_fill_(ready_mask, 0)
 
@@ -344,6 +409,8 @@ class BatchedAdamW(torch.optim.Optimizer):
         update: One of :data:`UPDATES` (default ``"auto"``: :func:`resolve_update` picks PyTorch's
             fused kernel per member on CPU for members of 4096 values or more, the batched tensor-op
             update otherwise, which reads nothing on the host).
+        scales: Several param groups' lr and weight-decay multipliers over ``flat``'s columns
+            (:func:`group_scales`); ``None`` (default) for one group.
 
     Note:
         ``zero_grad`` always zeroes in place (reusing the gradient buffer; ``set_to_none`` is
@@ -352,7 +419,7 @@ class BatchedAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, population, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None = None,
-                 max_grad_norm: float | None = None, update: str = "auto"):
+                 max_grad_norm: float | None = None, update: str = "auto", scales: GroupScales | None = None):
         if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
                                           or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0):
             raise ValueError(f"BatchedAdamW: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
@@ -362,6 +429,10 @@ class BatchedAdamW(torch.optim.Optimizer):
         self.num_grad_accum = num_grad_accum
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.adamw_state = adamw_init(population.flat)
+        if scales is not None and sum(scales.sizes) != population.numel:
+            raise ValueError(f"BatchedAdamW: scales cover {sum(scales.sizes)} values, the population's members "
+                             f"{population.numel}")
+        self.scales = scales
         self.update = update
 
     @property
@@ -407,11 +478,13 @@ class BatchedAdamW(torch.optim.Optimizer):
             step = step or self._one_model_step
             pop.rows_stale = True
         step = step or self._step
+        # Only with several groups, so that a step function without the keyword still works.
+        extra = {} if self.scales is None else {"scales": self.scales}
         if sizes is not None:  # a missing gradient is a None: the kernel skips it
-            step(params, grads, state, hyper, accum, self.max_grad_norm, sizes=sizes)
+            step(params, grads, state, hyper, accum, self.max_grad_norm, sizes=sizes, **extra)
             return
         with keep_columns((params, state.exp_avg, state.exp_avg_sq), pop.unused_columns()):
-            step(params, grads, state, hyper, accum, self.max_grad_norm)
+            step(params, grads, state, hyper, accum, self.max_grad_norm, **extra)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import optree
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.utils import _pytree as pytree
 
 from .nn import unsupported_recurrent
 
-__all__ = ["PopulationModel", "member_loss", "score_members"]
+__all__ = ["PopulationModel", "member_loss", "score_members", "additive_attention_mask"]
 
 # The parameter views into ``flat`` are strided across members, so autograd notes once that
 # ``.grad`` (a view of ``grad_flat`` with the same strides) is not dense. Accumulation into it is
@@ -44,6 +46,99 @@ def _check_module(module: nn.Module) -> None:
                 f"PopulationModel: {name or 'the model'} is a BatchNorm with momentum=None (cumulative average), "
                 "which reads its batch count with .item() and cannot run under vmap; set a momentum, e.g. 0.1"
             )
+
+
+def _eager_attention(module: nn.Module) -> None:
+    """Switch every Hugging Face ``transformers`` model inside ``module`` to eager attention, in place.
+
+    Their SDPA path (the default) builds its mask with shortcuts that ask a tensor for a Python
+    bool (``mask.all()``: "no padding, skip the mask"), which vmap cannot answer for every member
+    at once. The eager path of a causal LM (GPT-2) has none; its numbers are SDPA's to float
+    rounding. Recognised by duck typing, so ``transformers`` is not imported here.
+    """
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        setter = getattr(sub, "set_attn_implementation", None)
+        if callable(setter) and getattr(config, "_attn_implementation", "eager") not in ("eager", None):
+            setter("eager")
+
+
+_CONSTANTS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _tensor_parts(output, dropped: dict):
+    """The tensors of a member's ``output``, in a form vmap can return; what they came in is noted in ``dropped``.
+
+    vmap returns tensors only. An output holding anything else (a ``transformers`` cache, a
+    ``None``, an int) comes back as the tuple of its tensors, and ``dropped`` receives the
+    pytree spec and the other leaves, for :func:`_rebuild` to put the output together again.
+    """
+    leaves, spec = pytree.tree_flatten(output)
+    if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        return output
+    dropped["spec"] = spec
+    # The forward runs once for all members, so a Python constant is every member's value. Any
+    # other object (a cache) holds vmap's internal batched tensors and must not leave the call.
+    dropped["others"] = {i: leaf if isinstance(leaf, _CONSTANTS) else None
+                         for i, leaf in enumerate(leaves) if not isinstance(leaf, torch.Tensor)}
+    return tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+
+
+def _rebuild(batched, dropped: dict):
+    """Undo :func:`_tensor_parts`: the output in its own type, a non-constant leaf replaced by ``None``.
+
+    A ``transformers`` ``ModelOutput`` leaves a ``None`` field out (its ``past_key_values``).
+    """
+    if not dropped:
+        return batched
+    tensors = iter(batched)
+    others = dropped["others"]
+    leaves = [others[i] if i in others else next(tensors) for i in range(len(others) + len(batched))]
+    return pytree.tree_unflatten(leaves, dropped["spec"])
+
+
+def _data_dependent_error(err: RuntimeError, module: nn.Module) -> RuntimeError:
+    """A data-dependent-branch error from vmap, with the submodule and the line that branched, and the fix."""
+    names = {id(m): name or type(module).__name__ for name, m in module.named_modules()}
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    where, owner, tb = None, None, err.__traceback__
+    while tb is not None:  # outermost to innermost: keep the innermost module and non-torch line
+        frame = tb.tb_frame
+        if not frame.f_code.co_filename.startswith(torch_dir):
+            where = f"{frame.f_code.co_name}() at {os.path.basename(frame.f_code.co_filename)}:{tb.tb_lineno}"
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, nn.Module) and id(candidate) in names:
+            owner = f"{names[id(candidate)]} ({type(candidate).__name__})"
+        tb = tb.tb_next
+    return RuntimeError(
+        f"member.model: {owner or 'the model'} branches on a tensor's values in {where or 'its forward'}, which vmap "
+        "cannot batch (each member would need its own branch); write the branch with torch.where. A transformers "
+        "model already runs with attn_implementation='eager' here; if its 2D attention_mask is what it checks "
+        "(BERT's .all()), pass vmapclan.additive_attention_mask(attention_mask, dtype) instead"
+    )
+
+
+def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A ``[..., B, T]`` 0/1 attention mask as the 4D additive mask ``[..., B, 1, 1, T]`` transformers takes as is.
+
+    ``0`` where a token may be attended to, the dtype's minimum for padding. A bidirectional
+    ``transformers`` model (BERT) checks a 2D mask for padding with ``mask.all()`` before building
+    this itself, a branch on data that vmap cannot take; given the 4D mask it skips that check.
+
+    Args:
+        attention_mask: 1 (or True) for a token, 0 for padding; ``[P, B, T]`` for ``member.model``.
+        dtype: The model's floating dtype.
+
+    Returns:
+        The additive mask, ``attention_mask.shape[:-1] + (1, 1, T)`` with the batch dimension kept.
+
+    Example:
+        >>> mask = torch.tensor([[[1, 1, 0]]])            # P = 1, B = 1, T = 3
+        >>> additive_attention_mask(mask).shape
+        torch.Size([1, 1, 1, 1, 3])
+    """
+    keep = attention_mask.to(dtype)[..., None, None, :]
+    return (1 - keep) * torch.finfo(dtype).min
 
 
 def _padding_rows_get_no_gradient(module, args, kwargs, output):
@@ -142,6 +237,7 @@ class PopulationModel:
         _check_module(module)
         self.population_size = p = int(population_size)
         self.module = copy.deepcopy(module)
+        _eager_attention(self.module)
         trainable = [(n, t) for n, t in self.module.named_parameters() if t.requires_grad]
         if not trainable:
             raise ValueError("PopulationModel: the model has no trainable parameters")
@@ -287,7 +383,14 @@ class PopulationModel:
         return optree.tree_map(expand, data)
 
     def __call__(self, *args, **kwargs):
-        """Run every member's forward. Tensor arguments must be ``[P, ...]``.
+        """Run every member's forward. Tensor arguments, positional or keyword, must be ``[P, ...]``.
+
+        The output comes back with the member dimension first on every tensor. Parts of it that
+        are not tensors (a ``transformers`` cache, a ``None``, an int), which vmap cannot return,
+        are dropped: a Python constant is put back as it is (one forward ran for all members), any
+        other object becomes ``None``, and the output keeps its own type (a ``ModelOutput``
+        leaves a ``None`` field out). A forward that branches on a tensor's values is refused
+        with the submodule and the line that branched.
 
         With :attr:`one_model` on, every member's data goes through member 0's weights, which vmap
         does not batch (``in_dims=None``): one matmul over all ``P x B`` rows per layer, and the
@@ -311,14 +414,22 @@ class PopulationModel:
         # follows may go to member 0's parameters rather than to ``p``, so clear it now.
         self.restore_grad_views()
 
+        dropped: dict = {}
+
         def one_member(params, buffers, *flat_inputs):
             a, kw = optree.tree_unflatten(spec, list(flat_inputs))
-            return functional_call(module, (params, buffers), a, kw)
+            return _tensor_parts(functional_call(module, (params, buffers), a, kw), dropped)
 
         params, param_dim = (self.module_params, None) if self.one_model else (self._params, 0)
         batched = vmap(one_member, in_dims=(param_dim, 0, *in_dims), randomness="different")
         with vectorized_forward(self.padding_rows):
-            return batched(params, self.buffers, *leaves)
+            try:
+                out = batched(params, self.buffers, *leaves)
+            except RuntimeError as err:
+                if "data-dependent control flow" not in str(err):
+                    raise
+                raise _data_dependent_error(err, module) from err
+        return _rebuild(out, dropped)
 
     # -- members as plain modules -----------------------------------------------------------
     def member_module(self, index: int) -> nn.Module:
@@ -388,7 +499,7 @@ def _reinit(module: nn.Module, generator: torch.Generator | None) -> nn.Module:
     return fresh
 
 
-def member_loss(fn, output, target, **kwargs) -> torch.Tensor:
+def member_loss(fn, output, target, *, key: str | Callable | None = None, **kwargs) -> torch.Tensor:
     """Each member's loss: ``fn(output[i], target[i], **kwargs)`` for every member ``i``, as ``[P]``.
 
     ``fn`` is an ordinary loss such as ``F.cross_entropy`` that reduces one member's batch to a
@@ -399,6 +510,10 @@ def member_loss(fn, output, target, **kwargs) -> torch.Tensor:
         fn: ``fn(output, target, **kwargs) -> scalar``.
         output: ``[P, B, ...]`` (or a pytree of such tensors).
         target: ``[P, B, ...]`` (or a pytree of such tensors).
+        key: What ``fn`` gets of a dict-like output such as a ``transformers`` ``ModelOutput``:
+            the name of the entry (``key="logits"``) or a function of the output
+            (``key=lambda out: out.logits``). Without it a ``dict`` goes to ``fn`` whole, and a
+            mapping type that is no pytree (a ``ModelOutput``) is refused.
         **kwargs: Passed to ``fn`` unbatched (e.g. ``label_smoothing=0.1``).
 
     Returns:
@@ -406,13 +521,30 @@ def member_loss(fn, output, target, **kwargs) -> torch.Tensor:
 
     Raises:
         ValueError: if the member dimensions disagree or ``fn`` does not reduce to a scalar.
+        TypeError: for an output without tensors, or a mapping other than a ``dict`` without ``key``.
 
     Example:
         >>> loss = member_loss(F.cross_entropy, member.model(x), y)  # doctest: +SKIP
         >>> loss.sum().backward()  # doctest: +SKIP
+        >>> out = member.model(input_ids=ids, attention_mask=mask)  # a CausalLMOutput  # doctest: +SKIP
+        >>> loss = member_loss(lm_loss, out, targets, key="logits")  # doctest: +SKIP
     """
+    if key is not None:
+        if callable(key):
+            output = key(output)
+        elif isinstance(output, Mapping) and key in output:
+            output = output[key]
+        else:
+            keys = list(output.keys()) if isinstance(output, Mapping) else None
+            raise KeyError(f"member_loss: key={key!r} is not in the output ({type(output).__name__}"
+                           f"{f' with keys {keys}' if keys is not None else ''})")
     out_leaves = [t for t in optree.tree_leaves(output) if isinstance(t, torch.Tensor)]
     tgt_leaves = [t for t in optree.tree_leaves(target) if isinstance(t, torch.Tensor)]
+    if not out_leaves and isinstance(output, Mapping):  # a mapping type the pytree does not open: a ModelOutput
+        raise TypeError(
+            f"member_loss: output is a {type(output).__name__} with keys {list(output.keys())}; pass key= to pick "
+            "the tensor fn takes (key='logits', or a function of the output), or dict(output) for fn to take it whole"
+        )
     if not out_leaves:
         raise TypeError(f"member_loss: output must be a tensor with a member dimension, got {type(output).__name__}")
     p = out_leaves[0].shape[0] if out_leaves[0].dim() else None
