@@ -13,6 +13,8 @@ one row against the batched update), so they agree to rounding, not bitwise; any
 (a missed average, a member left out, a stale row read) is orders of magnitude above 1e-10.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,8 +28,11 @@ P, B = 4, 8
 ROUND_LENGTH, DUTY_CYCLE = 6, 0.5  # 3 cooperative steps, then 3 competitive ones
 TOL = 1e-10
 ROUNDS = 4
-SPLIT = (1, 1)  # (round, step in round) after which a run is saved and loaded into a fresh clan: mid-cooperation
-NAN_ROUND = 2  # the round whose validation losses are all NaN: clan.step restores the round's start
+# The round whose validation losses are all NaN: clan.step restores the round's start.
+NAN_ROUND = 2
+# (round, step in round) after which a run is saved and loaded into a fresh clan: mid-cooperation,
+# in the round that will be restored, so the restore point must come through the checkpoint too.
+SPLIT = (NAN_ROUND, 2)
 
 
 class PFoldClan(Clan):
@@ -136,8 +141,7 @@ def make_stepper(clan, path, loss_fn=F.cross_entropy):
     """``step(x, y) -> [P] losses``: the Member loop of plain_loop.py, or FusedStep (default, or backward='vmap')."""
     if path == "loop":
         return lambda x, y: train_step(clan.round(), loss_fn, x, y).detach()
-    step = FusedStep(clan, loss_fn, **({"backward": "vmap"} if path == "fused-vmap" else {}))
-    return step
+    return FusedStep(clan, loss_fn, **({"backward": "vmap"} if path == "fused-vmap" else {}))
 
 
 def fake_val(clan):
@@ -201,7 +205,7 @@ def train(model, path, accumulate=False, *, p_fold=False, split=None, rounds=ROU
     clan = make_clan(model, accumulate, p_fold=p_fold)
     step, stream = make_stepper(clan, path), batches(clan, data)
     torch.manual_seed(11)
-    records = []
+    records, resumed = [], False
 
     def record(phase, one_model, losses):
         records.append({"at": (clan.round_index, clan.step_in_round), "phase": phase, "one_model": one_model,
@@ -213,7 +217,9 @@ def train(model, path, accumulate=False, *, p_fold=False, split=None, rounds=ROU
         x, y = next(stream)
         record(phase, one_model, step(x, y))
         if split == (clan.round_index, clan.step_in_round):
+            assert clan.phase == "cooperative" and (p_fold or clan.population.rows_stale)  # mid-cooperation
             state = clan.state_dict()
+            resumed = True
             clan = make_clan(model, accumulate, p_fold=p_fold, model_seed=7, seed=99)
             clan.load_state_dict(state)
             step, stream = make_stepper(clan, path), batches(clan, data)
@@ -224,6 +230,7 @@ def train(model, path, accumulate=False, *, p_fold=False, split=None, rounds=ROU
             else:
                 clan.step(fake_val(clan))
             record("selection", clan.population.one_model, None)
+    assert resumed == (split is not None)
     return clan, records
 
 
@@ -291,9 +298,11 @@ def test_one_model_training_equals_the_p_fold_path(model, path, accumulate):
                                              ("fused", "batchnorm-dropout")])
 def test_resume_in_the_middle_of_cooperation_is_bitwise(path, model):
     """Saved mid-cooperation (rows 1.. lagging, a micro-batch pending, dropout's generator mid-run)
-    and loaded into a fresh clan, the run goes on bit for bit as the uninterrupted one, through
-    selection, a restore and phase changes ("batch" and "members" forms for FusedStep)."""
+    and loaded into a fresh clan, the run goes on bit for bit as the uninterrupted one, through the
+    restore of that round, phase changes and selection ("batch" and "members" forms for FusedStep)."""
     whole = train(model, path, accumulate=True)
+    at_split = next(r for r in whole[1] if r["at"] == SPLIT)["state"]
+    assert at_split["optimizer"]["accum_count"].tolist() == [1] * P and at_split["grads"].abs().max() > 0
     resumed = train(model, path, accumulate=True, split=SPLIT)
     assert_same_runs(resumed, whole, 0)
 
@@ -421,6 +430,9 @@ def test_zero_grad_and_the_one_model_steps_clear_row_0_only():
     own start from zero, leave what they hold (here the gradient a sync copied there)."""
     clan = make_clan(duty_cycle=0.2)  # 5 cooperative steps
     steps = [FusedStep(clan, F.cross_entropy, backward=backward) for backward in ("autograd", "vmap")]
+    # The vmap backward's first call finds the parameters the loss reaches, once, through the
+    # stacked parameters (which brings the rows up to date): done before the rows are watched.
+    steps[1](*shards(4))
     member = clan.round()
     x, y = shards()
     loss = member_loss(F.cross_entropy, member.model(x), y)
@@ -460,6 +472,8 @@ READERS = {  # each reader of every member's rows, and what it read, which must 
 
 @pytest.mark.parametrize("reader", READERS)
 def test_what_reads_every_member_brings_the_rows_up_to_date(reader):
+    """Every public reader of all members' rows first brings rows 1.. up to date (and says so,
+    ``rows_stale`` off), so no caller ever sees a lagging row; the members still train as one."""
     read, name = READERS[reader]
     clan = make_clan()
     train_step(clan.round(), F.cross_entropy, *shards())
@@ -473,35 +487,39 @@ def test_what_reads_every_member_brings_the_rows_up_to_date(reader):
 
 
 # -- 5. errors, and p.grad = None ----------------------------------------------------------------
+def penalised_backward(clan, x, y) -> None:
+    """A backward of the members' losses plus a weight penalty on ``member.model.parameters()``."""
+    member = clan.round()
+    loss = member_loss(F.cross_entropy, member.model(x), y).sum()
+    penalty = sum(w.pow(2).sum() for w in member.model.parameters())  # the stacked [P, ...] tensors
+    with member.sync_context():
+        (loss + 1e-3 * penalty).backward()
+
+
 def test_a_backward_into_the_stacked_parameters_while_one_model_raises():
     """A penalty on ``member.model.parameters()`` would reach rows the one-model step does not
-    train; it is refused. The same loss is fine while the members train apart."""
+    train; it is refused. The same backward is fine while the members train apart."""
     x, y = shards()
-    for duty_cycle in (DUTY_CYCLE, 1.0):
-        clan = make_clan(duty_cycle=duty_cycle)
-        member = clan.round()
-        loss = member_loss(F.cross_entropy, member.model(x), y).sum()
-        penalty = sum(w.pow(2).sum() for w in member.model.parameters())  # the stacked [P, ...] tensors
-        if clan.population.one_model:
-            with pytest.raises(RuntimeError, match=r"a backward reached the stacked \[P, \.\.\.\] parameters while "
-                                                   r"the members train as one model"):
-                with member.sync_context():
-                    (loss + 1e-3 * penalty).backward()
-        else:
-            assert clan.phase == "competitive"
-            with member.sync_context():
-                (loss + 1e-3 * penalty).backward()
-            assert (clan.population.grad_flat.abs().amax(1) > 0).all()
-    assert duty_cycle == 1.0 and not clan.population.one_model  # both branches ran
+    clan = make_clan()
+    assert clan.population.one_model
+    with pytest.raises(RuntimeError, match=r"a backward reached the stacked \[P, \.\.\.\] parameters while the "
+                                           r"members train as one model"):
+        penalised_backward(clan, x, y)
+    apart = make_clan(duty_cycle=1.0)
+    assert apart.phase == "competitive" and not apart.population.one_model
+    penalised_backward(apart, x, y)
+    assert (apart.population.grad_flat.abs().amax(1) > 0).all()
 
 
 def test_fused_train_step_apart_while_one_model_raises():
+    """Training copies of one model apart would make them differ while rows 1.. are not even
+    current: refused, in the cooperative phase and in ``cooperate()``, before anything changes."""
     x, y = shards()
-    for cooperating in ("phase", "cooperate"):
+    for cooperating in ("phase", "cooperate"):  # the clan's cooperative phase; cooperate() in a competitive one
         clan = make_clan(duty_cycle=DUTY_CYCLE if cooperating == "phase" else 1.0)
         step = FusedStep(clan, F.cross_entropy)
         before = member_state_now(clan)
-        with clan.cooperate():
+        with contextlib.nullcontext() if cooperating == "phase" else clan.cooperate():
             assert clan.population.one_model
             with pytest.raises(RuntimeError, match=r"FusedStep.train_step: cooperative=False while the members "
                                                    r"train as one model"):
@@ -514,6 +532,8 @@ def test_fused_train_step_apart_while_one_model_raises():
 
 @pytest.mark.parametrize("duty_cycle", [DUTY_CYCLE, 1.0], ids=["cooperative", "competitive"])
 def test_cooperate_in_the_middle_of_a_round_raises(duty_cycle):
+    """Mid-round the members may differ (competing), so training them as one model is refused;
+    the clan's own one-model state is left as it was."""
     clan = make_clan(duty_cycle=duty_cycle)
     FusedStep(clan, F.cross_entropy)(*shards())
     one_model = clan.population.one_model
