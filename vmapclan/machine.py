@@ -564,6 +564,14 @@ class TrainingMachine:
         member.optimizer.zero_grad()
         return loss.detach()
 
+    def _fused_now(self) -> bool:
+        """Whether this step runs fused: not while parameters are frozen.
+
+        A stretch with frozen parameters runs the imperative loop: with FusedStep the frozen
+        columns were kept too, but a resumed run did not retrace the uninterrupted one bitwise.
+        """
+        return self.fused and not self._frozen
+
     @contextlib.contextmanager
     def _keep_frozen(self):
         """Undo the step's writes to the frozen parameters' weights and moments (every row).
@@ -586,7 +594,7 @@ class TrainingMachine:
     def _cooperative_step(self, member, batch) -> None:
         """One data-parallel step of identical members, outside the round clock (fused when enabled)."""
         with self._keep_frozen():
-            if self.fused:
+            if self._fused_now():
                 loss = self._fused().train_step(*batch, cooperative=True)
             else:
                 loss = self._train_step(member, batch, cooperative=True)
@@ -595,13 +603,11 @@ class TrainingMachine:
 
     def _round_step(self, member, batch) -> None:
         """One step of a clan round, advancing the round clock (fused when enabled)."""
+        fused = self._fused_now()
         with self._keep_frozen():
-            if self.fused:
-                loss = self._fused()(*batch)
-            else:
-                loss = self._train_step(member, batch)
+            loss = self._fused()(*batch) if fused else self._train_step(member, batch)
         self._after_step(loss)
-        if not self.fused:
+        if not fused:
             member.step()
 
     def _after_step(self, loss: torch.Tensor) -> None:
