@@ -238,3 +238,17 @@ def test_resume_across_a_data_change_is_exact(tmp_path):
 def test_round_config_keeps_the_model_table():
     config = RunConfig.from_dict(blobs_config())
     assert dict(config.model) == {"width": 6} and RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_custom_task_example_runs_from_python_and_from_the_command(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "custom_task.py"
+    spec = importlib.util.spec_from_file_location("custom_task_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    from_python = example.main(size=300, steps=40, population_size=3)
+    from_command = example.main(size=300, steps=40, population_size=3, command=True, out=str(tmp_path / "run"))
+    assert from_command["exit"] == [0, 0]
+    assert from_command["val_loss"] == pytest.approx(from_python["val_loss"], rel=1e-6)
