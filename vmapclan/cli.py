@@ -175,7 +175,7 @@ def _train(config, args) -> int:
         if not out.is_dir():
             raise _InputError(f"--resume: no run directory at {out}")
     else:
-        out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = args.out or Path("runs") / f"{config.task.rpartition(':')[2]}-{time.strftime('%Y%m%d-%H%M%S')}"
         if out.exists() and not out.is_dir():
             raise _InputError(f"--out {out} is a file, not a run directory")
     created = not out.exists()
