@@ -257,7 +257,7 @@ CATALOGUE = [
      lambda: get_task("stdlib-chars").load(DataSpec(max_chars=1000, seq_len=500), 0), ValueError,
      r"data.max_chars=1000 is too small for data.seq_len=500 \(\d+ training and \d+ validation characters\)"),
     ("an unknown task", lambda: get_task("mnist"), ValueError,
-     r"get_task: unknown task 'mnist'; the tasks are \['digits-mlp', 'stdlib-chars'\]"),
+     r"task 'mnist' is neither a built-in task \['digits-mlp', 'stdlib-chars'\] nor 'package.module:ClassName'"),
     ("a step past the end of the run", lambda: PhaseSchedule.single("all").phase_at_step(10, 10), ValueError,
      r"PhaseSchedule.phase_at_step: step must be an int in \[0, 10\), got 10"),
     ("a negative step", lambda: PhaseSchedule.single("all").phase_at_step(-1, 10), ValueError,

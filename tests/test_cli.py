@@ -123,7 +123,7 @@ def test_bad_config_names_the_field(tmp_path, capsys):
 def test_divergence_exits_4(config_file, tmp_path, capsys, monkeypatch):
     from vmapclan.tasks import DigitsTask
 
-    def nan_losses(self, population, x, y):
+    def nan_losses(self, population, data, target=None):
         return torch.full((population.population_size,), float("nan"))
 
     monkeypatch.setattr(DigitsTask, "population_losses", nan_losses)
@@ -144,9 +144,9 @@ def test_restored_rounds_export_and_show(config_file, tmp_path, capsys, monkeypa
     real = DigitsTask.population_losses
     calls = []
 
-    def nan_once(self, population, x, y):
+    def nan_once(self, population, data, target=None):
         calls.append(1)
-        losses = real(self, population, x, y)
+        losses = real(self, population, data, target)
         return torch.full_like(losses, float("nan")) if len(calls) == 3 else losses  # round 1 diverges
 
     monkeypatch.setattr(DigitsTask, "population_losses", nan_once)

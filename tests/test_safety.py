@@ -109,7 +109,7 @@ def test_a_population_that_cannot_recover_exits_4_keeping_the_good_checkpoint(tm
 def test_a_run_never_ends_with_a_non_finite_model(tmp_path, monkeypatch, capsys):
     from vmapclan.tasks import DigitsTask
 
-    monkeypatch.setattr(DigitsTask, "evaluate", lambda self, model, x, y: {"loss": float("nan"), "accuracy": 0.0})
+    monkeypatch.setattr(DigitsTask, "evaluate", lambda self, model, data, target=None: {"loss": float("nan"), "accuracy": 0.0})
     assert main(["train", str(write(tmp_path, tiny(total_steps=12))), "--out", str(tmp_path / "r"), *ARGS]) == 4
     assert "the run ends without a finite model: the best member's validation loss is nan" in capsys.readouterr().err
 

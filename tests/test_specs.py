@@ -57,7 +57,8 @@ def test_shipped_configs_are_valid(path):
 
 
 @pytest.mark.parametrize("data, error, message", [
-    ({"task": "mnist"}, ValueError, r"config.task must be one of \['digits-mlp', 'stdlib-chars'\], got 'mnist'"),
+    ({"task": ""}, ValueError, "config.task must be a task name or 'package.module:ClassName', got ''"),
+    ({"model": 5}, TypeError, "model: expected a table of settings, got int"),
     ({"total_steps": 0}, ValueError, "config.total_steps must be a positive int, got 0"),
     ({"seed": -1}, ValueError, "config.seed must be an int >= 0, got -1"),
     ({"steps": 10}, ValueError, r"config: unknown field 'steps'; expected some of \['task'"),
@@ -80,10 +81,6 @@ def test_shipped_configs_are_valid(path):
     ({"optimizer": {"betas": [0.9]}}, ValueError, r"optimizer.betas must be a pair \[beta1, beta2\], got \[0.9\]"),
     ({"optimizer": {"betas": [0.9, 1.0]}}, ValueError, r"optimizer.betas\[1\] must be a number in \[0, 1\), got 1.0"),
     ({"optimizer": {"weight_decay": -0.1}}, ValueError, r"optimizer.weight_decay must be a number in \[0, inf\)"),
-    ({"model": {"hidden": 0}}, ValueError, "model.hidden must be a positive int, got 0"),
-    ({"model": {"d_model": 30, "n_heads": 4}}, ValueError,
-     "model.n_heads must divide model.d_model, got n_heads=4, d_model=30"),
-    ({"model": {"dropout": 1.0}}, ValueError, r"model.dropout must be a number in \[0, 1\), got 1.0"),
     ({"data": {"batch_size": 2.5}}, ValueError, "data.batch_size must be a positive int, got 2.5"),
     ({"data": {"val_fraction": 1}}, ValueError, r"data.val_fraction must be a number in \(0, 1\), got 1"),
     ({"data": {"max_chars": 10}}, ValueError, "data.max_chars must be an int >= 1000, got 10"),
@@ -109,6 +106,29 @@ def test_shipped_configs_are_valid(path):
 def test_errors_name_the_field(data, error, message):
     with pytest.raises(error, match=message):
         RunConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("task, model, message", [
+    ("digits-mlp", {"hidden": 0}, "model.hidden must be a positive int, got 0"),
+    ("digits-mlp", {"d_model": 128}, r"model: unknown setting 'd_model' for task 'digits-mlp'; it reads \['hidden'\]"),
+    ("stdlib-chars", {"d_model": 30, "n_heads": 4}, "model.n_heads must divide model.d_model, got n_heads=4, d_model=30"),
+    ("stdlib-chars", {"dropout": 1.0}, r"model.dropout must be a number in \[0, 1\), got 1.0"),
+    ("stdlib-chars", {"max_len": -1}, "model.max_len must be an int >= 0, got -1"),
+])
+def test_the_task_checks_its_model_settings(task, model, message):
+    from vmapclan import TrainingMachine
+
+    config = RunConfig.from_dict({"task": task, "model": model})  # free-form: the task checks it
+    with pytest.raises(ValueError, match=message):
+        TrainingMachine(config)
+
+
+def test_unknown_task_is_refused_when_the_run_is_built():
+    from vmapclan import TrainingMachine
+
+    with pytest.raises(ValueError, match=r"task 'mnist' is neither a built-in task \['digits-mlp', 'stdlib-chars'\] "
+                                         r"nor 'package.module:ClassName'"):
+        TrainingMachine({"task": "mnist"})
 
 
 def test_run_config_type_errors(tmp_path):

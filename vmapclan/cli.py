@@ -7,6 +7,10 @@ Usage::
     vmapclan demo [--out DIR] [--overwrite] [--steps N]
     vmapclan replay runs/demo/schedule.json
 
+A config's ``task`` is a built-in task's name or a task of your own, ``"package.module:ClassName"``
+(a :class:`vmapclan.Task` subclass), imported with the current directory on ``sys.path`` as
+``python -m`` has it; a task that cannot be imported is bad input (exit 3).
+
 ``train`` and ``demo`` show a progress bar (phase, round, step, best validation loss), print a
 table of rounds at the end and write a run directory: ``metrics.jsonl``, ``history.json``,
 ``schedule.json``, ``config.toml``, ``best_model.pt``, ``checkpoint.pt`` and PNG plots. ``replay``
@@ -36,6 +40,7 @@ import argparse
 import contextlib
 import errno
 import json
+import os
 import signal
 import sys
 import threading
@@ -170,7 +175,7 @@ def _train(config, args) -> int:
         if not out.is_dir():
             raise _InputError(f"--resume: no run directory at {out}")
     else:
-        out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = args.out or Path("runs") / f"{config.task.rpartition(':')[2]}-{time.strftime('%Y%m%d-%H%M%S')}"
         if out.exists() and not out.is_dir():
             raise _InputError(f"--out {out} is a file, not a run directory")
     created = not out.exists()
@@ -256,9 +261,12 @@ def _train_locked(config, args, out: Path) -> int:
 
 def _replay(args) -> int:
     from .replay import read_schedule, replay
+    from .tasks import resolve_task
 
     try:
         schedule, config, clan = read_schedule(args.schedule)
+        task = resolve_task(config.task)
+        task.model_settings(config.model)
     except FileNotFoundError:
         raise _InputError(f"no such file: {args.schedule}") from None
     except (ValueError, TypeError) as err:
@@ -271,7 +279,7 @@ def _replay(args) -> int:
 
     start = time.perf_counter()
     try:
-        result = replay(schedule, config, callback=on_step)
+        result = replay(schedule, config, callback=on_step, task=task)
     finally:
         if bar is not None:
             bar.close()
@@ -301,6 +309,9 @@ def main(argv=None) -> int:
         directory cannot be written, 128 + N stopped by signal N (see the module docstring).
     """
     parser = _parser()
+    # A config's task "module:Class" is found from where the command runs, as with python -m.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits 2 on bad usage and 0 on --help

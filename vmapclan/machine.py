@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import inspect
 import io
 import json
@@ -54,17 +55,17 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clan import Clan, DivergenceError, check_device
-from .optim import ADAMW_FIELDS
+from .optim import ADAMW_FIELDS, keep_columns
 from .population import member_loss
 from .replay import export_schedule, write_schedule
 from .rounds import plan_rounds
 from .rundir import run_lock
-from .schedule import Phase, PhaseSchedule, TimeController, phase_optimizer
-from .specs import RunConfig
-from .tasks import get_task
+from .schedule import DATA_KEYS, Phase, PhaseSchedule, TimeController, phase_optimizer
+from .specs import DataSpec, RunConfig
+from .tasks import Task, data_length, resolve_task, task_reference
 
 __all__ = ["TrainingMachine", "TrainingResults", "TrainingStopped", "save_run_checkpoint", "load_run_checkpoint",
-           "plan_rounds", "CHECKPOINT_VERSION", "DIVERGENCE_CHECK_EVERY"]
+           "plan_rounds", "phase_data", "frozen_parameters", "CHECKPOINT_VERSION", "DIVERGENCE_CHECK_EVERY"]
 
 #: Version 2: checkpoints may be taken at any step (a stop), not only at round and phase ends.
 CHECKPOINT_VERSION = 2
@@ -152,6 +153,71 @@ def _lookup(data, dotted: str):
     for part in dotted.split("."):
         data = data.get(part) if isinstance(data, Mapping) else None
     return data
+
+
+def phase_data(task: Task, data: DataSpec, phase: Phase, where: str = "") -> DataSpec:
+    """The data settings in force during ``phase``: ``data`` with the phase's task data overrides.
+
+    The one reading of a phase's ``data`` table beyond ``batch_size``, for the machine and the
+    replay: each key must be one of the task's :attr:`~vmapclan.Task.phase_data`.
+
+    Args:
+        task: The run's task.
+        data: The config's data settings.
+        phase: The phase.
+        where: Prefix for error messages (e.g. ``"schedule[1] ('long')"``).
+
+    Raises:
+        ValueError, TypeError: for a key the task does not let a phase change, or a bad value.
+
+    Example:
+        >>> from vmapclan.tasks import TASKS
+        >>> phase_data(TASKS["stdlib-chars"], DataSpec(), Phase("p", 0, 1, data={"seq_len": 16})).seq_len
+        16
+    """
+    where = where or f"phase {phase.name!r}"
+    changes = {k: v for k, v in phase.data.items() if k not in DATA_KEYS}
+    allowed = list(DATA_KEYS) + list(task.phase_data)
+    for key in changes:
+        if key not in allowed:
+            raise ValueError(f"{where}: unknown data setting {key!r} for task {task_reference(task)!r}; "
+                             f"a phase may change {allowed}")
+    if not changes:
+        return data
+    try:
+        return dataclasses.replace(data, **changes)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{where}: {err}") from None
+
+
+def frozen_parameters(names, patterns, where: str = "") -> list[str]:
+    """The parameter names that match any of the glob ``patterns`` (:mod:`fnmatch`), in ``names``' order.
+
+    Args:
+        names: Parameter names (``model.named_parameters()``'s).
+        patterns: A phase's ``model.freeze`` patterns.
+        where: Prefix for the error message.
+
+    Raises:
+        ValueError: if a pattern matches no parameter (naming it and some of the names).
+
+    Example:
+        >>> frozen_parameters(["0.weight", "0.bias", "2.weight"], ["0.*"])
+        ['0.weight', '0.bias']
+    """
+    names = list(names)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            shown = names[:8] + (["..."] if len(names) > 8 else [])
+            raise ValueError(f"{where + ': ' if where else ''}model.freeze pattern {pattern!r} matches no parameter; "
+                             f"the parameters are {shown}")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def _data_key(data: DataSpec, base: DataSpec) -> tuple:
+    """A hashable name for a phase's data settings: the fields that differ from the config's."""
+    return tuple((f.name, getattr(data, f.name)) for f in dataclasses.fields(data)
+                 if getattr(data, f.name) != getattr(base, f.name))
 
 
 @dataclasses.dataclass
@@ -286,10 +352,15 @@ class TrainingMachine:
             in cooperative phases alike (there with :meth:`~vmapclan.FusedStep.train_step`, which
             leaves the round clock alone): ``True``, ``False`` (the imperative loop), or a dict of
             ``FusedStep`` options, e.g. ``{"cuda_graph": True, "compile": "optimizer"}`` on CUDA.
+        task: A :class:`~vmapclan.Task` to train instead of the one ``config.task`` names;
+            ``config.task`` becomes its reference (``"module:ClassName"``), which a resume and
+            the replay import, so a task class that resumes from the command lives in an
+            importable module and builds without arguments.
 
     Raises:
-        ValueError, TypeError: for a bad config (naming the field), ``total_steps``, ``fused``
-            or a device this torch cannot use.
+        ValueError, TypeError: for a bad config (naming the field), a task that cannot be
+            imported, model settings the task refuses, ``total_steps``, ``fused`` or a device
+            this torch cannot use.
 
     Example:
         >>> results = TrainingMachine({"task": "digits-mlp", "clan": {"population_size": 4}}, 200).train()  # doctest: +SKIP
@@ -298,7 +369,8 @@ class TrainingMachine:
 
     def __init__(self, config: RunConfig | Mapping, total_steps: int | None = None, *,
                  out_dir: str | os.PathLike | None = None, callback: Callable[[dict], None] | None = None,
-                 device: torch.device | str | None = None, fused: bool | Mapping = True):
+                 device: torch.device | str | None = None, fused: bool | Mapping = True,
+                 task: Task | None = None):
         if isinstance(config, Mapping):
             config = RunConfig.from_dict(config)
         if not isinstance(config, RunConfig):
@@ -307,11 +379,23 @@ class TrainingMachine:
             if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
                 raise ValueError(f"TrainingMachine: total_steps must be a positive int, got {total_steps!r}")
             config = config.replace(total_steps=total_steps)
+        if task is not None:
+            if not isinstance(task, Task):
+                raise TypeError(f"TrainingMachine: task must be a vmapclan.Task, got {type(task).__name__}")
+            config = config.replace(task=task_reference(task))
+        self.task = resolve_task(config.task) if task is None else task
+        self.model_settings = self.task.model_settings(config.model)
         self.config = config
         self.total_steps = config.total_steps
         self.clock = TimeController(self.total_steps)
         self.schedule = config.schedule.to_schedule()
-        self.task = get_task(config.task)
+        self.task.check_data(self.model_settings, config.data)
+        self._phase_data = []  # each phase's data settings, checked now
+        for i, phase in enumerate(self.schedule):
+            spec = phase_data(self.task, config.data, phase, f"schedule[{i}] ({phase.name!r})")
+            if spec is not config.data:
+                self.task.check_data(self.model_settings, spec)
+            self._phase_data.append(spec)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback = callback
         self.device = check_device(device if device is not None else "cpu", "TrainingMachine")
@@ -322,7 +406,9 @@ class TrainingMachine:
         self.metrics: list[dict] = []
         self.clan: Clan | None = None
         self.best_val = math.inf
-        self._streams: dict[int, object] = {}
+        self._streams: dict[tuple, object] = {}
+        self._datasets: dict[tuple, object] = {}  # TaskData per distinct data settings
+        self._frozen: list[slice] = []  # columns of flat kept unchanged by the steps of the current stretch
         self._phase_name = ""
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._loss_count = 0
@@ -358,7 +444,15 @@ class TrainingMachine:
         cfg = self.config
         torch.manual_seed(cfg.seed)  # the model's init; a replay with the same seed starts from the same weights
         self.data = self.task.load(cfg.data, cfg.seed)
-        model = self.task.build_model(cfg.model, cfg.data)
+        self._datasets[()] = self.data
+        model = self.task.build_model(self.model_settings, cfg.data)
+        names = [n for n, _ in model.named_parameters()]
+        self._freeze = [frozen_parameters(names, phase.model["freeze"], f"schedule[{i}] ({phase.name!r})")
+                        if "freeze" in phase.model else [] for i, phase in enumerate(self.schedule)]
+        for spec in self._phase_data:
+            key = _data_key(spec, cfg.data)
+            if key not in self._datasets:
+                self._datasets[key] = self.task.load(spec, cfg.seed)
         optimizer = cfg.optimizer.build(model.parameters())
         first = self.schedule[0]
         self.clan = Clan(model, optimizer, population_size=cfg.clan.population_size,
@@ -403,8 +497,9 @@ class TrainingMachine:
 
     def _check_data(self) -> None:
         """Refuse, before training, a stretch whose steps take more samples than the training data holds."""
-        n, p = len(self.data.train[0]), self.clan.population_size
+        p = self.clan.population_size
         for stretch in self._plan():
+            n = data_length(self._data_of(stretch).train)
             batch = stretch.phase.data.get("batch_size", self.config.data.batch_size)
             cooperates = stretch.kind == "cooperative" or stretch.duty_cycle != 1
             need = p * batch if cooperates else batch
@@ -416,10 +511,20 @@ class TrainingMachine:
                     f"step takes {what}, but the training data has only {n}; lower data.batch_size"
                     f"{' or clan.population_size' if cooperates else ''}")
 
-    def _stream(self, batch_size: int):
-        """An endless batch iterator over the training data (epochs back to back) for ``batch_size``."""
-        if batch_size not in self._streams:
-            loader = self.clan.loader(self.data.train, batch_size=batch_size)
+    def _data_of(self, stretch: _Stretch):
+        """The data of the stretch's phase (the config's, or reloaded with the phase's data settings)."""
+        return self._datasets[_data_key(self._phase_data[stretch.index], self.config.data)]
+
+    def _stream(self, batch_size: int, stretch: _Stretch):
+        """An endless batch iterator over the stretch's training data (epochs back to back) for ``batch_size``.
+
+        Every loader shares the clan's epoch position; one over data of another length draws a
+        new permutation on its first batch, so a phase that changes the data starts a new epoch.
+        """
+        data = self._data_of(stretch)
+        key = (batch_size, _data_key(self._phase_data[stretch.index], self.config.data))
+        if key not in self._streams:
+            loader = self.clan.loader(data.train, batch_size=batch_size)
 
             def endless():
                 empty = 0
@@ -431,11 +536,11 @@ class TrainingMachine:
                     # (``_check_data`` refuses that before training: this only keeps a loop from spinning).
                     empty += 1
                     if empty > 1:
-                        raise ValueError(f"TrainingMachine: the training data ({len(self.data.train[0])} samples) "
+                        raise ValueError(f"TrainingMachine: the training data ({data_length(data.train)} samples) "
                                          f"cannot fill one step of batch_size {batch_size}")
 
-            self._streams[batch_size] = endless()
-        return self._streams[batch_size]
+            self._streams[key] = endless()
+        return self._streams[key]
 
     # -- the step ---------------------------------------------------------------------------------
     def _fused(self):
@@ -459,21 +564,50 @@ class TrainingMachine:
         member.optimizer.zero_grad()
         return loss.detach()
 
+    def _fused_now(self) -> bool:
+        """Whether this step runs fused: not while parameters are frozen.
+
+        A stretch with frozen parameters runs the imperative loop: with FusedStep the frozen
+        columns were kept too, but a resumed run did not retrace the uninterrupted one bitwise.
+        """
+        return self.fused and not self._frozen
+
+    @contextlib.contextmanager
+    def _keep_frozen(self):
+        """Undo the step's writes to the frozen parameters' weights and moments (every row).
+
+        A frozen parameter is skipped the way the optimizer skips one without a gradient: no
+        update, no weight decay, moments as they were. Every row is kept, so the rows a
+        cooperative step leaves behind (they catch up from row 0 later) stay consistent too.
+        """
+        if not self._frozen:
+            yield
+            return
+        state = self.clan.optimizer.adamw_state
+        keeper = keep_columns((self.clan.population.flat, state.exp_avg, state.exp_avg_sq), self._frozen)
+        with torch.no_grad():  # the copies in and out are no part of the step's graph
+            keeper.__enter__()
+        yield
+        with torch.no_grad():
+            keeper.__exit__(None, None, None)
+
     def _cooperative_step(self, member, batch) -> None:
         """One data-parallel step of identical members, outside the round clock (fused when enabled)."""
-        if self.fused:
-            loss = self._fused().train_step(*batch, cooperative=True)
-        else:
-            loss = self._train_step(member, batch, cooperative=True)
+        with self._keep_frozen():
+            if self._fused_now():
+                loss = self._fused().train_step(*batch, cooperative=True)
+            else:
+                loss = self._train_step(member, batch, cooperative=True)
         self._losses_finite &= torch.isfinite(loss).all()
         self._after_step(loss)
 
     def _round_step(self, member, batch) -> None:
         """One step of a clan round, advancing the round clock (fused when enabled)."""
-        if self.fused:
-            self._after_step(self._fused()(*batch))
-        else:
-            self._after_step(self._train_step(member, batch))
+        fused = self._fused_now()
+        with self._keep_frozen():
+            loss = self._fused()(*batch) if fused else self._train_step(member, batch)
+        self._after_step(loss)
+        if not fused:
             member.step()
 
     def _after_step(self, loss: torch.Tensor) -> None:
@@ -542,7 +676,7 @@ class TrainingMachine:
         record = {"kind": "cooperative", "phase": stretch.phase.name, "start_step": start,
                   "end_step": self.clock.step, "hyper": self._phase_hyper(stretch.phase),
                   "batch_size": self._batch_size(stretch) * clan.population_size, "val_loss": math.nan,
-                  "event": "diverged", "restored_round": clan.history[-1]["restored_round"]}
+                  "event": "diverged", "restored_round": clan.history[-1]["restored_round"], **self._planes(stretch)}
         self.history.append(record)
         self._record({"event": "cooperative", **record})
 
@@ -554,6 +688,26 @@ class TrainingMachine:
     def _batch_size(self, stretch: _Stretch) -> int:
         return stretch.phase.data.get("batch_size", self.config.data.batch_size)
 
+    def _enter(self, stretch: _Stretch) -> None:
+        """Set the stretch's model plane: the columns its steps keep (its phase's frozen parameters)."""
+        columns = self.clan.population.columns
+        self._frozen = [columns[name] for name in self._freeze[stretch.index]]
+
+    @staticmethod
+    def _planes(stretch: _Stretch) -> dict:
+        """The record fields of a phase's data and model planes (none when the phase changes neither).
+
+        ``data``: the phase's data settings beyond ``batch_size``; ``freeze``: its freeze patterns.
+        The exported schedule carries them on, so the replay follows them.
+        """
+        out = {}
+        data = {k: v for k, v in stretch.phase.data.items() if k not in DATA_KEYS}
+        if data:
+            out["data"] = data
+        if "freeze" in stretch.phase.model:
+            out["freeze"] = list(stretch.phase.model["freeze"])
+        return out
+
     def _run_cooperative(self, stretch: _Stretch) -> None:
         """The steps of a cooperative stretch not yet run: data-parallel steps of identical members."""
         clan, phase = self.clan, stretch.phase
@@ -561,7 +715,9 @@ class TrainingMachine:
         # the round clock alone, average the gradients over the (identical) members, and train
         # with the phase's hyperparameters, written into the optimizer for the phase's length.
         batch_size = self._batch_size(stretch)
-        stream = self._stream(batch_size)
+        stream = self._stream(batch_size, stretch)
+        self._enter(stretch)
+        evaluation = self._data_of(stretch).eval
         # The records tile the run, so this one starts where the last ends: the stretch's start,
         # or the step of a restore inside it (also after a resume in the middle of it).
         start = self.history[-1]["end_step"] if self.history else 0
@@ -582,7 +738,7 @@ class TrainingMachine:
                         self._poll_stop(stretch)
                 val = None
                 if not diverged:
-                    val = self.task.population_losses(member.model, *self.data.eval)
+                    val = self.task.population_losses(member.model, evaluation)
                     diverged = not bool(torch.isfinite(val).all())
             if not diverged:
                 break
@@ -596,7 +752,8 @@ class TrainingMachine:
         if start == self.clock.step:
             return  # restored after the stretch's last step: its diverged record covers it
         record = {"kind": "cooperative", "phase": phase.name, "start_step": start, "end_step": self.clock.step,
-                  "hyper": hyper, "batch_size": batch_size * clan.population_size, "val_loss": val[0].item()}
+                  "hyper": hyper, "batch_size": batch_size * clan.population_size, "val_loss": val[0].item(),
+                  **self._planes(stretch)}
         self.history.append(record)
         self._record({"event": "cooperative", **record})
 
@@ -604,7 +761,8 @@ class TrainingMachine:
         """The steps of a clan round not yet run, then validation and selection."""
         cfg, clan = self.config, self.clan
         batch_size = self._batch_size(stretch)
-        stream = self._stream(batch_size)
+        stream = self._stream(batch_size, stretch)
+        self._enter(stretch)
         length = stretch.end - stretch.start
         if self.clock.step == stretch.start:
             clan.reconfigure(round_length=length, duty_cycle=stretch.duty_cycle)
@@ -615,11 +773,11 @@ class TrainingMachine:
         while self.clock.step < stretch.end:
             self._round_step(member, next(stream))
             self._poll_stop(stretch)
-        val = self.task.population_losses(member.model, *self.data.eval)
+        val = self.task.population_losses(member.model, self._data_of(stretch).eval)
         record = dict(clan.step(val))
         record.update(kind="round", phase=stretch.phase.name, start_step=stretch.start, end_step=self.clock.step,
                       cooperative_steps=cooperative_steps, batch_size=batch_size,
-                      population_size=clan.population_size)
+                      population_size=clan.population_size, **self._planes(stretch))
         self.best_val = min(self.best_val, min(v for v in record["val_losses"] if math.isfinite(v))
                             if any(math.isfinite(v) for v in record["val_losses"]) else math.inf)
         self.history.append(record)
@@ -636,7 +794,8 @@ class TrainingMachine:
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, *, callback: Callable[[dict], None] | None = None,
-               device: torch.device | str | None = None, fused: bool | Mapping = True) -> TrainingMachine:
+               device: torch.device | str | None = None, fused: bool | Mapping = True,
+               task: Task | None = None) -> TrainingMachine:
         """A machine that continues the run whose ``checkpoint.pt`` is in ``run_dir``.
 
         Its :meth:`train` restores the clan (weights, optimizer, genomes, loader position, random
@@ -651,6 +810,8 @@ class TrainingMachine:
             callback: As for the constructor.
             device: As for the constructor.
             fused: As for the constructor (the numbers do not depend on it).
+            task: The run's task, for one that cannot be imported by the checkpoint's
+                ``config.task`` (default: imported from it).
 
         Raises:
             FileNotFoundError: if ``run_dir`` has no checkpoint.
@@ -678,7 +839,10 @@ class TrainingMachine:
                     f"TrainingMachine.resume: {toml_path} sets {field} = {_lookup(edited, field)!r}, the checkpoint's "
                     f"run has {_lookup(saved, field)!r}; a resumed run keeps its settings: undo the edit, or start "
                     f"a new run")
-        machine = cls(config, out_dir=run_dir, callback=callback, device=device, fused=fused)
+        if task is not None and task_reference(task) != config.task:
+            raise ValueError(f"TrainingMachine.resume: the run trained task {config.task!r}, "
+                             f"got task {task_reference(task)!r}")
+        machine = cls(config, out_dir=run_dir, callback=callback, device=device, fused=fused, task=task)
         machine._resume_state = state
         return machine
 
@@ -688,11 +852,11 @@ class TrainingMachine:
         self._check_saved_machine(saved)
         loader = state["clan"].get("loader")
         perm = loader.get("perm") if isinstance(loader, Mapping) else None
-        n = len(self.data.train[0])
-        if perm is not None and (not isinstance(perm, torch.Tensor) or perm.shape != (n,)):
+        sizes = sorted({data_length(d.train) for d in self._datasets.values()})
+        if perm is not None and (not isinstance(perm, torch.Tensor) or perm.dim() != 1 or len(perm) not in sizes):
             got = list(perm.shape) if isinstance(perm, torch.Tensor) else type(perm).__name__
             raise ValueError(f"TrainingMachine.resume: the checkpoint's loader permutation is {got}, the training "
-                             f"data has {n} samples")
+                             f"data has {' or '.join(map(str, sizes))} samples")
         try:
             self.clan.load_state_dict(state["clan"])
         except (KeyError, TypeError, AttributeError, RuntimeError) as err:
@@ -844,11 +1008,11 @@ class TrainingMachine:
 
     def _final(self, seconds: float) -> dict:
         population = self.clan.population
-        members = self.task.population_losses(population, *self.data.val)
+        members = self.task.population_losses(population, self.data.val)
         finite = torch.where(torch.isfinite(members), members, torch.full_like(members, math.inf))
         best = int(torch.argmin(finite).item())
         self._best_model = population.member_module(best).eval()
-        scores = self.task.evaluate(self._best_model, *self.data.val)
+        scores = self.task.evaluate(self._best_model, self.data.val)
         if not math.isfinite(scores["loss"]) or not bool(self._finite_members()[best]):
             raise DivergenceError(f"TrainingMachine: the run ends without a finite model: the best member's "
                                   f"validation loss is {scores['loss']}")

@@ -35,8 +35,21 @@ SCHEDULE_VERSION = 1
 GENES = ADAMW_GENES
 
 
+def _planes_of(record: Mapping) -> tuple[dict, dict]:
+    """``(data overrides beyond batch_size, model overrides)`` a history record carries (see the machine)."""
+    return dict(record.get("data", {})), ({"freeze": list(record["freeze"])} if "freeze" in record else {})
+
+
 def _pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: float | None,
                batch_size: int | None, population_size: int | None) -> list[tuple]:
+    """``(name, first_step, end_step, hyper, samples_per_step, (data, model))`` pieces of one history record."""
+    planes = _planes_of(record)
+    return [(*piece, planes) for piece in _hyper_pieces_of(record, start, member, duty_cycle, batch_size,
+                                                           population_size)]
+
+
+def _hyper_pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: float | None,
+                     batch_size: int | None, population_size: int | None) -> list[tuple]:
     """``(name, first_step, end_step, hyper, samples_per_step)`` pieces of one history record."""
     end = record.get("end_step", record.get("step"))
     if record.get("kind") == "cooperative":
@@ -90,7 +103,8 @@ def export_schedule(history: Sequence[Mapping], total_steps: int, *, member: int
 
     Returns:
         A :class:`PhaseSchedule` whose phases carry every AdamW hyperparameter in ``optimizer``,
-        the samples per step in ``data.batch_size`` and ``clan.competition = false``; adjacent
+        the samples per step in ``data.batch_size`` (and the phase's other data settings, e.g.
+        ``seq_len``), the phase's ``model.freeze`` and ``clan.competition = false``; adjacent
         stretches with equal settings are merged.
 
     Raises:
@@ -107,8 +121,8 @@ def export_schedule(history: Sequence[Mapping], total_steps: int, *, member: int
             raise ValueError(f"export_schedule: the history has a gap or overlap at step {position} "
                              f"(the next record starts at step {start})")
         for piece in _pieces_of(record, start, member, duty_cycle, batch_size, population_size):
-            if pieces and pieces[-1][3] == piece[3] and pieces[-1][4] == piece[4]:
-                pieces[-1] = (pieces[-1][0], pieces[-1][1], piece[2], pieces[-1][3], pieces[-1][4])
+            if pieces and pieces[-1][3:] == piece[3:]:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1], piece[2], *pieces[-1][3:])
             else:
                 pieces.append(piece)
         position = pieces[-1][2]
@@ -116,8 +130,8 @@ def export_schedule(history: Sequence[Mapping], total_steps: int, *, member: int
         raise ValueError(f"export_schedule: the history covers steps [0, {position}), "
                          f"but total_steps is {total_steps}")
     phases = [Phase(name, clock.time_at(first), clock.time_at(end), optimizer=hyper,
-                    data={"batch_size": int(samples)}, clan={"competition": False})
-              for name, first, end, hyper, samples in pieces]
+                    data={"batch_size": int(samples), **data}, model=model, clan={"competition": False})
+              for name, first, end, hyper, samples, (data, model) in pieces]
     return PhaseSchedule(phases)
 
 
@@ -179,7 +193,8 @@ class ReplayResult:
 
 
 def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps: int | None = None,
-           trace: bool = False, callback: Callable[[int, str], None] | None = None) -> ReplayResult:
+           trace: bool = False, callback: Callable[[int, str], None] | None = None,
+           task=None) -> ReplayResult:
     """Train one plain model with ``torch.optim.AdamW`` following ``schedule``.
 
     The model is built and initialised as the training machine does (same task, config and
@@ -188,7 +203,10 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     (:func:`~vmapclan.schedule.phase_optimizer`, with the config's optimizer as the incumbent: a
     value a phase does not set keeps the config's; ``lr_scale`` multiplies the config's lr) and the batch holds the
     phase's ``data.batch_size`` samples (default: ``config.data.batch_size``), drawn from a
-    fresh permutation each epoch.
+    fresh permutation each epoch. A phase's other data settings (``seq_len``) take the data
+    the task loads with them from the phase's first step on (a new epoch), and the parameters
+    a phase's ``model.freeze`` matches are skipped by the optimizer while it lasts, as a
+    parameter without a gradient is.
 
     Args:
         schedule: The schedule to follow (e.g. from :func:`read_schedule`).
@@ -196,34 +214,50 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
         total_steps: Steps to run (default: ``config.total_steps``).
         trace: Record the settings used at every step.
         callback: Called as ``callback(step, phase_name)`` after every step.
+        task: The :class:`~vmapclan.Task` to train (default: the one ``config.task`` names,
+            imported if it is a ``"module:ClassName"``).
 
     Returns:
         A :class:`ReplayResult`.
 
     Raises:
-        ValueError: for a batch size larger than the training set.
+        ValueError: for a batch size larger than the training set, a task that cannot be
+            imported, or model, data or freeze settings the task refuses.
     """
-    from .tasks import get_task
+    from .machine import _data_key, frozen_parameters, phase_data
+    from .tasks import data_batches, data_length, resolve_task
 
     if isinstance(config, Mapping):
         config = RunConfig.from_dict(config)
     total = config.total_steps if total_steps is None else total_steps
     TimeController(total)  # validates total_steps
-    task = get_task(config.task)
+    task = resolve_task(config.task if task is None else task)
+    settings_of_model = task.model_settings(config.model)
     torch.manual_seed(config.seed)  # as TrainingMachine: the same initial weights
     data = task.load(config.data, config.seed)
-    model = task.build_model(config.model, config.data)
+    model = task.build_model(settings_of_model, config.data)
     optimizer = config.optimizer.build(model.parameters())
     group = optimizer.param_groups[0]
     configured = adamw_settings(group)
-    x_train, y_train = data.train
-    n = len(x_train)
+    datasets = {(): data}
+    parameters = dict(model.named_parameters())
+    frozen_in: dict[str, list[str]] = {}  # phase name -> the parameter names its freeze patterns match
     generator = torch.Generator().manual_seed(config.seed + 2)
-    perm, position = torch.randperm(n, generator=generator), 0
+    perm, position = None, 0
     steps_trace, losses = [], []
     model.train()
     for step in range(total):
         phase = schedule.phase_at_step(step, total)
+        spec = phase_data(task, config.data, phase)
+        key = _data_key(spec, config.data)
+        if key not in datasets:
+            task.check_data(settings_of_model, spec)
+            datasets[key] = task.load(spec, config.seed)
+        train = datasets[key].train
+        n = data_length(train)
+        if phase.name not in frozen_in:
+            frozen_in[phase.name] = frozen_parameters(parameters, phase.model.get("freeze", ()), f"phase {phase.name!r}")
+        frozen = frozen_in[phase.name]
         settings = phase_optimizer(phase.optimizer, configured)
         group["lr"], group["weight_decay"], group["eps"] = settings["lr"], settings["weight_decay"], settings["eps"]
         group["betas"] = (settings["betas/0"], settings["betas/1"])
@@ -231,21 +265,27 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
         if batch_size > n:
             raise ValueError(f"replay: phase {phase.name!r} asks for batch_size={batch_size}, "
                              f"the training set has {n} samples")
-        if n - position < batch_size:  # epoch over: a new permutation, as the clan's loader does
+        if perm is None or len(perm) != n or n - position < batch_size:
+            # Epoch over, or other data: a new permutation, as the clan's loader does.
             perm, position = torch.randperm(n, generator=generator), 0
         index = perm[position:position + batch_size]
         position += batch_size
-        loss = task.loss(model(x_train[index]), y_train[index])
+        x, y = next(data_batches(train, index))
+        loss = task.loss(model(x), y)
         loss.backward()
+        for name in frozen:  # AdamW skips a parameter without a gradient: no update, no decay
+            parameters[name].grad = None
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
         if trace:
             steps_trace.append({"step": step, "phase": phase.name, "lr": group["lr"],
                                 "weight_decay": group["weight_decay"], "betas": group["betas"],
-                                "eps": group["eps"], "batch_size": batch_size})
+                                "eps": group["eps"], "batch_size": batch_size,
+                                "data": {k: v for k, v in phase.data.items() if k != "batch_size"},
+                                "freeze": frozen, "input_shape": tuple(x.shape)})
         if callback is not None:
             callback(step + 1, phase.name)
-    scores = task.evaluate(model, *data.val)
+    scores = task.evaluate(model, data.val)
     return ReplayResult(model=model.eval(), final={"val_loss": scores["loss"], "val_accuracy": scores["accuracy"]},
                         trace=steps_trace, losses=losses)

@@ -21,14 +21,19 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["TimeController", "Phase", "PhaseSchedule", "OPTIMIZER_KEYS", "DATA_KEYS", "CLAN_KEYS",
+__all__ = ["TimeController", "Phase", "PhaseSchedule", "OPTIMIZER_KEYS", "DATA_KEYS", "MODEL_KEYS", "CLAN_KEYS",
            "phase_optimizer"]
 
 #: Optimizer settings a phase may override: the AdamW genes, plus ``lr_scale`` (a factor on the
 #: incumbent's learning rate, see :func:`phase_optimizer`).
 OPTIMIZER_KEYS = ("lr", "weight_decay", "betas/0", "betas/1", "eps", "lr_scale")
-#: Data settings a phase may override (``batch_size`` is per member in the training machine).
+#: Data settings every phase may override (``batch_size`` is per member in the training machine).
+#: A task adds its own (its :attr:`~vmapclan.Task.phase_data`, e.g. ``seq_len`` for
+#: stdlib-chars); the training machine and the replay check a phase's other keys against it.
 DATA_KEYS = ("batch_size",)
+#: Model settings a phase may set: ``freeze``, glob patterns over parameter names
+#: (``["embed.*", "blocks.0.*"]``) whose parameters get no update while the phase lasts.
+MODEL_KEYS = ("freeze",)
 #: Clan settings a phase may override. ``competition = false`` runs the population
 #: cooperatively (identical members, data-parallel) with no rounds and no selection.
 CLAN_KEYS = ("competition", "round_length", "duty_cycle")
@@ -134,7 +139,8 @@ def _check_overrides(where: str, kind: str, overrides, allowed: Sequence[str]) -
         return {}
     if not isinstance(overrides, Mapping):
         raise TypeError(f"{where}: {kind} must be a dict of overrides, got {type(overrides).__name__}")
-    unknown = [k for k in overrides if k not in allowed]
+    # Data keys beyond DATA_KEYS belong to the task, which the machine asks when the run is built.
+    unknown = [k for k in overrides if k not in allowed and not (kind == "data" and isinstance(k, str))]
     if unknown:
         raise ValueError(f"{where}: unknown {kind} setting {unknown[0]!r}; expected one of {list(allowed)}")
     for key, value in overrides.items():
@@ -151,6 +157,10 @@ def _check_overrides(where: str, kind: str, overrides, allowed: Sequence[str]) -
             bad = None if _is_number(value) and 0 < value <= 1 else "a number in (0, 1]"
         elif key == "competition":
             bad = None if isinstance(value, bool) else "true or false"
+        elif key == "freeze":
+            ok = (isinstance(value, (list, tuple)) and value
+                  and all(isinstance(v, str) and v for v in value))
+            bad = None if ok else "a non-empty list of parameter name patterns"
         if bad:
             raise ValueError(f"{where}: {kind}.{key} must be {bad}, got {value!r}")
     return dict(overrides)
@@ -168,7 +178,13 @@ class Phase:
             values) and ``lr_scale`` (a factor on the incumbent's learning rate when the phase
             begins; see :func:`phase_optimizer`). They need ``clan.competition = false``: a clan
             phase evolves them.
-        data: Overrides of ``batch_size``.
+        data: Overrides of ``batch_size`` and of the data settings the task lets a phase change
+            (:attr:`vmapclan.Task.phase_data`, e.g. ``seq_len``); the data is reloaded with them
+            from the phase's first step.
+        model: ``freeze``: glob patterns (:mod:`fnmatch`) over the model's parameter names;
+            the parameters they match get no update and no weight decay while the phase lasts,
+            and their optimizer moments are kept as they were. A pattern that matches no
+            parameter is an error when the run is built.
         clan: ``competition`` (bool, default true: clan rounds with selection; false: the
             population trains cooperatively as one data-parallel model), ``round_length``,
             ``duty_cycle``.
@@ -187,6 +203,7 @@ class Phase:
     optimizer: dict = dataclasses.field(default_factory=dict)
     data: dict = dataclasses.field(default_factory=dict)
     clan: dict = dataclasses.field(default_factory=dict)
+    model: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -202,6 +219,10 @@ class Phase:
         object.__setattr__(self, "optimizer", _check_overrides(where, "optimizer", self.optimizer, OPTIMIZER_KEYS))
         object.__setattr__(self, "data", _check_overrides(where, "data", self.data, DATA_KEYS))
         object.__setattr__(self, "clan", _check_overrides(where, "clan", self.clan, CLAN_KEYS))
+        model = _check_overrides(where, "model", self.model, MODEL_KEYS)
+        if "freeze" in model:
+            model["freeze"] = list(model["freeze"])
+        object.__setattr__(self, "model", model)
         if self.optimizer and self.competition:
             raise ValueError(
                 f"{where}: optimizer overrides {sorted(self.optimizer)} need clan.competition = false "
@@ -227,7 +248,7 @@ class Phase:
     def to_dict(self) -> dict:
         """A plain dict (JSON and TOML safe); empty override tables are left out."""
         out: dict[str, Any] = {"name": self.name, "start_t": self.start_t, "end_t": self.end_t}
-        for key in ("optimizer", "data", "clan"):
+        for key in ("optimizer", "data", "clan", "model"):
             if getattr(self, key):
                 out[key] = copy.deepcopy(getattr(self, key))
         return out

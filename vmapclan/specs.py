@@ -24,10 +24,7 @@ from typing import Any, ClassVar
 from .rounds import round_problem
 from .schedule import Phase, PhaseSchedule
 
-__all__ = ["ModelSpec", "DataSpec", "OptimizerSpec", "ClanSpec", "ScheduleSpec", "RunConfig", "TASK_NAMES"]
-
-#: The built-in tasks (see :mod:`vmapclan.tasks`).
-TASK_NAMES = ("digits-mlp", "stdlib-chars")
+__all__ = ["ModelSpec", "DataSpec", "OptimizerSpec", "ClanSpec", "ScheduleSpec", "RunConfig"]
 
 
 def _fail(section: str, name: str, expected: str, value) -> None:
@@ -83,33 +80,63 @@ class _Spec:
         return cls(**data)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec(_Spec):
-    """Model size. Each task reads the fields it uses.
+class ModelSpec(Mapping):
+    """The ``[model]`` table: free-form settings handed to the task, which checks its own keys.
+
+    The task's :meth:`~vmapclan.Task.model_settings` refuses keys it does not read and fills in
+    its defaults when the run is built (``digits-mlp`` reads ``hidden``; ``stdlib-chars`` reads
+    ``d_model``, ``n_layers``, ``n_heads``, ``dropout`` and ``max_len``).
 
     Args:
-        hidden: Width of the digits MLP's two hidden layers.
-        d_model: Width of the character transformer.
-        n_layers: Transformer blocks.
-        n_heads: Attention heads (must divide ``d_model``).
-        dropout: Dropout probability in the transformer, in [0, 1).
+        settings: ``{name: value}`` (also as keyword arguments); names are strings, values
+            anything TOML can hold.
+
+    Raises:
+        TypeError: for a key that is not a string.
+
+    Example:
+        >>> spec = ModelSpec(hidden=64)
+        >>> spec["hidden"], dict(spec)
+        (64, {'hidden': 64})
     """
 
     section: ClassVar[str] = "model"
-    hidden: int = 128
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    dropout: float = 0.0
 
-    def __post_init__(self) -> None:
-        for name in ("hidden", "d_model", "n_layers", "n_heads"):
-            _int(self.section, name, getattr(self, name))
-        object.__setattr__(self, "dropout", _float(self.section, "dropout", self.dropout, 0, 1, high_open=True))
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"model.n_heads must divide model.d_model, got n_heads={self.n_heads}, d_model={self.d_model}"
-            )
+    def __init__(self, settings: Mapping | None = None, /, **more):
+        if settings is not None and not isinstance(settings, Mapping):
+            raise TypeError(f"model: expected a table of settings, got {type(settings).__name__}")
+        merged = {**(settings or {}), **more}
+        bad = [k for k in merged if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"model: setting names must be strings, got {bad[0]!r}")
+        self._settings = copy.deepcopy(merged)
+
+    def __getitem__(self, key: str):
+        return self._settings[key]
+
+    def __iter__(self):
+        return iter(self._settings)
+
+    def __len__(self) -> int:
+        return len(self._settings)
+
+    def __repr__(self) -> str:
+        return f"ModelSpec({self._settings!r})"
+
+    __hash__ = None  # a mapping of mutable values: compared by value, not hashed
+
+    def to_dict(self) -> dict:
+        """The settings as a plain dict (a copy)."""
+        return copy.deepcopy(self._settings)
+
+    @classmethod
+    def from_dict(cls, data: Mapping | None) -> ModelSpec:
+        """Build from a dict (``None``: empty, every setting at the task's default).
+
+        Raises:
+            TypeError: if ``data`` is not a dict.
+        """
+        return cls() if data is None else cls(data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +339,9 @@ class RunConfig:
     """Everything a :class:`vmapclan.TrainingMachine` run needs.
 
     Args:
-        task: A built-in task, ``"digits-mlp"`` or ``"stdlib-chars"``.
+        task: A built-in task (``"digits-mlp"``, ``"stdlib-chars"``) or a task of your own as
+            ``"package.module:ClassName"`` (a :class:`vmapclan.Task` subclass, imported when the
+            run is built; see :func:`vmapclan.tasks.resolve_task`).
         total_steps: Training steps (``TrainingMachine``'s ``total_steps`` argument overrides it).
             Every step costs P member-steps, cooperative or competitive.
         seed: Seeds the model's init, the data split, the clan's mutations and the loader.
@@ -337,8 +366,8 @@ class RunConfig:
     schedule: ScheduleSpec = dataclasses.field(default_factory=ScheduleSpec)
 
     def __post_init__(self) -> None:
-        if self.task not in TASK_NAMES:
-            _fail("config", "task", f"one of {list(TASK_NAMES)}", self.task)
+        if not isinstance(self.task, str) or not self.task:
+            _fail("config", "task", "a task name or 'package.module:ClassName'", self.task)
         _int("config", "total_steps", self.total_steps)
         _int("config", "seed", self.seed, low=0)
         _int("config", "log_every", self.log_every, low=0)
@@ -382,7 +411,9 @@ class RunConfig:
             4
         """
         for key, value in list(changes.items()):
-            if key in _SECTIONS and isinstance(value, Mapping):
+            if key == "model" and isinstance(value, Mapping) and not isinstance(value, ModelSpec):
+                changes[key] = ModelSpec({**getattr(self, key), **value})
+            elif key in _SECTIONS and isinstance(value, Mapping) and not isinstance(value, _SECTIONS[key]):
                 changes[key] = dataclasses.replace(getattr(self, key), **value)
             elif key == "schedule" and not isinstance(value, ScheduleSpec):
                 changes[key] = ScheduleSpec.from_dict(value)

@@ -1,4 +1,4 @@
-"""Built-in tasks on data that ships with Python or scikit-learn (no downloads).
+"""The task protocol (:class:`Task`) and the built-in tasks on data that ships with Python or scikit-learn.
 
 - ``digits-mlp``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes) and an MLP.
 - ``stdlib-chars``: next-character prediction on the CPython standard library's own ``.py``
@@ -21,85 +21,238 @@ import os
 import random
 import sysconfig
 import zlib
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
 from .population import PopulationModel, member_loss, score_members
-from .specs import DataSpec, ModelSpec
+from .specs import DataSpec
 
-__all__ = ["Task", "TaskData", "DigitsTask", "StdlibCharsTask", "CharTransformer", "get_task", "stdlib_corpus",
-           "stdlib_files", "load_digits", "digits_mlp", "TASKS", "VOCAB"]
+__all__ = ["Task", "TaskData", "DigitsTask", "StdlibCharsTask", "CharTransformer", "get_task", "resolve_task",
+           "task_reference", "data_length", "data_batches", "stdlib_corpus", "stdlib_files", "load_digits",
+           "digits_mlp", "TASKS", "VOCAB"]
 
 _EVAL_CHUNK = 256  # validation samples per forward pass: bounds memory for P members at once
 
 
+def _as_data(data, who: str):
+    """A split's data in the form the machine reads: a tuple of tensors (the fast path) or a map-style Dataset."""
+    if isinstance(data, TensorDataset):
+        data = data.tensors
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        if len(data) != 2 or len(data[0]) != len(data[1]):
+            raise ValueError(f"{who}: expected (inputs, targets) tensors of one length, got "
+                             f"{[tuple(t.shape) for t in data]}")
+        return tuple(data)
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return data
+    raise TypeError(f"{who}: expected a map-style torch Dataset (with __len__) or (inputs, targets) tensors, "
+                    f"got {type(data).__name__}")
+
+
+def data_length(data) -> int:
+    """Samples in a task's data: ``(x, y)`` tensors or a map-style ``Dataset``.
+
+    Example:
+        >>> data_length((torch.zeros(5, 2), torch.zeros(5)))
+        5
+    """
+    return len(data[0]) if isinstance(data, tuple) else len(data)
+
+
+def data_batches(data, index: torch.Tensor | None = None, chunk: int = _EVAL_CHUNK):
+    """``(x, y)`` batches of ``data`` (tensors or a ``Dataset`` of ``(input, target)`` samples), in order.
+
+    Args:
+        data: ``(x, y)`` tensors or a map-style ``Dataset``.
+        index: Sample indices to take (default: all, in order); taken in one batch when given.
+        chunk: Samples per batch when ``index`` is not given.
+
+    Example:
+        >>> [x.shape[0] for x, _ in data_batches((torch.zeros(5, 2), torch.zeros(5)), chunk=2)]
+        [2, 2, 1]
+    """
+    if index is not None:
+        pieces = [index]
+    else:
+        n = data_length(data)
+        pieces = [torch.arange(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    for piece in pieces:
+        if isinstance(data, tuple):
+            yield tuple(t[piece.to(t.device)] for t in data)
+        else:
+            x, y = default_collate([data[i] for i in piece.tolist()])
+            yield x, y
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskData:
-    """A task's tensors.
+    """A task's data, each split ``(x, y)`` tensors (the fast path) or a map-style ``Dataset``.
 
     Attributes:
-        train: ``(x, y)`` training tensors.
-        val: ``(x, y)`` validation tensors (final metrics).
-        eval: ``(x, y)``: the first ``data.eval_samples`` of a fixed shuffle of ``val``, used to score
+        train: Training data.
+        val: Validation data (final metrics).
+        eval: The first ``data.eval_samples`` of a fixed shuffle of ``val``, used to score
             members at the end of every round.
     """
 
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
-    eval: tuple[torch.Tensor, torch.Tensor]
+    train: tuple | Dataset
+    val: tuple | Dataset
+    eval: tuple | Dataset
 
 
 class Task(abc.ABC):
-    """A built-in task: data, model and one member's loss. Subclasses implement the three abstract hooks."""
+    """What a run trains: its data, its model and one model's loss.
+
+    Subclass it and implement :meth:`split`, :meth:`build_model` and :meth:`loss`; then run it
+    with ``TrainingMachine(config, task=MyTask())`` or, from a config file, with
+    ``task = "package.module:MyTask"`` (the class is imported and built without arguments).
+    The built-in tasks (:data:`TASKS`) are subclasses like any other.
+
+    Attributes:
+        name: A short name (the built-in tasks); empty for a task named by its import path.
+        model_defaults: The ``[model]`` settings the task reads, with their defaults, or
+            ``None`` to take the table as it is. With defaults, :meth:`model_settings` refuses
+            other keys and fills in the missing ones.
+        phase_data: Data settings (fields of :class:`~vmapclan.DataSpec`) a phase may change
+            with ``data = {...}`` besides ``batch_size``; the machine reloads the data for them
+            at the phase boundary (:meth:`load` with the changed settings).
+
+    Example:
+        >>> class Regression(Task):
+        ...     model_defaults = {"width": 16}
+        ...     def split(self, data, seed):
+        ...         x = torch.randn(64, 3, generator=torch.Generator().manual_seed(seed))
+        ...         y = x.sum(1, keepdim=True)
+        ...         return (x[:48], y[:48]), (x[48:], y[48:])
+        ...     def build_model(self, model, data):
+        ...         return nn.Sequential(nn.Linear(3, model["width"]), nn.ReLU(), nn.Linear(model["width"], 1))
+        ...     def loss(self, output, target):
+        ...         return F.mse_loss(output, target)
+        >>> Regression().model_settings({})
+        {'width': 16}
+    """
 
     name: str = ""
+    model_defaults: dict | None = None
+    phase_data: tuple[str, ...] = ()
+
+    @property
+    def reference(self) -> str:
+        """What ``config.task`` holds for this task: its short name, or ``"module:ClassName"``."""
+        return task_reference(self)
+
+    def model_settings(self, model) -> dict:
+        """The ``[model]`` table checked and completed; override it to check values too.
+
+        Args:
+            model: The run's ``[model]`` table.
+
+        Returns:
+            The settings :meth:`build_model` receives.
+
+        Raises:
+            TypeError: if ``model`` is not a table.
+            ValueError: for a key the task does not read (with :attr:`model_defaults`).
+        """
+        if not isinstance(model, Mapping):
+            raise TypeError(f"model: expected a table of settings, got {type(model).__name__}")
+        if self.model_defaults is None:
+            return dict(model)
+        unknown = [k for k in model if k not in self.model_defaults]
+        if unknown:
+            raise ValueError(f"model: unknown setting {unknown[0]!r} for task {self.reference!r}; "
+                             f"it reads {sorted(self.model_defaults)}")
+        return {**self.model_defaults, **model}
+
+    def check_data(self, model: dict, data: DataSpec) -> None:
+        """Raise ``ValueError`` if ``data`` (the config's, or a phase's) cannot run with ``model``; by default nothing.
+
+        Args:
+            model: The checked model settings (:meth:`model_settings`).
+            data: The data settings.
+        """
 
     def load(self, data: DataSpec, seed: int) -> TaskData:
-        """The train, validation and per-round evaluation tensors."""
-        train, val = self._split(data, seed)
-        n = len(val[0]) if data.eval_samples == 0 else min(data.eval_samples, len(val[0]))
-        pick = torch.randperm(len(val[0]), generator=torch.Generator().manual_seed(seed + 1))[:n]
-        return TaskData(train, val, (val[0][pick], val[1][pick]))
+        """The train, validation and per-round evaluation data (from :meth:`split`).
+
+        Raises:
+            TypeError, ValueError: if :meth:`split` returns something else than ``(train, val)``.
+        """
+        who = f"{type(self).__name__}.split"
+        split = self.split(data, seed)
+        if not isinstance(split, (tuple, list)) or len(split) != 2:
+            raise TypeError(f"{who}: expected (train, val), got {type(split).__name__}")
+        train, val = (_as_data(part, f"{who} ({side})") for part, side in zip(split, ("train", "val")))
+        size = data_length(val)
+        if size == 0 or data_length(train) == 0:
+            raise ValueError(f"{who}: the train and validation data must not be empty")
+        n = size if data.eval_samples == 0 else min(data.eval_samples, size)
+        pick = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 1))[:n]
+        evaluation = (val[0][pick], val[1][pick]) if isinstance(val, tuple) else Subset(val, pick.tolist())
+        return TaskData(train, val, evaluation)
 
     @abc.abstractmethod
-    def _split(self, data: DataSpec, seed: int):
-        """``((x_train, y_train), (x_val, y_val))`` for ``data`` and ``seed``."""
+    def split(self, data: DataSpec, seed: int):
+        """The training and validation data for ``data`` and ``seed``.
+
+        Args:
+            data: The run's data settings (a phase's, when it changes one of :attr:`phase_data`).
+            seed: The run's seed.
+
+        Returns:
+            ``(train, val)``, each ``(inputs, targets)`` tensors, a ``TensorDataset`` (indexed
+            directly: the fast path) or any map-style ``Dataset`` of ``(input, target)`` samples
+            (batched with ``default_collate``).
+        """
 
     @abc.abstractmethod
-    def build_model(self, model: ModelSpec, data: DataSpec) -> nn.Module:
-        """A fresh model (initialised from torch's global generator: seed it first)."""
+    def build_model(self, model: dict, data: DataSpec) -> nn.Module:
+        """A fresh model (initialised from torch's global generator: the machine seeds it first).
+
+        Args:
+            model: The run's ``[model]`` settings, as :meth:`model_settings` returns them.
+            data: The run's data settings.
+        """
 
     @abc.abstractmethod
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One model's mean loss (a scalar); vmapped over members by :func:`vmapclan.member_loss`."""
 
     def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Share of correct predictions (a scalar)."""
+        """Share of correct predictions (a scalar); override it for a task where that means nothing."""
+        if not output.is_floating_point() or output.dim() == 0 or target.is_floating_point():
+            return torch.full((), math.nan)
         return (output.argmax(-1) == target).float().mean()
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """``{"loss", "accuracy"}`` of a plain model on ``(x, y)``, in eval mode, chunked.
+    def evaluate(self, model: nn.Module, data, target: torch.Tensor | None = None) -> dict:
+        """``{"loss", "accuracy"}`` of a plain model on ``data``, in eval mode, chunked.
 
-        The model's training mode is restored afterwards.
+        ``data`` is a split (tensors or a ``Dataset``), or inputs with ``target``. The model's
+        training mode is restored afterwards.
         """
+        data = data if target is None else (data, target)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         loss = correct = 0.0
-        for i in range(0, len(x), _EVAL_CHUNK):
-            xb, yb = x[i:i + _EVAL_CHUNK].to(device), y[i:i + _EVAL_CHUNK].to(device)
+        n = data_length(data)
+        for xb, yb in data_batches(data):
+            xb, yb = xb.to(device), yb.to(device)
             out = model(xb)
             loss += self.loss(out, yb).item() * len(xb)
             correct += self.accuracy(out, yb).item() * len(xb)
         model.train(was_training)
-        return {"loss": loss / len(x), "accuracy": correct / len(x)}
+        return {"loss": loss / n, "accuracy": correct / n}
 
-    def population_losses(self, population: PopulationModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Each member's mean loss on shared data ``(x, y)``: a ``[P]`` tensor (eval mode, chunked)."""
-        chunks = [(x[i:i + _EVAL_CHUNK], y[i:i + _EVAL_CHUNK]) for i in range(0, len(x), _EVAL_CHUNK)]
+    def population_losses(self, population: PopulationModel, data, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Each member's mean loss on shared ``data`` (as for :meth:`evaluate`): a ``[P]`` tensor (eval mode, chunked)."""
+        data = data if target is None else (data, target)
+        chunks = list(data_batches(data))
 
         def losses_of(chunk, _index):
             xb, yb = population.share(chunk)
@@ -109,17 +262,35 @@ class Task(abc.ABC):
                              who=f"{type(self).__name__}.loss")
 
 
+def _positive_ints(model: dict, names) -> None:
+    for name in names:
+        value = model[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+
+
 class DigitsTask(Task):
-    """scikit-learn's digits: 8x8 images scaled to [0, 1], 10 classes, an MLP 64 -> hidden -> hidden -> 10."""
+    """scikit-learn's digits: 8x8 images scaled to [0, 1], 10 classes, an MLP 64 -> hidden -> hidden -> 10.
+
+    Model settings: ``hidden`` (width of the two hidden layers, default 128).
+    """
 
     name = "digits-mlp"
+    model_defaults = {"hidden": 128}
 
-    def _split(self, data: DataSpec, seed: int):
+    def model_settings(self, model) -> dict:
+        """The settings with defaults; ``hidden`` must be a positive int."""
+        settings = super().model_settings(model)
+        _positive_ints(settings, ["hidden"])
+        return settings
+
+    def split(self, data: DataSpec, seed: int):
+        """:func:`load_digits` with ``data.val_fraction``."""
         return load_digits(data.val_fraction, seed)
 
-    def build_model(self, model: ModelSpec, data: DataSpec) -> nn.Module:
-        """The MLP (``model.hidden`` wide)."""
-        return digits_mlp(model.hidden)
+    def build_model(self, model: dict, data: DataSpec) -> nn.Module:
+        """The MLP (``model["hidden"]`` wide)."""
+        return digits_mlp(model["hidden"])
 
     def loss(self, output, target):
         """Cross-entropy."""
@@ -224,11 +395,41 @@ def stdlib_corpus(val_fraction: float, max_chars: int) -> tuple[torch.Tensor, to
 
 
 class StdlibCharsTask(Task):
-    """Next-character prediction on the standard library's sources with a small causal transformer."""
+    """Next-character prediction on the standard library's sources with a small causal transformer.
+
+    Model settings: ``d_model`` (64), ``n_layers`` (2), ``n_heads`` (4, dividing ``d_model``),
+    ``dropout`` (0.0) and ``max_len`` (0: ``data.seq_len``), the longest window the position
+    embedding holds. A phase may change ``data.seq_len`` up to ``max_len``.
+    """
 
     name = "stdlib-chars"
+    model_defaults = {"d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0, "max_len": 0}
+    phase_data = ("seq_len",)
 
-    def _split(self, data: DataSpec, seed: int):
+    def model_settings(self, model) -> dict:
+        """The settings with defaults, checked (``n_heads`` must divide ``d_model``)."""
+        settings = super().model_settings(model)
+        _positive_ints(settings, ["d_model", "n_layers", "n_heads"])
+        max_len = settings["max_len"]
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+            raise ValueError(f"model.max_len must be an int >= 0, got {max_len!r}")
+        dropout = settings["dropout"]
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
+        settings["dropout"] = float(dropout)
+        if settings["d_model"] % settings["n_heads"]:
+            raise ValueError(f"model.n_heads must divide model.d_model, got n_heads={settings['n_heads']}, "
+                             f"d_model={settings['d_model']}")
+        return settings
+
+    def check_data(self, model: dict, data: DataSpec) -> None:
+        """Refuse a ``seq_len`` longer than the model's ``max_len``."""
+        if model["max_len"] and data.seq_len > model["max_len"]:
+            raise ValueError(f"data.seq_len={data.seq_len} is longer than model.max_len={model['max_len']}; "
+                             f"raise model.max_len")
+
+    def split(self, data: DataSpec, seed: int):
+        """Windows of ``data.seq_len`` characters and their next characters, from :func:`stdlib_corpus`."""
         train, val = stdlib_corpus(data.val_fraction, data.max_chars)
 
         def windows(tokens):
@@ -243,9 +444,10 @@ class StdlibCharsTask(Task):
             )
         return windows(train), windows(val)
 
-    def build_model(self, model: ModelSpec, data: DataSpec) -> nn.Module:
-        """A :class:`CharTransformer` sized by ``model`` for ``data.seq_len``."""
-        return CharTransformer(VOCAB, model.d_model, model.n_layers, model.n_heads, data.seq_len, model.dropout)
+    def build_model(self, model: dict, data: DataSpec) -> nn.Module:
+        """A :class:`CharTransformer` sized by ``model`` for windows up to ``max_len`` (or ``data.seq_len``)."""
+        return CharTransformer(VOCAB, model["d_model"], model["n_layers"], model["n_heads"],
+                               model["max_len"] or data.seq_len, model["dropout"])
 
     def loss(self, output, target):
         """Cross-entropy over every position."""
@@ -310,15 +512,75 @@ class CharTransformer(nn.Module):
         return self.head(self.ln(self.blocks(self.tok(idx) + self.pos(positions))))
 
 
+#: The built-in tasks by short name; ``config.task`` names one of them or a ``"module:ClassName"``.
 TASKS: dict[str, Task] = {"digits-mlp": DigitsTask(), "stdlib-chars": StdlibCharsTask()}
 
 
-def get_task(name: str) -> Task:
-    """The built-in task called ``name``.
+def task_reference(task: Task) -> str:
+    """What ``config.task`` holds for ``task``: a built-in's short name, else ``"module:ClassName"``.
+
+    Example:
+        >>> task_reference(TASKS["digits-mlp"]), task_reference(StdlibCharsTask())
+        ('digits-mlp', 'stdlib-chars')
+    """
+    if task.name in TASKS and type(TASKS[task.name]) is type(task):
+        return task.name
+    return f"{type(task).__module__}:{type(task).__qualname__}"
+
+
+def resolve_task(spec: str | Task) -> Task:
+    """The task ``spec`` names: a built-in's short name, or ``"package.module:ClassName"`` (imported, built without arguments).
+
+    Args:
+        spec: A name from :data:`TASKS`, an import path ``"module:Class"``, or a :class:`Task` (returned as is).
 
     Raises:
-        ValueError: for an unknown name.
+        ValueError: for an unknown name, a module that cannot be imported, a missing class, a
+            class that is not a :class:`Task` subclass, or one that cannot be built without
+            arguments; the message is one line.
+
+    Example:
+        >>> type(resolve_task("vmapclan.tasks:DigitsTask")).__name__
+        'DigitsTask'
     """
-    if name not in TASKS:
-        raise ValueError(f"get_task: unknown task {name!r}; the tasks are {sorted(TASKS)}")
-    return TASKS[name]
+    if isinstance(spec, Task):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"task must be a task name, 'package.module:ClassName' or a Task, got {type(spec).__name__}")
+    if spec in TASKS:
+        return TASKS[spec]
+    module_name, colon, class_name = spec.partition(":")
+    if not colon or not module_name or not class_name:
+        raise ValueError(f"task {spec!r} is neither a built-in task {sorted(TASKS)} nor 'package.module:ClassName'")
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any failure while importing the user's module is reported, in one line
+        raise ValueError(f"task {spec!r}: cannot import {module_name!r}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    found = module
+    for part in class_name.split("."):
+        found = getattr(found, part, None)
+    if found is None:
+        raise ValueError(f"task {spec!r}: module {module_name!r} has no {class_name!r}")
+    if not (isinstance(found, type) and issubclass(found, Task)):
+        raise ValueError(f"task {spec!r}: {class_name} is not a vmapclan.Task subclass "
+                         f"(got {type(found).__name__} {found!r:.60})")
+    try:
+        return found()
+    except Exception as err:
+        raise ValueError(f"task {spec!r}: {class_name}() failed: {type(err).__name__}: {err}") from None
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name`` (see :func:`resolve_task`).
+
+    Raises:
+        ValueError: for an unknown name or an import path that does not give a Task.
+
+    Example:
+        >>> get_task("digits-mlp").name
+        'digits-mlp'
+    """
+    return resolve_task(name)

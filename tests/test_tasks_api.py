@@ -1,0 +1,254 @@
+"""The public task protocol: a task of the user's own, per-phase freezing and per-phase data settings."""
+
+import tomllib
+
+import pytest
+import tomli_w
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from vmapclan import RunConfig, Task, TrainingMachine, replay
+from vmapclan.machine import TrainingStopped
+from vmapclan.cli import EXIT_INPUT, EXIT_OK, main
+from vmapclan.tasks import resolve_task
+
+
+class Blobs(Dataset):
+    """A Dataset class of the test's own: 4 features, the label is whether they sum above 0."""
+
+    def __init__(self, n: int, seed: int):
+        self.x = torch.randn(n, 4, generator=torch.Generator().manual_seed(seed))
+        self.y = (self.x.sum(1) > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class BlobsTask(Task):
+    model_defaults = {"width": 8}
+
+    def split(self, data, seed):
+        return Blobs(96, seed), Blobs(32, seed + 100)
+
+    def build_model(self, model, data):
+        return nn.Sequential(nn.Linear(4, model["width"]), nn.ReLU(), nn.Linear(model["width"], 2))
+
+    def loss(self, output, target):
+        return F.cross_entropy(output, target)
+
+
+class ParityTask(Task):
+    """Per-token parity of random token windows of ``data.seq_len``: a phase may change the length."""
+
+    phase_data = ("seq_len",)
+
+    def __init__(self):
+        self.last_len = None
+
+    def split(self, data, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 16, (64, data.seq_len), generator=g)
+        return (x[:48], x[:48] % 2), (x[48:], x[48:] % 2)
+
+    def build_model(self, model, data):
+        return nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 2))
+
+    def loss(self, output, target):
+        self.last_len = target.shape[-1]  # which windows the step trained on
+        return F.cross_entropy(output.flatten(0, -2), target.flatten())
+
+
+class NotATask:
+    pass
+
+
+BASE = {"total_steps": 24, "seed": 1, "data": {"batch_size": 4, "eval_samples": 8},
+        "clan": {"population_size": 3, "round_length": 6, "duty_cycle": 0.5}}
+WARMUP = [{"name": "warmup", "start_t": 0.0, "end_t": 0.25, "clan": {"competition": False}},
+          {"name": "clan", "start_t": 0.25, "end_t": 1.0}]
+
+
+def blobs_config(**changes) -> dict:
+    return {**BASE, "task": "test_tasks_api:BlobsTask", "model": {"width": 6}, "schedule": WARMUP, **changes}
+
+
+def same_model(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
+
+
+def test_a_user_task_runs_from_python_and_from_the_command_with_the_same_results(tmp_path, capsys):
+    config = blobs_config()
+    results = TrainingMachine({k: v for k, v in config.items() if k != "task"}, task=BlobsTask()).train()
+    assert results.config.task == "test_tasks_api:BlobsTask"  # what a resume and the replay import
+    path = tmp_path / "blobs.toml"
+    path.write_text(tomli_w.dumps(config))
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(out), "--no-progress", "--no-plots"]) == EXIT_OK
+    saved = torch.load(out / "best_model.pt")
+    assert all(torch.equal(t, saved[k]) for k, t in results.best_model.state_dict().items())
+    assert tomllib.loads((out / "config.toml").read_text())["model"] == {"width": 6}
+    assert main(["replay", str(out / "schedule.json"), "--no-progress"]) == EXIT_OK
+    assert "replay (one model, torch AdamW)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task, message", [
+    ("no_such_module_for_vmapclan:T", "task 'no_such_module_for_vmapclan:T': cannot import "
+                                      "'no_such_module_for_vmapclan': ModuleNotFoundError"),
+    ("test_tasks_api:Missing", "task 'test_tasks_api:Missing': module 'test_tasks_api' has no 'Missing'"),
+    ("test_tasks_api:NotATask", "task 'test_tasks_api:NotATask': NotATask is not a vmapclan.Task subclass"),
+    ("mnist", "task 'mnist' is neither a built-in task"),
+])
+def test_a_task_that_cannot_be_imported_is_exit_3_in_one_line(tmp_path, capsys, task, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(tomli_w.dumps(blobs_config(task=task)))
+    assert main(["train", str(path), "--out", str(tmp_path / "r"), "--no-progress"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_task(task)
+
+
+def test_model_settings_are_the_tasks_and_task_must_be_a_task():
+    with pytest.raises(ValueError, match=r"model: unknown setting 'depth' for task 'test_tasks_api:BlobsTask'; "
+                                         r"it reads \['width'\]"):
+        TrainingMachine(blobs_config(model={"depth": 2}))
+    with pytest.raises(TypeError, match="TrainingMachine: task must be a vmapclan.Task, got NotATask"):
+        TrainingMachine(blobs_config(), task=NotATask())
+    with pytest.raises(TypeError, match=r"Broken.split \(train\): expected a map-style torch Dataset \(with __len__\) or \(inputs, targets\) tensors, got list"):
+        class Broken(BlobsTask):
+            def split(self, data, seed):
+                return [1, 2, 3], Blobs(8, 0)
+        TrainingMachine(blobs_config(), task=Broken()).prepare()
+
+
+# -- freeze ------------------------------------------------------------------------------------
+FREEZE = [{"name": "warmup", "start_t": 0.0, "end_t": 0.25, "clan": {"competition": False}},
+          {"name": "first-frozen", "start_t": 0.25, "end_t": 0.75, "model": {"freeze": ["0.*"]}},
+          {"name": "last-frozen", "start_t": 0.75, "end_t": 1.0, "clan": {"competition": False},
+           "model": {"freeze": ["2.weight", "2.bias"]}}]
+
+
+def columns_of(state: dict, columns: slice) -> dict:
+    return {"params": state["params"][:, columns].clone(), "exp_avg": state["optimizer"]["exp_avg"][:, columns].clone(),
+            "exp_avg_sq": state["optimizer"]["exp_avg_sq"][:, columns].clone()}
+
+
+def test_a_frozen_parameter_is_bitwise_unchanged_while_the_others_train():
+    machine = TrainingMachine(blobs_config(schedule=FREEZE))
+    machine.prepare()
+    columns = machine.clan.population.columns
+    first = slice(columns["0.weight"].start, columns["0.bias"].stop)
+    last = slice(columns["2.weight"].start, columns["2.bias"].stop)
+    snapshots = {}
+
+    def snap(event):  # at the end of each stretch, after its selection
+        if event["event"] in ("round", "cooperative") and event["end_step"] in (6, 18, 24):
+            state = machine.clan.member_state()
+            snapshots[event["end_step"]] = (columns_of(state, first), columns_of(state, last))
+
+    machine.callback = snap
+    results = machine.train()
+    for name in ("params", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(snapshots[6][0][name], snapshots[18][0][name]), name  # frozen in first-frozen
+        assert not torch.equal(snapshots[6][1][name], snapshots[18][1][name]), name  # the rest trains
+        assert torch.equal(snapshots[18][1][name], snapshots[24][1][name]), name  # frozen in last-frozen
+        assert not torch.equal(snapshots[18][0][name], snapshots[24][0][name]), name  # trains again
+    assert [r.get("freeze") for r in results.history] == [None, ["0.*"], ["0.*"], ["2.weight", "2.bias"]]
+    # The exported schedule records the freeze and the replay follows it.
+    frozen = {p.model.get("freeze", None) and tuple(p.model["freeze"]) for p in results.schedule}
+    assert frozen == {None, ("0.*",), ("2.weight", "2.bias")}
+    out = replay(results.schedule, results.config, trace=True)
+    assert [s["freeze"] for s in out.trace] == [[]] * 6 + [["0.weight", "0.bias"]] * 12 + [["2.weight", "2.bias"]] * 6
+
+
+def test_a_freeze_pattern_that_matches_nothing_is_refused():
+    schedule = [{**FREEZE[0]}, {**FREEZE[1], "model": {"freeze": ["embed.*"]}}, FREEZE[2]]
+    with pytest.raises(ValueError, match=r"schedule\[1\] \('first-frozen'\): model.freeze pattern 'embed.\*' matches "
+                                         r"no parameter; the parameters are \['0.weight'"):
+        TrainingMachine(blobs_config(schedule=schedule)).prepare()
+
+
+@pytest.mark.parametrize("stop_at", [10, 20])  # inside each frozen phase
+def test_resume_across_a_freeze_is_exact(tmp_path, stop_at):
+    config = blobs_config(schedule=FREEZE)
+    full = TrainingMachine(config).train()
+
+    def stop(event):
+        if event["event"] == "step" and event["step"] == stop_at:
+            machine.request_stop()
+
+    machine = TrainingMachine(config, out_dir=tmp_path, callback=stop)
+    with pytest.raises(TrainingStopped):
+        machine.train()
+    resumed = TrainingMachine.resume(tmp_path).train()
+    assert repr(resumed.history) == repr(full.history) and same_model(resumed.best_model, full.best_model)
+
+
+# -- data settings per phase -------------------------------------------------------------------
+LONGER = [{"name": "short", "start_t": 0.0, "end_t": 0.5},
+          {"name": "long", "start_t": 0.5, "end_t": 1.0, "data": {"seq_len": 12}}]
+
+
+def parity_config() -> dict:
+    return {**BASE, "task": "test_tasks_api:ParityTask", "data": {**BASE["data"], "seq_len": 6},
+            "schedule": LONGER}
+
+
+def test_a_phase_data_setting_changes_the_batches_from_the_boundary_and_the_replay_follows():
+    task = ParityTask()
+    lengths = []
+    machine = TrainingMachine(parity_config(), task=task,
+                              callback=lambda e: lengths.append(task.last_len) if e["event"] == "step" else None)
+    results = machine.train()
+    assert lengths == [6] * 12 + [12] * 12
+    assert [p.data.get("seq_len") for p in results.schedule][-1] == 12
+    out = replay(results.schedule, results.config, trace=True)
+    assert [s["input_shape"][-1] for s in out.trace] == lengths
+
+
+def test_a_data_setting_the_task_does_not_offer_is_refused():
+    with pytest.raises(ValueError, match=r"schedule\[1\] \('long'\): unknown data setting 'seq_len' for task "
+                                         r"'test_tasks_api:BlobsTask'; a phase may change \['batch_size'\]"):
+        TrainingMachine(blobs_config(schedule=LONGER))
+    with pytest.raises(ValueError, match=r"data.seq_len=80 is longer than model.max_len=64"):
+        TrainingMachine({"task": "stdlib-chars", "model": {"max_len": 64},
+                         "schedule": [{**LONGER[0]}, {**LONGER[1], "data": {"seq_len": 80}}]})
+
+
+def test_resume_across_a_data_change_is_exact(tmp_path):
+    config = parity_config()
+    full = TrainingMachine(config).train()
+
+    def stop(event):
+        if event["event"] == "step" and event["step"] == 14:
+            machine.request_stop()
+
+    machine = TrainingMachine(config, out_dir=tmp_path, callback=stop)
+    with pytest.raises(TrainingStopped):
+        machine.train()
+    resumed = TrainingMachine.resume(tmp_path).train()
+    assert repr(resumed.history) == repr(full.history) and same_model(resumed.best_model, full.best_model)
+
+
+def test_round_config_keeps_the_model_table():
+    config = RunConfig.from_dict(blobs_config())
+    assert dict(config.model) == {"width": 6} and RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_custom_task_example_runs_from_python_and_from_the_command(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "custom_task.py"
+    spec = importlib.util.spec_from_file_location("custom_task_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    from_python = example.main(size=300, steps=40, population_size=3)
+    from_command = example.main(size=300, steps=40, population_size=3, command=True, out=str(tmp_path / "run"))
+    assert from_command["exit"] == [0, 0]
+    assert from_command["val_loss"] == pytest.approx(from_python["val_loss"], rel=1e-6)
