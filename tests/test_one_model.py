@@ -619,3 +619,52 @@ def test_cooperate_between_rounds_trains_one_model_as_the_p_fold_path(accumulate
     for k, ((losses, state), (want_losses, want_state)) in enumerate(zip(runs[False], runs[True])):
         torch.testing.assert_close(losses, want_losses, atol=TOL, rtol=0)
         assert_same_state(state, want_state, TOL, f"step {k}")
+
+
+# -- 7. regressions -------------------------------------------------------------------------------
+def test_grad_set_to_none_between_forward_and_backward_keeps_the_gradient():
+    """``w.grad = None`` on the stacked parameters after the forward: the backward that follows lands
+    in member 0's parameters, and the update must still use it (the P-fold path does)."""
+    runs = {}
+    for p_fold in (True, False):
+        clan = make_clan(p_fold=p_fold)
+        member = clan.round()
+        x, y = shards()
+        loss = member_loss(F.cross_entropy, member.model(x), y)
+        for w in clan.population._params.values():  # the stacked leaves, without syncing the rows
+            w.grad = None
+        with member.sync_context():
+            loss.sum().backward()
+        member.optimizer.step()
+        runs[p_fold] = clan.member_state()["params"].clone()
+    assert_same_state({"params": runs[False]}, {"params": runs[True]}, TOL, "grad = None after the forward")
+
+
+def test_the_form_is_found_again_when_the_training_mode_changes():
+    """A first cooperative step in eval mode must not fix the form for training mode: BatchNorm
+    couples a batch's samples in training mode only."""
+    clan, ref = make_clan("batchnorm"), make_clan("batchnorm", p_fold=True)
+    steps = [FusedStep(c, F.cross_entropy) for c in (clan, ref)]
+    for training in (False, True):
+        for c, step in zip((clan, ref), steps):
+            c.population.train(training)
+            step(*shards(5 if training else 6))
+    assert steps[0]._forms == {(False,) * 5: "batch", (True,) * 5: "members"}
+    assert_same_state(member_state_now(clan), member_state_now(ref), TOL, "eval step, then a training step")
+
+
+def test_member_sync_context_inside_cooperate_averages_in_a_competitive_phase():
+    """Inside ``clan.cooperate()`` the members are one model whatever the round's phase, so
+    ``member.sync_context()`` averages there as ``clan.sync_context(cooperative=True)`` does."""
+    grads = []
+    for explicit in (False, True):
+        clan = make_clan(duty_cycle=1.0)
+        assert clan.phase == "competitive"
+        with clan.cooperate():
+            member = clan.round()
+            x, y = shards()
+            loss = member_loss(F.cross_entropy, member.model(x), y)
+            with clan.sync_context(cooperative=True) if explicit else member.sync_context():
+                loss.sum().backward()
+            grads.append(clan.population.grad_flat[0].clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)

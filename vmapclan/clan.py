@@ -517,12 +517,12 @@ class Clan:
 
         Args:
             cooperative: Whether to average; default: whether the current step is cooperative
-                (what ``member.sync_context()`` does). The training machine passes ``True`` for
-                its cooperative phases, which run outside the round clock.
+                (what ``member.sync_context()`` does), or the members train as one model
+                (inside :meth:`cooperate`).
         """
-        if cooperative is None:
-            cooperative = self.phase == COOPERATIVE
         one_model = self.population is not None and self.population.one_model
+        if cooperative is None:  # members trained as one model always cooperate (see cooperate())
+            cooperative = self.phase == COOPERATIVE or one_model
         syncing, self._syncing = self._syncing, True  # the backward check: this backward is averaged here
         averaging, self._averaging = self._averaging, cooperative and one_model
         try:

@@ -303,7 +303,8 @@ class FusedStep:
         self._module_views = {n: v[0] for n, v in self._views.items()}
         self._one_model_adamw = adamw_update(resolve_update(update, population.flat[:1], compile=compile is not None),
                                              compile=compile is not None)
-        self._form: str | None = None  # one of ONE_MODEL_FORMS, chosen on the first one-model step
+        self._form: str | None = None  # the one of ONE_MODEL_FORMS the last one-model step took
+        self._forms: dict[tuple, str] = {}  # the form found for each combination of training modes
 
         def batch_loss(params, *batch):  # params=None: the module's own, member 0's (no functional_call)
             inputs = tuple(t.flatten(0, 1) for t in batch[:k])
@@ -403,9 +404,14 @@ class FusedStep:
 
     def _choose_form(self, batch: tuple[torch.Tensor, ...]) -> str:
         """The one-model form for this model and loss (see :data:`ONE_MODEL_FORMS`), found on the first call."""
-        if self._form is None:
-            self._form = "batch" if self._batch_form_matches(batch) else "members"
-        return self._form
+        # The answer depends on the modules' training modes (BatchNorm couples samples in
+        # training mode only): found again for every combination of them.
+        modes = tuple(m.training for m in self._population.module.modules())
+        form = self._forms.get(modes)
+        if form is None:
+            form = self._forms[modes] = "batch" if self._batch_form_matches(batch) else "members"
+        self._form = form
+        return form
 
     def _batch_form_matches(self, batch: tuple[torch.Tensor, ...]) -> bool:
         """Whether the ``"batch"`` form gives the ``"members"`` form's outputs and loss on ``batch``.
@@ -561,10 +567,10 @@ class FusedStep:
                 "FusedStep.train_step: cooperative=False while the members train as one model (the clan's "
                 "cooperative phase, or Clan.cooperate()); training them apart there would make copies differ"
             )
-        pop.restore_grad_views()
+        pop.restore_grad_views(before_forward=True)
         # The merged-batch form runs the plain module, with the kernels a plain model gets; the
         # vmapped forms need the ones vmap can batch.
-        plain = pop.one_model and self._form == "batch"
+        plain = pop.one_model and self._choose_form(batch) == "batch"
         with contextlib.nullcontext() if plain else vectorized_forward(pop.padding_rows):
             if self.cuda_graph:
                 return self._replay(cooperative, batch)

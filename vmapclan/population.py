@@ -412,7 +412,7 @@ class PopulationModel:
         module = self.module
         # A ``p.grad = None`` before this forward means "start from zero": the backward that
         # follows may go to member 0's parameters rather than to ``p``, so clear it now.
-        self.restore_grad_views()
+        self.restore_grad_views(before_forward=True)
 
         dropped: dict = {}
 
@@ -451,19 +451,26 @@ class PopulationModel:
                 target.copy_(stacked[index])
         return module
 
-    def restore_grad_views(self) -> None:
+    def restore_grad_views(self, *, before_forward: bool = False) -> None:
         """Re-attach each parameter's ``.grad`` to ``grad_flat`` if user code replaced it.
 
         A ``p.grad = None`` (or a new tensor) from outside would otherwise make the optimizer
         read stale gradients. What the detached ``.grad`` held is added back into ``grad_flat``.
         The same holds for :attr:`module`'s parameters, whose ``.grad`` is row 0 of ``grad_flat``.
+
+        While the members train as one model the backward lands in member 0's parameters, not
+        in the stacked ones: a stacked parameter's ``p.grad = None`` clears the gradient only when
+        seen before a forward (``before_forward``, the forward's own call), and is otherwise just
+        re-attached, so that the gradient that backward left in row 0 is kept.
         """
         for leaves, views in ((self._params, self._grad_views), (self.module_params, self._module_grad_views)):
+            stacked = leaves is self._params
             for name, leaf in leaves.items():
                 view = views[name]
                 if leaf.grad is not view:
                     stray = leaf.grad
-                    view.zero_()
+                    if not (stacked and self.one_model and not before_forward):
+                        view.zero_()
                     if stray is not None:
                         view.add_(stray)
                     leaf.grad = view
