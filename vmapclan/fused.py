@@ -469,7 +469,8 @@ class FusedStep:
             return
         pop = self._population
         devices = [pop.device] if pop.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        # Its own vmapped forward's context: the merged-batch step that may call this runs outside it.
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), vectorized_forward(pop.padding_rows):
             buffers = {n: b.clone() for n, b in pop.buffers.items()}  # BatchNorm would update its statistics
             losses = self._losses(pop.params, buffers, *batch)
             grads = torch.autograd.grad(losses.sum(), self._leaves, allow_unused=True)
