@@ -264,12 +264,25 @@ CATALOGUE = [
      r"PhaseSchedule.phase_at_step: step must be an int in \[0, 10\), got -1"),
     ("a step that is not an int", lambda: PhaseSchedule.single("all").phase_at_step(2.0, 10), ValueError,
      r"PhaseSchedule.phase_at_step: step must be an int in \[0, 10\), got 2.0"),
+    ("a FusedStep loss without reduction, cooperating",
+     lambda: FusedStep(clan(), _unreduced)(torch.randn(P, 8, 4), torch.randint(0, 2, (P, 8))), ValueError,
+     r"FusedStep: loss_fn must reduce each member's batch to a scalar \(losses of shape \[3\]\), got \[3, 8\]; "
+     r"use a mean or sum reduction"),
+    ("a FusedStep loss without reduction, competing",
+     lambda: FusedStep(clan(duty_cycle=1.0, selection=None), _unreduced)(torch.randn(P, 8, 4),
+                                                                        torch.randint(0, 2, (P, 8))),
+     ValueError, r"FusedStep: loss_fn must reduce each member's batch to a scalar \(losses of shape \[3\]\), "
+                 r"got \[3, 8\]"),
     ("a torch LSTM in the model", lambda: _recurrent_clan(nn.LSTM(4, 8, batch_first=True)), ValueError,
      r"PopulationModel: model.rnn is a torch.nn.LSTM, which has no vmap batching rule; use vmapclan.nn.LSTM "
      r"\(same weights and state dict\) or vmapclan.nn.vectorizable\(model\)"),
     ("a torch GRUCell in the model", lambda: _recurrent_clan(nn.GRUCell(4, 8)), ValueError,
      r"PopulationModel: model.rnn is a torch.nn.GRUCell, which vmap runs one member at a time"),
 ]
+
+
+def _unreduced(output, target):
+    return F.cross_entropy(output, target, reduction="none")
 
 
 def _recurrent_clan(rnn):

@@ -174,6 +174,16 @@ def capture_cuda_graph(step: Callable[[], object], device: torch.device, *, warm
     return graph, output
 
 
+def _member_losses(losses: torch.Tensor, p: int) -> torch.Tensor:
+    """``losses`` if it is one scalar per member (``[P]``), as ``member_loss`` requires; else a ValueError."""
+    if losses.shape != (p,):
+        raise ValueError(
+            f"FusedStep: loss_fn must reduce each member's batch to a scalar (losses of shape [{p}]), "
+            f"got {list(losses.shape)}; use a mean or sum reduction"
+        )
+    return losses
+
+
 def _close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
     """Whether two computations of one value agree to their dtype's rounding (shapes may differ by a merged dim)."""
     if ours.numel() != theirs.numel() or ours.dtype != theirs.dtype:
@@ -316,7 +326,7 @@ class FusedStep:
                 params, buffers, *batch)
 
         def members_mean_loss(params, buffers, *batch):
-            return shared_losses(params, buffers, *batch).mean()
+            return _member_losses(shared_losses(params, buffers, *batch), population.population_size).mean()
 
         def shared_outputs(params, buffers, *batch):  # (outputs, losses) per member, for choosing the form
             def one(params, buffers, *batch):
@@ -502,7 +512,7 @@ class FusedStep:
         # The update averages a cooperative step's gradients itself (reduce_gradients_), so the
         # backward runs in a context that averages nothing but satisfies the clan's check.
         with self.clan.sync_context(cooperative=False), torch.enable_grad():
-            losses = self._losses(pop.params, pop.buffers, *batch)
+            losses = _member_losses(self._losses(pop.params, pop.buffers, *batch), pop.population_size)
             torch.autograd.backward(losses.sum(), inputs=self._leaves)
         return None, losses
 
