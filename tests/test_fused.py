@@ -232,7 +232,7 @@ def test_fused_step_refuses_a_done_round():
     ({"backward": "functional"}, ValueError, "backward must be one of"),
     ({"backward": "autograd", "layout": "flat"}, ValueError, "needs layout='views' and cannot compile the whole step"),
     ({"backward": "autograd", "compile": "step"}, ValueError, "got layout='views', compile='step'"),
-    ({"num_inputs": 0}, ValueError, "num_inputs must be a positive int, got 0"),
+    ({"num_inputs": -1}, ValueError, "num_inputs must be a non-negative int, got -1"),
     ({"cuda_graph": True}, ValueError, "cuda_graph=True needs the clan on a CUDA device, it is on cpu"),
     ({"update": "foreach"}, ValueError, "update must be one of"),
     ({"update": "per-member", "compile": "optimizer"}, ValueError, "update='per-member' reads the hyperparameters"),

@@ -351,7 +351,7 @@ def test_the_form_probe_leaves_no_trace(model, form):
     step = FusedStep(clan, F.cross_entropy)
     torch.manual_seed(11)
     rng, before = torch.get_rng_state(), member_state_now(clan)
-    assert step._batch_form_matches((x, y)) == (form == "batch")
+    assert step._batch_form_matches({}, (x, y)) == (form == "batch")
     assert torch.equal(torch.get_rng_state(), rng)
     assert_same_state(member_state_now(clan), before, 0, "after the probe")
 

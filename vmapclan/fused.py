@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 import optree
 import torch
+import torch.utils._pytree as pytree
 from torch.func import functional_call, grad_and_value, vmap
 
 from .gradients import member_mean, reduce_gradients_, release_gradients_
@@ -184,6 +185,22 @@ def _member_losses(losses: torch.Tensor, p: int) -> torch.Tensor:
     return losses
 
 
+def _merged(tensors):
+    """``tensors`` (a tuple, or a dict of keyword tensors) with each one's member and batch dimensions merged."""
+    if isinstance(tensors, dict):
+        return {n: t.flatten(0, 1) for n, t in tensors.items()}
+    return tuple(t.flatten(0, 1) for t in tensors)
+
+
+def _output_tensors(output) -> list[torch.Tensor]:
+    """The tensors of a model's output, the ones the two one-model forms must agree on.
+
+    vmap can return tensors only: a ``transformers`` output also holds a cache object (GPT-2's
+    ``past_key_values`` by default), which is left out.
+    """
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
 def _close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
     """Whether two computations of one value agree to their dtype's rounding (shapes may differ by a merged dim)."""
     if ours.numel() != theirs.numel() or ours.dtype != theirs.dtype:
@@ -225,6 +242,7 @@ class FusedStep:
         loss_fn: ``loss_fn(output, *targets) -> scalar`` for *one* member, e.g.
             ``F.cross_entropy``; ``output`` is the model's output for that member.
         num_inputs: How many leading batch tensors go to the model; the rest go to ``loss_fn``.
+            0 when every model input is a keyword tensor (``step(y, input_ids=ids)``).
         layout: One of :data:`LAYOUTS` (default ``"views"``, the fastest measured on CPU).
         backward: One of :data:`BACKWARDS` (default ``"auto"``).
         compile: One of :data:`COMPILE_MODES`. ``"optimizer"`` compiles the elementwise part of
@@ -250,7 +268,7 @@ class FusedStep:
         ValueError: for a genome-only clan, an unknown layout, backward, compile mode or update,
             ``backward="autograd"`` with ``layout="flat"`` or ``compile="step"``,
             ``update="per-member"`` off CPU or compiled, ``cuda_graph`` off CUDA or with
-            ``compile="step"``, or ``num_inputs < 1``.
+            ``compile="step"``, or ``num_inputs < 0``.
         TypeError: if ``loss_fn`` is not callable or ``cuda_graph`` is not a bool.
 
     Example:
@@ -259,6 +277,12 @@ class FusedStep:
         ...     losses = step(x, y)           # [P], no host sync
         ...     if clan.round_done:
         ...         clan.step(validate())
+
+        Keyword tensors go to the model as keywords, each ``[P, B, ...]`` like the positional
+        ones; with ``num_inputs=0`` every positional tensor goes to ``loss_fn``:
+
+        >>> step = FusedStep(clan, lambda out, y: lm_loss(out.logits, y), num_inputs=0)  # doctest: +SKIP
+        >>> losses = step(targets, input_ids=ids, attention_mask=mask)  # doctest: +SKIP
     """
 
     def __init__(self, clan, loss_fn: Callable, *, num_inputs: int = 1, layout: str = "views",
@@ -268,8 +292,8 @@ class FusedStep:
             raise ValueError("FusedStep: the clan has no model (a genome-only clan); there is nothing to train")
         if not callable(loss_fn):
             raise TypeError(f"FusedStep: loss_fn must be callable, got {type(loss_fn).__name__}")
-        if isinstance(num_inputs, bool) or not isinstance(num_inputs, int) or num_inputs < 1:
-            raise ValueError(f"FusedStep: num_inputs must be a positive int, got {num_inputs!r}")
+        if isinstance(num_inputs, bool) or not isinstance(num_inputs, int) or num_inputs < 0:
+            raise ValueError(f"FusedStep: num_inputs must be a non-negative int, got {num_inputs!r}")
         population = clan.population
         check_options(population.device, layout=layout, backward=backward, compile=compile, update=update,
                       cuda_graph=cuda_graph)
@@ -296,12 +320,14 @@ class FusedStep:
         module, k = population.module, num_inputs
         names, shapes, sizes = self._names, self._shapes, self._sizes
 
-        def member_loss(params, buffers, *batch):
-            return loss_fn(functional_call(module, (params, buffers), batch[:k]), *batch[k:])
+        # ``kwargs`` is the dict of the model's keyword tensors: one pytree argument, so vmap's
+        # in_dims 0 batches each of its tensors as it does the positional ones.
+        def member_loss(params, buffers, kwargs, *batch):
+            return loss_fn(functional_call(module, (params, buffers), batch[:k], kwargs), *batch[k:])
 
-        def member_loss_flat(flat, buffers, *batch):
+        def member_loss_flat(flat, buffers, kwargs, *batch):
             params = {n: v.view(s) for n, v, s in zip(names, flat.split(sizes), shapes)}
-            return member_loss(params, buffers, *batch)
+            return member_loss(params, buffers, kwargs, *batch)
 
         per_member = member_loss if layout == "views" else member_loss_flat
         self._grad_and_value = vmap(grad_and_value(per_member), randomness="different")
@@ -316,23 +342,25 @@ class FusedStep:
         self._form: str | None = None  # the one of ONE_MODEL_FORMS the last one-model step took
         self._forms: dict[tuple, str] = {}  # the form found for each combination of training modes
 
-        def batch_loss(params, *batch):  # params=None: the module's own, member 0's (no functional_call)
-            inputs = tuple(t.flatten(0, 1) for t in batch[:k])
-            output = module(*inputs) if params is None else functional_call(module, params, inputs)
-            return loss_fn(output, *(t.flatten(0, 1) for t in batch[k:]))
+        def batch_loss(params, kwargs, *batch):  # params=None: the module's own, member 0's (no functional_call)
+            inputs, kwargs = _merged(batch[:k]), _merged(kwargs)
+            output = module(*inputs, **kwargs) if params is None else functional_call(module, params, inputs, kwargs)
+            return loss_fn(output, *_merged(batch[k:]))
 
-        def shared_losses(params, buffers, *batch):  # every member's loss, member 0's weights not batched
-            return vmap(member_loss, in_dims=(None, 0) + (0,) * len(batch), randomness="different")(
-                params, buffers, *batch)
+        # Member 0's weights not batched (in_dims None); the buffers, keyword and batch tensors are.
+        def shared_losses(params, buffers, kwargs, *batch):  # every member's loss
+            return vmap(member_loss, in_dims=(None, 0, 0) + (0,) * len(batch), randomness="different")(
+                params, buffers, kwargs, *batch)
 
-        def members_mean_loss(params, buffers, *batch):
-            return _member_losses(shared_losses(params, buffers, *batch), population.population_size).mean()
+        def members_mean_loss(params, buffers, kwargs, *batch):
+            return _member_losses(shared_losses(params, buffers, kwargs, *batch), population.population_size).mean()
 
-        def shared_outputs(params, buffers, *batch):  # (outputs, losses) per member, for choosing the form
-            def one(params, buffers, *batch):
-                output = functional_call(module, (params, buffers), batch[:k])
-                return output, loss_fn(output, *batch[k:])
-            return vmap(one, in_dims=(None, 0) + (0,) * len(batch), randomness="different")(params, buffers, *batch)
+        def shared_outputs(params, buffers, kwargs, *batch):  # (outputs, losses) per member, for choosing the form
+            def one(params, buffers, kwargs, *batch):
+                output = functional_call(module, (params, buffers), batch[:k], kwargs)
+                return _output_tensors(output), loss_fn(output, *batch[k:])
+            return vmap(one, in_dims=(None, 0, 0) + (0,) * len(batch), randomness="different")(
+                params, buffers, kwargs, *batch)
 
         self._shared_outputs = shared_outputs
         self._one_model_losses = {"batch": batch_loss, "members": members_mean_loss}
@@ -350,15 +378,18 @@ class FusedStep:
         self._graphs: dict = {}
 
     # -- the step -------------------------------------------------------------------------------
-    def _eager_step(self, cooperative: bool, *batch: torch.Tensor) -> torch.Tensor:
-        """Gradients, then the shared gradient path and update; returns the ``[P]`` losses."""
+    def _eager_step(self, cooperative: bool, kwargs: dict, *batch: torch.Tensor) -> torch.Tensor:
+        """Gradients, then the shared gradient path and update; returns the ``[P]`` losses.
+
+        ``kwargs`` holds the model's keyword tensors (``[P, B, ...]`` each), ``batch`` the positional ones.
+        """
         pop, opt = self._population, self._optimizer
         if pop.one_model:
-            return self._one_model_step(*batch)
+            return self._one_model_step(kwargs, *batch)
         accumulating = opt.num_grad_accum is not None
         if self.backward == "vmap":
-            self._find_used(batch)
-        grads, losses = self._gradients(*batch)
+            self._find_used(kwargs, batch)
+        grads, losses = self._gradients(kwargs, *batch)
         if grads is None:  # the autograd backward accumulated into grad_flat (its hooks noted what it reached)
             grads = pop.grad_flat
         elif isinstance(grads, list):  # the vmap backward's, one per parameter
@@ -379,7 +410,7 @@ class FusedStep:
             release_gradients_(pop, opt.adamw_state.accum_count if accumulating else None)
         return losses.detach()
 
-    def _one_model_step(self, *batch: torch.Tensor) -> torch.Tensor:
+    def _one_model_step(self, kwargs: dict, *batch: torch.Tensor) -> torch.Tensor:
         """A cooperative step of members that are copies of member 0: one model's work at batch ``P x B``.
 
         The gradient of the mean loss over all members' samples lands in member 0's row of
@@ -387,20 +418,20 @@ class FusedStep:
         """
         pop, opt = self._population, self._optimizer
         accumulating = opt.num_grad_accum is not None
-        form = self._choose_form(batch)
+        form = self._choose_form(kwargs, batch)
         if self.backward == "autograd":
             if not accumulating:
                 release_gradients_(pop)  # start from zero, whatever an imperative backward left there
             with self.clan.sync_context(cooperative=False), torch.enable_grad():  # the mean needs no averaging
                 if form == "batch":
-                    loss = self._one_model_losses["batch"](None, *batch)
+                    loss = self._one_model_losses["batch"](None, kwargs, *batch)
                 else:
-                    loss = self._one_model_losses["members"](self._module_params, pop.buffers, *batch)
+                    loss = self._one_model_losses["members"](self._module_params, pop.buffers, kwargs, *batch)
                 torch.autograd.backward(loss, inputs=self._module_leaves)
         else:
-            self._find_used(batch)
+            self._find_used(kwargs, batch)
             args = (self._module_views,) if form == "batch" else (self._module_views, pop.buffers)
-            grads, loss = self._one_model_grads[form](*args, *batch)
+            grads, loss = self._one_model_grads[form](*args, kwargs, *batch)
             row = pop.grad_flat[0]
             flat = torch.cat([grads[n].reshape(-1) if n in self._used else row.new_zeros(size)
                               for n, size in zip(self._names, self._sizes)])
@@ -412,19 +443,19 @@ class FusedStep:
         release_gradients_(pop, opt.adamw_state.accum_count if accumulating else None)
         return loss.detach().expand(pop.population_size)
 
-    def _choose_form(self, batch: tuple[torch.Tensor, ...]) -> str:
+    def _choose_form(self, kwargs: dict, batch: tuple[torch.Tensor, ...]) -> str:
         """The one-model form for this model and loss (see :data:`ONE_MODEL_FORMS`), found on the first call."""
         # The answer depends on the modules' training modes (BatchNorm couples samples in
         # training mode only): found again for every combination of them.
         modes = tuple(m.training for m in self._population.module.modules())
         form = self._forms.get(modes)
         if form is None:
-            form = self._forms[modes] = "batch" if self._batch_form_matches(batch) else "members"
+            form = self._forms[modes] = "batch" if self._batch_form_matches(kwargs, batch) else "members"
         self._form = form
         return form
 
-    def _batch_form_matches(self, batch: tuple[torch.Tensor, ...]) -> bool:
-        """Whether the ``"batch"`` form gives the ``"members"`` form's outputs and loss on ``batch``.
+    def _batch_form_matches(self, kwargs: dict, batch: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the ``"batch"`` form gives the ``"members"`` form's outputs and loss on ``kwargs`` and ``batch``.
 
         Both run from the same random state (dropout then draws the same masks) on copies of
         the buffers, so nothing of the run changes. A forward that updates a buffer (BatchNorm's
@@ -437,20 +468,19 @@ class FusedStep:
             cuda_rng = torch.cuda.get_rng_state(pop.device) if devices else None
             buffers = {n: b.clone() for n, b in pop.buffers.items()}
             with vectorized_forward(pop.padding_rows):
-                outputs, losses = self._shared_outputs(self._module_views, buffers, *batch)
+                outputs, losses = self._shared_outputs(self._module_views, buffers, kwargs, *batch)
             if any(not torch.equal(b, pop.buffers[n]) for n, b in buffers.items()):
                 return False
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, pop.device)
-            inputs = tuple(t.flatten(0, 1) for t in batch[:k])
             try:  # a model that cannot take the merged batch (a fixed batch size, say) keeps the other form
                 merged = functional_call(pop.module, ({**self._module_views, **{n: b[0] for n, b in buffers.items()}}),
-                                         inputs)
-                loss = self.loss_fn(merged, *(t.flatten(0, 1) for t in batch[k:]))
+                                         _merged(batch[:k]), _merged(kwargs))
+                loss = self.loss_fn(merged, *_merged(batch[k:]))
             except (RuntimeError, ValueError, TypeError, IndexError):
                 return False
-        ours, theirs = optree.tree_leaves(merged), optree.tree_leaves(outputs)
+        ours, theirs = _output_tensors(merged), outputs
         return (len(ours) == len(theirs) and all(_close(a, b) for a, b in zip(ours, theirs))
                 and _close(loss, losses.mean()))
 
@@ -467,7 +497,7 @@ class FusedStep:
         torch.cat([row.new_zeros(row.shape) if g is None else g.reshape(row.shape) for row, g in zip(rows, leaves)],
                   dim=1, out=self._population.grad_flat)
 
-    def _find_used(self, batch: tuple[torch.Tensor, ...]) -> None:
+    def _find_used(self, kwargs: dict, batch: tuple[torch.Tensor, ...]) -> None:
         """Find which parameters the loss reaches, once: ``torch.func.grad`` gives the others zeros.
 
         Autograd leaves a parameter that the loss never reaches without gradient, and AdamW
@@ -482,23 +512,23 @@ class FusedStep:
         # Its own vmapped forward's context: the merged-batch step that may call this runs outside it.
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), vectorized_forward(pop.padding_rows):
             buffers = {n: b.clone() for n, b in pop.buffers.items()}  # BatchNorm would update its statistics
-            losses = self._losses(pop.params, buffers, *batch)
+            losses = self._losses(pop.params, buffers, kwargs, *batch)
             grads = torch.autograd.grad(losses.sum(), self._leaves, allow_unused=True)
         self._used = {n for n, g in zip(self._names, grads) if g is not None}
 
-    def _vmap_gradients(self, *batch: torch.Tensor) -> tuple:
+    def _vmap_gradients(self, kwargs: dict, *batch: torch.Tensor) -> tuple:
         """Every member's gradients (``[P, N]`` for the flat layout, else one ``[P, ...]`` per parameter) and losses."""
         pop = self._population
         if self.layout == "flat":
-            return self._grad_and_value(self._flat, pop.buffers, *batch)
-        grads, losses = self._grad_and_value(self._views, pop.buffers, *batch)
+            return self._grad_and_value(self._flat, pop.buffers, kwargs, *batch)
+        grads, losses = self._grad_and_value(self._views, pop.buffers, kwargs, *batch)
         return [grads[n] for n in self._names], losses
 
     @property
     def _module_params(self) -> dict[str, torch.Tensor]:
         return self._population.module_params
 
-    def _autograd_gradients(self, *batch: torch.Tensor) -> tuple[None, torch.Tensor]:
+    def _autograd_gradients(self, kwargs: dict, *batch: torch.Tensor) -> tuple[None, torch.Tensor]:
         """The losses ``[P]`` of the vmapped forward, and their gradients accumulated into ``grad_flat``.
 
         The imperative loop's own backward (AccumulateGrad into each parameter's ``.grad``, a view
@@ -512,17 +542,19 @@ class FusedStep:
         # The update averages a cooperative step's gradients itself (reduce_gradients_), so the
         # backward runs in a context that averages nothing but satisfies the clan's check.
         with self.clan.sync_context(cooperative=False), torch.enable_grad():
-            losses = _member_losses(self._losses(pop.params, pop.buffers, *batch), pop.population_size)
+            losses = _member_losses(self._losses(pop.params, pop.buffers, kwargs, *batch), pop.population_size)
             torch.autograd.backward(losses.sum(), inputs=self._leaves)
         return None, losses
 
-    def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *batch: torch.Tensor, **model_kwargs: torch.Tensor) -> torch.Tensor:
         """Train every member one step on ``batch`` in the clan's current phase and advance the round clock.
 
         Args:
             *batch: Tensors with the member dimension first, ``[P, B, ...]`` (as the clan's
                 loader yields them): the first ``num_inputs`` go to the model, the rest to
                 ``loss_fn``.
+            **model_kwargs: Tensors that go to the model as keywords (``attention_mask=``),
+                each with the member dimension first, ``[P, B, ...]``, like ``batch``.
 
         Returns:
             ``[P]``: each member's loss on its batch, before the update. In a cooperative step,
@@ -531,7 +563,8 @@ class FusedStep:
 
         Raises:
             RuntimeError: if the round is done (call ``clan.step`` first).
-            ValueError: for a tensor without the member dimension, or too few tensors.
+            ValueError: for a tensor (positional or keyword) without the member dimension, or too
+                few tensors.
         """
         clan = self.clan
         if clan.round_done:
@@ -539,11 +572,11 @@ class FusedStep:
                 f"FusedStep: round {clan.round_index} is done ({clan.round_length} steps); "
                 "call clan.step(val_losses) before the next step"
             )
-        losses = self.train_step(*batch, cooperative=clan.phase == "cooperative")
+        losses = self.train_step(*batch, cooperative=clan.phase == "cooperative", **model_kwargs)
         clan.advance()
         return losses
 
-    def train_step(self, *batch: torch.Tensor, cooperative: bool) -> torch.Tensor:
+    def train_step(self, *batch: torch.Tensor, cooperative: bool, **model_kwargs: torch.Tensor) -> torch.Tensor:
         """Train every member one step on ``batch``, without touching the round clock.
 
         The step :meth:`__call__` runs, with the phase given instead of read off the clan: the
@@ -554,19 +587,23 @@ class FusedStep:
             *batch: As for :meth:`__call__`.
             cooperative: Average the gradients over the members (identical members trained
                 data-parallel), or train each member on its own.
+            **model_kwargs: As for :meth:`__call__`.
 
         Returns:
             ``[P]``: as for :meth:`__call__`.
 
         Raises:
             RuntimeError: for ``cooperative=False`` while the members train as one model.
-            ValueError: for a tensor without the member dimension, or too few tensors.
+            ValueError: for a tensor (positional or keyword) without the member dimension, too few
+                tensors, or no model input at all.
         """
         pop = self._population
         p = pop.population_size
         if len(batch) < self.num_inputs:
             raise ValueError(f"FusedStep: expected at least {self.num_inputs} batch tensors, got {len(batch)}")
-        for t in batch:
+        if self.num_inputs == 0 and not model_kwargs:
+            raise ValueError("FusedStep: num_inputs=0 passes the model keyword tensors only, and none were given")
+        for t in (*batch, *model_kwargs.values()):
             if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != p:
                 shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(
@@ -581,33 +618,41 @@ class FusedStep:
         pop.restore_grad_views(before_forward=True)
         # The merged-batch form runs the plain module, with the kernels a plain model gets; the
         # vmapped forms need the ones vmap can batch.
-        plain = pop.one_model and self._choose_form(batch) == "batch"
+        plain = pop.one_model and self._choose_form(model_kwargs, batch) == "batch"
         with contextlib.nullcontext() if plain else vectorized_forward(pop.padding_rows):
             if self.cuda_graph:
-                return self._replay(cooperative, batch)
-            return self._eager_step(cooperative, *batch)
+                return self._replay(cooperative, model_kwargs, batch)
+            return self._eager_step(cooperative, model_kwargs, *batch)
 
     # -- CUDA graphs ----------------------------------------------------------------------------
     def _mutable_state(self) -> list[torch.Tensor]:
         return optree.tree_leaves(self.clan.member_state())
 
-    def _replay(self, cooperative: bool, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        key = (cooperative, self._population.one_model, tuple((tuple(t.shape), t.dtype) for t in batch))
+    def _replay(self, cooperative: bool, kwargs: dict, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        # A graph replays one set of input addresses, shapes and dtypes: another keyword name,
+        # shape or dtype needs its own capture (the names sorted: the call's order does not matter).
+        key = (cooperative, self._population.one_model, tuple((tuple(t.shape), t.dtype) for t in batch),
+               tuple((n, tuple(t.shape), t.dtype) for n, t in sorted(kwargs.items())))
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(cooperative, batch)
-        graph, static_batch, static_losses = entry
+            entry = self._graphs[key] = self._capture(cooperative, kwargs, batch)
+        graph, static_kwargs, static_batch, static_losses = entry
         for dst, src in zip(static_batch, batch):
             dst.copy_(src, non_blocking=True)
+        for name, dst in static_kwargs.items():
+            dst.copy_(kwargs[name], non_blocking=True)
         graph.replay()
         return static_losses.clone()
 
-    def _capture(self, cooperative: bool, batch: tuple[torch.Tensor, ...]):
+    def _capture(self, cooperative: bool, kwargs: dict, batch: tuple[torch.Tensor, ...]):
         """Capture one phase's step; the warm-up it needs is undone so no step is lost or doubled."""
         device = self._population.device
-        static_batch = [torch.empty_like(t, memory_format=torch.contiguous_format, device=device) for t in batch]
-        for dst, src in zip(static_batch, batch):
-            dst.copy_(src)
+
+        def static(t):  # a buffer the graph reads, which every replay refills
+            return torch.empty_like(t, memory_format=torch.contiguous_format, device=device).copy_(t)
+
+        static_batch = [static(t) for t in batch]
+        static_kwargs = {n: static(t) for n, t in kwargs.items()}
         saved = [t.clone() for t in self._mutable_state()]
         rng = torch.cuda.get_rng_state(device)
 
@@ -618,6 +663,6 @@ class FusedStep:
             torch.cuda.set_rng_state(rng, device)
             saved.clear()  # free the copies before the capture
 
-        graph, static_losses = capture_cuda_graph(lambda: self._eager_step(cooperative, *static_batch), device,
-                                                  after_warmup=undo_warmup)
-        return graph, static_batch, static_losses
+        graph, static_losses = capture_cuda_graph(lambda: self._eager_step(cooperative, static_kwargs, *static_batch),
+                                                  device, after_warmup=undo_warmup)
+        return graph, static_kwargs, static_batch, static_losses
