@@ -8,6 +8,7 @@ group's lr and weight decay are the member's genes scaled as the user's groups s
 
 from __future__ import annotations
 
+import optree
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,3 +86,36 @@ def test_param_groups_and_frozen_parameters_train_like_torch_adamw_per_member(ki
         # The groups really differ: the bias group without decay, the weight with 0.5x lr.
         scales = clan.optimizer.scales
         assert scales is not None and sorted(set(scales.ratios)) == [(0.5, 3.0), (1.0, 0.0)]
+
+
+@pytest.mark.parametrize("options", [{}, {"backward": "vmap"}, {"update": "per-member"}, {"update": "batched"}],
+                         ids=["default", "vmap", "per-member", "batched"])
+def test_fused_step_with_param_groups_equals_the_member_loop(options):
+    """FusedStep applies the groups' lr and decay multipliers as the Member loop does, in a
+    cooperative phase (one model's row) and a competitive one (every member its own genes)."""
+    from vmapclan import FusedStep
+
+    def clan():
+        net = model()
+        return Clan(net, make_optimizer("groups", net, BASE_LR, BASE_WD), population_size=P, round_length=4,
+                    duty_cycle=0.5, autobind=["adamw"], seed=2)
+
+    ref, fused = clan(), clan()
+    step = FusedStep(fused, F.cross_entropy, **options)
+    member = ref.round()
+    phases = []
+    for x, y in data():
+        phases.append(ref.phase)
+        loss = member_loss(F.cross_entropy, member.model(x), y)
+        with member.sync_context():
+            loss.sum().backward()
+        member.optimizer.step()
+        member.optimizer.zero_grad()
+        member.step()
+        step(x, y)
+        got, want = fused.member_state(), ref.member_state()
+        for part in ("params", "optimizer"):
+            for a, b in zip(optree.tree_leaves(got[part]), optree.tree_leaves(want[part])):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert phases == ["cooperative", "cooperative", "competitive", "competitive"]
+    assert not torch.equal(ref.population.flat[1], ref.population.flat[2])  # the members competed apart
