@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .genome import ADAMW_GENES, adamw_settings
+from .genome import ADAMW_GENES, group_ratios, optimizer_settings
 from .rounds import competitive_steps
 from .schedule import Phase, PhaseSchedule, TimeController, phase_optimizer
 from .specs import RunConfig
@@ -237,8 +237,8 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     data = task.load(config.data, config.seed)
     model = task.build_model(settings_of_model, config.data)
     optimizer = config.optimizer.build(model.parameters())
-    group = optimizer.param_groups[0]
-    configured = adamw_settings(group)
+    # The genes stand for the first (decaying) group's settings; every group follows in proportion.
+    configured, ratios = optimizer_settings(optimizer), group_ratios(optimizer)
     datasets = {(): data}
     parameters = dict(model.named_parameters())
     frozen_in: dict[str, list[str]] = {}  # phase name -> the parameter names its freeze patterns match
@@ -259,8 +259,9 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
             frozen_in[phase.name] = frozen_parameters(parameters, phase.model.get("freeze", ()), f"phase {phase.name!r}")
         frozen = frozen_in[phase.name]
         settings = phase_optimizer(phase.optimizer, configured)
-        group["lr"], group["weight_decay"], group["eps"] = settings["lr"], settings["weight_decay"], settings["eps"]
-        group["betas"] = (settings["betas/0"], settings["betas/1"])
+        for group, (lr_ratio, wd_ratio) in zip(optimizer.param_groups, ratios):
+            group["lr"], group["weight_decay"] = settings["lr"] * lr_ratio, settings["weight_decay"] * wd_ratio
+            group["eps"], group["betas"] = settings["eps"], (settings["betas/0"], settings["betas/1"])
         batch_size = phase.data.get("batch_size", config.data.batch_size)
         if batch_size > n:
             raise ValueError(f"replay: phase {phase.name!r} asks for batch_size={batch_size}, "
@@ -279,9 +280,10 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
         optimizer.zero_grad()
         losses.append(loss.item())
         if trace:
-            steps_trace.append({"step": step, "phase": phase.name, "lr": group["lr"],
-                                "weight_decay": group["weight_decay"], "betas": group["betas"],
-                                "eps": group["eps"], "batch_size": batch_size,
+            first = optimizer.param_groups[0]  # the group the genes stand for (one group: the only one)
+            steps_trace.append({"step": step, "phase": phase.name, "lr": first["lr"],
+                                "weight_decay": first["weight_decay"], "betas": first["betas"],
+                                "eps": first["eps"], "batch_size": batch_size,
                                 "data": {k: v for k, v in phase.data.items() if k != "batch_size"},
                                 "freeze": frozen, "input_shape": tuple(x.shape)})
         if callback is not None:
