@@ -565,12 +565,8 @@ class TrainingMachine:
         return loss.detach()
 
     def _fused_now(self) -> bool:
-        """Whether this step runs fused: not while parameters are frozen.
-
-        A stretch with frozen parameters runs the imperative loop: with FusedStep the frozen
-        columns were kept too, but a resumed run did not retrace the uninterrupted one bitwise.
-        """
-        return self.fused and not self._frozen
+        """Whether this step runs fused (:class:`~vmapclan.FusedStep`) or through the imperative loop."""
+        return self.fused
 
     @contextlib.contextmanager
     def _keep_frozen(self):
@@ -603,12 +599,15 @@ class TrainingMachine:
 
     def _round_step(self, member, batch) -> None:
         """One step of a clan round, advancing the round clock (fused when enabled)."""
-        fused = self._fused_now()
         with self._keep_frozen():
-            loss = self._fused()(*batch) if fused else self._train_step(member, batch)
+            if self._fused_now():
+                loss = self._fused().train_step(*batch, cooperative=self.clan.phase == "cooperative")
+            else:
+                loss = self._train_step(member, batch)
+        # The clock moves after the frozen columns are restored: entering the competitive phase
+        # brings the other members' rows up to date from member 0's, which must see them kept.
+        member.step()
         self._after_step(loss)
-        if not fused:
-            member.step()
 
     def _after_step(self, loss: torch.Tensor) -> None:
         self._loss_sum += loss.mean().double()  # summed on device: no host sync per step
