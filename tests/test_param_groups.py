@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vmapclan import Clan, member_loss
+from vmapclan import Clan
+
+from plain_loop import train_step
 
 P, B, STEPS = 4, 5, 4
 DTYPE = torch.float64
@@ -63,12 +65,7 @@ def test_param_groups_and_frozen_parameters_train_like_torch_adamw_per_member(ki
         clan.set_genome(name, values)
     member = clan.round()
     for x, y in batches:
-        loss = member_loss(F.cross_entropy, member.model(x), y)
-        with member.sync_context():
-            loss.sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
-        member.step()
+        train_step(member, F.cross_entropy, x, y)
     for i in range(P):
         plain = model()
         opt = make_optimizer(kind, plain, LR[i], wd_genes[i])
@@ -106,12 +103,7 @@ def test_fused_step_with_param_groups_equals_the_member_loop(options):
     phases = []
     for x, y in data():
         phases.append(ref.phase)
-        loss = member_loss(F.cross_entropy, member.model(x), y)
-        with member.sync_context():
-            loss.sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
-        member.step()
+        train_step(member, F.cross_entropy, x, y)
         step(x, y)
         got, want = fused.member_state(), ref.member_state()
         for part in ("params", "optimizer"):

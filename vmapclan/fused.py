@@ -418,7 +418,7 @@ class FusedStep:
         """
         pop, opt = self._population, self._optimizer
         accumulating = opt.num_grad_accum is not None
-        form = self._choose_form(kwargs, batch)
+        form = self._form  # chosen by train_step for this call, before it picked the forward's context
         if self.backward == "autograd":
             if not accumulating:
                 release_gradients_(pop)  # start from zero, whatever an imperative backward left there
@@ -437,7 +437,6 @@ class FusedStep:
                               for n, size in zip(self._names, self._sizes)])
             row.add_(flat) if accumulating else row.copy_(flat)
             pop.grad_seen.update(self._used)
-            pop.rows_stale = True
         row = pop.grad_flat[:1]  # already the members' mean, and with accumulation the pending sum
         opt.apply_(reduce_gradients_(row, row, cooperative=False, accumulating=accumulating), self._one_model_adamw)
         release_gradients_(pop, opt.adamw_state.accum_count if accumulating else None)
