@@ -564,10 +564,6 @@ class TrainingMachine:
         member.optimizer.zero_grad()
         return loss.detach()
 
-    def _fused_now(self) -> bool:
-        """Whether this step runs fused (:class:`~vmapclan.FusedStep`) or through the imperative loop."""
-        return self.fused
-
     @contextlib.contextmanager
     def _keep_frozen(self):
         """Undo the step's writes to the frozen parameters' weights and moments (every row).
@@ -590,7 +586,7 @@ class TrainingMachine:
     def _cooperative_step(self, member, batch) -> None:
         """One data-parallel step of identical members, outside the round clock (fused when enabled)."""
         with self._keep_frozen():
-            if self._fused_now():
+            if self.fused:
                 loss = self._fused().train_step(*batch, cooperative=True)
             else:
                 loss = self._train_step(member, batch, cooperative=True)
@@ -600,7 +596,7 @@ class TrainingMachine:
     def _round_step(self, member, batch) -> None:
         """One step of a clan round, advancing the round clock (fused when enabled)."""
         with self._keep_frozen():
-            if self._fused_now():
+            if self.fused:
                 loss = self._fused().train_step(*batch, cooperative=self.clan.phase == "cooperative")
             else:
                 loss = self._train_step(member, batch)
