@@ -65,23 +65,25 @@ def assert_same_state(a, b, tol=1e-10):
     assert (a.round_index, a.step_in_round, a.global_step) == (b.round_index, b.step_in_round, b.global_step)
 
 
-def run_both(fused_kwargs, accumulate, rounds=2, duty_cycle=0.5, selection="winner", **clan_kwargs):
-    data = make_data()
-    ref = make_clan(accumulate, duty_cycle, selection, **clan_kwargs)
-    fused = make_clan(accumulate, duty_cycle, selection, **clan_kwargs)
-    step = FusedStep(fused, F.cross_entropy, **fused_kwargs)
-    ref_loader, fused_loader = ref.loader(data, batch_size=8), fused.loader(data, batch_size=8)
+def compare_runs(ref, fused, batches, loop, fused_step, rounds, *, loss_tol=1e-12, tol=1e-10,
+                 val_tol: float | None = 1e-12) -> set:
+    """Train ``ref`` by ``loop(member, batch)`` and ``fused`` by ``fused_step(batch)``, comparing after every step.
+
+    ``batches`` yields ``(ref_batch, fused_batch)`` pairs. Losses (``loss_tol``) and every tensor of
+    the state (``tol``) are compared after each step; after ``rounds`` rounds of selection on
+    :func:`fake_val`, the winners, genomes, incumbents and (unless ``val_tol`` is None) the
+    validation losses. Returns the phases the steps ran in.
+    """
     member = ref.round()
     phases = set()
-    for (xr, yr), (xf, yf) in zip(ref_loader, fused_loader):
-        torch.testing.assert_close(xr, xf, atol=0, rtol=0)
+    for ref_batch, fused_batch in batches:
         phases.add(fused.phase)
         cooperative = fused.phase == "cooperative"
-        ref_loss = as_fused(imperative_step(member, xr, yr), cooperative)
-        fused_loss = step(xf, yf)
+        ref_loss = as_fused(loop(member, ref_batch), cooperative)
+        fused_loss = fused_step(fused_batch)
         assert fused_loss.shape == (P,)
-        torch.testing.assert_close(fused_loss, ref_loss, atol=1e-12, rtol=0)
-        assert_same_state(ref, fused)
+        torch.testing.assert_close(fused_loss, ref_loss, atol=loss_tol, rtol=0)
+        assert_same_state(ref, fused, tol=tol)
         if member.done:
             ref.step(fake_val(ref))
             fused.step(fake_val(fused))
@@ -91,8 +93,24 @@ def run_both(fused_kwargs, accumulate, rounds=2, duty_cycle=0.5, selection="winn
     assert ref.round_index == rounds
     for a, b in zip(ref.history, fused.history, strict=True):
         assert (a["winner"], a["genomes"], a["incumbent"]) == (b["winner"], b["genomes"], b["incumbent"])
-        assert a["val_losses"] == pytest.approx(b["val_losses"], abs=1e-12)
+        if val_tol is not None:
+            assert a["val_losses"] == pytest.approx(b["val_losses"], abs=val_tol)
     return phases
+
+
+def run_both(fused_kwargs, accumulate, rounds=2, duty_cycle=0.5, selection="winner", **clan_kwargs):
+    data = make_data()
+    ref = make_clan(accumulate, duty_cycle, selection, **clan_kwargs)
+    fused = make_clan(accumulate, duty_cycle, selection, **clan_kwargs)
+    step = FusedStep(fused, F.cross_entropy, **fused_kwargs)
+
+    def batches():
+        for (xr, yr), (xf, yf) in zip(ref.loader(data, batch_size=8), fused.loader(data, batch_size=8)):
+            torch.testing.assert_close(xr, xf, atol=0, rtol=0)
+            yield (xr, yr), (xf, yf)
+
+    return compare_runs(ref, fused, batches(), lambda member, batch: imperative_step(member, *batch),
+                        lambda batch: step(*batch), rounds)
 
 
 # Every way the gradients can be computed: each layout with the vmapped backward, and autograd's.

@@ -11,7 +11,7 @@ from torch import nn
 
 from vmapclan import Clan, FusedStep, member_loss
 
-from test_fused import as_fused, assert_same_state, fake_val
+from test_fused import compare_runs
 
 P, B = 4, 8
 
@@ -61,25 +61,9 @@ def run_both(make, data, fused_step, loop, rounds=2, tol=1e-10):
     Losses and every tensor of the state are compared after each step, across both phases.
     """
     ref, fused = make(), make()
-    member = ref.round()
-    phases = set()
-    for batch in data:
-        phases.add(fused.phase)
-        cooperative = fused.phase == "cooperative"
-        ref_loss = as_fused(loop(member, batch), cooperative)
-        fused_loss = fused_step(batch)
-        torch.testing.assert_close(fused_loss, ref_loss, atol=tol, rtol=0)
-        assert_same_state(ref, fused, tol=tol)
-        if member.done:
-            ref.step(fake_val(ref))
-            fused.step(fake_val(fused))
-            member = ref.round()
-            if ref.round_index == rounds:
-                break
-    assert ref.round_index == rounds
+    phases = compare_runs(ref, fused, ((batch, batch) for batch in data), loop, fused_step, rounds,
+                          loss_tol=tol, tol=tol, val_tol=None)
     assert phases == {"cooperative", "competitive"}
-    for a, b in zip(ref.history, fused.history, strict=True):
-        assert (a["winner"], a["genomes"], a["incumbent"]) == (b["winner"], b["genomes"], b["incumbent"])
     return fused
 
 
