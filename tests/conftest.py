@@ -16,6 +16,15 @@ def _vmap_fallback_is_an_error():
     torch._C._functorch._set_vmap_fallback_warning_enabled(False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_everywhere():
+    """One thread from the start, so module fixtures (which run before :func:`_one_thread`) train
+    with the thread count of the tests they are compared with: another count sums in another
+    order, which a bitwise resume check sees as 1-ulp differences."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread per test: the tests' tiny tensors gain nothing from threads, and on a
