@@ -411,10 +411,13 @@ def test_set_genome_takes_effect_in_the_competitive_phase():
 
 
 @pytest.mark.parametrize("losses, error, message", [
-    (torch.zeros(2), ValueError, r"clan.step: val_losses must have shape \[3\] \(one loss per member\), got \[2\]"),
-    (torch.zeros(P, 1), ValueError, r"clan.step: val_losses must have shape \[3\] \(one loss per member\), got \[3, 1\]"),
+    (torch.zeros(2), ValueError, r"clan.step: val_losses must have shape \[3\] or \[3, K\] \(one loss per member, "
+                                 r"or K per member\), got \[2\]"),
+    (torch.zeros(P, 2, 1), ValueError, r"clan.step: val_losses must have shape \[3\] or \[3, K\] .*got \[3, 2, 1\]"),
+    (torch.zeros(2, 5), ValueError, r"clan.step: val_losses must have shape \[3\] or \[3, K\] .*got \[2, 5\]"),
+    (torch.zeros(P, 0), ValueError, r"clan.step: val_losses must have shape \[3\] or \[3, K\] .*got \[3, 0\]"),
     (torch.tensor(1.0), ValueError, r"clan.step: val_losses must have shape \[3\] .*got \[\]"),
-    ("low", TypeError, r"clan.step: val_losses must be a tensor of shape \[3\], got str"),
+    ("low", TypeError, r"clan.step: val_losses must be a tensor of shape \[3\] or \[3, K\], got str"),
     (torch.zeros(P, dtype=torch.complex64), TypeError, r"clan.step: val_losses must be real numbers, got dtype "
                                                        r"torch.complex64"),
     (torch.zeros(P, dtype=torch.bool), TypeError, r"clan.step: val_losses must be real numbers, got dtype torch.bool"),

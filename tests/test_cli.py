@@ -1,5 +1,6 @@
 """The vmapclan command: exit codes, messages, and the run directory."""
 
+import math
 import json
 import subprocess
 import sys
@@ -177,15 +178,44 @@ def test_quality_benchmark_tiny(tmp_path, capsys):
     from vmapclan.bench import quality
 
     out = tmp_path / "q.json"
-    assert quality.main(["--size", "tiny", "--seeds", "0", "--tasks", "digits-mlp", "--json", str(out)]) == 0
+    argv = ["--size", "tiny", "--seeds", "0", "1", "--tasks", "diabetes-mlp", "--json", str(out)]
+    assert quality.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| digits-mlp |" in printed and "best fixed lr" in printed
-    data = json.loads(out.read_text())
-    res = data["results"]["digits-mlp"]
-    run = res["runs"][0]
-    assert len(run["grid"]) == len(res["grid"]) == 4 and run["member_steps"] == 40 * 4
-    assert res["summary"]["best_lr_mean"] == min(run["grid"])
-    assert res["summary"]["goal_met"] == (run["clan"] <= min(run["grid"]))
+    assert "| diabetes-mlp | sweep |" in printed and "method - clan" in printed
+    res = json.loads(out.read_text())["results"]["diabetes-mlp"]
+    assert set(res["runs"]) == set(quality.METHODS)
+    for method, runs in res["runs"].items():
+        assert [r["seed"] for r in runs] == [0, 1]
+        # Equal member-steps, P x steps (the oracle's members each take P x B samples a step: P times the compute).
+        assert all(r["member_steps"] == 40 * 4 and math.isfinite(r["val_loss"]) for r in runs)
+    clan = [r["val_loss"] for r in res["runs"]["clan"]]
+    sweep = [r["val_loss"] for r in res["runs"]["sweep"]]
+    assert res["summary"]["sweep"]["diff_mean"] == pytest.approx((sweep[0] - clan[0] + sweep[1] - clan[1]) / 2)
+
+
+def test_quality_methods_train_what_they_say():
+    from vmapclan.bench.quality import method_config, random_configs, task_configs
+    from vmapclan import TrainingMachine
+
+    base = task_configs("digits-mlp", "tiny")
+    oracle = method_config(base, "oracle", 3)
+    assert oracle["seed"] == 3 and oracle["data"]["batch_size"] == 32 * 4
+    assert oracle["clan"]["selection"] == "none" and len(oracle["clan"]["lr_grid"]) == 4
+    assert oracle["optimizer"]["lr_schedule"] == "cosine"
+    cosine = method_config(base, "cosine", 3)
+    assert cosine["schedule"][0]["clan"] == {"competition": False} and cosine["data"]["batch_size"] == 32
+    assert method_config(base, "pbt", 0)["clan"]["selection"] == "truncation"
+    assert method_config(base, "clan", 0, {"clan": {"duty_cycle": 0.1}})["clan"] == {"population_size": 4,
+                                                                                       "duty_cycle": 0.1}
+    machine = TrainingMachine(method_config(base, "sweep", 0))
+    machine.prepare()
+    drawn = random_configs(machine.clan, 0)
+    assert drawn == random_configs(machine.clan, 0) and drawn != random_configs(machine.clan, 1)
+    for name, values in drawn.items():
+        gene = machine.clan.genes[name]
+        assert len(values) == 4 and all(gene.low <= v <= gene.high for v in values)
+    with pytest.raises(ValueError, match="quality: unknown method 'grid'"):
+        method_config(base, "grid", 0)
 
 
 def test_quality_summary_and_table():
@@ -193,14 +223,17 @@ def test_quality_summary_and_table():
 
     grid = lr_grid(1e-3, 3)
     assert grid == pytest.approx([1e-4, 1e-4 * 300 ** 0.5, 3e-2])
-    runs = [{"seed": 0, "clan": 0.5, "grid": [1.0, 0.4, 2.0]}, {"seed": 1, "clan": 0.5, "grid": [0.3, 0.8, 2.0]}]
-    s = _summary(grid, runs)
-    assert s["grid_means"] == pytest.approx([0.65, 0.6, 2.0]) and s["best_lr"] == grid[1]
-    assert s["per_seed_best_mean"] == pytest.approx(0.35) and s["goal_met"] is True
-    table = markdown({"t": {"grid": grid, "runs": runs, "summary": s}})
-    assert "| mean | 0.5000 | 0.6500 | **0.6000** | 2.0000 | 0.3500 |" in table
-    assert "| t | 0.5000 ± 0.0000 | 0.6000 (lr 1.7e-03) | 0.3500 | yes |" in table
-    assert _summary(grid, [{"seed": 0, "clan": float("nan"), "grid": [1.0, 1.0, 1.0]}])["goal_met"] is False
+    runs = {"clan": [{"seed": 0, "val_loss": 0.5, "seconds": 1.0}, {"seed": 1, "val_loss": 0.7, "seconds": 3.0}],
+            "sweep": [{"seed": 0, "val_loss": 0.6, "seconds": 2.0}, {"seed": 1, "val_loss": 0.6, "seconds": 2.0}]}
+    s = _summary(runs)
+    assert s["clan"]["mean"] == pytest.approx(0.6) and s["clan"]["seconds"] == 2.0 and "diff_mean" not in s["clan"]
+    assert s["sweep"]["diff_mean"] == pytest.approx(0.0) and s["sweep"]["diff_sd"] == pytest.approx(0.02 ** 0.5)
+    assert s["sweep"]["clan_better"] == 1 and s["sweep"]["seeds"] == 2
+    table = markdown({"t": {"runs": runs, "summary": s}})
+    assert "| 1 | 0.7000 | 0.6000 |" in table
+    assert "| t | sweep | 0.6000 ± 0.0000 | +0.0000 ± 0.1414 | 1/2 | 2 |" in table
+    diverged = _summary({"clan": [{"seed": 0, "val_loss": float("nan"), "seconds": 1.0}]})
+    assert diverged["clan"]["mean"] == math.inf
 
 
 def test_quality_bad_arguments(capsys):
@@ -214,6 +247,8 @@ def test_quality_bad_arguments(capsys):
         quality.task_configs("digits-mlp", "huge")
     with pytest.raises(ValueError, match="quality: unknown task 'mnist'"):
         quality.task_configs("mnist")
+    assert quality.main(["--clan", "[1]"]) == 2
+    assert "--clan must be a JSON object, got [1]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "fused"), [

@@ -8,7 +8,7 @@ from torch import nn
 
 from vmapclan import Clan, DivergenceError, Gene
 from vmapclan.genome import mutate
-from vmapclan.selection import rank, truncation_sources, winner_sources
+from vmapclan.selection import rank, truncation_sources
 
 NAN, INF = float("nan"), float("inf")
 
@@ -24,10 +24,6 @@ NAN, INF = float("nan"), float("inf")
 def test_rank(losses, order):
     assert rank(torch.tensor(losses)) == order
     assert rank(torch.tensor(losses, dtype=torch.float16)) == order
-
-
-def test_winner_sources():
-    assert torch.equal(winner_sources([2, 0, 1]), torch.tensor([2, 2, 2]))
 
 
 @pytest.mark.parametrize("p, fraction, k", [(8, 0.25, 2), (4, 0.25, 1), (3, 0.5, 1), (2, 0.1, 1), (9, 0.5, 4)])

@@ -20,7 +20,7 @@ from .gradients import reduce_gradients_
 from .optim import ADAMW_FIELDS, AdamWHyper, BatchedAdamW, group_scales
 from .population import PopulationModel
 from .rounds import COOPERATIVE, competitive_steps, phase_at, round_problem
-from .selection import rank, truncation_sources, winner_sources
+from .selection import paired_winner, rank, truncation_sources
 
 __all__ = ["Clan", "Member", "DivergenceError", "FORMAT_VERSION"]
 
@@ -175,6 +175,13 @@ class Clan:
             the incumbent's lr (within its bounds), records the event in the history and warns;
             ``"raise"`` raises :class:`DivergenceError`.
         max_restores: Consecutive restores allowed before :class:`DivergenceError` is raised anyway.
+        confidence: With winner selection, adopt a challenger only when its gain over member 0
+            (the control, which trained with the unmutated incumbent) is significant at this
+            family-wise confidence, in (0, 1): ``clan.step`` then takes paired losses ``[P, K]``
+            (every member scored on the same K samples or blocks of samples) and decides by a
+            one-sided paired t-test per challenger, Bonferroni-corrected over the P - 1 of them
+            (:func:`vmapclan.selection.paired_winner`). ``None`` (default): the lowest mean loss
+            wins, however small its lead.
 
     Example:
         >>> clan = Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
@@ -186,7 +193,7 @@ class Clan:
                  autobind: Sequence[str] | str = (), genome_config: Mapping | None = None,
                  selection: str | None = "winner", truncation_fraction: float = 0.25, init: str = "copy",
                  seed: int = 0, device: torch.device | str | None = None, max_grad_norm: float | None = None,
-                 on_divergence: str = "restore", max_restores: int = 3):
+                 on_divergence: str = "restore", max_restores: int = 3, confidence: float | None = None):
         self.population_size = _positive_int(population_size, "population_size")
         self.round_length = _positive_int(round_length, "round_length")
         if selection not in ("winner", "truncation", None):
@@ -215,6 +222,14 @@ class Clan:
             raise ValueError(f"Clan: on_divergence must be 'restore' or 'raise', got {on_divergence!r}")
         self.on_divergence = on_divergence
         self.max_restores = _positive_int(max_restores, "max_restores")
+        if confidence is not None:
+            if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+                raise ValueError(f"Clan: confidence must be a number in (0, 1) or None, got {confidence!r}")
+            if selection != "winner":
+                raise ValueError(f"Clan: confidence needs selection='winner' (a control to test challengers "
+                                 f"against), got selection={selection!r}")
+            confidence = float(confidence)
+        self.confidence = confidence
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"Clan: seed must be an int, got {type(seed).__name__}")
         if not 0 <= seed < 2**63:  # what torch.Generator.manual_seed takes
@@ -539,27 +554,35 @@ class Clan:
 
     # -- selection ------------------------------------------------------------------------------
     def _check_losses(self, val_losses) -> torch.Tensor:
+        p = self.population_size
+        expected = f"[{p}, K] (paired losses)" if self.confidence is not None else f"[{p}] or [{p}, K]"
         if not isinstance(val_losses, torch.Tensor):
             try:
                 val_losses = torch.as_tensor(val_losses, dtype=torch.float64)
             except (TypeError, ValueError, RuntimeError):
                 raise TypeError(
-                    f"clan.step: val_losses must be a tensor of shape [{self.population_size}], "
-                    f"got {type(val_losses).__name__}"
+                    f"clan.step: val_losses must be a tensor of shape {expected}, got {type(val_losses).__name__}"
                 ) from None
-        if val_losses.shape != (self.population_size,):
-            raise ValueError(
-                f"clan.step: val_losses must have shape [{self.population_size}] (one loss per member), "
-                f"got {list(val_losses.shape)}"
-            )
+        paired = val_losses.dim() == 2 and val_losses.shape[0] == p and val_losses.shape[1] >= 1
+        if not (val_losses.shape == (p,) or paired) or (self.confidence is not None and
+                                                        (not paired or val_losses.shape[1] < 2)):
+            what = ("every member's losses on the same K >= 2 samples or blocks, for the paired test of "
+                    "confidence" if self.confidence is not None else "one loss per member, or K per member")
+            raise ValueError(f"clan.step: val_losses must have shape {expected} ({what}), "
+                             f"got {list(val_losses.shape)}")
         if not (val_losses.is_floating_point() or val_losses.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"clan.step: val_losses must be real numbers, got dtype {val_losses.dtype}")
         return val_losses.detach().to("cpu", torch.float64)
 
     def step(self, val_losses) -> dict:
-        """End the round: select on ``val_losses`` ([P], lower is better), mutate, start the next round.
+        """End the round: select on ``val_losses`` (lower is better), mutate, start the next round.
 
-        Non-finite losses rank last; ties go to the lowest index. Returns the round's history record.
+        ``val_losses`` is ``[P]`` (a loss per member) or ``[P, K]`` (each member's losses on the
+        same K samples or blocks of samples; a member's loss is its row's mean). Non-finite
+        losses rank last; ties go to the lowest index. With ``confidence`` set, the losses must
+        be ``[P, K]`` and a challenger wins only with a significant paired gain over member 0;
+        the record then holds the best challenger's ``gain`` and its ``confidence``. Returns the
+        round's history record.
 
         Raises:
             RuntimeError: if the round is not done.
@@ -572,16 +595,23 @@ class Clan:
                 f"clan.step() called at step {self._round_step} of {self.round_length} in round {self._round}: "
                 "the round is not done (check member.done)"
             )
-        losses = self._check_losses(val_losses)
+        paired = self._check_losses(val_losses)
+        losses = paired
+        if paired.dim() == 2:  # a member with a non-finite value anywhere ranks last
+            losses = torch.where(torch.isfinite(paired).all(1), paired.mean(1), torch.tensor(math.nan))
         order = rank(losses)
         used = {n: v.tolist() for n, v in self.genomes.items()}
         if not math.isfinite(losses[order[0]].item()):
             return self._recover(losses, used)
         best = order[0]
+        choice = None
+        if self.confidence is not None:
+            choice = paired_winner(paired, self.confidence)
+            best = choice.winner
         identity = torch.arange(self.population_size)
         self.incumbent = {n: v[best].clone() for n, v in self.genomes.items()}
         if self.selection == "winner":
-            sources = winner_sources(order)
+            sources = torch.full((self.population_size,), best, dtype=torch.long)
             genomes = {n: v.expand(self.population_size).clone() for n, v in self.incumbent.items()}
             self.genomes = mutate(genomes, self.genes, self._generator, mask=identity > 0)
         elif self.selection == "truncation":
@@ -602,6 +632,8 @@ class Clan:
             "winner": best,
             "incumbent": {n: v.item() for n, v in self.incumbent.items()},
         }
+        if choice is not None:
+            record.update(challenger=choice.challenger, gain=choice.gain, confidence=choice.confidence)
         self.history.append(record)
         self._restores = 0
         self._next_round()
@@ -699,6 +731,7 @@ class Clan:
             "round_length": self.round_length,
             "duty_cycle": self.duty_cycle,
             "selection": self.selection,
+            "confidence": self.confidence,
             "truncation_fraction": self.truncation_fraction,
             "genes": {n: dataclasses.asdict(g) for n, g in self.genes.items()},
         }

@@ -279,7 +279,7 @@ def _replay(args) -> int:
 
     start = time.perf_counter()
     try:
-        result = replay(schedule, config, callback=on_step, task=task)
+        result = replay(schedule, config, callback=on_step, task=task, keep_step=clan.get("kept_step"))
     finally:
         if bar is not None:
             bar.close()

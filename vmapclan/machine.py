@@ -65,12 +65,15 @@ from .specs import DataSpec, RunConfig
 from .tasks import Task, data_length, resolve_task, task_reference
 
 __all__ = ["TrainingMachine", "TrainingResults", "TrainingStopped", "save_run_checkpoint", "load_run_checkpoint",
-           "plan_rounds", "phase_data", "frozen_parameters", "CHECKPOINT_VERSION", "DIVERGENCE_CHECK_EVERY"]
+           "plan_rounds", "phase_data", "frozen_parameters", "CHECKPOINT_VERSION", "DIVERGENCE_CHECK_EVERY",
+           "SCORE_BLOCKS"]
 
 #: Version 2: checkpoints may be taken at any step (a stop), not only at round and phase ends.
 CHECKPOINT_VERSION = 2
 #: Steps between the divergence checks of a cooperative phase (each check is one host sync).
 DIVERGENCE_CHECK_EVERY = 25
+#: Blocks of the round's validation samples that pair the members for ``clan.confidence``'s test.
+SCORE_BLOCKS = 32
 
 
 class TrainingStopped(Exception):
@@ -234,8 +237,10 @@ class TrainingResults:
         metrics: Every metrics record (training-loss logs, rounds, the final record).
         final: ``val_loss`` and ``val_accuracy`` of the best model on the whole validation set,
             ``member_val_losses`` (every member, whole validation set), ``best_member``,
-            ``seconds``, ``member_steps``.
-        best_model: A plain ``nn.Module`` with the best member's weights.
+            ``seconds``, ``member_steps``; with ``clan.keep_best``, when the incumbent kept at an
+            earlier step beats the last model, also ``kept_step`` (the step it was kept at) and
+            ``last_val_loss`` (the last model's loss).
+        best_model: A plain ``nn.Module`` with the best member's weights (or the kept incumbent's).
         schedule: The exported :class:`PhaseSchedule` the best model's lineage trained with.
     """
 
@@ -301,7 +306,8 @@ class TrainingResults:
         files["history"].write_text(json.dumps(self.history, indent=1))
         files["schedule"] = out / "schedule.json"
         write_schedule(files["schedule"], self.schedule, self.config, self.total_steps,
-                       clan={"val_loss": self.final["val_loss"], "val_accuracy": self.final["val_accuracy"]})
+                       clan={key: self.final[key] for key in ("val_loss", "val_accuracy", "kept_step")
+                             if key in self.final})
         files["config"] = out / "config.toml"
         files["config"].write_text(self.config.replace(total_steps=self.total_steps).to_toml())
         files["best_model"] = out / "best_model.pt"
@@ -406,6 +412,8 @@ class TrainingMachine:
         self.metrics: list[dict] = []
         self.clan: Clan | None = None
         self.best_val = math.inf
+        # The best incumbent seen ({"step", "val", "row"}), with clan.keep_best.
+        self._kept: dict | None = None
         self._streams: dict[tuple, object] = {}
         self._datasets: dict[tuple, object] = {}  # TaskData per distinct data settings
         self._frozen: list[slice] = []  # columns of flat kept unchanged by the steps of the current stretch
@@ -459,7 +467,13 @@ class TrainingMachine:
                          round_length=first.clan.get("round_length", cfg.clan.round_length),
                          duty_cycle=first.clan.get("duty_cycle", cfg.clan.duty_cycle), autobind=["adamw"],
                          genome_config=cfg.clan.genes, selection=cfg.clan.selection_arg, init=cfg.clan.init,
-                         seed=cfg.seed, device=self.device)
+                         seed=cfg.seed, device=self.device, confidence=cfg.clan.confidence or None)
+        self._lr_factor = None
+        opt = cfg.optimizer
+        if opt.lr_schedule != "constant" or opt.warmup > 0:
+            # The run's lr shape: one factor on every member's lr, written in place before each step.
+            self._lr_factor = torch.ones((), dtype=torch.float64, device=self.device)
+            self.clan.optimizer.lr_factor = self._lr_factor
         if cfg.clan.lr_grid:
             # A sweep over lr only: every other gene is held at the incumbent for every member.
             for name, value in self.clan.incumbent.items():
@@ -583,8 +597,14 @@ class TrainingMachine:
         with torch.no_grad():
             keeper.__exit__(None, None, None)
 
+    def _shape_lr(self) -> None:
+        """Write this step's factor of the run's lr shape (``optimizer.lr_schedule``) into the optimizer."""
+        if self._lr_factor is not None:
+            self._lr_factor.fill_(self.config.optimizer.lr_factor(self.clock.step, self.total_steps))
+
     def _cooperative_step(self, member, batch) -> None:
         """One data-parallel step of identical members, outside the round clock (fused when enabled)."""
+        self._shape_lr()
         with self._keep_frozen():
             if self.fused:
                 loss = self._fused().train_step(*batch, cooperative=True)
@@ -595,6 +615,7 @@ class TrainingMachine:
 
     def _round_step(self, member, batch) -> None:
         """One step of a clan round, advancing the round clock (fused when enabled)."""
+        self._shape_lr()
         with self._keep_frozen():
             if self.fused:
                 loss = self._fused().train_step(*batch, cooperative=self.clan.phase == "cooperative")
@@ -744,6 +765,7 @@ class TrainingMachine:
         # divergence restores to, so a diverging round after this phase does not also undo it.
         clan.mark_restore_point()
         self.best_val = min(self.best_val, val[0].item())
+        self._keep(val[0].item())
         if start == self.clock.step:
             return  # restored after the stretch's last step: its diverged record covers it
         record = {"kind": "cooperative", "phase": phase.name, "start_step": start, "end_step": self.clock.step,
@@ -768,24 +790,37 @@ class TrainingMachine:
         while self.clock.step < stretch.end:
             self._round_step(member, next(stream))
             self._poll_stop(stretch)
-        val = self.task.population_losses(member.model, self._data_of(stretch).eval)
+        # With a confidence, the paired test reads each member's losses on the same blocks of samples.
+        paired = {"blocks": SCORE_BLOCKS} if clan.confidence is not None else {}
+        val = self.task.population_losses(member.model, self._data_of(stretch).eval, **paired)
         record = dict(clan.step(val))
         record.update(kind="round", phase=stretch.phase.name, start_step=stretch.start, end_step=self.clock.step,
                       cooperative_steps=cooperative_steps, batch_size=batch_size,
                       population_size=clan.population_size, **self._planes(stretch))
         self.best_val = min(self.best_val, min(v for v in record["val_losses"] if math.isfinite(v))
                             if any(math.isfinite(v) for v in record["val_losses"]) else math.inf)
+        if record["winner"] is not None:
+            self._keep(record["val_losses"][record["winner"]])
         self.history.append(record)
         self._record({"event": "round", **record})
         if self.out_dir is not None and cfg.checkpoint_every and clan.round_index % cfg.checkpoint_every == 0:
             self.checkpoint()
 
+    def _keep(self, val: float) -> None:
+        """With ``clan.keep_best``: copy member 0 (the incumbent, after selection) if its validation loss is the best yet."""
+        clan = self.clan
+        if not self.config.clan.keep_best or clan.selection != "winner" or not math.isfinite(val):
+            return
+        if self._kept is None or val < self._kept["val"]:
+            clan.sync_members()
+            self._kept = {"step": self.clock.step, "val": val, "row": clan.population.member_row(0)}
+
     # -- running ----------------------------------------------------------------------------------
     def machine_state(self) -> dict:
-        """The machine's own state as plain values (the clan's is saved next to it)."""
+        """The machine's own state as plain values and tensors (the clan's is saved next to it)."""
         return {"config": self.config.to_dict(), "clock": self.clock.state_dict(), "history": list(self.history),
                 "metrics": list(self.metrics), "best_val": self.best_val, "loss_sum": self._loss_sum.item(),
-                "loss_count": self._loss_count}
+                "loss_count": self._loss_count, "kept": self._kept}
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, *, callback: Callable[[dict], None] | None = None,
@@ -864,6 +899,7 @@ class TrainingMachine:
         self.best_val = float(saved["best_val"])
         self._loss_sum.fill_(saved["loss_sum"])
         self._loss_count = saved["loss_count"]
+        self._kept = saved.get("kept")
         self._check_position()
         if not bool(self._finite_members().any()):
             raise ValueError("TrainingMachine.resume: the checkpoint holds NaN or infinite values in every member")
@@ -901,6 +937,19 @@ class TrainingMachine:
         loss_sum = saved.get("loss_sum")
         if not is_number(loss_sum) or math.isinf(loss_sum):
             refuse("loss_sum", "a number", loss_sum)
+        kept = saved.get("kept")
+        if kept is not None:
+            pop = self.clan.population
+            row = kept.get("row") if isinstance(kept, Mapping) else None
+            ok = (isinstance(row, Mapping) and is_int(kept.get("step")) and 0 <= kept["step"] <= step
+                  and is_number(kept.get("val")) and math.isfinite(kept["val"])
+                  and isinstance(row.get("params"), torch.Tensor) and row["params"].shape == pop.flat.shape[1:]
+                  and isinstance(row.get("buffers"), Mapping) and set(row["buffers"]) == set(pop.buffers)
+                  and all(isinstance(v, torch.Tensor) and v.shape == pop.buffers[n].shape[1:]
+                          for n, v in row["buffers"].items()))
+            if not ok:
+                refuse("kept", f"the best incumbent's step (<= {step}), finite loss and one member's weights "
+                               f"[{pop.flat.shape[1]}] and buffers", type(kept).__name__)
         expected = 0 if step == self.total_steps else step % self.log_every
         if saved.get("loss_count") != expected:
             refuse("loss_count", f"{expected} (steps since the last training-loss record at step {step})",
@@ -1011,6 +1060,13 @@ class TrainingMachine:
         if not math.isfinite(scores["loss"]) or not bool(self._finite_members()[best]):
             raise DivergenceError(f"TrainingMachine: the run ends without a finite model: the best member's "
                                   f"validation loss is {scores['loss']}")
+        kept = {}
+        if self._kept is not None and self._kept["step"] < self.clock.step:
+            model = population.member_module(0, row=self._kept["row"]).eval()
+            kept_scores = self.task.evaluate(model, self.data.val)
+            if kept_scores["loss"] < scores["loss"]:  # the incumbent kept earlier beats the last model
+                kept = {"kept_step": self._kept["step"], "last_val_loss": scores["loss"]}
+                self._best_model, scores = model, kept_scores
         # A sweep's members never copy each other: the best one's own genes are its schedule.
         # With truncation the history does not say who copied whom, so each round's winner
         # stands in for the lineage (an approximation).
@@ -1019,6 +1075,6 @@ class TrainingMachine:
         final = {"event": "final", "step": self.clock.step, "val_loss": scores["loss"],
                  "val_accuracy": scores["accuracy"], "member_val_losses": members.tolist(), "best_member": best,
                  "rounds": sum(r["kind"] == "round" for r in self.history), "seconds": seconds,
-                 "member_steps": self.total_steps * self.clan.population_size}
+                 "member_steps": self.total_steps * self.clan.population_size, **kept}
         self._record(final)
         return final

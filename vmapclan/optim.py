@@ -433,6 +433,9 @@ class BatchedAdamW(torch.optim.Optimizer):
             raise ValueError(f"BatchedAdamW: scales cover {sum(scales.sizes)} values, the population's members "
                              f"{population.numel}")
         self.scales = scales
+        #: A factor on every member's lr at each update (a run's time-shaped base schedule), a
+        #: 0-d tensor on the population's device, rewritten in place; ``None`` means 1.
+        self.lr_factor: torch.Tensor | None = None
         self.update = update
 
     @property
@@ -457,7 +460,8 @@ class BatchedAdamW(torch.optim.Optimizer):
         parameters that received no gradient.
 
         While the members train as one model, only member 0's row of everything is read and
-        updated (``grads`` may then be that row alone, ``[1, N]``).
+        updated (``grads`` may then be that row alone, ``[1, N]``). With :attr:`lr_factor` set,
+        every member's lr is multiplied by it.
 
         Args:
             grads: The gradients, e.g. the population's ``grad_flat``; with ``sizes``, one
@@ -469,6 +473,8 @@ class BatchedAdamW(torch.optim.Optimizer):
         """
         pop = self.population
         params, state, hyper, accum = pop.flat, self.adamw_state, self.hyper, self.num_grad_accum
+        if self.lr_factor is not None:
+            hyper = hyper._replace(lr=hyper.lr * self.lr_factor)
         if pop.one_model:  # every member is a copy of member 0: update its row alone
             if sizes is not None:
                 raise ValueError("BatchedAdamW.apply_: per-parameter gradients are for members trained apart")

@@ -432,10 +432,33 @@ class PopulationModel:
         return _rebuild(out, dropped)
 
     # -- members as plain modules -----------------------------------------------------------
-    def member_module(self, index: int) -> nn.Module:
-        """A new plain ``nn.Module`` holding member ``index``'s current weights and buffers."""
+    def member_row(self, index: int) -> dict:
+        """A copy of member ``index``'s weights and buffers: ``{"params": [N], "buffers": {name: tensor}}``.
+
+        Read the rows up to date first (:meth:`vmapclan.Clan.sync_members`) while the members
+        train as one model. :meth:`member_module` builds a module back from it.
+        """
+        return {"params": self.flat[index].detach().clone(),
+                "buffers": {name: b[index].detach().clone() for name, b in self.buffers.items()}}
+
+    def member_module(self, index: int, *, row: dict | None = None) -> nn.Module:
+        """A new plain ``nn.Module`` holding member ``index``'s current weights and buffers.
+
+        Args:
+            index: The member.
+            row: Build it from this saved row instead (from :meth:`member_row`).
+        """
         if not -self.population_size <= index < self.population_size:
             raise IndexError(f"member index {index} out of range for a population of {self.population_size}")
+        if row is not None:
+            module = self.member_module(index)
+            with torch.no_grad():
+                for name, shape in self.shapes.items():
+                    module.get_parameter(name).copy_(row["params"][self.columns[name]].view(shape))
+                buffer_names = dict(module.named_buffers())
+                for name, value in row["buffers"].items():
+                    (buffer_names[name] if name in buffer_names else module.get_parameter(name)).copy_(value)
+            return module
         # A deep copy of ``module`` as is would copy the whole stacked storage its tensors view:
         # give each of them a fresh tensor of its own instead (the values are written below).
         memo = {id(t): nn.Parameter(torch.empty_like(t), requires_grad=t.requires_grad)
@@ -573,7 +596,7 @@ def member_loss(fn, output, target, *, key: str | Callable | None = None, **kwar
 
 
 def score_members(population: PopulationModel, batches: Iterable, losses_of: Callable, *,
-                  size_of: Callable = len, who: str = "score_members") -> torch.Tensor | None:
+                  size_of: Callable = len, who: str = "score_members", per_batch: bool = False) -> torch.Tensor | None:
     """Every member's mean loss over ``batches``, for selection: a ``float64 [P]`` tensor.
 
     The one scoring loop of the package (the tasks' per-round evaluation and Lightning's
@@ -587,9 +610,11 @@ def score_members(population: PopulationModel, batches: Iterable, losses_of: Cal
         losses_of: ``losses_of(batch, index) -> [P]``: every member's mean loss on one batch.
         size_of: ``size_of(batch) -> int``: the samples in a batch (default ``len``).
         who: Names the caller in the error message.
+        per_batch: Return each batch's losses instead, ``[P, number of batches]`` (paired
+            values for :func:`vmapclan.selection.paired_winner`).
 
     Returns:
-        ``[P]`` mean losses, or ``None`` when ``batches`` was empty.
+        ``[P]`` mean losses (or ``[P, batches]``), or ``None`` when ``batches`` was empty.
 
     Raises:
         ValueError: if ``losses_of`` returns anything but a ``[P]`` tensor.
@@ -597,7 +622,7 @@ def score_members(population: PopulationModel, batches: Iterable, losses_of: Cal
     p = population.population_size
     modes = [m.training for m in population.module.modules()]
     population.eval()
-    total, count = None, 0
+    total, count, columns = None, 0, []
     try:
         with torch.no_grad():
             for index, batch in enumerate(batches):
@@ -605,6 +630,9 @@ def score_members(population: PopulationModel, batches: Iterable, losses_of: Cal
                 if not isinstance(losses, torch.Tensor) or losses.shape != (p,):
                     got = list(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                     raise ValueError(f"{who} must return every member's loss, shape [{p}], got {got}")
+                if per_batch:
+                    columns.append(losses.detach().to(torch.float64))
+                    continue
                 n = size_of(batch)
                 weighted = losses.detach().to(torch.float64) * n
                 total = weighted if total is None else total + weighted
@@ -612,4 +640,6 @@ def score_members(population: PopulationModel, batches: Iterable, losses_of: Cal
     finally:
         for module, mode in zip(population.module.modules(), modes):
             module.training = mode
+    if per_batch:
+        return torch.stack(columns, 1) if columns else None
     return None if total is None else total / count

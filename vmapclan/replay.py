@@ -16,6 +16,7 @@ while competing), and ``clan.competition = false``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -194,14 +195,15 @@ class ReplayResult:
 
 def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps: int | None = None,
            trace: bool = False, callback: Callable[[int, str], None] | None = None,
-           task=None) -> ReplayResult:
+           task=None, keep_step: int | None = None) -> ReplayResult:
     """Train one plain model with ``torch.optim.AdamW`` following ``schedule``.
 
     The model is built and initialised as the training machine does (same task, config and
     seed), so it starts from the clan's initial weights. At each step the param group takes the
     ``lr``, ``weight_decay``, ``betas`` and ``eps`` of the phase in force, by the machine's rule
     (:func:`~vmapclan.schedule.phase_optimizer`, with the config's optimizer as the incumbent: a
-    value a phase does not set keeps the config's; ``lr_scale`` multiplies the config's lr) and the batch holds the
+    value a phase does not set keeps the config's; ``lr_scale`` multiplies the config's lr),
+    the lr times the factor of the config's ``optimizer.lr_schedule`` at that step, and the batch holds the
     phase's ``data.batch_size`` samples (default: ``config.data.batch_size``), drawn from a
     fresh permutation each epoch. A phase's other data settings (``seq_len``) take the data
     the task loads with them from the phase's first step on (a new epoch), and the parameters
@@ -216,6 +218,9 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
         callback: Called as ``callback(step, phase_name)`` after every step.
         task: The :class:`~vmapclan.Task` to train (default: the one ``config.task`` names,
             imported if it is a ``"module:ClassName"``).
+        keep_step: Return the model as it was after this many steps (the run's ``kept_step``,
+            where the training machine kept its best incumbent); the steps after it still run,
+            so the trace and losses cover the whole schedule.
 
     Returns:
         A :class:`ReplayResult`.
@@ -231,6 +236,9 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
         config = RunConfig.from_dict(config)
     total = config.total_steps if total_steps is None else total_steps
     TimeController(total)  # validates total_steps
+    if keep_step is not None and (isinstance(keep_step, bool) or not isinstance(keep_step, int)
+                                  or not 0 <= keep_step <= total):
+        raise ValueError(f"replay: keep_step must be an int in [0, {total}], got {keep_step!r}")
     task = resolve_task(config.task if task is None else task)
     settings_of_model = task.model_settings(config.model)
     torch.manual_seed(config.seed)  # as TrainingMachine: the same initial weights
@@ -246,7 +254,10 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     perm, position = None, 0
     steps_trace, losses = [], []
     model.train()
+    kept = None
     for step in range(total):
+        if step == keep_step:
+            kept = copy.deepcopy(model.state_dict())
         phase = schedule.phase_at_step(step, total)
         spec = phase_data(task, config.data, phase)
         key = _data_key(spec, config.data)
@@ -259,8 +270,9 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
             frozen_in[phase.name] = frozen_parameters(parameters, phase.model.get("freeze", ()), f"phase {phase.name!r}")
         frozen = frozen_in[phase.name]
         settings = phase_optimizer(phase.optimizer, configured)
+        lr = settings["lr"] * config.optimizer.lr_factor(step, total)  # the run's lr shape, as in the machine
         for group, (lr_ratio, wd_ratio) in zip(optimizer.param_groups, ratios):
-            group["lr"], group["weight_decay"] = settings["lr"] * lr_ratio, settings["weight_decay"] * wd_ratio
+            group["lr"], group["weight_decay"] = lr * lr_ratio, settings["weight_decay"] * wd_ratio
             group["eps"], group["betas"] = settings["eps"], (settings["betas/0"], settings["betas/1"])
         batch_size = phase.data.get("batch_size", config.data.batch_size)
         if batch_size > n:
@@ -288,6 +300,8 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
                                 "freeze": frozen, "input_shape": tuple(x.shape)})
         if callback is not None:
             callback(step + 1, phase.name)
+    if kept is not None:
+        model.load_state_dict(kept)
     scores = task.evaluate(model, data.val)
     return ReplayResult(model=model.eval(), final={"val_loss": scores["loss"], "val_accuracy": scores["accuracy"]},
                         trace=steps_trace, losses=losses)

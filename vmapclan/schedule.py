@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["TimeController", "Phase", "PhaseSchedule", "OPTIMIZER_KEYS", "DATA_KEYS", "MODEL_KEYS", "CLAN_KEYS",
-           "phase_optimizer"]
+           "phase_optimizer", "LR_SHAPES", "lr_shape_at", "check_lr_shape"]
 
 #: Optimizer settings a phase may override: the AdamW genes, plus ``lr_scale`` (a factor on the
 #: incumbent's learning rate, see :func:`phase_optimizer`).
@@ -459,3 +459,62 @@ def phase_optimizer(overrides: Mapping[str, float], incumbent: Mapping[str, floa
         else:
             settings[key] = float(value)
     return settings
+
+
+#: The time shapes of the learning rate over a run (see :func:`lr_shape_at`).
+LR_SHAPES = ("constant", "cosine", "wsd")
+
+
+def check_lr_shape(shape: str, warmup: float, decay: float, where: str = "optimizer") -> None:
+    """Raise ``ValueError`` unless ``(shape, warmup, decay)`` describe a learning-rate shape :func:`lr_shape_at` can run.
+
+    Args:
+        shape: One of :data:`LR_SHAPES`.
+        warmup: Share of the run's time spent warming up, in ``[0, 0.5]``.
+        decay: For ``"wsd"``: share of the run's time at the end over which the lr decays, in
+            ``(0, 1 - warmup]``.
+        where: Prefix of the message (the config section).
+    """
+    if shape not in LR_SHAPES:
+        raise ValueError(f"{where}.lr_schedule must be one of {list(LR_SHAPES)}, got {shape!r}")
+    if not _is_number(warmup) or not 0 <= warmup <= 0.5:
+        raise ValueError(f"{where}.warmup must be a number in [0, 0.5], got {warmup!r}")
+    if not _is_number(decay) or not 0 < decay <= 1 - warmup:
+        raise ValueError(f"{where}.decay must be a number in (0, 1 - warmup] = (0, {1 - warmup:g}], got {decay!r}")
+
+
+def lr_shape_at(step: int, total_steps: int, shape: str = "constant", warmup: float = 0.0,
+                decay: float = 0.2) -> float:
+    """The factor on the learning rate at ``step`` of ``total_steps``: the run's time-shaped base schedule.
+
+    The applied learning rate of every member is its ``lr`` (the gene, or a cooperative
+    phase's setting) times this factor, so the clan evolves the level and the shape gives the
+    form over time. The factor is read at the step's midpoint ``t = (step + 1/2) / T``, the
+    point that decides its phase too:
+
+    - a linear warmup from 0 to 1 over ``t < warmup`` (every shape);
+    - ``"constant"``: 1 after it;
+    - ``"cosine"``: ``(1 + cos(pi * (t - warmup) / (1 - warmup))) / 2`` after it, down to 0 at ``t = 1``;
+    - ``"wsd"`` (warmup, stable, decay): 1 until ``t = 1 - decay``, then linear down to 0 at ``t = 1``.
+
+    Args:
+        step: The step, in ``[0, total_steps)``.
+        total_steps: Steps of the run.
+        shape: One of :data:`LR_SHAPES`.
+        warmup: Share of the run's time spent warming up.
+        decay: For ``"wsd"``: share of the run's time the final decay takes.
+
+    Example:
+        >>> [round(lr_shape_at(s, 4, "cosine"), 3) for s in range(4)]
+        [0.962, 0.691, 0.309, 0.038]
+        >>> lr_shape_at(0, 100, "constant", warmup=0.1)
+        0.05
+    """
+    t = (step + 0.5) / total_steps
+    if t < warmup:
+        return t / warmup
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / (1.0 - warmup)))
+    if shape == "wsd" and t > 1.0 - decay:
+        return (1.0 - t) / decay
+    return 1.0

@@ -8,10 +8,12 @@ dimension). They run on the host on ``[P]`` values, once per round.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["Ranking", "rank", "winner_sources", "truncation_sources"]
+__all__ = ["Ranking", "rank", "truncation_sources", "PairedChoice", "paired_winner",
+           "student_t_cdf"]
 
 
 class Ranking(list):
@@ -37,11 +39,6 @@ def rank(losses: torch.Tensor) -> Ranking:
     return Ranking(order, sum(math.isfinite(v) for v in values))
 
 
-def winner_sources(order: list[int]) -> torch.Tensor:
-    """Everyone takes the best member: ``[order[0]] * P``."""
-    return torch.full((len(order),), order[0], dtype=torch.long)
-
-
 def truncation_sources(order: list[int], fraction: float, generator: torch.Generator) -> torch.Tensor:
     """Classic PBT truncation: the bottom ``fraction`` copy random members of the top ``fraction``.
 
@@ -65,3 +62,125 @@ def truncation_sources(order: list[int], fraction: float, generator: torch.Gener
     for member, pick in zip(bottom, picks.tolist()):
         sources[member] = top[pick]
     return sources
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below this point
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            numerator = 1.0
+        elif i % 2 == 0:
+            numerator = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            numerator = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + numerator * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + numerator / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-14:
+            break
+    return front * (f - 1.0)
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """``P(T <= t)`` for Student's t distribution with ``df`` degrees of freedom.
+
+    Example:
+        >>> round(student_t_cdf(2.228, 10), 4)  # the two-sided 5% point of t(10)
+        0.975
+    """
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+class PairedChoice(NamedTuple):
+    """What :func:`paired_winner` decided.
+
+    Attributes:
+        winner: The member everyone takes: the best significant challenger, or 0 (the control).
+        challenger: The challenger with the lowest mean loss (``None`` when none is finite).
+        gain: Its mean paired gain over the control (control's loss minus its own; > 0 is better).
+        confidence: Its one-sided confidence that the gain is positive (paired t-test).
+        needed: The confidence a challenger needed: ``1 - (1 - confidence) / (P - 1)`` (Bonferroni).
+    """
+
+    winner: int
+    challenger: int | None
+    gain: float
+    confidence: float
+    needed: float
+
+
+def paired_winner(losses: torch.Tensor, confidence: float) -> PairedChoice:
+    """Winner selection that keeps the control unless a challenger's gain is significant.
+
+    Member 0 is the control (it trained with the unmutated incumbent genome); members 1 to P-1
+    are challengers, and every member was scored on the same samples, so each column of
+    ``losses`` pairs them. For challenger ``i`` the paired differences ``losses[0] - losses[i]``
+    give a mean gain and, by a one-sided paired t-test, the confidence that the gain is
+    positive. A challenger is adopted only when that confidence reaches
+    ``1 - (1 - confidence) / (P - 1)``, so that the chance of adopting any challenger whose true
+    gain is zero stays below ``1 - confidence`` however many there are (Bonferroni). Of the
+    adopted ones, the lowest mean loss wins (ties to the lowest index). A challenger whose losses
+    are not all finite is never adopted. If the control's own losses are not all finite, the
+    finite member with the lowest mean wins (as :func:`rank` orders them).
+
+    Args:
+        losses: ``[P, K]`` losses: ``K >= 2`` paired columns (samples or blocks of samples).
+        confidence: The family-wise confidence, in (0, 1).
+
+    Returns:
+        A :class:`PairedChoice`.
+
+    Raises:
+        ValueError: for a tensor that is not ``[P, K]`` with ``P >= 2`` and ``K >= 2``, or a
+            confidence outside (0, 1).
+
+    Example:
+        >>> base = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        >>> paired_winner(torch.stack([base, base - 0.5, base + 0.01 * torch.tensor([1., -1, 1, -1])]), 0.9).winner
+        1
+    """
+    if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
+        raise ValueError(f"paired_winner: confidence must be a float in (0, 1), got {confidence!r}")
+    if losses.dim() != 2 or losses.shape[0] < 2 or losses.shape[1] < 2:
+        raise ValueError(f"paired_winner: losses must have shape [P, K] with P >= 2 members and K >= 2 paired "
+                         f"values, got {list(losses.shape)}")
+    values = losses.detach().to("cpu", torch.float64)
+    p, k = values.shape
+    finite = torch.isfinite(values).all(1)
+    means = torch.where(finite, values.mean(1), torch.full((p,), math.inf, dtype=torch.float64))
+    needed = 1.0 - (1.0 - confidence) / (p - 1)
+    order = rank(means)
+    if not bool(finite[0]):
+        return PairedChoice(order[0] if bool(finite.any()) else 0, None, math.nan, math.nan, needed)
+    gains = values[0] - values  # [P, K]: > 0 where the challenger did better
+    mean_gain = gains.mean(1)
+    sd = gains.std(1, correction=1)
+    confidences = []
+    for i in range(p):
+        if i == 0 or not bool(finite[i]):
+            confidences.append(0.0)
+        elif sd[i] == 0:
+            confidences.append(1.0 if mean_gain[i] > 0 else 0.0 if mean_gain[i] < 0 else 0.5)
+        else:
+            confidences.append(student_t_cdf(float(mean_gain[i] / (sd[i] / math.sqrt(k))), k - 1))
+    challengers = [i for i in order if i != 0 and bool(finite[i])]
+    adopted = [i for i in challengers if confidences[i] >= needed and mean_gain[i] > 0]
+    best = challengers[0] if challengers else None
+    return PairedChoice(adopted[0] if adopted else 0, best,
+                        float(mean_gain[best]) if best is not None else math.nan,
+                        confidences[best] if best is not None else math.nan, needed)

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from .rounds import round_problem
-from .schedule import Phase, PhaseSchedule
+from .schedule import Phase, PhaseSchedule, check_lr_shape, lr_shape_at
 
 __all__ = ["ModelSpec", "DataSpec", "OptimizerSpec", "ClanSpec", "ScheduleSpec", "RunConfig"]
 
@@ -178,6 +178,13 @@ class OptimizerSpec(_Spec):
         weight_decay: Decoupled weight decay, >= 0.
         betas: ``(beta1, beta2)``, each in [0, 1).
         eps: > 0.
+        lr_schedule: The learning rate's shape over the run's time, a factor on every
+            member's lr at every step (:func:`vmapclan.schedule.lr_shape_at`): ``"constant"``,
+            ``"cosine"`` or ``"wsd"`` (warmup, stable, decay). The genes and the phases set the
+            level; the shape gives the form.
+        warmup: Share of the run's time over which the lr warms up linearly from 0, in [0, 0.5].
+        decay: For ``"wsd"``: share of the run's time at the end over which the lr decays
+            linearly to 0.
     """
 
     section: ClassVar[str] = "optimizer"
@@ -185,6 +192,9 @@ class OptimizerSpec(_Spec):
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    lr_schedule: str = "constant"
+    warmup: float = 0.0
+    decay: float = 0.2
 
     def __post_init__(self) -> None:
         s = self.section
@@ -196,6 +206,13 @@ class OptimizerSpec(_Spec):
             _fail(s, "betas", "a pair [beta1, beta2]", self.betas)
         betas = tuple(_float(s, f"betas[{i}]", b, 0, 1, high_open=True) for i, b in enumerate(self.betas))
         object.__setattr__(self, "betas", betas)
+        check_lr_shape(self.lr_schedule, self.warmup, self.decay, s)
+        object.__setattr__(self, "warmup", float(self.warmup))
+        object.__setattr__(self, "decay", float(self.decay))
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """The factor :attr:`lr_schedule` puts on the learning rate at ``step`` of ``total_steps``."""
+        return lr_shape_at(step, total_steps, self.lr_schedule, self.warmup, self.decay)
 
     def build(self, params):
         """``torch.optim.AdamW(params, ...)`` with these settings."""
@@ -219,6 +236,14 @@ class ClanSpec(_Spec):
             then never mutates. Empty: no grid.
         genes: Overrides of the autobound AdamW genes, ``{name: {field: value}}`` (see
             :class:`vmapclan.Gene`), e.g. ``{"lr": {"low": 1e-4, "high": 1e-1}}``.
+        confidence: With winner selection: a challenger wins a round only when its gain over
+            the control (member 0, the unmutated incumbent) is significant at this confidence,
+            by a paired test on the round's validation samples (``Clan(confidence=...)``), in
+            [0, 1); 0: the lowest validation loss wins, however small its lead.
+        keep_best: With winner selection: keep a copy of the best incumbent seen (by its
+            validation loss at the end of each round and cooperative stretch) and return it
+            as the run's model when it beats the last one on the whole validation split (a
+            guard against overfitting, as early stopping is).
     """
 
     section: ClassVar[str] = "clan"
@@ -229,6 +254,8 @@ class ClanSpec(_Spec):
     init: str = "copy"
     lr_grid: tuple[float, ...] = ()
     genes: dict = dataclasses.field(default_factory=dict)
+    confidence: float = 0.0
+    keep_best: bool = True
 
     def __post_init__(self) -> None:
         s = self.section
@@ -262,6 +289,12 @@ class ClanSpec(_Spec):
         if not isinstance(self.genes, Mapping) or not all(isinstance(v, Mapping) for v in self.genes.values()):
             _fail(s, "genes", "a table {gene name: {field: value}}", self.genes)
         object.__setattr__(self, "genes", {k: dict(v) for k, v in self.genes.items()})
+        object.__setattr__(self, "confidence", _float(s, "confidence", self.confidence, 0, 1, high_open=True))
+        if not isinstance(self.keep_best, bool):
+            _fail(s, "keep_best", "true or false", self.keep_best)
+        if self.confidence and self.selection != "winner":
+            raise ValueError(f"clan.confidence needs clan.selection = 'winner' (a control to test challengers "
+                             f"against), got {self.selection!r}")
 
     @property
     def selection_arg(self) -> str | None:

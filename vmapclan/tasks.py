@@ -249,17 +249,27 @@ class Task(abc.ABC):
         model.train(was_training)
         return {"loss": loss / n, "accuracy": correct / n}
 
-    def population_losses(self, population: PopulationModel, data, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Each member's mean loss on shared ``data`` (as for :meth:`evaluate`): a ``[P]`` tensor (eval mode, chunked)."""
+    def population_losses(self, population: PopulationModel, data, target: torch.Tensor | None = None, *,
+                          blocks: int | None = None) -> torch.Tensor:
+        """Each member's mean loss on shared ``data`` (as for :meth:`evaluate`): a ``[P]`` tensor (eval mode, chunked).
+
+        With ``blocks``, the data is cut into that many consecutive blocks of near-equal size
+        (at most one per sample) and the result is every member's mean loss on each, ``[P, blocks]``:
+        paired values for a significance test between members.
+        """
         data = data if target is None else (data, target)
-        chunks = list(data_batches(data))
+        if blocks is None:
+            chunks = list(data_batches(data))
+        else:
+            pieces = torch.arange(data_length(data)).tensor_split(min(blocks, data_length(data)))
+            chunks = [next(data_batches(data, piece)) for piece in pieces]
 
         def losses_of(chunk, _index):
             xb, yb = population.share(chunk)
             return member_loss(self.loss, population(xb), yb)
 
         return score_members(population, chunks, losses_of, size_of=lambda chunk: len(chunk[0]),
-                             who=f"{type(self).__name__}.loss")
+                             who=f"{type(self).__name__}.loss", per_batch=blocks is not None)
 
 
 def _positive_ints(model: dict, names) -> None:
