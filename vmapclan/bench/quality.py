@@ -202,6 +202,8 @@ def run_method(base: dict, method: str, seed: int, clan: dict | None = None) -> 
     out = {"method": method, "seed": seed, "val_loss": results.final["val_loss"],
            "val_accuracy": results.final["val_accuracy"], "seconds": time.perf_counter() - start,
            "member_steps": results.final["member_steps"]}
+    # With clan.keep_best: where the returned incumbent was kept, and the last model's loss.
+    out.update({key: results.final[key] for key in ("kept_step", "last_val_loss") if key in results.final})
     rounds = results.rounds
     if rounds:
         out["final_lr"] = rounds[-1]["incumbent"]["lr"]
