@@ -87,13 +87,14 @@ def _lr_spy(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
-def test_the_machine_and_the_replay_apply_the_shape_at_every_step(monkeypatch, fused):
+@pytest.mark.parametrize("fused, competitive_lr", [(True, "same"), (False, "same"), (True, "sqrt")],
+                         ids=["fused", "loop", "fused-sqrt"])
+def test_the_machine_and_the_replay_apply_the_shape_at_every_step(monkeypatch, fused, competitive_lr):
     config = RunConfig.from_dict({
         "task": "digits-mlp", "total_steps": 40, "model": {"hidden": 8},
         "data": {"batch_size": 8, "eval_samples": 32},
         "optimizer": {"lr": 2e-3, "lr_schedule": "cosine", "warmup": 0.1},
-        "clan": {"population_size": 2, "round_length": 10, "duty_cycle": 0.2},
+        "clan": {"population_size": 2, "round_length": 10, "duty_cycle": 0.2, "competitive_lr": competitive_lr},
         "schedule": [{"name": "warmup", "start_t": 0.0, "end_t": 0.25, "clan": {"competition": False}},
                      {"name": "clan", "start_t": 0.25, "end_t": 1.0}],
     })
@@ -102,9 +103,14 @@ def test_the_machine_and_the_replay_apply_the_shape_at_every_step(monkeypatch, f
     assert len(seen) == 40
     shape = [lr_shape_at(s, 40, "cosine", 0.1) for s in range(40)]
     lineage = [0] * 40  # the member the exported schedule follows at each step: the winner while competing
+    share = 2 ** -0.5 if competitive_lr == "sqrt" else 1.0  # a competitive step's share of the genome's lr
     for record in results.rounds:
         for step in range(record["start_step"] + record["cooperative_steps"], record["end_step"]):
             lineage[step] = record["winner"]
+            for i, lr in enumerate(record["genomes"]["lr"]):
+                assert seen[step][i] == pytest.approx(lr * shape[step] * share, rel=1e-12)
+        for step in range(record["start_step"], record["start_step"] + record["cooperative_steps"]):
+            assert seen[step] == pytest.approx([record["genomes"]["lr"][0] * shape[step]] * 2, rel=1e-12)
     assert any(lineage)
     for step, lrs in enumerate(seen):
         genes = results.schedule.phase_at_step(step, 40).optimizer["lr"]
@@ -381,6 +387,8 @@ def test_a_resume_keeps_the_same_incumbent(tmp_path):
         TrainingMachine.resume(tmp_path, task=NoiseTask()).prepare()
 
 
-def test_keep_best_must_be_a_bool():
+def test_keep_best_and_competitive_lr_are_checked():
     with pytest.raises(ValueError, match=r"clan.keep_best must be true or false, got 1"):
         RunConfig.from_dict({"clan": {"keep_best": 1}})
+    with pytest.raises(ValueError, match=r"clan.competitive_lr must be 'same' or 'sqrt', got 'linear'"):
+        RunConfig.from_dict({"clan": {"competitive_lr": "linear"}})

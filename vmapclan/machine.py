@@ -470,7 +470,9 @@ class TrainingMachine:
                          seed=cfg.seed, device=self.device, confidence=cfg.clan.confidence or None)
         self._lr_factor = None
         opt = cfg.optimizer
-        if opt.lr_schedule != "constant" or opt.warmup > 0:
+        # A competitive step's share of a genome's lr (see clan.competitive_lr).
+        self._competitive_lr = 1.0 if cfg.clan.competitive_lr == "same" else cfg.clan.population_size ** -0.5
+        if opt.lr_schedule != "constant" or opt.warmup > 0 or self._competitive_lr != 1.0:
             # The run's lr shape: one factor on every member's lr, written in place before each step.
             self._lr_factor = torch.ones((), dtype=torch.float64, device=self.device)
             self.clan.optimizer.lr_factor = self._lr_factor
@@ -597,10 +599,12 @@ class TrainingMachine:
         with torch.no_grad():
             keeper.__exit__(None, None, None)
 
-    def _shape_lr(self) -> None:
-        """Write this step's factor of the run's lr shape (``optimizer.lr_schedule``) into the optimizer."""
+    def _shape_lr(self, competitive: bool = False) -> None:
+        """Write this step's lr factor into the optimizer: the run's lr shape (``optimizer.lr_schedule``),
+        and for a competitive step the ``clan.competitive_lr`` rule."""
         if self._lr_factor is not None:
-            self._lr_factor.fill_(self.config.optimizer.lr_factor(self.clock.step, self.total_steps))
+            factor = self.config.optimizer.lr_factor(self.clock.step, self.total_steps)
+            self._lr_factor.fill_(factor * self._competitive_lr if competitive else factor)
 
     def _cooperative_step(self, member, batch) -> None:
         """One data-parallel step of identical members, outside the round clock (fused when enabled)."""
@@ -615,7 +619,7 @@ class TrainingMachine:
 
     def _round_step(self, member, batch) -> None:
         """One step of a clan round, advancing the round clock (fused when enabled)."""
-        self._shape_lr()
+        self._shape_lr(competitive=self.clan.phase == "competitive")
         with self._keep_frozen():
             if self.fused:
                 loss = self._fused().train_step(*batch, cooperative=self.clan.phase == "cooperative")
@@ -797,6 +801,8 @@ class TrainingMachine:
         record.update(kind="round", phase=stretch.phase.name, start_step=stretch.start, end_step=self.clock.step,
                       cooperative_steps=cooperative_steps, batch_size=batch_size,
                       population_size=clan.population_size, **self._planes(stretch))
+        if self._competitive_lr != 1.0:  # the export gives the competitive steps this share of the lr
+            record["competitive_lr_scale"] = self._competitive_lr
         self.best_val = min(self.best_val, min(v for v in record["val_losses"] if math.isfinite(v))
                             if any(math.isfinite(v) for v in record["val_losses"]) else math.inf)
         if record["winner"] is not None:

@@ -82,7 +82,9 @@ def _hyper_pieces_of(record: Mapping, start: int, member: int | None, duty_cycle
     if coop:
         # Cooperating members share the incumbent genome, which is member 0's.
         pieces.append((f"{name}/coop", start, start + coop, {g: genomes[g][0] for g in GENES}, b * p))
-    pieces.append((f"{name}/compete", start + coop, end, {g: genomes[g][lineage] for g in GENES}, b))
+    compete = {g: genomes[g][lineage] for g in GENES}
+    compete["lr"] *= record.get("competitive_lr_scale", 1.0)  # the machine's clan.competitive_lr rule
+    pieces.append((f"{name}/compete", start + coop, end, compete, b))
     return pieces
 
 

@@ -240,6 +240,10 @@ class ClanSpec(_Spec):
             the control (member 0, the unmutated incumbent) is significant at this confidence,
             by a paired test on the round's validation samples (``Clan(confidence=...)``), in
             [0, 1); 0: the lowest validation loss wins, however small its lead.
+        competitive_lr: How the lr a genome names (the lr of a cooperative step, at batch
+            ``P x batch_size``) carries to a competitive step (batch ``batch_size``): ``"same"``
+            uses it as is; ``"sqrt"`` divides it by sqrt(P) (the square-root scaling rule for
+            Adam), so a genome is scored the way it will be used.
         keep_best: With winner selection: keep a copy of the best incumbent seen (by its
             validation loss at the end of each round and cooperative stretch) and return it
             as the run's model when it beats the last one on the whole validation split (a
@@ -256,6 +260,7 @@ class ClanSpec(_Spec):
     genes: dict = dataclasses.field(default_factory=dict)
     confidence: float = 0.0
     keep_best: bool = True
+    competitive_lr: str = "same"
 
     def __post_init__(self) -> None:
         s = self.section
@@ -292,6 +297,8 @@ class ClanSpec(_Spec):
         object.__setattr__(self, "confidence", _float(s, "confidence", self.confidence, 0, 1, high_open=True))
         if not isinstance(self.keep_best, bool):
             _fail(s, "keep_best", "true or false", self.keep_best)
+        if self.competitive_lr not in ("same", "sqrt"):
+            _fail(s, "competitive_lr", "'same' or 'sqrt'", self.competitive_lr)
         if self.confidence and self.selection != "winner":
             raise ValueError(f"clan.confidence needs clan.selection = 'winner' (a control to test challengers "
                              f"against), got {self.selection!r}")
