@@ -230,6 +230,22 @@ def test_paired_winner_refuses_bad_input(losses, confidence, message):
         paired_winner(losses, confidence)
 
 
+def test_blocks_of_validation_samples_pair_the_members():
+    task = NoiseTask()
+    torch.manual_seed(0)
+    model = task.build_model({"hidden": 4}, None)
+    population = PopulationModel(model, 2, init="independent", generator=torch.Generator().manual_seed(0))
+    data = task.load(RunConfig().data, 0).val  # 24 samples
+    blocks = task.population_losses(population, data, blocks=5)
+    assert blocks.shape == (2, 5)
+    sizes = [len(p) for p in torch.arange(24).tensor_split(5)]
+    weighted = (blocks * torch.tensor(sizes, dtype=DTYPE)).sum(1) / 24
+    torch.testing.assert_close(weighted, task.population_losses(population, data), rtol=1e-6, atol=0)
+    assert task.population_losses(population, data, blocks=100).shape == (2, 24)  # at most a block per sample
+    with pytest.raises(ValueError, match=r"NoiseTask.population_losses: blocks must be a positive int or None, got 0"):
+        task.population_losses(population, data, blocks=0)
+
+
 # -- the clan and the config ----------------------------------------------------------------------
 def _clan(**kwargs):
     torch.manual_seed(0)

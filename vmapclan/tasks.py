@@ -258,6 +258,9 @@ class Task(abc.ABC):
         paired values for a significance test between members.
         """
         data = data if target is None else (data, target)
+        if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
+            raise ValueError(f"{type(self).__name__}.population_losses: blocks must be a positive int or None, "
+                             f"got {blocks!r}")
         if blocks is None:
             chunks = list(data_batches(data))
         else:
