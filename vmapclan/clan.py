@@ -254,12 +254,7 @@ class Clan:
             pop = self.population
             scales = group_scales(ratios, [pop.shapes[n].numel() for n in pop.shapes], pop.dtype, self.device)
             self.optimizer = BatchedAdamW(pop, hyper, accum, max_grad_norm=max_grad_norm, scales=scales)
-            for leaf in self.population.parameters():
-                leaf.register_post_accumulate_grad_hook(self._check_stacked_backward)
-            for leaf in self.population.module_params.values():
-                leaf.register_hook(self._average_over_members)
-                leaf.register_post_accumulate_grad_hook(self._check_backward_synced)
-            self.population.sync_rows = self.sync_members
+            self._bind_population()
         else:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -454,6 +449,91 @@ class Clan:
         # Member 0's weights ran every member's shard, so its gradient is the members' sum:
         # inside a cooperative sync_context that is averaged as it arrives.
         return grad / self.population_size if self._averaging else None
+
+    def _bind_population(self) -> None:
+        """Install the clan's backward checks, gradient averaging and row syncing on its population."""
+        for leaf in self.population.parameters():
+            leaf.register_post_accumulate_grad_hook(self._check_stacked_backward)
+        for leaf in self.population.module_params.values():
+            leaf.register_hook(self._average_over_members)
+            leaf.register_post_accumulate_grad_hook(self._check_backward_synced)
+        self.population.sync_rows = self.sync_members
+
+    # -- growth -----------------------------------------------------------------------------------
+    def grow(self, fn) -> None:
+        """Rebuild the population with a larger model: every member grown by ``fn``, its state carried over.
+
+        ``fn(module)`` gets each member as a plain module (:meth:`~vmapclan.PopulationModel.member_module`)
+        and returns it grown: every existing parameter and buffer kept under its name and shape
+        (:func:`~vmapclan.population.check_growth`), new ones added and initialised by ``fn``. It
+        runs once per member from the same global RNG state, so members that were copies of one
+        another stay copies (a random initialisation draws the same values for each). The new
+        population keeps every member's weights, gradients (partial accumulation sums), buffers,
+        genome, AdamW moments, step and accumulation counts; the new parameters start with zero
+        moments and gradients, in the first param group (the one the genes stand for). The restore
+        point of divergence recovery becomes the grown state. Only between rounds.
+
+        :attr:`population` and :attr:`optimizer` are new objects afterwards (members from
+        :meth:`round` see them); a :class:`~vmapclan.FusedStep` of the old population refuses to
+        run: make a new one.
+
+        Args:
+            fn: ``fn(module) -> nn.Module``.
+
+        Raises:
+            ValueError: for a genome-only clan, or a grown model that drops or reshapes a tensor
+                (naming it) or adds nothing.
+            TypeError: if ``fn`` returns something other than an ``nn.Module``.
+            RuntimeError: in the middle of a round.
+
+        Example:
+            >>> clan.grow(lambda m: torch.nn.Sequential(*m, torch.nn.Identity(), torch.nn.Linear(4, 4)))  # doctest: +SKIP
+        """
+        from .population import check_growth, stack_members
+
+        if self.population is None:
+            raise ValueError("Clan.grow: this clan has no model (a genome-only clan)")
+        if self._round_step != 0:
+            raise RuntimeError(f"Clan.grow: only between rounds; round {self._round} is at step {self._round_step}")
+        old, optimizer = self.population, self.optimizer
+        self.sync_members()
+        old.restore_grad_views()
+        cuda = self.device.type == "cuda"
+        rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
+        grown = []
+        for i in range(self.population_size):
+            torch.set_rng_state(rng)  # the same draws for every member: copies stay copies
+            if cuda:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+            before = old.member_module(i)
+            template = copy.deepcopy(before) if i == 0 else None  # fn may grow its argument in place
+            after = fn(before)
+            if template is not None:
+                check_growth(template, after, "Clan.grow")
+            grown.append(after.to(self.device))
+        new = stack_members(grown, device=self.device)
+        pairs = [(old.columns[n], c) for n, c in new.columns.items() if n in old.columns]
+        ratios = [(1.0, 1.0)] * len(new.columns) if optimizer.scales is None else None
+        if ratios is None:  # a new parameter joins the first group: multipliers 1
+            before_ratios = dict(zip(old.columns, optimizer.scales.ratios))
+            ratios = [before_ratios.get(n, (1.0, 1.0)) for n in new.columns]
+        scales = group_scales(ratios, [new.shapes[n].numel() for n in new.columns], new.dtype, self.device)
+        grown_optimizer = BatchedAdamW(new, optimizer.hyper, optimizer.num_grad_accum,
+                                       max_grad_norm=optimizer.max_grad_norm, update=optimizer.update, scales=scales)
+        state, grown_state = optimizer.adamw_state, grown_optimizer.adamw_state
+        with torch.no_grad():
+            grown_state.step.copy_(state.step)
+            grown_state.accum_count.copy_(state.accum_count)
+            for source, target in ((old.grad_flat, new.grad_flat), (state.exp_avg, grown_state.exp_avg),
+                                   (state.exp_avg_sq, grown_state.exp_avg_sq)):
+                for before_columns, after_columns in pairs:
+                    target[:, after_columns].copy_(source[:, before_columns])
+        new.grad_seen = set(old.grad_seen)
+        new.train(old.training)
+        new.one_model = old.one_model
+        self.population, self.optimizer = new, grown_optimizer
+        self._bind_population()
+        self.mark_restore_point()
 
     # -- one model while cooperating ------------------------------------------------------------
     def _train_as_one(self, on: bool) -> None:

@@ -38,6 +38,7 @@ from that step as if nothing had happened.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
 import inspect
@@ -105,6 +106,7 @@ class _Stretch:
     end: int
     duty_cycle: float | None = None  # rounds only
     phase_end: bool = False  # the last stretch of its phase: a checkpoint follows
+    first: bool = False  # the first stretch of its phase: a growth comes before it
 
 
 def save_run_checkpoint(path: str | os.PathLike, clan: Clan, machine_state: Mapping) -> None:
@@ -396,6 +398,7 @@ class TrainingMachine:
             if spec is not config.data:
                 self.task.check_data(self.model_settings, spec)
             self._phase_data.append(spec)
+        self._check_growth_phases()
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback = callback
         self.device = check_device(device if device is not None else "cpu", "TrainingMachine")
@@ -418,6 +421,62 @@ class TrainingMachine:
         self._stop_requested = False
         self._prepared = self._trained = False
         self._checkpoint_step: int | None = None
+
+    # -- growth -----------------------------------------------------------------------------------
+    def _check_growth_phases(self) -> None:
+        """Refuse a ``model.grow`` where it cannot apply: in the first phase, or a phase without steps."""
+        ranges = list(self.schedule.step_ranges(self.total_steps))
+        self._phase_first = [first for _, first, _ in ranges]
+        self._grow_phases = [i for i, phase in enumerate(self.schedule) if "grow" in phase.model]
+        self._grown = 0  # growths applied to the population so far
+        for i in self._grow_phases:
+            where = f"schedule[{i}] ({self.schedule[i].name!r})"
+            if i == 0:
+                raise ValueError(f"{where}: model.grow applies at a phase's start; the first phase trains the model "
+                                 f"the task builds")
+            if ranges[i][1] == ranges[i][2]:
+                raise ValueError(f"{where}: model.grow needs a phase that runs at least one step; it has none in "
+                                 f"{self.total_steps} steps")
+
+    def _grow_fn(self, index: int) -> Callable[[nn.Module], nn.Module]:
+        """``module -> grown module`` for phase ``index``'s ``model.grow``, errors naming the phase."""
+        phase = self.schedule[index]
+        where = f"schedule[{index}] ({phase.name!r})"
+
+        def grow(module: nn.Module) -> nn.Module:
+            try:
+                return self.task.grow(module, phase.model["grow"])
+            except NotImplementedError as err:
+                raise ValueError(f"{where}: model.grow: {err}") from None
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"{where}: {err}") from None
+
+        return grow
+
+    def _architectures(self, model: nn.Module) -> list[list[str]]:
+        """Each phase's parameter names, growing a copy of ``model`` as the schedule will (checking every growth)."""
+        from .population import check_growth
+
+        names, current = [], model
+        with torch.random.fork_rng(devices=[]):  # the check must not move the run's random numbers
+            for i, phase in enumerate(self.schedule):
+                if "grow" in phase.model:
+                    grown = self._grow_fn(i)(copy.deepcopy(current))
+                    check_growth(current, grown, f"schedule[{i}] ({phase.name!r}): model.grow")
+                    current = grown
+                names.append([n for n, _ in current.named_parameters()])
+        return names
+
+    def _grow_to(self, count: int) -> None:
+        """Apply the schedule's growths in order until ``count`` are in force (the population rebuilt each time)."""
+        while self._grown < count:
+            self.clan.grow(self._grow_fn(self._grow_phases[self._grown]))
+            self._grown += 1
+            self._fused_step = None  # made for the population it was bound to
+
+    def _growths_until(self, index: int) -> int:
+        """How many growths are in force in phase ``index``."""
+        return sum(1 for i in self._grow_phases if i <= index)
 
     # -- assembly ---------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -446,8 +505,8 @@ class TrainingMachine:
         self.data = self.task.load(cfg.data, cfg.seed)
         self._datasets[()] = self.data
         model = self.task.build_model(self.model_settings, cfg.data)
-        names = [n for n, _ in model.named_parameters()]
-        self._freeze = [frozen_parameters(names, phase.model["freeze"], f"schedule[{i}] ({phase.name!r})")
+        names = self._architectures(model)
+        self._freeze = [frozen_parameters(names[i], phase.model["freeze"], f"schedule[{i}] ({phase.name!r})")
                         if "freeze" in phase.model else [] for i, phase in enumerate(self.schedule)]
         for spec in self._phase_data:
             key = _data_key(spec, cfg.data)
@@ -480,7 +539,7 @@ class TrainingMachine:
             if end == first:
                 continue  # a phase shorter than half a step
             if not phase.competition:
-                yield _Stretch("cooperative", phase, index, first, end, phase_end=True)
+                yield _Stretch("cooperative", phase, index, first, end, phase_end=True, first=True)
                 continue
             duty_cycle = phase.clan.get("duty_cycle", cfg.clan.duty_cycle)
             rounds, leftover = plan_rounds(end - first, phase.clan.get("round_length", cfg.clan.round_length),
@@ -488,12 +547,12 @@ class TrainingMachine:
             position = first
             for i, length in enumerate(rounds):
                 yield _Stretch("round", phase, index, position, position + length, duty_cycle,
-                               phase_end=not leftover and i == len(rounds) - 1)
+                               phase_end=not leftover and i == len(rounds) - 1, first=i == 0)
                 position += length
             if leftover:
                 # Too short for a round: these steps run cooperatively, with the incumbent's settings.
                 yield _Stretch("cooperative", dataclasses.replace(phase, optimizer={}), index, position, end,
-                               phase_end=True)
+                               phase_end=True, first=not rounds)
 
     def _check_data(self) -> None:
         """Refuse, before training, a stretch whose steps take more samples than the training data holds."""
@@ -671,7 +730,8 @@ class TrainingMachine:
         record = {"kind": "cooperative", "phase": stretch.phase.name, "start_step": start,
                   "end_step": self.clock.step, "hyper": self._phase_hyper(stretch.phase),
                   "batch_size": self._batch_size(stretch) * clan.population_size, "val_loss": math.nan,
-                  "event": "diverged", "restored_round": clan.history[-1]["restored_round"], **self._planes(stretch)}
+                  "event": "diverged", "restored_round": clan.history[-1]["restored_round"],
+                  **self._planes(stretch, start)}
         self.history.append(record)
         self._record({"event": "cooperative", **record})
 
@@ -689,13 +749,17 @@ class TrainingMachine:
         self._frozen = [columns[name] for name in self._freeze[stretch.index]]
 
     @staticmethod
-    def _planes(stretch: _Stretch) -> dict:
+    def _planes(stretch: _Stretch, start: int | None = None) -> dict:
         """The record fields of a phase's data and model planes (none when the phase changes neither).
 
-        ``data``: the phase's data settings beyond ``batch_size``; ``freeze``: its freeze patterns.
-        The exported schedule carries them on, so the replay follows them.
+        ``data``: the phase's data settings beyond ``batch_size``; ``freeze``: its freeze patterns;
+        ``grow``: its growth settings, on the phase's first record only (the one starting at
+        the phase's first step: ``start``, default the stretch's). The exported schedule carries
+        them on, so the replay follows them.
         """
         out = {}
+        if stretch.first and "grow" in stretch.phase.model and (start is None or start == stretch.start):
+            out["grow"] = copy.deepcopy(stretch.phase.model["grow"])
         data = {k: v for k, v in stretch.phase.data.items() if k not in DATA_KEYS}
         if data:
             out["data"] = data
@@ -748,7 +812,7 @@ class TrainingMachine:
             return  # restored after the stretch's last step: its diverged record covers it
         record = {"kind": "cooperative", "phase": phase.name, "start_step": start, "end_step": self.clock.step,
                   "hyper": hyper, "batch_size": batch_size * clan.population_size, "val_loss": val[0].item(),
-                  **self._planes(stretch)}
+                  **self._planes(stretch, start)}
         self.history.append(record)
         self._record({"event": "cooperative", **record})
 
@@ -852,6 +916,10 @@ class TrainingMachine:
             got = list(perm.shape) if isinstance(perm, torch.Tensor) else type(perm).__name__
             raise ValueError(f"TrainingMachine.resume: the checkpoint's loader permutation is {got}, the training "
                              f"data has {' or '.join(map(str, sizes))} samples")
+        # A checkpoint taken after a growth holds the grown model: grow the population first (the
+        # checkpoint then overwrites every value, the random generators included).
+        step = saved["clock"]["step"]
+        self._grow_to(sum(1 for i in self._grow_phases if self._phase_first[i] < step))
         try:
             self.clan.load_state_dict(state["clan"])
         except (KeyError, TypeError, AttributeError, RuntimeError) as err:
@@ -981,6 +1049,7 @@ class TrainingMachine:
                 for stretch in self._plan():
                     if stretch.end <= self.clock.step:
                         continue  # finished before the checkpoint this run resumed from
+                    self._grow_to(self._growths_until(stretch.index))
                     self._phase_name = stretch.phase.name
                     if stretch.kind == "round":
                         self._run_round(stretch)

@@ -14,6 +14,7 @@ the population (through :func:`vmapclan.member_loss`) and a plain model (the rep
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import functools
 import math
@@ -222,6 +223,30 @@ class Task(abc.ABC):
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One model's mean loss (a scalar); vmapped over members by :func:`vmapclan.member_loss`."""
 
+    def grow(self, module: nn.Module, settings) -> nn.Module:
+        """The model grown at the start of a phase with ``model = { grow = settings }``; by default the task cannot grow.
+
+        Override it to let phases grow the model (the seed's progressive stacks): return the
+        grown module (``module`` changed in place, or a new one). Every existing parameter and
+        buffer must stay, with its name and shape (its values and optimizer state carry over);
+        the new ones are initialised here, from torch's global generator. The machine calls it
+        once for every member, from the same generator state; the replay once for its model.
+        It also runs once on a copy of the model when the run is built, to check ``settings``
+        and the freeze patterns of later phases.
+
+        Args:
+            module: One member as a plain module (the architecture in force before the phase).
+            settings: The phase's ``model.grow`` value, as the config gives it.
+
+        Returns:
+            The grown module.
+
+        Raises:
+            NotImplementedError: if the task does not grow (the default).
+            ValueError, TypeError: for settings the task refuses.
+        """
+        raise NotImplementedError(f"task {self.reference!r} does not grow its model (it defines no Task.grow)")
+
     def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Share of correct predictions (a scalar); override it for a task where that means nothing."""
         if not output.is_floating_point() or output.dim() == 0 or target.is_floating_point():
@@ -399,8 +424,12 @@ class StdlibCharsTask(Task):
 
     Model settings: ``d_model`` (64), ``n_layers`` (2), ``n_heads`` (4, dividing ``d_model``),
     ``dropout`` (0.0) and ``max_len`` (0: ``data.seq_len``), the longest window the position
-    embedding holds. A phase may change ``data.seq_len`` up to ``max_len``.
+    embedding holds. A phase may change ``data.seq_len`` up to ``max_len``, and grow the model
+    by appending blocks (see :meth:`grow`).
     """
+
+    #: The keys of a phase's ``model.grow`` table, with their defaults.
+    GROW_DEFAULTS = {"blocks": 1, "init": "identity"}
 
     name = "stdlib-chars"
     model_defaults = {"d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0, "max_len": 0}
@@ -452,6 +481,58 @@ class StdlibCharsTask(Task):
     def loss(self, output, target):
         """Cross-entropy over every position."""
         return F.cross_entropy(output.flatten(0, -2), target.flatten())
+
+    def grow(self, module: nn.Module, settings) -> nn.Module:
+        """Append ``blocks`` transformer blocks to the :class:`CharTransformer` (in place).
+
+        ``settings`` is the phase's ``model.grow`` table: ``blocks`` (default 1) and ``init``:
+
+        - ``"identity"`` (default): fresh blocks, initialised as the model's own, with their two
+          output projections (attention ``proj`` and the MLP's last layer) zero, weights and
+          biases. Each new block then adds nothing to the residual stream: the grown model
+          computes exactly what the model before it did, and training moves the new blocks away
+          from the identity.
+        - ``"copy"``: copies of the last block, as progressive stacking does; the model's
+          function changes (the last block's transformation is applied once more).
+
+        Example:
+            >>> m = CharTransformer(128, 16, 1, 2, 8)
+            >>> len(StdlibCharsTask().grow(m, {"blocks": 2}).blocks)
+            3
+
+        Raises:
+            TypeError: if ``settings`` is not a table.
+            ValueError: for an unknown key, ``blocks`` not a positive int, or another ``init``.
+        """
+        if not isinstance(settings, Mapping):
+            raise TypeError(f"model.grow must be a table of {sorted(self.GROW_DEFAULTS)}, got {settings!r}")
+        unknown = [k for k in settings if k not in self.GROW_DEFAULTS]
+        if unknown:
+            raise ValueError(f"model.grow: unknown setting {unknown[0]!r}; it reads {sorted(self.GROW_DEFAULTS)}")
+        settings = {**self.GROW_DEFAULTS, **settings}
+        blocks, init = settings["blocks"], settings["init"]
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"model.grow.blocks must be a positive int, got {blocks!r}")
+        if init not in ("identity", "copy"):
+            raise ValueError(f"model.grow.init must be 'identity' or 'copy', got {init!r}")
+        if not isinstance(module, CharTransformer):
+            raise TypeError(f"model.grow: expected a CharTransformer, got {type(module).__name__}")
+        last = module.blocks[-1]
+        reference = module.head.weight
+        for _ in range(blocks):
+            if init == "copy":
+                block = copy.deepcopy(last)
+            else:
+                block = _Block(last.ln1.normalized_shape[0], last.n_heads, last.dropout)
+                with torch.no_grad():
+                    for sub in block.modules():
+                        if isinstance(sub, nn.Linear):
+                            sub.weight.normal_(0.0, 0.02)  # as CharTransformer initialises its own
+                    for out in (block.proj, block.mlp[2]):
+                        out.weight.zero_()
+                        out.bias.zero_()
+            module.blocks.append(block.to(device=reference.device, dtype=reference.dtype))
+        return module
 
 
 class _Block(nn.Module):
