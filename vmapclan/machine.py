@@ -346,7 +346,8 @@ class TrainingMachine:
             (see :func:`vmapclan.rundir.run_lock`) while it trains. The rest of the run directory
             is written by :meth:`TrainingResults.save`.
         callback: Called with event dicts as training goes: ``{"event": "step", "step", "phase",
-            "round", "best_val"}`` after every step (no host sync), and ``{"event": "round", ...}``,
+            "round", "best_val", "losses"}`` after every step (no host sync: ``losses`` is the
+            step's ``[P]`` training losses as a tensor on the device), and ``{"event": "round", ...}``,
             ``{"event": "cooperative", ...}``, ``{"event": "train", ...}`` records as they are made.
         device: Where the population lives (default: CPU).
         fused: Train with :class:`~vmapclan.FusedStep` (one vmapped forward and backward and one
@@ -675,7 +676,7 @@ class TrainingMachine:
             self._loss_count = 0
         if self.callback is not None:
             self.callback({"event": "step", "step": self.clock.step, "phase": self._phase_name,
-                           "round": self.clan.round_index, "best_val": self.best_val})
+                           "round": self.clan.round_index, "best_val": self.best_val, "losses": loss})
 
     def _record(self, record: dict) -> None:
         self.metrics.append(record)
