@@ -27,6 +27,13 @@ __all__ = ["Clan", "Member", "DivergenceError", "FORMAT_VERSION"]
 FORMAT_VERSION = 1
 
 
+def _with_skipped(optimizer, like: torch.Tensor):
+    """A saved optimizer table, with all-zero ``skipped`` counts if it predates them (nothing sat out)."""
+    if not isinstance(optimizer, Mapping) or "skipped" in optimizer:
+        return optimizer
+    return {**optimizer, "skipped": torch.zeros_like(like)}
+
+
 class DivergenceError(RuntimeError):
     """Every member's validation loss is NaN or infinite: there is no member to select."""
 
@@ -470,7 +477,8 @@ class Clan:
         another stay copies (a random initialisation draws the same values for each). The new
         population keeps every member's weights, gradients (partial accumulation sums), buffers,
         genome, AdamW moments, step and accumulation counts; the new parameters start with zero
-        moments and gradients, in the first param group (the one the genes stand for). The restore
+        moments and gradients and their own step count at 0 (as a parameter added to a
+        ``torch.optim.AdamW``), in the first param group (the one the genes stand for). The restore
         point of divergence recovery becomes the grown state. Only between rounds.
 
         :attr:`population` and :attr:`optimizer` are new objects afterwards (members from
@@ -524,6 +532,11 @@ class Clan:
         with torch.no_grad():
             grown_state.step.copy_(state.step)
             grown_state.accum_count.copy_(state.accum_count)
+            # A new parameter has taken no update yet: its bias correction starts from its own step 0.
+            old_index = {n: k for k, n in enumerate(old.columns)}
+            for k, name in enumerate(new.columns):
+                grown_state.skipped[:, k] = state.skipped[:, old_index[name]] if name in old_index else state.step
+            grown_optimizer.lagging = optimizer.lagging or len(new.columns) > len(old.columns)
             for source, target in ((old.grad_flat, new.grad_flat), (state.exp_avg, grown_state.exp_avg),
                                    (state.exp_avg_sq, grown_state.exp_avg_sq)):
                 for before_columns, after_columns in pairs:
@@ -937,7 +950,7 @@ class Clan:
                 )
             # Every member-major tensor is checked before any is copied: a refused state leaves the clan as it was.
             saved = {"params": saved_model["params"], "grads": saved_model["grads"], "buffers": buffers,
-                     "optimizer": state["optimizer"]}
+                     "optimizer": _with_skipped(state["optimizer"], self.optimizer.adamw_state.skipped)}
             live = self._state_tree()
             if optree.tree_structure(saved) != optree.tree_structure(live):
                 got = sorted(state["optimizer"]) if isinstance(state["optimizer"], Mapping) else state["optimizer"]
@@ -951,6 +964,8 @@ class Clan:
                     raise ValueError(f"{who}: the checkpoint's {'/'.join(map(str, path))} is "
                                      f"{got}, expected {target.dtype} {list(target.shape)}")
             good = state["last_good"]
+            if isinstance(good, Mapping) and isinstance(good.get("optimizer"), Mapping):
+                good = {**good, "optimizer": _with_skipped(good["optimizer"], self.optimizer.adamw_state.skipped[0])}
             if good is not None:
                 # The restore point: one member's row of each tensor, finite, and an incumbent in bounds.
                 rows = {k: good.get(k) for k in live} if isinstance(good, Mapping) else None
@@ -973,6 +988,8 @@ class Clan:
             with torch.no_grad():
                 optree.tree_map(lambda t, src: t.copy_(src), live, saved)
             self.population.rows_stale = False
+            self.optimizer.lagging = bool(saved["optimizer"]["skipped"].any()) or (
+                good is not None and bool(good["optimizer"]["skipped"].any()))
         self.genomes = {n: v.clone() for n, v in state["genomes"].items()}
         self.incumbent = {n: v.clone() for n, v in state["incumbent"].items()}
         self._set_round_settings(round_length, duty_cycle)
@@ -984,7 +1001,7 @@ class Clan:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.history = copy.deepcopy(state["history"])
         self._restores = state["restores"]
-        self._last_good = copy.deepcopy(state["last_good"])
+        self._last_good = copy.deepcopy(good if self.population is not None else state["last_good"])
         self._apply_genes()
 
 

@@ -629,19 +629,23 @@ class TrainingMachine:
         """Undo the step's writes to the frozen parameters' weights and moments (every row).
 
         A frozen parameter is skipped the way the optimizer skips one without a gradient: no
-        update, no weight decay, moments as they were. Every row is kept, so the rows a
-        cooperative step leaves behind (they catch up from row 0 later) stay consistent too.
+        update, no weight decay, moments as they were, and the update not counted in its own
+        step count (its bias correction resumes where it stopped). Every row is kept, so the
+        rows a cooperative step leaves behind (they catch up from row 0 later) stay consistent too.
         """
         if not self._frozen:
             yield
             return
-        state = self.clan.optimizer.adamw_state
+        optimizer = self.clan.optimizer
+        state = optimizer.adamw_state
         keeper = keep_columns((self.clan.population.flat, state.exp_avg, state.exp_avg_sq), self._frozen)
         with torch.no_grad():  # the copies in and out are no part of the step's graph
             keeper.__enter__()
+            before = state.step.clone()
         yield
         with torch.no_grad():
             keeper.__exit__(None, None, None)
+            optimizer.skip_(self._frozen_params, state.step - before)
 
     def _cooperative_step(self, member, batch) -> None:
         """One data-parallel step of identical members, outside the round clock (fused when enabled)."""
@@ -748,6 +752,8 @@ class TrainingMachine:
         """Set the stretch's model plane: the columns its steps keep (its phase's frozen parameters)."""
         columns = self.clan.population.columns
         self._frozen = [columns[name] for name in self._freeze[stretch.index]]
+        index = {name: k for k, name in enumerate(columns)}
+        self._frozen_params = [index[name] for name in self._freeze[stretch.index]]
 
     @staticmethod
     def _planes(stretch: _Stretch, start: int | None = None) -> dict:
