@@ -186,8 +186,11 @@ def phase_data(task: Task, data: DataSpec, phase: Phase, where: str = "") -> Dat
                              f"a phase may change {allowed}")
     if not changes:
         return data
+    fields = {f.name for f in dataclasses.fields(DataSpec)} - {"extra"}
+    own = {k: v for k, v in changes.items() if k not in fields}  # the task's own settings (data_defaults)
     try:
-        return dataclasses.replace(data, **changes)
+        return dataclasses.replace(data, **{k: v for k, v in changes.items() if k in fields},
+                                   extra={**data.extra, **own})
     except (ValueError, TypeError) as err:
         raise type(err)(f"{where}: {err}") from None
 
@@ -218,7 +221,9 @@ def frozen_parameters(names, patterns, where: str = "") -> list[str]:
 
 def _data_key(data: DataSpec, base: DataSpec) -> tuple:
     """A hashable name for a phase's data settings: the fields that differ from the config's."""
-    return tuple((f.name, getattr(data, f.name)) for f in dataclasses.fields(data)
+    # The task's own settings are a table of any TOML values: named by their JSON text.
+    return tuple((f.name, json.dumps(getattr(data, f.name), sort_keys=True) if f.name == "extra"
+                  else getattr(data, f.name)) for f in dataclasses.fields(data)
                  if getattr(data, f.name) != getattr(base, f.name))
 
 
@@ -388,6 +393,7 @@ class TrainingMachine:
             config = config.replace(task=task_reference(task))
         self.task = resolve_task(config.task) if task is None else task
         self.model_settings = self.task.model_settings(config.model)
+        config = config.replace(data=self.task.data_settings(config.data))  # the task's own, with defaults
         self.config = config
         self.total_steps = config.total_steps
         self.clock = TimeController(self.total_steps)

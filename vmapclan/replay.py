@@ -263,6 +263,7 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     TimeController(total)  # validates total_steps
     task = resolve_task(config.task if task is None else task)
     settings_of_model = task.model_settings(config.model)
+    config = config.replace(data=task.data_settings(config.data))  # the task's own data settings, with defaults
     torch.manual_seed(config.seed)  # as TrainingMachine: the same initial weights
     data = task.load(config.data, config.seed)
     model = task.build_model(settings_of_model, config.data)

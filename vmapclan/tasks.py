@@ -118,9 +118,14 @@ class Task(abc.ABC):
         model_defaults: The ``[model]`` settings the task reads, with their defaults, or
             ``None`` to take the table as it is. With defaults, :meth:`model_settings` refuses
             other keys and fills in the missing ones.
-        phase_data: Data settings (fields of :class:`~vmapclan.DataSpec`) a phase may change
-            with ``data = {...}`` besides ``batch_size``; the machine reloads the data for them
-            at the phase boundary (:meth:`load` with the changed settings).
+        data_defaults: The task's own data settings beyond :class:`~vmapclan.DataSpec`'s fields
+            (a split name, an augmentation switch), with their defaults: the ``[data]`` table
+            may set them, :meth:`data_settings` refuses other keys and fills in the missing
+            ones, and :meth:`split` reads them as attributes (``data.augment``).
+        phase_data: Data settings (fields of :class:`~vmapclan.DataSpec` or keys of
+            :attr:`data_defaults`) a phase may change with ``data = {...}`` besides
+            ``batch_size``; the machine reloads the data for them at the phase boundary
+            (:meth:`load` with the changed settings).
 
     Example:
         >>> class Regression(Task):
@@ -139,6 +144,7 @@ class Task(abc.ABC):
 
     name: str = ""
     model_defaults: dict | None = None
+    data_defaults: dict = {}
     phase_data: tuple[str, ...] = ()
 
     @property
@@ -168,6 +174,35 @@ class Task(abc.ABC):
             raise ValueError(f"model: unknown setting {unknown[0]!r} for task {self.reference!r}; "
                              f"it reads {sorted(self.model_defaults)}")
         return {**self.model_defaults, **model}
+
+    def data_settings(self, data: DataSpec) -> DataSpec:
+        """The data settings checked and completed with :attr:`data_defaults` (``data`` itself when complete).
+
+        Args:
+            data: The run's data settings.
+
+        Raises:
+            ValueError: for a setting that is neither a :class:`~vmapclan.DataSpec` field nor one of
+                :attr:`data_defaults`, or a :attr:`phase_data` name that is neither.
+
+        Example:
+            >>> class Augmented(DigitsTask):
+            ...     data_defaults = {"augment": False}
+            >>> Augmented().data_settings(DataSpec()).augment
+            False
+        """
+        fields = [f.name for f in dataclasses.fields(DataSpec) if f.name != "extra"]
+        reads = fields + sorted(self.data_defaults)
+        for name in self.phase_data:
+            if name not in reads:
+                raise ValueError(f"task {self.reference!r}: phase_data names {name!r}, which is neither a data field "
+                                 f"nor one of its data_defaults {sorted(self.data_defaults)}")
+        unknown = [k for k in data.extra if k not in self.data_defaults]
+        if unknown:
+            raise ValueError(f"data: unknown setting {unknown[0]!r} for task {self.reference!r}; it reads {reads}")
+        if all(k in data.extra for k in self.data_defaults):
+            return data
+        return dataclasses.replace(data, extra={**copy.deepcopy(self.data_defaults), **data.extra})
 
     def check_data(self, model: dict, data: DataSpec) -> None:
         """Raise ``ValueError`` if ``data`` (the config's, or a phase's) cannot run with ``model``; by default nothing.
