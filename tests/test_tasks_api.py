@@ -316,3 +316,50 @@ def test_a_data_setting_no_task_reads_is_refused():
     with pytest.raises(ValueError, match=r"task 'test_tasks_api:.*Misdeclared': phase_data names 'difficulty', "
                                          r"which is neither a data field nor one of its data_defaults \['modulus'\]"):
         TrainingMachine(modulo_config(), task=Misdeclared())
+
+
+# -- a task class built with arguments from the config ------------------------------------------
+class SizedBlobsTask(BlobsTask):
+    """Blobs with the training set's size an argument of the class."""
+
+    def __init__(self, n: int = 96):
+        self.n = n
+
+    def split(self, data, seed):
+        return Blobs(self.n, seed), Blobs(32, seed + 100)
+
+
+def test_task_args_build_the_class_from_the_config_and_the_command(tmp_path):
+    config = blobs_config(task="test_tasks_api:SizedBlobsTask", task_args={"n": 64})
+    machine = TrainingMachine(config, out_dir=tmp_path / "python")
+    assert machine.task.n == 64
+    results = machine.train()
+    assert results.config.task_args == {"n": 64}
+    assert TrainingMachine.resume(tmp_path / "python").task.n == 64  # a resume rebuilds it with them
+    path = tmp_path / "sized.toml"
+    path.write_text(tomli_w.dumps(config))
+    assert "[task_args]" in path.read_text()
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(out), "--no-progress", "--no-plots"]) == EXIT_OK
+    saved = torch.load(out / "best_model.pt")
+    assert all(torch.equal(t, saved[k]) for k, t in results.best_model.state_dict().items())
+    assert main(["replay", str(out / "schedule.json"), "--no-progress"]) == EXIT_OK
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"task": "test_tasks_api:SizedBlobsTask", "task_args": {"m": 1}}, ValueError,
+     r"task 'test_tasks_api:SizedBlobsTask': SizedBlobsTask\(\*\*task_args\) failed: TypeError: .*unexpected "
+     r"keyword argument 'm'"),
+    ({"task": "digits-mlp", "task_args": {"n": 1}}, ValueError,
+     r"task_args: the built-in task 'digits-mlp' takes no arguments, got \['n'\]"),
+    ({"task_args": 3}, ValueError, r"config.task_args must be a table of keyword arguments for the task's class, got 3"),
+])
+def test_bad_task_args_are_refused_in_one_line(tmp_path, capsys, changes, error, message):
+    with pytest.raises(error, match=message):
+        TrainingMachine(blobs_config(**changes))
+    if changes.get("task_args") != 3:
+        path = tmp_path / "bad.toml"
+        path.write_text(tomli_w.dumps(blobs_config(**changes)))
+        assert main(["train", str(path), "--out", str(tmp_path / "r"), "--no-progress"]) == EXIT_INPUT
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err

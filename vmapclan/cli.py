@@ -288,7 +288,7 @@ def _replay(args) -> int:
 
     try:
         schedule, config, clan = read_schedule(args.schedule)
-        task = resolve_task(config.task)
+        task = resolve_task(config.task, config.task_args)
         task.model_settings(config.model)
     except FileNotFoundError:
         raise _InputError(f"no such file: {args.schedule}") from None

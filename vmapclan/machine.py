@@ -391,7 +391,7 @@ class TrainingMachine:
             if not isinstance(task, Task):
                 raise TypeError(f"TrainingMachine: task must be a vmapclan.Task, got {type(task).__name__}")
             config = config.replace(task=task_reference(task))
-        self.task = resolve_task(config.task) if task is None else task
+        self.task = resolve_task(config.task, config.task_args) if task is None else task
         self.model_settings = self.task.model_settings(config.model)
         config = config.replace(data=self.task.data_settings(config.data))  # the task's own, with defaults
         self.config = config

@@ -261,7 +261,7 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
         config = RunConfig.from_dict(config)
     total = config.total_steps if total_steps is None else total_steps
     TimeController(total)  # validates total_steps
-    task = resolve_task(config.task if task is None else task)
+    task = resolve_task(config.task, config.task_args) if task is None else resolve_task(task)
     settings_of_model = task.model_settings(config.model)
     config = config.replace(data=task.data_settings(config.data))  # the task's own data settings, with defaults
     torch.manual_seed(config.seed)  # as TrainingMachine: the same initial weights

@@ -387,6 +387,9 @@ class RunConfig:
             run is built; see :func:`vmapclan.tasks.resolve_task`).
         total_steps: Training steps (``TrainingMachine``'s ``total_steps`` argument overrides it).
             Every step costs P member-steps, cooperative or competitive.
+        task_args: Keyword arguments for a task of your own (``task = "module:Class"`` is built
+            as ``Class(**task_args)``): the ``[task_args]`` table, values anything TOML holds.
+            Empty for a built-in task.
         seed: Seeds the model's init, the data split, the clan's mutations and the loader.
         log_every: Steps between training-loss records (0: about 100 records per run).
         checkpoint_every: Rounds between checkpoints when the machine has an ``out_dir``
@@ -398,6 +401,7 @@ class RunConfig:
     """
 
     task: str = "digits-mlp"
+    task_args: Mapping = dataclasses.field(default_factory=dict)
     total_steps: int = 1000
     seed: int = 0
     log_every: int = 0
@@ -411,6 +415,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
             _fail("config", "task", "a task name or 'package.module:ClassName'", self.task)
+        if not isinstance(self.task_args, Mapping) or not all(isinstance(k, str) for k in self.task_args):
+            _fail("config", "task_args", "a table of keyword arguments for the task's class", self.task_args)
+        object.__setattr__(self, "task_args", copy.deepcopy(dict(self.task_args)))
         _int("config", "total_steps", self.total_steps)
         _int("config", "seed", self.seed, low=0)
         _int("config", "log_every", self.log_every, low=0)
@@ -466,6 +473,8 @@ class RunConfig:
         """A plain dict, TOML and JSON safe (``schedule`` is a list of phase tables)."""
         out: dict[str, Any] = {"task": self.task, "total_steps": self.total_steps, "seed": self.seed,
                                "log_every": self.log_every, "checkpoint_every": self.checkpoint_every}
+        if self.task_args:  # only when given: a config without arguments reads as before
+            out["task_args"] = copy.deepcopy(self.task_args)
         for key in _SECTIONS:
             out[key] = getattr(self, key).to_dict()
         out["schedule"] = self.schedule.to_dict()

@@ -110,7 +110,8 @@ class Task(abc.ABC):
 
     Subclass it and implement :meth:`split`, :meth:`build_model` and :meth:`loss`; then run it
     with ``TrainingMachine(config, task=MyTask())`` or, from a config file, with
-    ``task = "package.module:MyTask"`` (the class is imported and built without arguments).
+    ``task = "package.module:MyTask"`` (the class is imported and built with the config's
+    ``[task_args]`` table as keyword arguments, none by default).
     The built-in tasks (:data:`TASKS`) are subclasses like any other.
 
     Attributes:
@@ -644,26 +645,34 @@ def task_reference(task: Task) -> str:
     return f"{type(task).__module__}:{type(task).__qualname__}"
 
 
-def resolve_task(spec: str | Task) -> Task:
-    """The task ``spec`` names: a built-in's short name, or ``"package.module:ClassName"`` (imported, built without arguments).
+def resolve_task(spec: str | Task, args: Mapping | None = None) -> Task:
+    """The task ``spec`` names: a built-in's short name, or ``"package.module:ClassName"`` (imported, built with ``args``).
 
     Args:
         spec: A name from :data:`TASKS`, an import path ``"module:Class"``, or a :class:`Task` (returned as is).
+        args: Keyword arguments for the class (a config's ``[task_args]`` table); none for a
+            built-in task or a :class:`Task` given as is.
 
     Raises:
         ValueError: for an unknown name, a module that cannot be imported, a missing class, a
-            class that is not a :class:`Task` subclass, or one that cannot be built without
-            arguments; the message is one line.
+            class that is not a :class:`Task` subclass, arguments for a built-in task, or a class
+            that cannot be built with ``args``; the message is one line.
+        TypeError: if ``args`` is not a table with string keys.
 
     Example:
         >>> type(resolve_task("vmapclan.tasks:DigitsTask")).__name__
         'DigitsTask'
     """
+    args = {} if args is None else args
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        raise TypeError(f"task_args must be a table of keyword arguments, got {args!r}")
     if isinstance(spec, Task):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"task must be a task name, 'package.module:ClassName' or a Task, got {type(spec).__name__}")
     if spec in TASKS:
+        if args:
+            raise ValueError(f"task_args: the built-in task {spec!r} takes no arguments, got {sorted(args)}")
         return TASKS[spec]
     module_name, colon, class_name = spec.partition(":")
     if not colon or not module_name or not class_name:
@@ -684,9 +693,11 @@ def resolve_task(spec: str | Task) -> Task:
         raise ValueError(f"task {spec!r}: {class_name} is not a vmapclan.Task subclass "
                          f"(got {type(found).__name__} {found!r:.60})")
     try:
-        return found()
+        return found(**args)
     except Exception as err:
-        raise ValueError(f"task {spec!r}: {class_name}() failed: {type(err).__name__}: {err}") from None
+        call = f"{class_name}(**task_args)" if args else f"{class_name}()"
+        raise ValueError(f"task {spec!r}: {call} failed: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 def get_task(name: str) -> Task:
