@@ -33,6 +33,13 @@ finite state, and a run never returns a model whose validation loss is not finit
 ``request_stop()`` (the command calls it on Ctrl-C and SIGTERM) ends the run after the step in
 progress, saves a checkpoint there and raises :class:`TrainingStopped`; a resume continues
 from that step as if nothing had happened.
+
+A phase with ``model.grow`` grows the model at its first step, before its first stretch
+(:meth:`vmapclan.Clan.grow` with the task's :meth:`~vmapclan.Task.grow`): between rounds, where
+a checkpoint of the phase before holds the model before growth and any later one the grown
+model, which a resume grows the population into before loading it. Every growth is first
+tried on a copy of the model when the run is built, which checks its settings and gives the
+parameter names each phase's freeze patterns are checked against.
 """
 
 from __future__ import annotations
