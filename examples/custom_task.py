@@ -96,7 +96,7 @@ class RingsTask(Task):
         return F.cross_entropy(output, target)
 
     def grow(self, module, settings):
-        """Append ``settings["blocks"]`` residual blocks whose Linear starts at zero: GELU(0) = 0, so each adds nothing yet."""
+        """Append ``settings["blocks"]`` residual blocks whose Linear starts at zero (GELU(0) = 0: each adds nothing yet)."""
         for _ in range(settings.get("blocks", 1)):
             new = block(module.head.in_features)
             with torch.no_grad():

@@ -352,7 +352,8 @@ def test_task_args_build_the_class_from_the_config_and_the_command(tmp_path):
      r"keyword argument 'm'"),
     ({"task": "digits-mlp", "task_args": {"n": 1}}, ValueError,
      r"task_args: the built-in task 'digits-mlp' takes no arguments, got \['n'\]"),
-    ({"task_args": 3}, ValueError, r"config.task_args must be a table of keyword arguments for the task's class, got 3"),
+    ({"task_args": 3}, ValueError,
+     r"config.task_args must be a table of keyword arguments for the task's class, got 3"),
 ])
 def test_bad_task_args_are_refused_in_one_line(tmp_path, capsys, changes, error, message):
     with pytest.raises(error, match=message):

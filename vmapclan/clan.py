@@ -495,7 +495,7 @@ class Clan:
             RuntimeError: in the middle of a round.
 
         Example:
-            >>> clan.grow(lambda m: torch.nn.Sequential(*m, torch.nn.Identity(), torch.nn.Linear(4, 4)))  # doctest: +SKIP
+            >>> clan.grow(lambda m: torch.nn.Sequential(*m, torch.nn.Linear(4, 4)))  # doctest: +SKIP
         """
         from .population import check_growth, stack_members
 

@@ -2,7 +2,8 @@
 
 Usage::
 
-    vmapclan train configs/digits.toml [--out DIR] [--overwrite] [--steps N] [--device cuda --cuda-graph] [--tensorboard]
+    vmapclan train configs/digits.toml [--out DIR] [--overwrite] [--steps N] [--device cuda --cuda-graph]
+    vmapclan train configs/digits.toml --tensorboard
     vmapclan train --resume RUN_DIR
     vmapclan demo [--out DIR] [--overwrite] [--steps N]
     vmapclan replay runs/demo/schedule.json

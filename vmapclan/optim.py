@@ -485,7 +485,7 @@ class BatchedAdamW(torch.optim.Optimizer):
         self._one_model_step = adamw_update(self.one_model_update)
 
     def skip_(self, params: Sequence[int], steps: torch.Tensor) -> None:
-        """Count ``steps`` (``[P]``, or member 0's ``[1]`` while the members train as one model) as updates sat out by ``params``.
+        """Count ``steps`` as updates sat out by ``params`` (``[P]``; member 0's ``[1]`` while training as one model).
 
         What a parameter that took no part in an update needs, so that its bias correction
         later resumes from its own step count (``torch.optim.AdamW`` never counts a step for

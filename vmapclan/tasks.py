@@ -260,7 +260,7 @@ class Task(abc.ABC):
         """One model's mean loss (a scalar); vmapped over members by :func:`vmapclan.member_loss`."""
 
     def grow(self, module: nn.Module, settings) -> nn.Module:
-        """The model grown at the start of a phase with ``model = { grow = settings }``; by default the task cannot grow.
+        """The model grown at the start of a phase with ``model = { grow = settings }``; by default none.
 
         Override it to let phases grow the model (the seed's progressive stacks): return the
         grown module (``module`` changed in place, or a new one). Every existing parameter and
@@ -646,7 +646,7 @@ def task_reference(task: Task) -> str:
 
 
 def resolve_task(spec: str | Task, args: Mapping | None = None) -> Task:
-    """The task ``spec`` names: a built-in's short name, or ``"package.module:ClassName"`` (imported, built with ``args``).
+    """The task ``spec`` names: a built-in's short name, or ``"package.module:ClassName"`` built with ``args``.
 
     Args:
         spec: A name from :data:`TASKS`, an import path ``"module:Class"``, or a :class:`Task` (returned as is).
