@@ -3,8 +3,11 @@
 A :class:`vmapclan.Task` gives the data (``split``), builds the model (``build_model``, from the
 config's free-form ``[model]`` table) and defines one model's loss (``loss``). Here: points on
 ``n_rings`` noisy concentric rings in the plane, the label is the ring, and a small residual
-MLP of this file's own. The schedule warms up cooperatively with the input layer frozen, runs
-clan rounds, and anneals with everything but the head frozen.
+MLP of this file's own. The ring count and the sample count are data settings of the task's own
+(``data_defaults``), the noise is an argument of the class (``[task_args]`` in a config), and
+the task grows its model by appending residual blocks that start as the identity (``grow``).
+The schedule warms up cooperatively with the input layer frozen, runs clan rounds, grows one
+block and runs more rounds, and anneals with everything but the head frozen.
 
 Run: ``python examples/custom_task.py`` (seconds on 2 CPU cores); ``--command`` runs the same
 config through ``vmapclan train`` (with ``task = "custom_task:RingsTask"``, imported from this
@@ -32,11 +35,11 @@ HERE = pathlib.Path(__file__).resolve().parent
 class Rings(Dataset):
     """``n`` points on ``n_rings`` noisy concentric rings: ``(xy [2], ring index)`` samples."""
 
-    def __init__(self, n: int, n_rings: int, seed: int):
+    def __init__(self, n: int, n_rings: int, seed: int, noise: float = 0.15):
         g = torch.Generator().manual_seed(seed)
         self.y = torch.randint(0, n_rings, (n,), generator=g)
         angle = torch.rand(n, generator=g) * 2 * math.pi
-        radius = 1.0 + self.y.float() + 0.15 * torch.randn(n, generator=g)
+        radius = 1.0 + self.y.float() + noise * torch.randn(n, generator=g)
         self.x = torch.stack([radius * angle.cos(), radius * angle.sin()], 1)
 
     def __len__(self) -> int:
@@ -52,8 +55,7 @@ class RingNet(nn.Module):
     def __init__(self, width: int, depth: int, n_rings: int):
         super().__init__()
         self.embed = nn.Linear(2, width)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(block(width) for _ in range(depth))
         self.head = nn.Linear(width, n_rings)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,40 +65,63 @@ class RingNet(nn.Module):
         return self.head(h)
 
 
-class RingsTask(Task):
-    """Classify the ring a point lies on. Model settings: ``width``, ``depth``, ``n_rings``, ``samples``."""
+def block(width: int) -> nn.Module:
+    """One residual block's branch: LayerNorm, Linear, GELU."""
+    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
 
-    model_defaults = {"width": 32, "depth": 2, "n_rings": 3, "samples": 2000}
+
+class RingsTask(Task):
+    """Classify the ring a point lies on.
+
+    Model settings: ``width``, ``depth``. Data settings of its own: ``n_rings``, ``samples``.
+    Argument: ``noise``, the rings' radial spread.
+    """
+
+    model_defaults = {"width": 32, "depth": 2}
+    data_defaults = {"n_rings": 3, "samples": 2000}
+
+    def __init__(self, noise: float = 0.15):
+        self.noise = noise
 
     def split(self, data, seed):
-        n = self.settings["samples"]
-        dataset = Rings(n, self.settings["n_rings"], seed)
+        n = data.samples
+        dataset = Rings(n, data.n_rings, seed, self.noise)
         cut = n - max(1, round(data.val_fraction * n))
         return torch.utils.data.Subset(dataset, range(cut)), torch.utils.data.Subset(dataset, range(cut, n))
 
-    def model_settings(self, model):
-        """The settings with defaults; kept, since :meth:`split` reads the sample count from them."""
-        self.settings = super().model_settings(model)
-        return self.settings
-
     def build_model(self, model, data):
-        return RingNet(model["width"], model["depth"], model["n_rings"])
+        return RingNet(model["width"], model["depth"], data.n_rings)
 
     def loss(self, output, target):
         return F.cross_entropy(output, target)
 
+    def grow(self, module, settings):
+        """Append ``settings["blocks"]`` residual blocks whose Linear starts at zero (GELU(0) = 0: each adds nothing yet)."""
+        for _ in range(settings.get("blocks", 1)):
+            new = block(module.head.in_features)
+            with torch.no_grad():
+                new[1].weight.zero_()
+                new[1].bias.zero_()
+            module.blocks.append(new)
+        return module
+
+
+NOISE = 0.15
+
 
 def config(size: int = 2000, steps: int = 400, population_size: int = 4) -> dict:
-    """The run: a frozen-input warmup, clan rounds, and a head-only anneal."""
+    """The run: a frozen-input warmup, clan rounds, one more block and more rounds, and a head-only anneal."""
     return {
         "total_steps": steps, "seed": 0,
-        "model": {"width": 32, "depth": 2, "n_rings": 3, "samples": size},
-        "data": {"batch_size": 16, "eval_samples": 0},
+        "task_args": {"noise": NOISE},  # what a resume or the command builds RingsTask with
+        "model": {"width": 32, "depth": 2},
+        "data": {"batch_size": 16, "eval_samples": 0, "n_rings": 3, "samples": size},
         "clan": {"population_size": population_size, "round_length": max(4, steps // 10), "duty_cycle": 0.25},
         "schedule": [
             {"name": "warmup", "start_t": 0.0, "end_t": 0.1, "clan": {"competition": False},
              "model": {"freeze": ["embed.*"]}},
-            {"name": "clan", "start_t": 0.1, "end_t": 0.9},
+            {"name": "clan", "start_t": 0.1, "end_t": 0.5},
+            {"name": "deeper", "start_t": 0.5, "end_t": 0.9, "model": {"grow": {"blocks": 1}}},
             {"name": "head-only", "start_t": 0.9, "end_t": 1.0, "clan": {"competition": False},
              "optimizer": {"lr_scale": 0.3}, "model": {"freeze": ["embed.*", "blocks.*"]}},
         ],
@@ -122,7 +147,7 @@ def main(size: int = 2000, steps: int = 400, population_size: int = 4, command: 
     """
     settings = config(size, steps, population_size)
     if not command:
-        results = TrainingMachine(settings, task=RingsTask()).train()
+        results = TrainingMachine(settings, task=RingsTask(**settings["task_args"])).train()
         print(results.rounds_table(max_rows=12))
         return {"val_loss": results.final["val_loss"], "val_accuracy": results.final["val_accuracy"]}
     import json

@@ -429,7 +429,7 @@ def test_state_dict_round_trip_continues_identically():
     for grad in grads[:5]:
         first.step(grad)
     saved = first.optimizer.state_dict()
-    assert set(saved) == {"step", "exp_avg", "exp_avg_sq", "accum_count"}
+    assert set(saved) == {"step", "exp_avg", "exp_avg_sq", "accum_count", "skipped"}
     # The saved tensors are copies: training on does not change the checkpoint.
     snapshot = copy.deepcopy(saved)
 

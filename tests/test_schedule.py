@@ -121,7 +121,7 @@ def test_schedule_type_errors():
      r"optimizer overrides \['lr'\] need clan.competition = false"),
     ({"data": {"batch_size": 0}}, ValueError, "Phase 'p': data.batch_size must be a positive int, got 0"),
     ({"model": {"freeze": []}}, ValueError, r"model.freeze must be a non-empty list of parameter name patterns"),
-    ({"model": {"thaw": ["a"]}}, ValueError, r"unknown model setting 'thaw'; expected one of \['freeze'\]"),
+    ({"model": {"thaw": ["a"]}}, ValueError, r"unknown model setting 'thaw'; expected one of \['freeze', 'grow'\]"),
     ({"clan": {"duty_cycle": 0}}, ValueError, r"clan.duty_cycle must be a number in \(0, 1\], got 0"),
     ({"clan": {"competition": "no"}}, ValueError, "clan.competition must be true or false, got 'no'"),
     ({"clan": [1]}, TypeError, "Phase 'p': clan must be a dict of overrides, got list"),

@@ -252,3 +252,115 @@ def test_the_custom_task_example_runs_from_python_and_from_the_command(tmp_path)
     from_command = example.main(size=300, steps=40, population_size=3, command=True, out=str(tmp_path / "run"))
     assert from_command["exit"] == [0, 0]
     assert from_command["val_loss"] == pytest.approx(from_python["val_loss"], rel=1e-6)
+
+
+# -- the task's own data settings ----------------------------------------------------------------
+class ModuloTask(ParityTask):
+    """Tokens modulo ``data.modulus``, a data setting of the task's own that a phase may change."""
+
+    data_defaults = {"modulus": 2}
+    phase_data = ("modulus",)
+
+    def __init__(self):
+        super().__init__()
+        self.loaded = []  # the moduli split was called with
+
+    def split(self, data, seed):
+        self.loaded.append(data.modulus)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 16, (64, data.seq_len), generator=g)
+        return (x[:48], x[:48] % data.modulus), (x[48:], x[48:] % data.modulus)
+
+    def build_model(self, model, data):
+        return nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 4))
+
+
+HARDER = [{"name": "easy", "start_t": 0.0, "end_t": 0.5},
+          {"name": "hard", "start_t": 0.5, "end_t": 1.0, "data": {"modulus": 3}}]
+
+
+def modulo_config(**data) -> dict:
+    return {**BASE, "task": "test_tasks_api:ModuloTask", "data": {**BASE["data"], "seq_len": 6, **data},
+            "schedule": HARDER}
+
+
+def test_a_tasks_own_data_setting_is_read_from_the_config_and_changed_by_a_phase(tmp_path):
+    task = ModuloTask()
+    results = TrainingMachine(modulo_config(), task=task).train()
+    assert task.loaded == [2, 3]
+    assert [r.get("data") for r in results.history] == [None, None, {"modulus": 3}, {"modulus": 3}]
+    assert results.config.data.modulus == 2 and results.config.to_dict()["data"]["modulus"] == 2  # the default
+    assert [p.data.get("modulus") for p in results.schedule][-1] == 3
+    out = replay(results.schedule, results.config, trace=True, task=ModuloTask())
+    assert [s["data"].get("modulus", 2) for s in out.trace] == [2] * 12 + [3] * 12
+    # From a config file: the setting sits in [data] beside the fields.
+    path = tmp_path / "modulo.toml"
+    path.write_text(tomli_w.dumps(modulo_config(modulus=2)))
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress", "--no-plots"]) == EXIT_OK
+    assert tomllib.loads((tmp_path / "run" / "config.toml").read_text())["data"]["modulus"] == 2
+    resumed_config = RunConfig.from_toml(tmp_path / "run" / "config.toml")
+    assert resumed_config.data.modulus == 2
+
+
+def test_a_data_setting_no_task_reads_is_refused():
+    with pytest.raises(ValueError, match=r"data: unknown setting 'modulo' for task 'test_tasks_api:ModuloTask'; it "
+                                         r"reads \['batch_size', 'val_fraction', 'seq_len', 'max_chars', "
+                                         r"'eval_samples', 'modulus'\]"):
+        TrainingMachine(modulo_config(modulo=3))
+    with pytest.raises(ValueError, match=r"data: unknown setting 'augment' for task 'digits-mlp'"):
+        TrainingMachine({"task": "digits-mlp", "data": {"augment": True}})
+
+    class Misdeclared(ModuloTask):
+        phase_data = ("difficulty",)
+
+    with pytest.raises(ValueError, match=r"task 'test_tasks_api:.*Misdeclared': phase_data names 'difficulty', "
+                                         r"which is neither a data field nor one of its data_defaults \['modulus'\]"):
+        TrainingMachine(modulo_config(), task=Misdeclared())
+
+
+# -- a task class built with arguments from the config ------------------------------------------
+class SizedBlobsTask(BlobsTask):
+    """Blobs with the training set's size an argument of the class."""
+
+    def __init__(self, n: int = 96):
+        self.n = n
+
+    def split(self, data, seed):
+        return Blobs(self.n, seed), Blobs(32, seed + 100)
+
+
+def test_task_args_build_the_class_from_the_config_and_the_command(tmp_path):
+    config = blobs_config(task="test_tasks_api:SizedBlobsTask", task_args={"n": 64})
+    machine = TrainingMachine(config, out_dir=tmp_path / "python")
+    assert machine.task.n == 64
+    results = machine.train()
+    assert results.config.task_args == {"n": 64}
+    assert TrainingMachine.resume(tmp_path / "python").task.n == 64  # a resume rebuilds it with them
+    path = tmp_path / "sized.toml"
+    path.write_text(tomli_w.dumps(config))
+    assert "[task_args]" in path.read_text()
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(out), "--no-progress", "--no-plots"]) == EXIT_OK
+    saved = torch.load(out / "best_model.pt")
+    assert all(torch.equal(t, saved[k]) for k, t in results.best_model.state_dict().items())
+    assert main(["replay", str(out / "schedule.json"), "--no-progress"]) == EXIT_OK
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"task": "test_tasks_api:SizedBlobsTask", "task_args": {"m": 1}}, ValueError,
+     r"task 'test_tasks_api:SizedBlobsTask': SizedBlobsTask\(\*\*task_args\) failed: TypeError: .*unexpected "
+     r"keyword argument 'm'"),
+    ({"task": "digits-mlp", "task_args": {"n": 1}}, ValueError,
+     r"task_args: the built-in task 'digits-mlp' takes no arguments, got \['n'\]"),
+    ({"task_args": 3}, ValueError,
+     r"config.task_args must be a table of keyword arguments for the task's class, got 3"),
+])
+def test_bad_task_args_are_refused_in_one_line(tmp_path, capsys, changes, error, message):
+    with pytest.raises(error, match=message):
+        TrainingMachine(blobs_config(**changes))
+    if changes.get("task_args") != 3:
+        path = tmp_path / "bad.toml"
+        path.write_text(tomli_w.dumps(blobs_config(**changes)))
+        assert main(["train", str(path), "--out", str(tmp_path / "r"), "--no-progress"]) == EXIT_INPUT
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err

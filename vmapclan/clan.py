@@ -27,6 +27,13 @@ __all__ = ["Clan", "Member", "DivergenceError", "FORMAT_VERSION"]
 FORMAT_VERSION = 1
 
 
+def _with_skipped(optimizer, like: torch.Tensor):
+    """A saved optimizer table, with all-zero ``skipped`` counts if it predates them (nothing sat out)."""
+    if not isinstance(optimizer, Mapping) or "skipped" in optimizer:
+        return optimizer
+    return {**optimizer, "skipped": torch.zeros_like(like)}
+
+
 class DivergenceError(RuntimeError):
     """Every member's validation loss is NaN or infinite: there is no member to select."""
 
@@ -269,12 +276,7 @@ class Clan:
             pop = self.population
             scales = group_scales(ratios, [pop.shapes[n].numel() for n in pop.shapes], pop.dtype, self.device)
             self.optimizer = BatchedAdamW(pop, hyper, accum, max_grad_norm=max_grad_norm, scales=scales)
-            for leaf in self.population.parameters():
-                leaf.register_post_accumulate_grad_hook(self._check_stacked_backward)
-            for leaf in self.population.module_params.values():
-                leaf.register_hook(self._average_over_members)
-                leaf.register_post_accumulate_grad_hook(self._check_backward_synced)
-            self.population.sync_rows = self.sync_members
+            self._bind_population()
         else:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -469,6 +471,98 @@ class Clan:
         # Member 0's weights ran every member's shard, so its gradient is the members' sum:
         # inside a cooperative sync_context that is averaged as it arrives.
         return grad / self.population_size if self._averaging else None
+
+    def _bind_population(self) -> None:
+        """Install the clan's backward checks, gradient averaging and row syncing on its population."""
+        for leaf in self.population.parameters():
+            leaf.register_post_accumulate_grad_hook(self._check_stacked_backward)
+        for leaf in self.population.module_params.values():
+            leaf.register_hook(self._average_over_members)
+            leaf.register_post_accumulate_grad_hook(self._check_backward_synced)
+        self.population.sync_rows = self.sync_members
+
+    # -- growth -----------------------------------------------------------------------------------
+    def grow(self, fn) -> None:
+        """Rebuild the population with a larger model: every member grown by ``fn``, its state carried over.
+
+        ``fn(module)`` gets each member as a plain module (:meth:`~vmapclan.PopulationModel.member_module`)
+        and returns it grown: every existing parameter and buffer kept under its name and shape
+        (:func:`~vmapclan.population.check_growth`), new ones added and initialised by ``fn``. It
+        runs once per member from the same global RNG state, so members that were copies of one
+        another stay copies (a random initialisation draws the same values for each). The new
+        population keeps every member's weights, gradients (partial accumulation sums), buffers,
+        genome, AdamW moments, step and accumulation counts; the new parameters start with zero
+        moments and gradients and their own step count at 0 (as a parameter added to a
+        ``torch.optim.AdamW``), in the first param group (the one the genes stand for). The restore
+        point of divergence recovery becomes the grown state. Only between rounds.
+
+        :attr:`population` and :attr:`optimizer` are new objects afterwards (members from
+        :meth:`round` see them); a :class:`~vmapclan.FusedStep` of the old population refuses to
+        run: make a new one.
+
+        Args:
+            fn: ``fn(module) -> nn.Module``.
+
+        Raises:
+            ValueError: for a genome-only clan, or a grown model that drops or reshapes a tensor
+                (naming it) or adds nothing.
+            TypeError: if ``fn`` returns something other than an ``nn.Module``.
+            RuntimeError: in the middle of a round.
+
+        Example:
+            >>> clan.grow(lambda m: torch.nn.Sequential(*m, torch.nn.Linear(4, 4)))  # doctest: +SKIP
+        """
+        from .population import check_growth, stack_members
+
+        if self.population is None:
+            raise ValueError("Clan.grow: this clan has no model (a genome-only clan)")
+        if self._round_step != 0:
+            raise RuntimeError(f"Clan.grow: only between rounds; round {self._round} is at step {self._round_step}")
+        old, optimizer = self.population, self.optimizer
+        self.sync_members()
+        old.restore_grad_views()
+        cuda = self.device.type == "cuda"
+        rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
+        grown = []
+        for i in range(self.population_size):
+            torch.set_rng_state(rng)  # the same draws for every member: copies stay copies
+            if cuda:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+            before = old.member_module(i)
+            template = copy.deepcopy(before) if i == 0 else None  # fn may grow its argument in place
+            after = fn(before)
+            if template is not None:
+                check_growth(template, after, "Clan.grow")
+            grown.append(after.to(self.device))
+        new = stack_members(grown, device=self.device)
+        pairs = [(old.columns[n], c) for n, c in new.columns.items() if n in old.columns]
+        ratios = [(1.0, 1.0)] * len(new.columns) if optimizer.scales is None else None
+        if ratios is None:  # a new parameter joins the first group: multipliers 1
+            before_ratios = dict(zip(old.columns, optimizer.scales.ratios))
+            ratios = [before_ratios.get(n, (1.0, 1.0)) for n in new.columns]
+        scales = group_scales(ratios, [new.shapes[n].numel() for n in new.columns], new.dtype, self.device)
+        grown_optimizer = BatchedAdamW(new, optimizer.hyper, optimizer.num_grad_accum,
+                                       max_grad_norm=optimizer.max_grad_norm, update=optimizer.update, scales=scales)
+        grown_optimizer.lr_factor = optimizer.lr_factor  # the same tensor: whoever writes it keeps writing it
+        state, grown_state = optimizer.adamw_state, grown_optimizer.adamw_state
+        with torch.no_grad():
+            grown_state.step.copy_(state.step)
+            grown_state.accum_count.copy_(state.accum_count)
+            # A new parameter has taken no update yet: its bias correction starts from its own step 0.
+            old_index = {n: k for k, n in enumerate(old.columns)}
+            for k, name in enumerate(new.columns):
+                grown_state.skipped[:, k] = state.skipped[:, old_index[name]] if name in old_index else state.step
+            grown_optimizer.lagging = optimizer.lagging or len(new.columns) > len(old.columns)
+            for source, target in ((old.grad_flat, new.grad_flat), (state.exp_avg, grown_state.exp_avg),
+                                   (state.exp_avg_sq, grown_state.exp_avg_sq)):
+                for before_columns, after_columns in pairs:
+                    target[:, after_columns].copy_(source[:, before_columns])
+        new.grad_seen = set(old.grad_seen)
+        new.train(old.training)
+        new.one_model = old.one_model
+        self.population, self.optimizer = new, grown_optimizer
+        self._bind_population()
+        self.mark_restore_point()
 
     # -- one model while cooperating ------------------------------------------------------------
     def _train_as_one(self, on: bool) -> None:
@@ -890,7 +984,7 @@ class Clan:
                 )
             # Every member-major tensor is checked before any is copied: a refused state leaves the clan as it was.
             saved = {"params": saved_model["params"], "grads": saved_model["grads"], "buffers": buffers,
-                     "optimizer": state["optimizer"]}
+                     "optimizer": _with_skipped(state["optimizer"], self.optimizer.adamw_state.skipped)}
             live = self._state_tree()
             if optree.tree_structure(saved) != optree.tree_structure(live):
                 got = sorted(state["optimizer"]) if isinstance(state["optimizer"], Mapping) else state["optimizer"]
@@ -904,6 +998,8 @@ class Clan:
                     raise ValueError(f"{who}: the checkpoint's {'/'.join(map(str, path))} is "
                                      f"{got}, expected {target.dtype} {list(target.shape)}")
             good = state["last_good"]
+            if isinstance(good, Mapping) and isinstance(good.get("optimizer"), Mapping):
+                good = {**good, "optimizer": _with_skipped(good["optimizer"], self.optimizer.adamw_state.skipped[0])}
             if good is not None:
                 # The restore point: one member's row of each tensor, finite, and an incumbent in bounds.
                 rows = {k: good.get(k) for k in live} if isinstance(good, Mapping) else None
@@ -926,6 +1022,8 @@ class Clan:
             with torch.no_grad():
                 optree.tree_map(lambda t, src: t.copy_(src), live, saved)
             self.population.rows_stale = False
+            self.optimizer.lagging = bool(saved["optimizer"]["skipped"].any()) or (
+                good is not None and bool(good["optimizer"]["skipped"].any()))
         self.genomes = {n: v.clone() for n, v in state["genomes"].items()}
         self.incumbent = {n: v.clone() for n, v in state["incumbent"].items()}
         self._set_round_settings(round_length, duty_cycle)
@@ -937,7 +1035,7 @@ class Clan:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.history = copy.deepcopy(state["history"])
         self._restores = state["restores"]
-        self._last_good = copy.deepcopy(state["last_good"])
+        self._last_good = copy.deepcopy(good if self.population is not None else state["last_good"])
         self._apply_genes()
 
 

@@ -3,6 +3,7 @@
 Usage::
 
     vmapclan train configs/digits.toml [--out DIR] [--overwrite] [--steps N] [--device cuda --cuda-graph]
+    vmapclan train configs/digits.toml --tensorboard
     vmapclan train --resume RUN_DIR
     vmapclan demo [--out DIR] [--overwrite] [--steps N]
     vmapclan replay runs/demo/schedule.json
@@ -14,8 +15,12 @@ A config's ``task`` is a built-in task's name or a task of your own, ``"package.
 ``train`` and ``demo`` show a progress bar (phase, round, step, best validation loss), print a
 table of rounds at the end and write a run directory: ``metrics.jsonl``, ``history.json``,
 ``schedule.json``, ``config.toml``, ``best_model.pt``, ``checkpoint.pt`` and PNG plots. ``replay``
-trains one plain model with ``torch.optim.AdamW`` on the exported schedule and prints its final
-loss next to the clan's.
+trains one plain model with ``torch.optim.AdamW`` on the exported schedule, prints its final
+loss next to the clan's and writes ``replay.json`` (with its training loss of every step) beside
+the schedule. With ``--tensorboard`` (the optional ``tensorboard`` extra) ``train`` also writes
+TensorBoard scalars into ``RUN/tensorboard/train`` and ``replay`` its curve into
+``RUN/tensorboard/replay`` (see :mod:`vmapclan.board`); without TensorBoard installed the option
+is bad input (exit 3), named in one line.
 
 The run directory is never overwritten by accident: ``--out`` naming a directory that holds a
 run is refused unless ``--resume`` continues it or ``--overwrite`` replaces it. While a run
@@ -99,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
         p.add_argument("--rows", type=int, default=40, help="rounds shown in the final table (default 40)")
+        p.add_argument("--tensorboard", action="store_true",
+                       help="write TensorBoard scalars into RUN/tensorboard/train (needs vmapclan[tensorboard])")
 
     train = sub.add_parser("train", help="train a clan from a TOML config, or resume a run")
     train.add_argument("config", type=Path, nargs="?", help="a TOML config (see configs/)")
@@ -114,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--out", type=Path, help="where to write replay.json (default: beside the schedule)")
     replay.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
+    replay.add_argument("--tensorboard", action="store_true",
+                        help="write the replay's curve into tensorboard/replay beside the schedule "
+                             "(needs vmapclan[tensorboard])")
     return parser
 
 
@@ -200,6 +210,7 @@ def _train_locked(config, args, out: Path) -> int:
 
     fused = _step_options(args)
     existing = []
+    resumed = config is None
     try:
         if config is None:  # --resume
             machine = TrainingMachine.resume(out, device=args.device, fused=fused)
@@ -231,6 +242,17 @@ def _train_locked(config, args, out: Path) -> int:
             best = f"{event['best_val']:.4f}" if event["best_val"] < float("inf") else "-"
             bar.set_postfix_str(f"phase={event['phase']} round={event['round']} best_val={best}")
 
+    board = None
+    if args.tensorboard:
+        from .board import TensorBoardLogger
+
+        board = TensorBoardLogger(out / "tensorboard" / "train", [p.name for p in machine.schedule],
+                                  machine.clan.population_size, purge_step=machine.clock.step + 1 if resumed else None)
+
+        def on_event(event, show=on_event):
+            show(event)
+            board(event)
+
     machine.callback = on_event
     resume = f"vmapclan train --resume {out}"
     try:
@@ -253,6 +275,8 @@ def _train_locked(config, args, out: Path) -> int:
     finally:
         if bar is not None:
             bar.close()
+        if board is not None:
+            board.close()
     results.save(out, plots=not args.no_plots)
     print(results.rounds_table(max_rows=args.rows))
     print(f"run directory: {out}")
@@ -265,7 +289,7 @@ def _replay(args) -> int:
 
     try:
         schedule, config, clan = read_schedule(args.schedule)
-        task = resolve_task(config.task)
+        task = resolve_task(config.task, config.task_args)
         task.model_settings(config.model)
     except FileNotFoundError:
         raise _InputError(f"no such file: {args.schedule}") from None
@@ -292,8 +316,12 @@ def _replay(args) -> int:
     out = args.out or args.schedule.parent
     out.mkdir(parents=True, exist_ok=True)
     report = {"schedule": str(args.schedule), "total_steps": config.total_steps, "seconds": seconds,
-              "replay": result.final, "clan": clan}
+              "replay": result.final, "clan": clan, "losses": result.losses}
     (out / "replay.json").write_text(json.dumps(report, indent=2))
+    if args.tensorboard:
+        from .board import write_replay_curve
+
+        write_replay_curve(out / "tensorboard" / "replay", result.losses, result.final)
     print(f"{config.total_steps} steps in {seconds:.1f}s; wrote {out / 'replay.json'}")
     return EXIT_OK
 
@@ -316,6 +344,14 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits 2 on bad usage and 0 on --help
         return int(exit_.code or 0)
+    if getattr(args, "tensorboard", False):
+        from .board import require_tensorboard
+
+        try:
+            require_tensorboard()
+        except ImportError as err:
+            print(f"vmapclan: error: {err}", file=sys.stderr)
+            return EXIT_INPUT
     options = _step_options(args) if args.command in ("train", "demo") else True
     if isinstance(options, dict):
         # --cuda-graph without a CUDA --device, say, is a bad command line (a bad device name

@@ -592,11 +592,15 @@ class FusedStep:
             ``[P]``: as for :meth:`__call__`.
 
         Raises:
-            RuntimeError: for ``cooperative=False`` while the members train as one model.
+            RuntimeError: for ``cooperative=False`` while the members train as one model, or
+                after the clan rebuilt its population (:meth:`~vmapclan.Clan.grow`).
             ValueError: for a tensor (positional or keyword) without the member dimension, too few
                 tensors, or no model input at all.
         """
         pop = self._population
+        if self.clan.population is not pop:
+            raise RuntimeError("FusedStep: the clan's population was rebuilt (Clan.grow) after this step was made; "
+                               "make a new FusedStep")
         p = pop.population_size
         if len(batch) < self.num_inputs:
             raise ValueError(f"FusedStep: expected at least {self.num_inputs} batch tensors, got {len(batch)}")

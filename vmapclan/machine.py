@@ -33,11 +33,19 @@ finite state, and a run never returns a model whose validation loss is not finit
 ``request_stop()`` (the command calls it on Ctrl-C and SIGTERM) ends the run after the step in
 progress, saves a checkpoint there and raises :class:`TrainingStopped`; a resume continues
 from that step as if nothing had happened.
+
+A phase with ``model.grow`` grows the model at its first step, before its first stretch
+(:meth:`vmapclan.Clan.grow` with the task's :meth:`~vmapclan.Task.grow`): between rounds, where
+a checkpoint of the phase before holds the model before growth and any later one the grown
+model, which a resume grows the population into before loading it. Every growth is first
+tried on a copy of the model when the run is built, which checks its settings and gives the
+parameter names each phase's freeze patterns are checked against.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
 import inspect
@@ -108,6 +116,7 @@ class _Stretch:
     end: int
     duty_cycle: float | None = None  # rounds only
     phase_end: bool = False  # the last stretch of its phase: a checkpoint follows
+    first: bool = False  # the first stretch of its phase: a growth comes before it
 
 
 def save_run_checkpoint(path: str | os.PathLike, clan: Clan, machine_state: Mapping) -> None:
@@ -187,8 +196,11 @@ def phase_data(task: Task, data: DataSpec, phase: Phase, where: str = "") -> Dat
                              f"a phase may change {allowed}")
     if not changes:
         return data
+    fields = {f.name for f in dataclasses.fields(DataSpec)} - {"extra"}
+    own = {k: v for k, v in changes.items() if k not in fields}  # the task's own settings (data_defaults)
     try:
-        return dataclasses.replace(data, **changes)
+        return dataclasses.replace(data, **{k: v for k, v in changes.items() if k in fields},
+                                   extra={**data.extra, **own})
     except (ValueError, TypeError) as err:
         raise type(err)(f"{where}: {err}") from None
 
@@ -219,7 +231,9 @@ def frozen_parameters(names, patterns, where: str = "") -> list[str]:
 
 def _data_key(data: DataSpec, base: DataSpec) -> tuple:
     """A hashable name for a phase's data settings: the fields that differ from the config's."""
-    return tuple((f.name, getattr(data, f.name)) for f in dataclasses.fields(data)
+    # The task's own settings are a table of any TOML values: named by their JSON text.
+    return tuple((f.name, json.dumps(getattr(data, f.name), sort_keys=True) if f.name == "extra"
+                  else getattr(data, f.name)) for f in dataclasses.fields(data)
                  if getattr(data, f.name) != getattr(base, f.name))
 
 
@@ -350,7 +364,8 @@ class TrainingMachine:
             (see :func:`vmapclan.rundir.run_lock`) while it trains. The rest of the run directory
             is written by :meth:`TrainingResults.save`.
         callback: Called with event dicts as training goes: ``{"event": "step", "step", "phase",
-            "round", "best_val"}`` after every step (no host sync), and ``{"event": "round", ...}``,
+            "round", "best_val", "losses"}`` after every step (no host sync: ``losses`` is the
+            step's ``[P]`` training losses as a tensor on the device), and ``{"event": "round", ...}``,
             ``{"event": "cooperative", ...}``, ``{"event": "train", ...}`` records as they are made.
         device: Where the population lives (default: CPU).
         fused: Train with :class:`~vmapclan.FusedStep` (one vmapped forward and backward and one
@@ -389,8 +404,9 @@ class TrainingMachine:
             if not isinstance(task, Task):
                 raise TypeError(f"TrainingMachine: task must be a vmapclan.Task, got {type(task).__name__}")
             config = config.replace(task=task_reference(task))
-        self.task = resolve_task(config.task) if task is None else task
+        self.task = resolve_task(config.task, config.task_args) if task is None else task
         self.model_settings = self.task.model_settings(config.model)
+        config = config.replace(data=self.task.data_settings(config.data))  # the task's own, with defaults
         self.config = config
         self.total_steps = config.total_steps
         self.clock = TimeController(self.total_steps)
@@ -402,6 +418,7 @@ class TrainingMachine:
             if spec is not config.data:
                 self.task.check_data(self.model_settings, spec)
             self._phase_data.append(spec)
+        self._check_growth_phases()
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback = callback
         self.device = check_device(device if device is not None else "cpu", "TrainingMachine")
@@ -426,6 +443,63 @@ class TrainingMachine:
         self._stop_requested = False
         self._prepared = self._trained = False
         self._checkpoint_step: int | None = None
+
+    # -- growth -----------------------------------------------------------------------------------
+    def _check_growth_phases(self) -> None:
+        """Refuse a ``model.grow`` where it cannot apply: in the first phase, or a phase without steps."""
+        ranges = list(self.schedule.step_ranges(self.total_steps))
+        self._phase_first = [first for _, first, _ in ranges]
+        self._grow_phases = [i for i, phase in enumerate(self.schedule) if "grow" in phase.model]
+        self._grown = 0  # growths applied to the population so far
+        for i in self._grow_phases:
+            where = f"schedule[{i}] ({self.schedule[i].name!r})"
+            if i == 0:
+                raise ValueError(f"{where}: model.grow applies at a phase's start; the first phase trains the model "
+                                 f"the task builds")
+            if ranges[i][1] == ranges[i][2]:
+                raise ValueError(f"{where}: model.grow needs a phase that runs at least one step; it has none in "
+                                 f"{self.total_steps} steps")
+
+    def _grow_fn(self, index: int) -> Callable[[nn.Module], nn.Module]:
+        """``module -> grown module`` for phase ``index``'s ``model.grow``, errors naming the phase."""
+        phase = self.schedule[index]
+        where = f"schedule[{index}] ({phase.name!r})"
+
+        def grow(module: nn.Module) -> nn.Module:
+            try:
+                return self.task.grow(module, phase.model["grow"])
+            except NotImplementedError as err:
+                raise ValueError(f"{where}: model.grow: {err}") from None
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"{where}: {err}") from None
+
+        return grow
+
+    def _architectures(self, model: nn.Module) -> list[list[str]]:
+        """Each phase's parameter names, growing a copy of ``model`` as the schedule will (checking every growth)."""
+        from .population import check_growth
+
+        names, current = [], model
+        with torch.random.fork_rng(devices=[]):  # the check must not move the run's random numbers
+            for i, phase in enumerate(self.schedule):
+                if "grow" in phase.model:
+                    grown = self._grow_fn(i)(copy.deepcopy(current))
+                    check_growth(current, grown, f"schedule[{i}] ({phase.name!r}): model.grow")
+                    current = grown
+                names.append([n for n, _ in current.named_parameters()])
+        return names
+
+    def _grow_to(self, count: int) -> None:
+        """Apply the schedule's growths in order until ``count`` are in force (the population rebuilt each time)."""
+        while self._grown < count:
+            self.clan.grow(self._grow_fn(self._grow_phases[self._grown]))
+            self._grown += 1
+            self._fused_step = None  # made for the population it was bound to
+            self._kept = None  # an incumbent kept before the growth is another model: keep the best since
+
+    def _growths_until(self, index: int) -> int:
+        """How many growths are in force in phase ``index``."""
+        return sum(1 for i in self._grow_phases if i <= index)
 
     # -- assembly ---------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -454,8 +528,8 @@ class TrainingMachine:
         self.data = self.task.load(cfg.data, cfg.seed)
         self._datasets[()] = self.data
         model = self.task.build_model(self.model_settings, cfg.data)
-        names = [n for n, _ in model.named_parameters()]
-        self._freeze = [frozen_parameters(names, phase.model["freeze"], f"schedule[{i}] ({phase.name!r})")
+        names = self._architectures(model)
+        self._freeze = [frozen_parameters(names[i], phase.model["freeze"], f"schedule[{i}] ({phase.name!r})")
                         if "freeze" in phase.model else [] for i, phase in enumerate(self.schedule)]
         for spec in self._phase_data:
             key = _data_key(spec, cfg.data)
@@ -496,7 +570,7 @@ class TrainingMachine:
             if end == first:
                 continue  # a phase shorter than half a step
             if not phase.competition:
-                yield _Stretch("cooperative", phase, index, first, end, phase_end=True)
+                yield _Stretch("cooperative", phase, index, first, end, phase_end=True, first=True)
                 continue
             duty_cycle = phase.clan.get("duty_cycle", cfg.clan.duty_cycle)
             rounds, leftover = plan_rounds(end - first, phase.clan.get("round_length", cfg.clan.round_length),
@@ -504,12 +578,12 @@ class TrainingMachine:
             position = first
             for i, length in enumerate(rounds):
                 yield _Stretch("round", phase, index, position, position + length, duty_cycle,
-                               phase_end=not leftover and i == len(rounds) - 1)
+                               phase_end=not leftover and i == len(rounds) - 1, first=i == 0)
                 position += length
             if leftover:
                 # Too short for a round: these steps run cooperatively, with the incumbent's settings.
                 yield _Stretch("cooperative", dataclasses.replace(phase, optimizer={}), index, position, end,
-                               phase_end=True)
+                               phase_end=True, first=not rounds)
 
     def _check_data(self) -> None:
         """Refuse, before training, a stretch whose steps take more samples than the training data holds."""
@@ -585,19 +659,23 @@ class TrainingMachine:
         """Undo the step's writes to the frozen parameters' weights and moments (every row).
 
         A frozen parameter is skipped the way the optimizer skips one without a gradient: no
-        update, no weight decay, moments as they were. Every row is kept, so the rows a
-        cooperative step leaves behind (they catch up from row 0 later) stay consistent too.
+        update, no weight decay, moments as they were, and the update not counted in its own
+        step count (its bias correction resumes where it stopped). Every row is kept, so the
+        rows a cooperative step leaves behind (they catch up from row 0 later) stay consistent too.
         """
         if not self._frozen:
             yield
             return
-        state = self.clan.optimizer.adamw_state
+        optimizer = self.clan.optimizer
+        state = optimizer.adamw_state
         keeper = keep_columns((self.clan.population.flat, state.exp_avg, state.exp_avg_sq), self._frozen)
         with torch.no_grad():  # the copies in and out are no part of the step's graph
             keeper.__enter__()
+            before = state.step.clone()
         yield
         with torch.no_grad():
             keeper.__exit__(None, None, None)
+            optimizer.skip_(self._frozen_params, state.step - before)
 
     def _shape_lr(self, competitive: bool = False) -> None:
         """Write this step's lr factor into the optimizer: the run's lr shape (``optimizer.lr_schedule``),
@@ -641,7 +719,7 @@ class TrainingMachine:
             self._loss_count = 0
         if self.callback is not None:
             self.callback({"event": "step", "step": self.clock.step, "phase": self._phase_name,
-                           "round": self.clan.round_index, "best_val": self.best_val})
+                           "round": self.clan.round_index, "best_val": self.best_val, "losses": loss})
 
     def _record(self, record: dict) -> None:
         self.metrics.append(record)
@@ -696,7 +774,8 @@ class TrainingMachine:
         record = {"kind": "cooperative", "phase": stretch.phase.name, "start_step": start,
                   "end_step": self.clock.step, "hyper": self._phase_hyper(stretch.phase),
                   "batch_size": self._batch_size(stretch) * clan.population_size, "val_loss": math.nan,
-                  "event": "diverged", "restored_round": clan.history[-1]["restored_round"], **self._planes(stretch)}
+                  "event": "diverged", "restored_round": clan.history[-1]["restored_round"],
+                  **self._planes(stretch, start)}
         self.history.append(record)
         self._record({"event": "cooperative", **record})
 
@@ -712,15 +791,21 @@ class TrainingMachine:
         """Set the stretch's model plane: the columns its steps keep (its phase's frozen parameters)."""
         columns = self.clan.population.columns
         self._frozen = [columns[name] for name in self._freeze[stretch.index]]
+        index = {name: k for k, name in enumerate(columns)}
+        self._frozen_params = [index[name] for name in self._freeze[stretch.index]]
 
     @staticmethod
-    def _planes(stretch: _Stretch) -> dict:
+    def _planes(stretch: _Stretch, start: int | None = None) -> dict:
         """The record fields of a phase's data and model planes (none when the phase changes neither).
 
-        ``data``: the phase's data settings beyond ``batch_size``; ``freeze``: its freeze patterns.
-        The exported schedule carries them on, so the replay follows them.
+        ``data``: the phase's data settings beyond ``batch_size``; ``freeze``: its freeze patterns;
+        ``grow``: its growth settings, on the phase's first record only (the one starting at
+        the phase's first step: ``start``, default the stretch's). The exported schedule carries
+        them on, so the replay follows them.
         """
         out = {}
+        if stretch.first and "grow" in stretch.phase.model and (start is None or start == stretch.start):
+            out["grow"] = copy.deepcopy(stretch.phase.model["grow"])
         data = {k: v for k, v in stretch.phase.data.items() if k not in DATA_KEYS}
         if data:
             out["data"] = data
@@ -774,7 +859,7 @@ class TrainingMachine:
             return  # restored after the stretch's last step: its diverged record covers it
         record = {"kind": "cooperative", "phase": phase.name, "start_step": start, "end_step": self.clock.step,
                   "hyper": hyper, "batch_size": batch_size * clan.population_size, "val_loss": val[0].item(),
-                  **self._planes(stretch)}
+                  **self._planes(stretch, start)}
         self.history.append(record)
         self._record({"event": "cooperative", **record})
 
@@ -893,6 +978,10 @@ class TrainingMachine:
             got = list(perm.shape) if isinstance(perm, torch.Tensor) else type(perm).__name__
             raise ValueError(f"TrainingMachine.resume: the checkpoint's loader permutation is {got}, the training "
                              f"data has {' or '.join(map(str, sizes))} samples")
+        # A checkpoint taken after a growth holds the grown model: grow the population first (the
+        # checkpoint then overwrites every value, the random generators included).
+        step = saved["clock"]["step"]
+        self._grow_to(sum(1 for i in self._grow_phases if self._phase_first[i] < step))
         try:
             self.clan.load_state_dict(state["clan"])
         except (KeyError, TypeError, AttributeError, RuntimeError) as err:
@@ -905,7 +994,7 @@ class TrainingMachine:
         self.best_val = float(saved["best_val"])
         self._loss_sum.fill_(saved["loss_sum"])
         self._loss_count = saved["loss_count"]
-        self._kept = saved.get("kept")
+        self._kept = self._checked_kept(saved.get("kept"), step)
         self._check_position()
         if not bool(self._finite_members().any()):
             raise ValueError("TrainingMachine.resume: the checkpoint holds NaN or infinite values in every member")
@@ -943,23 +1032,29 @@ class TrainingMachine:
         loss_sum = saved.get("loss_sum")
         if not is_number(loss_sum) or math.isinf(loss_sum):
             refuse("loss_sum", "a number", loss_sum)
-        kept = saved.get("kept")
-        if kept is not None:
-            pop = self.clan.population
-            row = kept.get("row") if isinstance(kept, Mapping) else None
-            ok = (isinstance(row, Mapping) and is_int(kept.get("step")) and 0 <= kept["step"] <= step
-                  and is_number(kept.get("val")) and math.isfinite(kept["val"])
-                  and isinstance(row.get("params"), torch.Tensor) and row["params"].shape == pop.flat.shape[1:]
-                  and isinstance(row.get("buffers"), Mapping) and set(row["buffers"]) == set(pop.buffers)
-                  and all(isinstance(v, torch.Tensor) and v.shape == pop.buffers[n].shape[1:]
-                          for n, v in row["buffers"].items()))
-            if not ok:
-                refuse("kept", f"the best incumbent's step (<= {step}), finite loss and one member's weights "
-                               f"[{pop.flat.shape[1]}] and buffers", type(kept).__name__)
         expected = 0 if step == self.total_steps else step % self.log_every
         if saved.get("loss_count") != expected:
             refuse("loss_count", f"{expected} (steps since the last training-loss record at step {step})",
                    saved.get("loss_count"))
+
+    def _checked_kept(self, kept, step: int) -> dict | None:
+        """A checkpoint's kept incumbent (see ``clan.keep_best``), refused unless it is one member of this population."""
+        if kept is None:
+            return None
+        pop = self.clan.population
+        row = kept.get("row") if isinstance(kept, Mapping) else None
+        step_ok = isinstance(kept, Mapping) and isinstance(kept.get("step"), int) and 0 <= kept["step"] <= step
+        val = kept.get("val") if isinstance(kept, Mapping) else None
+        ok = (step_ok and isinstance(val, float) and math.isfinite(val) and isinstance(row, Mapping)
+              and isinstance(row.get("params"), torch.Tensor) and row["params"].shape == pop.flat.shape[1:]
+              and isinstance(row.get("buffers"), Mapping) and set(row["buffers"]) == set(pop.buffers)
+              and all(isinstance(v, torch.Tensor) and v.shape == pop.buffers[n].shape[1:]
+                      for n, v in row["buffers"].items()))
+        if not ok:
+            raise ValueError(f"TrainingMachine.resume: the checkpoint's machine/kept must be the best incumbent's "
+                             f"step (<= {step}), finite loss and one member's weights [{pop.flat.shape[1]}] and "
+                             f"buffers, got {type(kept).__name__}")
+        return kept
 
     def _check_position(self) -> None:
         """Refuse a restored clan whose round clock is not where this run's plan has it at the restored step."""
@@ -1036,6 +1131,7 @@ class TrainingMachine:
                 for stretch in self._plan():
                     if stretch.end <= self.clock.step:
                         continue  # finished before the checkpoint this run resumed from
+                    self._grow_to(self._growths_until(stretch.index))
                     self._phase_name = stretch.phase.name
                     if stretch.kind == "round":
                         self._run_round(stretch)

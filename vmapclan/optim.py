@@ -99,12 +99,18 @@ class AdamWState(NamedTuple):
         exp_avg: ``[P, N]``: first moment.
         exp_avg_sq: ``[P, N]``: second moment.
         accum_count: ``long [P]``: micro-batches accumulated since the member's last update.
+        skipped: ``float64 [P, K]`` or ``None``: per parameter (``K`` of them, in ``flat``'s
+            column order), the member's updates it sat out: frozen, without a gradient, or not
+            there yet (added by growth). Its bias correction counts ``step - skipped``, its own
+            updates, as ``torch.optim.AdamW`` keeps one step count per parameter. ``None`` (what
+            :func:`adamw_init` gives): every parameter takes every update.
     """
 
     step: torch.Tensor
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     accum_count: torch.Tensor
+    skipped: torch.Tensor | None = None
 
 
 class AdamWFactors(NamedTuple):
@@ -137,11 +143,14 @@ def adamw_init(params: torch.Tensor) -> AdamWState:
 
 
 def adamw_factors_(state: AdamWState, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None,
-                   dtype: torch.dtype, scales: GroupScales | None = None) -> AdamWFactors:
+                   dtype: torch.dtype, scales: GroupScales | None = None,
+                   param_sizes: Sequence[int] | None = None) -> AdamWFactors:
     """The ``[P]`` half of :func:`adamw_step_`: advance the counters and compute the per-member factors.
 
     With ``scales`` (several param groups) the decay and step-size factors are ``[P, N]``: each
-    member's ``[P, 1]`` column times the groups' ``[1, N]`` multipliers.
+    member's ``[P, 1]`` column times the groups' ``[1, N]`` multipliers. With ``state.skipped``
+    (and ``param_sizes``, the parameters' value counts) the bias corrections are ``[P, N]`` too:
+    each parameter's from its own step count.
 
     Kept apart from :func:`adamw_apply_` so that a compiled update compiles only the
     elementwise work: inductor would fuse these float64 scalar computations (``beta1 ** t``...)
@@ -163,10 +172,17 @@ def adamw_factors_(state: AdamWState, hyper: AdamWHyper, num_grad_accum: torch.T
         state.step.add_(ready.to(torch.float64))
     t = state.step.clamp(min=1)  # members that never stepped are masked out
     decay, step_size = column(1 - lr * wd), column(lr / (1 - beta1**t))
+    bias2_sqrt = column((1 - beta2**t).sqrt())
+    if state.skipped is not None:
+        # Each parameter's own count, computed per parameter [P, K], then spread over its columns.
+        counts = torch.tensor(list(param_sizes), device=t.device)
+        own = (state.step.view(p, 1) - state.skipped).clamp(min=1)
+        step_size = (lr.view(p, 1) / (1 - beta1.view(p, 1)**own)).to(dtype).repeat_interleave(counts, dim=1)
+        bias2_sqrt = (1 - beta2.view(p, 1)**own).sqrt().to(dtype).repeat_interleave(counts, dim=1)
     if scales is not None:
         decay, step_size = 1 - column(lr * wd) * scales.decay, step_size * scales.lr
     return AdamWFactors(decay, column(1 - beta1), column(beta2), column(1 - beta2),
-                        step_size, column((1 - beta2**t).sqrt()), column(eps), count, ready)
+                        step_size, bias2_sqrt, column(eps), count, ready)
 
 
 def clip_factors(grads: torch.Tensor, count: torch.Tensor | None, max_grad_norm: float) -> torch.Tensor:
@@ -209,7 +225,8 @@ def adamw_apply_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tenso
 
 def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hyper: AdamWHyper,
                 num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None, *,
-                apply: Callable = adamw_apply_, scales: GroupScales | None = None) -> None:
+                apply: Callable = adamw_apply_, scales: GroupScales | None = None,
+                param_sizes: Sequence[int] | None = None) -> None:
     """One batched AdamW step, in place on ``params`` and ``state``.
 
     For each member ``i`` with gradient ``g`` (``grads[i]``, or with accumulation the sum of the
@@ -239,8 +256,10 @@ def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hy
         apply: The elementwise half: :func:`adamw_apply_` or a compiled version of it.
         scales: Several param groups' lr and weight-decay multipliers per column (see
             :class:`GroupScales`); ``None`` for one group.
+        param_sizes: The parameters' value counts in column order, needed with
+            ``state.skipped`` (each parameter's own bias correction, ``t = step[i] - skipped[i, k] + 1``).
     """
-    factors = adamw_factors_(state, hyper, num_grad_accum, params.dtype, scales)
+    factors = adamw_factors_(state, hyper, num_grad_accum, params.dtype, scales, param_sizes)
     clip = None if max_grad_norm is None else clip_factors(grads, factors.count, max_grad_norm)
     apply(params, grads, state.exp_avg, state.exp_avg_sq, factors, clip)
     if factors.ready is not None:
@@ -249,7 +268,8 @@ def adamw_step_(params: torch.Tensor, grads: torch.Tensor, state: AdamWState, hy
 
 def adamw_kernel_step_(params: torch.Tensor, grads, state: AdamWState, hyper: AdamWHyper,
                        num_grad_accum: torch.Tensor | None = None, max_grad_norm: float | None = None, *,
-                       sizes: Sequence[int] | None = None, scales: GroupScales | None = None) -> None:
+                       sizes: Sequence[int] | None = None, scales: GroupScales | None = None,
+                       param_sizes: Sequence[int] | None = None) -> None:
     """:func:`adamw_step_` (same arguments, same contract) with PyTorch's fused AdamW kernel per member.
 
     ``torch._fused_adamw_`` (what ``torch.optim.AdamW(fused=True)`` runs) reads each tensor once
@@ -274,10 +294,13 @@ def adamw_kernel_step_(params: torch.Tensor, grads, state: AdamWState, hyper: Ad
         sizes: Values per parameter, when ``grads`` comes per parameter.
         scales: Several param groups' multipliers (see :class:`GroupScales`): the kernel takes one
             lr and weight decay per call, so it runs once per distinct group setting.
+        param_sizes: As for :func:`adamw_step_` (with ``state.skipped``).
     """
     p = params.shape[0]
     if scales is not None and sizes is None:  # split by parameter, to give each its group's setting
         sizes, grads = scales.sizes, list(grads.split(scales.sizes, dim=1))
+    if state.skipped is not None and sizes is None:  # split by parameter, to give each its own step
+        sizes, grads = tuple(param_sizes), list(grads.split(tuple(param_sizes), dim=1))
     ratios = scales.ratios if scales is not None else None
     if num_grad_accum is None:
         state.step.add_(1)
@@ -288,6 +311,7 @@ def adamw_kernel_step_(params: torch.Tensor, grads, state: AdamWState, hyper: Ad
         state.step.add_(ready_mask.to(state.step.dtype))
         ready, counts = ready_mask.tolist(), state.accum_count.tolist()
     steps = state.step.to(torch.float32).unbind()  # the kernel takes the step already counted
+    own = None if state.skipped is None else (state.step.view(p, 1) - state.skipped).to(torch.float32)
     lr, wd, beta1, beta2, eps = (t.tolist() for t in hyper)
     for i in range(p):
         if not ready[i]:
@@ -295,9 +319,11 @@ def adamw_kernel_step_(params: torch.Tensor, grads, state: AdamWState, hyper: Ad
         rows = (params[i], state.exp_avg[i], state.exp_avg_sq[i])
         if sizes is None:
             tensors = [(*rows, grads[i], (1.0, 1.0))]
+            kept = [0]
         else:
             tensors = [(w, m, v, g[i], r) for w, m, v, g, r in
                        zip(*(r.split(sizes) for r in rows), grads, ratios or [(1.0, 1.0)] * len(sizes)) if g is not None]
+            kept = [k for k, g in enumerate(grads) if g is not None]  # each tensor's parameter index
         ws, ms, vs, gs, rs = ([t[k] for t in tensors] for k in range(5))
         gs = [g.reshape(-1) if g.is_contiguous() else g.contiguous().reshape(-1) for g in gs]
         if counts[i] != 1:
@@ -309,7 +335,9 @@ def adamw_kernel_step_(params: torch.Tensor, grads, state: AdamWState, hyper: Ad
         for ratio in dict.fromkeys(rs):  # one kernel call per group setting
             pick = [k for k, r in enumerate(rs) if r == ratio]
             torch._fused_adamw_([ws[k] for k in pick], [gs[k] for k in pick], [ms[k] for k in pick],
-                                [vs[k] for k in pick], [], [steps[i]] * len(pick), lr=lr[i] * ratio[0],
+                                [vs[k] for k in pick], [],
+                                [steps[i]] * len(pick) if own is None else [own[i, kept[k]] for k in pick],
+                                lr=lr[i] * ratio[0],
                                 weight_decay=wd[i] * ratio[1], beta1=beta1[i], beta2=beta2[i], eps=eps[i],
                                 amsgrad=False, maximize=False)
     if num_grad_accum is not None:
@@ -428,7 +456,14 @@ class BatchedAdamW(torch.optim.Optimizer):
         self.hyper = hyper
         self.num_grad_accum = num_grad_accum
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.adamw_state = adamw_init(population.flat)
+        #: The parameters' value counts, in ``flat``'s column order.
+        self.param_sizes = tuple(shape.numel() for shape in population.shapes.values())
+        flat = population.flat
+        self.adamw_state = adamw_init(flat)._replace(
+            skipped=torch.zeros(flat.shape[0], len(self.param_sizes), dtype=torch.float64, device=flat.device))
+        #: Whether some parameter may have sat out an update (``adamw_state.skipped`` not all zero):
+        #: only then do the bias corrections go per parameter. Set on the host, never read off the device.
+        self.lagging = False
         if scales is not None and sum(scales.sizes) != population.numel:
             raise ValueError(f"BatchedAdamW: scales cover {sum(scales.sizes)} values, the population's members "
                              f"{population.numel}")
@@ -451,6 +486,25 @@ class BatchedAdamW(torch.optim.Optimizer):
         self.one_model_update = resolve_update(update, flat[:1])
         self._step = adamw_update(self._update)
         self._one_model_step = adamw_update(self.one_model_update)
+
+    def skip_(self, params: Sequence[int], steps: torch.Tensor) -> None:
+        """Count ``steps`` as updates sat out by ``params`` (``[P]``; member 0's ``[1]`` while training as one model).
+
+        What a parameter that took no part in an update needs, so that its bias correction
+        later resumes from its own step count (``torch.optim.AdamW`` never counts a step for
+        a parameter without gradient): a frozen one, one without gradient, one added later.
+
+        Args:
+            params: Parameter indices, in ``flat``'s column order.
+            steps: The updates each member applied meanwhile.
+        """
+        if len(params) == 0:
+            return
+        skipped = self.adamw_state.skipped
+        index = torch.tensor(list(params), device=skipped.device)
+        rows = skipped[:steps.shape[0]]
+        rows.index_add_(1, index, steps.to(skipped.dtype).view(-1, 1).expand(-1, len(index)).contiguous())
+        self.lagging = True
 
     def apply_(self, grads, step: Callable | None = None, *, sizes: Sequence[int] | None = None) -> None:
         """Update every member from ``grads[P, N]`` (with accumulation: the summed micro-batches).
@@ -479,18 +533,31 @@ class BatchedAdamW(torch.optim.Optimizer):
             if sizes is not None:
                 raise ValueError("BatchedAdamW.apply_: per-parameter gradients are for members trained apart")
             params, grads, hyper = params[:1], grads[:1], AdamWHyper(*(h[:1] for h in hyper))
-            state = AdamWState(*(t[:1] for t in state))
+            state = AdamWState(*(None if t is None else t[:1] for t in state))
             accum = None if accum is None else accum[:1]
             step = step or self._one_model_step
             pop.rows_stale = True
         step = step or self._step
-        # Only with several groups, so that a step function without the keyword still works.
+        # Only with several groups or per-parameter counts, so that a step function without the
+        # keywords still works.
         extra = {} if self.scales is None else {"scales": self.scales}
+        if self.lagging:
+            extra["param_sizes"] = self.param_sizes
+        else:
+            state = state._replace(skipped=None)  # every count is the member's: no per-parameter work
         if sizes is not None:  # a missing gradient is a None: the kernel skips it
+            idle = [k for k, g in enumerate(grads) if g is None]
+        else:
+            unused = pop.unused_columns()
+            idle = [k for k, name in enumerate(pop.columns) if name not in pop.grad_seen] if unused else []
+        before = state.step.clone() if idle else None
+        if sizes is not None:
             step(params, grads, state, hyper, accum, self.max_grad_norm, sizes=sizes, **extra)
-            return
-        with keep_columns((params, state.exp_avg, state.exp_avg_sq), pop.unused_columns()):
-            step(params, grads, state, hyper, accum, self.max_grad_norm, **extra)
+        else:
+            with keep_columns((params, state.exp_avg, state.exp_avg_sq), unused):
+                step(params, grads, state, hyper, accum, self.max_grad_norm, **extra)
+        if idle:
+            self.skip_(idle, state.step - before)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -528,6 +595,8 @@ class BatchedAdamW(torch.optim.Optimizer):
         """
         self.population.sync_rows()  # the parameters' rows must agree with the moments written into every row
         current = self.adamw_state._asdict()
+        if "skipped" not in state_dict:  # a state saved before per-parameter step counts: none sat out
+            state_dict = {**state_dict, "skipped": torch.zeros_like(current["skipped"])}
         for name, t in current.items():
             if name not in state_dict:
                 raise ValueError(f"BatchedAdamW.load_state_dict: missing {name!r}")
@@ -538,3 +607,4 @@ class BatchedAdamW(torch.optim.Optimizer):
                 )
         for name, t in current.items():
             t.copy_(state_dict[name])
+        self.lagging = bool(self.adamw_state.skipped.any())

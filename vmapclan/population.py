@@ -18,7 +18,7 @@ import contextlib
 import copy
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import optree
 import torch
@@ -28,7 +28,8 @@ from torch.utils import _pytree as pytree
 
 from .nn import unsupported_recurrent
 
-__all__ = ["PopulationModel", "member_loss", "score_members", "additive_attention_mask"]
+__all__ = ["PopulationModel", "member_loss", "score_members", "additive_attention_mask", "check_growth",
+           "stack_members"]
 
 # The parameter views into ``flat`` are strided across members, so autograd notes once that
 # ``.grad`` (a view of ``grad_flat`` with the same strides) is not dense. Accumulation into it is
@@ -511,6 +512,78 @@ class PopulationModel:
         if not self.grad_seen or len(self.grad_seen) == len(self.columns):
             return []
         return [c for name, c in self.columns.items() if name not in self.grad_seen]
+
+
+def check_growth(before: nn.Module, after, who: str = "grow") -> None:
+    """Refuse a grown model that does not keep every tensor of the model it grew from.
+
+    Growth may add parameters and buffers; every existing one must stay, under its name, with
+    its shape and dtype and trainable or not as before, so that its values and optimizer state
+    carry over.
+
+    Args:
+        before: The model before growth.
+        after: What the growth returned.
+        who: Prefix for the error message.
+
+    Raises:
+        TypeError: if ``after`` is not an ``nn.Module``.
+        ValueError: naming the first tensor that was removed or changed, or if nothing was added.
+
+    Example:
+        >>> check_growth(nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    """
+    if not isinstance(after, nn.Module):
+        raise TypeError(f"{who}: expected the grown nn.Module, got {type(after).__name__}")
+    old = {**{n: (t, "buffer") for n, t in before.named_buffers()},
+           **{n: (t, "trainable" if t.requires_grad else "frozen") for n, t in before.named_parameters()}}
+    new = {**{n: (t, "buffer") for n, t in after.named_buffers()},
+           **{n: (t, "trainable" if t.requires_grad else "frozen") for n, t in after.named_parameters()}}
+    for name, (t, kind) in old.items():
+        if name not in new:
+            raise ValueError(f"{who}: the grown model has no {name!r}; growth may add parameters, not remove them")
+        u, grown_kind = new[name]
+        if (u.shape, u.dtype, grown_kind) != (t.shape, t.dtype, kind):
+            raise ValueError(f"{who}: the grown model changed {name!r} from {kind} {t.dtype} {list(t.shape)} to "
+                             f"{grown_kind} {u.dtype} {list(u.shape)}; growth may add parameters, not reshape them")
+    if len(new) == len(old):
+        raise ValueError(f"{who}: the grown model has no new parameter or buffer")
+
+
+def stack_members(members: Sequence[nn.Module], *, device: torch.device | str | None = None) -> PopulationModel:
+    """A population whose member ``i`` holds ``members[i]``'s weights and buffers (one architecture).
+
+    How a population is rebuilt after growth (:meth:`vmapclan.Clan.grow`): each member grown on
+    its own, then stacked again. ``members[0]`` is the template (deep-copied, as always).
+
+    Args:
+        members: P modules with the same parameter and buffer names and shapes.
+        device: Where the members live (default: ``members[0]``'s device).
+
+    Raises:
+        ValueError: if the members' tensors differ in names or shapes.
+
+    Example:
+        >>> pop = stack_members([nn.Linear(2, 1), nn.Linear(2, 1)])
+        >>> pop.population_size, pop.numel
+        (2, 3)
+    """
+    template = {n: t.shape for n, t in [*members[0].named_parameters(), *members[0].named_buffers()]}
+    for i, member in enumerate(members[1:], 1):
+        shapes = {n: t.shape for n, t in [*member.named_parameters(), *member.named_buffers()]}
+        if shapes != template:
+            raise ValueError(f"stack_members: member {i}'s tensors differ from member 0's: "
+                             f"{sorted(set(shapes.items()) ^ set(template.items()))[:4]}")
+    population = PopulationModel(members[0], len(members), device=device)
+    with torch.no_grad():
+        for name, columns in population.columns.items():
+            for i, member in enumerate(members[1:], 1):
+                population.flat[i, columns].copy_(member.get_parameter(name).reshape(-1))
+        for name, stacked in population.buffers.items():
+            for i, member in enumerate(members[1:], 1):
+                source = dict(member.named_buffers()).get(name)
+                stacked[i].copy_(member.get_parameter(name) if source is None else source)
+    return population
 
 
 def _reinit(module: nn.Module, generator: torch.Generator | None) -> nn.Module:

@@ -38,15 +38,22 @@ GENES = ADAMW_GENES
 
 def _planes_of(record: Mapping) -> tuple[dict, dict]:
     """``(data overrides beyond batch_size, model overrides)`` a history record carries (see the machine)."""
-    return dict(record.get("data", {})), ({"freeze": list(record["freeze"])} if "freeze" in record else {})
+    model = {"freeze": list(record["freeze"])} if "freeze" in record else {}
+    if "grow" in record:
+        model["grow"] = copy.deepcopy(record["grow"])
+    return dict(record.get("data", {})), model
 
 
 def _pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: float | None,
                batch_size: int | None, population_size: int | None) -> list[tuple]:
-    """``(name, first_step, end_step, hyper, samples_per_step, (data, model))`` pieces of one history record."""
-    planes = _planes_of(record)
-    return [(*piece, planes) for piece in _hyper_pieces_of(record, start, member, duty_cycle, batch_size,
-                                                           population_size)]
+    """``(name, first_step, end_step, hyper, samples_per_step, (data, model))`` pieces of one history record.
+
+    A growth happens once, at the record's start: only its first piece carries it.
+    """
+    data, model = _planes_of(record)
+    after = (data, {k: v for k, v in model.items() if k != "grow"})
+    pieces = _hyper_pieces_of(record, start, member, duty_cycle, batch_size, population_size)
+    return [(*piece, (data, model) if i == 0 else after) for i, piece in enumerate(pieces)]
 
 
 def _hyper_pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: float | None,
@@ -107,8 +114,9 @@ def export_schedule(history: Sequence[Mapping], total_steps: int, *, member: int
     Returns:
         A :class:`PhaseSchedule` whose phases carry every AdamW hyperparameter in ``optimizer``,
         the samples per step in ``data.batch_size`` (and the phase's other data settings, e.g.
-        ``seq_len``), the phase's ``model.freeze`` and ``clan.competition = false``; adjacent
-        stretches with equal settings are merged.
+        ``seq_len``), the phase's ``model.freeze``, ``model.grow`` on the phase that starts where
+        the model grew, and ``clan.competition = false``; adjacent stretches with equal settings
+        are merged.
 
     Raises:
         ValueError: for an empty history, one with gaps, or one that does not end at ``total_steps``.
@@ -177,6 +185,25 @@ def read_schedule(path: str | os.PathLike) -> tuple[PhaseSchedule, RunConfig, di
     return PhaseSchedule.from_dict(data), config, dict(data.get("clan", {}))
 
 
+def _grow_plain(task, model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, phase: Phase):
+    """``(grown model, its AdamW)``: the task's growth, every kept parameter's optimizer state carried over."""
+    from .population import check_growth
+
+    before = dict(model.named_parameters())
+    template = copy.deepcopy(model)
+    try:
+        grown = task.grow(model, phase.model["grow"])
+    except NotImplementedError as err:
+        raise ValueError(f"replay: phase {phase.name!r}: model.grow: {err}") from None
+    check_growth(template, grown, f"replay: phase {phase.name!r}: model.grow")
+    grown.train(template.training)
+    fresh = config.optimizer.build(grown.parameters())
+    for name, parameter in grown.named_parameters():
+        if name in before and before[name] in optimizer.state:
+            fresh.state[parameter] = optimizer.state[before[name]]
+    return grown, fresh
+
+
 @dataclasses.dataclass
 class ReplayResult:
     """What :func:`replay` returns.
@@ -210,7 +237,9 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     fresh permutation each epoch. A phase's other data settings (``seq_len``) take the data
     the task loads with them from the phase's first step on (a new epoch), and the parameters
     a phase's ``model.freeze`` matches are skipped by the optimizer while it lasts, as a
-    parameter without a gradient is.
+    parameter without a gradient is. A phase with ``model.grow`` grows the model at its first
+    step (:meth:`~vmapclan.Task.grow`): the existing parameters keep their AdamW state, the
+    new ones start fresh in a new optimizer built from the config.
 
     Args:
         schedule: The schedule to follow (e.g. from :func:`read_schedule`).
@@ -229,7 +258,7 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
 
     Raises:
         ValueError: for a batch size larger than the training set, a task that cannot be
-            imported, or model, data or freeze settings the task refuses.
+            imported, or model, data, freeze or growth settings the task refuses.
     """
     from .machine import _data_key, frozen_parameters, phase_data
     from .tasks import data_batches, data_length, resolve_task
@@ -241,8 +270,9 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     if keep_step is not None and (isinstance(keep_step, bool) or not isinstance(keep_step, int)
                                   or not 0 <= keep_step <= total):
         raise ValueError(f"replay: keep_step must be an int in [0, {total}], got {keep_step!r}")
-    task = resolve_task(config.task if task is None else task)
+    task = resolve_task(config.task, config.task_args) if task is None else resolve_task(task)
     settings_of_model = task.model_settings(config.model)
+    config = config.replace(data=task.data_settings(config.data))  # the task's own data settings, with defaults
     torch.manual_seed(config.seed)  # as TrainingMachine: the same initial weights
     data = task.load(config.data, config.seed)
     model = task.build_model(settings_of_model, config.data)
@@ -256,11 +286,15 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     perm, position = None, 0
     steps_trace, losses = [], []
     model.train()
-    kept = None
+    kept, current = None, None
     for step in range(total):
         if step == keep_step:
             kept = copy.deepcopy(model.state_dict())
         phase = schedule.phase_at_step(step, total)
+        if phase.name != current and "grow" in phase.model:
+            model, optimizer = _grow_plain(task, model, optimizer, config, phase)
+            parameters, frozen_in = dict(model.named_parameters()), {}
+        current = phase.name
         spec = phase_data(task, config.data, phase)
         key = _data_key(spec, config.data)
         if key not in datasets:

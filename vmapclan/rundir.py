@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -19,9 +20,9 @@ from pathlib import Path
 __all__ = ["RUN_FILES", "LOCK_NAME", "RunDirectoryBusy", "run_lock", "run_files_in", "remove_run_files",
            "process_alive"]
 
-#: The files a run writes into its directory (plots included).
+#: The files a run writes into its directory (plots included; ``tensorboard`` is a directory).
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "history.json", "schedule.json", "config.toml", "best_model.pt",
-             "replay.json", "genes.png", "val_losses.png", "train_loss.png")
+             "replay.json", "genes.png", "val_losses.png", "train_loss.png", "tensorboard")
 #: The lock file's name.
 LOCK_NAME = "run.lock"
 
@@ -156,4 +157,8 @@ def run_files_in(directory: str | os.PathLike) -> list[str]:
 def remove_run_files(directory: str | os.PathLike) -> None:
     """Delete the run files of ``directory`` (only those: anything else there stays)."""
     for name in run_files_in(directory):
-        (Path(directory) / name).unlink()
+        path = Path(directory) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # the TensorBoard event files of the replaced run
+        else:
+            path.unlink()

@@ -32,8 +32,9 @@ OPTIMIZER_KEYS = ("lr", "weight_decay", "betas/0", "betas/1", "eps", "lr_scale")
 #: stdlib-chars); the training machine and the replay check a phase's other keys against it.
 DATA_KEYS = ("batch_size",)
 #: Model settings a phase may set: ``freeze``, glob patterns over parameter names
-#: (``["embed.*", "blocks.0.*"]``) whose parameters get no update while the phase lasts.
-MODEL_KEYS = ("freeze",)
+#: (``["embed.*", "blocks.0.*"]``) whose parameters get no update while the phase lasts, and
+#: ``grow``, the task's growth settings (:meth:`~vmapclan.Task.grow`), applied at the phase's start.
+MODEL_KEYS = ("freeze", "grow")
 #: Clan settings a phase may override. ``competition = false`` runs the population
 #: cooperatively (identical members, data-parallel) with no rounds and no selection.
 CLAN_KEYS = ("competition", "round_length", "duty_cycle")
@@ -184,7 +185,10 @@ class Phase:
         model: ``freeze``: glob patterns (:mod:`fnmatch`) over the model's parameter names;
             the parameters they match get no update and no weight decay while the phase lasts,
             and their optimizer moments are kept as they were. A pattern that matches no
-            parameter is an error when the run is built.
+            parameter is an error when the run is built. ``grow``: the task's settings for
+            growing the model at the phase's start (:meth:`vmapclan.Task.grow`, e.g.
+            ``{"blocks": 1, "init": "identity"}`` for stdlib-chars), checked by the task when
+            the run is built; not in the first phase.
         clan: ``competition`` (bool, default true: clan rounds with selection; false: the
             population trains cooperatively as one data-parallel model), ``round_length``,
             ``duty_cycle``.

@@ -151,6 +151,16 @@ class DataSpec(_Spec):
         max_chars: Cap on the characters read from the standard library (stdlib-chars).
         eval_samples: Validation samples each member is scored on at the end of a round
             (0: all). The final metrics always use the whole validation set.
+        extra: The task's own data settings (:attr:`vmapclan.Task.data_defaults`, e.g. a split
+            name or an augmentation switch), read as attributes (``data.augment``). In a
+            table they sit next to the fields: ``from_dict`` takes every other key as one of
+            them and ``to_dict`` writes them back the same way; the task refuses the keys it
+            does not read when the run is built.
+
+    Example:
+        >>> data = DataSpec.from_dict({"batch_size": 8, "augment": True})
+        >>> data.batch_size, data.augment, data.to_dict()["augment"]
+        (8, True, True)
     """
 
     section: ClassVar[str] = "data"
@@ -159,8 +169,41 @@ class DataSpec(_Spec):
     seq_len: int = 64
     max_chars: int = 600_000
     eval_samples: int = 512
+    extra: Mapping = dataclasses.field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        # Only for names that are not fields: the task's own settings. (``__dict__`` is read
+        # directly, so a copy or unpickling, which looks names up before the fields exist, stops here.)
+        extra = self.__dict__.get("extra")
+        if extra is None or name not in extra:
+            raise AttributeError(f"{type(self).__name__!r} has no field or task data setting {name!r}")
+        return extra[name]
+
+    def to_dict(self) -> dict:
+        """A plain dict of the fields, with the task's own settings beside them."""
+        out = super().to_dict()
+        return {**{k: v for k, v in out.items() if k != "extra"}, **copy.deepcopy(dict(self.extra))}
+
+    @classmethod
+    def from_dict(cls, data: Mapping | None) -> DataSpec:
+        """Build from a dict: the fields, and any other key as one of the task's own settings (:attr:`extra`).
+
+        Raises:
+            TypeError: if ``data`` is not a dict or a key is not a string.
+            ValueError: for a bad field value, naming it.
+        """
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{cls.section}: expected a table of settings, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
 
     def __post_init__(self) -> None:
+        if not isinstance(self.extra, Mapping) or not all(isinstance(k, str) for k in self.extra):
+            raise TypeError(f"data: the task's own settings need string names, got {self.extra!r}")
+        object.__setattr__(self, "extra", copy.deepcopy(dict(self.extra)))
         _int(self.section, "batch_size", self.batch_size)
         object.__setattr__(self, "val_fraction", _float(self.section, "val_fraction", self.val_fraction, 0, 1,
                                                         low_open=True, high_open=True))
@@ -384,6 +427,9 @@ class RunConfig:
             run is built; see :func:`vmapclan.tasks.resolve_task`).
         total_steps: Training steps (``TrainingMachine``'s ``total_steps`` argument overrides it).
             Every step costs P member-steps, cooperative or competitive.
+        task_args: Keyword arguments for a task of your own (``task = "module:Class"`` is built
+            as ``Class(**task_args)``): the ``[task_args]`` table, values anything TOML holds.
+            Empty for a built-in task.
         seed: Seeds the model's init, the data split, the clan's mutations and the loader.
         log_every: Steps between training-loss records (0: about 100 records per run).
         checkpoint_every: Rounds between checkpoints when the machine has an ``out_dir``
@@ -395,6 +441,7 @@ class RunConfig:
     """
 
     task: str = "digits-mlp"
+    task_args: Mapping = dataclasses.field(default_factory=dict)
     total_steps: int = 1000
     seed: int = 0
     log_every: int = 0
@@ -408,6 +455,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
             _fail("config", "task", "a task name or 'package.module:ClassName'", self.task)
+        if not isinstance(self.task_args, Mapping) or not all(isinstance(k, str) for k in self.task_args):
+            _fail("config", "task_args", "a table of keyword arguments for the task's class", self.task_args)
+        object.__setattr__(self, "task_args", copy.deepcopy(dict(self.task_args)))
         _int("config", "total_steps", self.total_steps)
         _int("config", "seed", self.seed, low=0)
         _int("config", "log_every", self.log_every, low=0)
@@ -463,6 +513,8 @@ class RunConfig:
         """A plain dict, TOML and JSON safe (``schedule`` is a list of phase tables)."""
         out: dict[str, Any] = {"task": self.task, "total_steps": self.total_steps, "seed": self.seed,
                                "log_every": self.log_every, "checkpoint_every": self.checkpoint_every}
+        if self.task_args:  # only when given: a config without arguments reads as before
+            out["task_args"] = copy.deepcopy(self.task_args)
         for key in _SECTIONS:
             out[key] = getattr(self, key).to_dict()
         out["schedule"] = self.schedule.to_dict()

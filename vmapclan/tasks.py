@@ -14,6 +14,7 @@ the population (through :func:`vmapclan.member_loss`) and a plain model (the rep
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import functools
 import math
@@ -109,7 +110,8 @@ class Task(abc.ABC):
 
     Subclass it and implement :meth:`split`, :meth:`build_model` and :meth:`loss`; then run it
     with ``TrainingMachine(config, task=MyTask())`` or, from a config file, with
-    ``task = "package.module:MyTask"`` (the class is imported and built without arguments).
+    ``task = "package.module:MyTask"`` (the class is imported and built with the config's
+    ``[task_args]`` table as keyword arguments, none by default).
     The built-in tasks (:data:`TASKS`) are subclasses like any other.
 
     Attributes:
@@ -117,9 +119,14 @@ class Task(abc.ABC):
         model_defaults: The ``[model]`` settings the task reads, with their defaults, or
             ``None`` to take the table as it is. With defaults, :meth:`model_settings` refuses
             other keys and fills in the missing ones.
-        phase_data: Data settings (fields of :class:`~vmapclan.DataSpec`) a phase may change
-            with ``data = {...}`` besides ``batch_size``; the machine reloads the data for them
-            at the phase boundary (:meth:`load` with the changed settings).
+        data_defaults: The task's own data settings beyond :class:`~vmapclan.DataSpec`'s fields
+            (a split name, an augmentation switch), with their defaults: the ``[data]`` table
+            may set them, :meth:`data_settings` refuses other keys and fills in the missing
+            ones, and :meth:`split` reads them as attributes (``data.augment``).
+        phase_data: Data settings (fields of :class:`~vmapclan.DataSpec` or keys of
+            :attr:`data_defaults`) a phase may change with ``data = {...}`` besides
+            ``batch_size``; the machine reloads the data for them at the phase boundary
+            (:meth:`load` with the changed settings).
 
     Example:
         >>> class Regression(Task):
@@ -138,6 +145,7 @@ class Task(abc.ABC):
 
     name: str = ""
     model_defaults: dict | None = None
+    data_defaults: dict = {}
     phase_data: tuple[str, ...] = ()
 
     @property
@@ -167,6 +175,35 @@ class Task(abc.ABC):
             raise ValueError(f"model: unknown setting {unknown[0]!r} for task {self.reference!r}; "
                              f"it reads {sorted(self.model_defaults)}")
         return {**self.model_defaults, **model}
+
+    def data_settings(self, data: DataSpec) -> DataSpec:
+        """The data settings checked and completed with :attr:`data_defaults` (``data`` itself when complete).
+
+        Args:
+            data: The run's data settings.
+
+        Raises:
+            ValueError: for a setting that is neither a :class:`~vmapclan.DataSpec` field nor one of
+                :attr:`data_defaults`, or a :attr:`phase_data` name that is neither.
+
+        Example:
+            >>> class Augmented(DigitsTask):
+            ...     data_defaults = {"augment": False}
+            >>> Augmented().data_settings(DataSpec()).augment
+            False
+        """
+        fields = [f.name for f in dataclasses.fields(DataSpec) if f.name != "extra"]
+        reads = fields + sorted(self.data_defaults)
+        for name in self.phase_data:
+            if name not in reads:
+                raise ValueError(f"task {self.reference!r}: phase_data names {name!r}, which is neither a data field "
+                                 f"nor one of its data_defaults {sorted(self.data_defaults)}")
+        unknown = [k for k in data.extra if k not in self.data_defaults]
+        if unknown:
+            raise ValueError(f"data: unknown setting {unknown[0]!r} for task {self.reference!r}; it reads {reads}")
+        if all(k in data.extra for k in self.data_defaults):
+            return data
+        return dataclasses.replace(data, extra={**copy.deepcopy(self.data_defaults), **data.extra})
 
     def check_data(self, model: dict, data: DataSpec) -> None:
         """Raise ``ValueError`` if ``data`` (the config's, or a phase's) cannot run with ``model``; by default nothing.
@@ -221,6 +258,30 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One model's mean loss (a scalar); vmapped over members by :func:`vmapclan.member_loss`."""
+
+    def grow(self, module: nn.Module, settings) -> nn.Module:
+        """The model grown at the start of a phase with ``model = { grow = settings }``; by default none.
+
+        Override it to let phases grow the model (the seed's progressive stacks): return the
+        grown module (``module`` changed in place, or a new one). Every existing parameter and
+        buffer must stay, with its name and shape (its values and optimizer state carry over);
+        the new ones are initialised here, from torch's global generator. The machine calls it
+        once for every member, from the same generator state; the replay once for its model.
+        It also runs once on a copy of the model when the run is built, to check ``settings``
+        and the freeze patterns of later phases.
+
+        Args:
+            module: One member as a plain module (the architecture in force before the phase).
+            settings: The phase's ``model.grow`` value, as the config gives it.
+
+        Returns:
+            The grown module.
+
+        Raises:
+            NotImplementedError: if the task does not grow (the default).
+            ValueError, TypeError: for settings the task refuses.
+        """
+        raise NotImplementedError(f"task {self.reference!r} does not grow its model (it defines no Task.grow)")
 
     def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Share of correct predictions (a scalar); override it for a task where that means nothing."""
@@ -412,8 +473,12 @@ class StdlibCharsTask(Task):
 
     Model settings: ``d_model`` (64), ``n_layers`` (2), ``n_heads`` (4, dividing ``d_model``),
     ``dropout`` (0.0) and ``max_len`` (0: ``data.seq_len``), the longest window the position
-    embedding holds. A phase may change ``data.seq_len`` up to ``max_len``.
+    embedding holds. A phase may change ``data.seq_len`` up to ``max_len``, and grow the model
+    by appending blocks (see :meth:`grow`).
     """
+
+    #: The keys of a phase's ``model.grow`` table, with their defaults.
+    GROW_DEFAULTS = {"blocks": 1, "init": "identity"}
 
     name = "stdlib-chars"
     model_defaults = {"d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0, "max_len": 0}
@@ -465,6 +530,58 @@ class StdlibCharsTask(Task):
     def loss(self, output, target):
         """Cross-entropy over every position."""
         return F.cross_entropy(output.flatten(0, -2), target.flatten())
+
+    def grow(self, module: nn.Module, settings) -> nn.Module:
+        """Append ``blocks`` transformer blocks to the :class:`CharTransformer` (in place).
+
+        ``settings`` is the phase's ``model.grow`` table: ``blocks`` (default 1) and ``init``:
+
+        - ``"identity"`` (default): fresh blocks, initialised as the model's own, with their two
+          output projections (attention ``proj`` and the MLP's last layer) zero, weights and
+          biases. Each new block then adds nothing to the residual stream: the grown model
+          computes exactly what the model before it did, and training moves the new blocks away
+          from the identity.
+        - ``"copy"``: copies of the last block, as progressive stacking does; the model's
+          function changes (the last block's transformation is applied once more).
+
+        Example:
+            >>> m = CharTransformer(128, 16, 1, 2, 8)
+            >>> len(StdlibCharsTask().grow(m, {"blocks": 2}).blocks)
+            3
+
+        Raises:
+            TypeError: if ``settings`` is not a table.
+            ValueError: for an unknown key, ``blocks`` not a positive int, or another ``init``.
+        """
+        if not isinstance(settings, Mapping):
+            raise TypeError(f"model.grow must be a table of {sorted(self.GROW_DEFAULTS)}, got {settings!r}")
+        unknown = [k for k in settings if k not in self.GROW_DEFAULTS]
+        if unknown:
+            raise ValueError(f"model.grow: unknown setting {unknown[0]!r}; it reads {sorted(self.GROW_DEFAULTS)}")
+        settings = {**self.GROW_DEFAULTS, **settings}
+        blocks, init = settings["blocks"], settings["init"]
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"model.grow.blocks must be a positive int, got {blocks!r}")
+        if init not in ("identity", "copy"):
+            raise ValueError(f"model.grow.init must be 'identity' or 'copy', got {init!r}")
+        if not isinstance(module, CharTransformer):
+            raise TypeError(f"model.grow: expected a CharTransformer, got {type(module).__name__}")
+        last = module.blocks[-1]
+        reference = module.head.weight
+        for _ in range(blocks):
+            if init == "copy":
+                block = copy.deepcopy(last)
+            else:
+                block = _Block(last.ln1.normalized_shape[0], last.n_heads, last.dropout)
+                with torch.no_grad():
+                    for sub in block.modules():
+                        if isinstance(sub, nn.Linear):
+                            sub.weight.normal_(0.0, 0.02)  # as CharTransformer initialises its own
+                    for out in (block.proj, block.mlp[2]):
+                        out.weight.zero_()
+                        out.bias.zero_()
+            module.blocks.append(block.to(device=reference.device, dtype=reference.dtype))
+        return module
 
 
 class _Block(nn.Module):
@@ -541,26 +658,34 @@ def task_reference(task: Task) -> str:
     return f"{type(task).__module__}:{type(task).__qualname__}"
 
 
-def resolve_task(spec: str | Task) -> Task:
-    """The task ``spec`` names: a built-in's short name, or ``"package.module:ClassName"`` (imported, built without arguments).
+def resolve_task(spec: str | Task, args: Mapping | None = None) -> Task:
+    """The task ``spec`` names: a built-in's short name, or ``"package.module:ClassName"`` built with ``args``.
 
     Args:
         spec: A name from :data:`TASKS`, an import path ``"module:Class"``, or a :class:`Task` (returned as is).
+        args: Keyword arguments for the class (a config's ``[task_args]`` table); none for a
+            built-in task or a :class:`Task` given as is.
 
     Raises:
         ValueError: for an unknown name, a module that cannot be imported, a missing class, a
-            class that is not a :class:`Task` subclass, or one that cannot be built without
-            arguments; the message is one line.
+            class that is not a :class:`Task` subclass, arguments for a built-in task, or a class
+            that cannot be built with ``args``; the message is one line.
+        TypeError: if ``args`` is not a table with string keys.
 
     Example:
         >>> type(resolve_task("vmapclan.tasks:DigitsTask")).__name__
         'DigitsTask'
     """
+    args = {} if args is None else args
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        raise TypeError(f"task_args must be a table of keyword arguments, got {args!r}")
     if isinstance(spec, Task):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"task must be a task name, 'package.module:ClassName' or a Task, got {type(spec).__name__}")
     if spec in TASKS:
+        if args:
+            raise ValueError(f"task_args: the built-in task {spec!r} takes no arguments, got {sorted(args)}")
         return TASKS[spec]
     module_name, colon, class_name = spec.partition(":")
     if not colon or not module_name or not class_name:
@@ -581,9 +706,11 @@ def resolve_task(spec: str | Task) -> Task:
         raise ValueError(f"task {spec!r}: {class_name} is not a vmapclan.Task subclass "
                          f"(got {type(found).__name__} {found!r:.60})")
     try:
-        return found()
+        return found(**args)
     except Exception as err:
-        raise ValueError(f"task {spec!r}: {class_name}() failed: {type(err).__name__}: {err}") from None
+        call = f"{class_name}(**task_args)" if args else f"{class_name}()"
+        raise ValueError(f"task {spec!r}: {call} failed: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 def get_task(name: str) -> Task:

@@ -1,0 +1,154 @@
+"""A parameter that sits out updates (frozen, without gradient, added by growth) keeps its own AdamW step count.
+
+``torch.optim.AdamW`` counts steps per parameter and never counts one for a parameter whose
+``.grad`` is ``None``; the batched AdamW counts per member and per parameter the updates each
+parameter sat out, so that the bias correction resumes where it stopped.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vmapclan import Clan, FusedStep, TrainingMachine
+from vmapclan.population import member_loss
+
+SETTINGS = {"lr": 0.05, "betas": (0.8, 0.9), "weight_decay": 0.1, "eps": 1e-6}
+
+
+class TwoLayers(nn.Module):
+    """``b(tanh(a(x)))``, or ``b(x)`` with ``skip_a`` (then ``a`` gets no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.skip_a = False
+
+    def forward(self, x):
+        return self.b(x if self.skip_a else torch.tanh(self.a(x)))
+
+
+def batches(steps: int):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 2, generator=g, dtype=torch.float64))
+            for _ in range(steps)]
+
+
+SKIPPED = range(3, 8)  # the steps where 'a' gets no gradient
+
+
+def reference(steps, grow_at=None):
+    """Plain torch training of one model; ``grow_at``: a new layer ``c`` joins the optimizer there."""
+    torch.manual_seed(0)
+    model = TwoLayers().double()
+    start = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), **SETTINGS)
+    for i, (x, y) in enumerate(batches(steps)):
+        if i == grow_at:
+            model = grown(model)
+            optimizer.add_param_group({"params": list(model.c.parameters()), **SETTINGS})
+        model.skip_a = i in SKIPPED
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return start, model
+
+
+def grown(model):
+    """``model`` with a layer ``c`` after ``b`` (deterministic init, so the clan's members and the reference agree)."""
+    class Grown(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.a, self.b, self.skip_a = inner.a, inner.b, inner.skip_a
+            self.c = nn.Linear(2, 2).to(inner.b.weight.dtype)
+            with torch.no_grad():
+                self.c.weight.copy_(torch.eye(2) + 0.1)
+                self.c.bias.fill_(0.05)
+
+        def forward(self, x):
+            return self.c(self.b(x if self.skip_a else torch.tanh(self.a(x))))
+
+    return Grown(model)
+
+
+@pytest.mark.parametrize("path", ["batched", "per-member", "fused", "fused-per-member"])
+def test_a_parameter_without_gradient_resumes_its_own_bias_correction_as_torch_adamw(path):
+    steps = 12
+    start, expected = reference(steps)
+    model = copy.deepcopy(start)
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), **SETTINGS), population_size=2, round_length=steps,
+                duty_cycle=1.0, selection=None, autobind=["adamw"])
+    if not path.startswith("fused"):
+        clan.optimizer.update = path
+    step = None
+    if path.startswith("fused"):  # the per-member kernel takes the gradients per parameter, None for 'a'
+        step = FusedStep(clan, F.mse_loss, update="per-member" if path == "fused-per-member" else "auto")
+    member = clan.round()
+    for i, (x, y) in enumerate(batches(steps)):
+        clan.population.module.skip_a = i in SKIPPED
+        x, y = member.share(x), member.share(y)
+        if step is not None:
+            step(x, y)
+            continue
+        with member.sync_context():
+            member_loss(F.mse_loss, member.model(x), y).sum().backward()
+        member.optimizer.step()
+        member.optimizer.zero_grad()
+        member.step()
+    got = clan.population.member_module(0)  # member 0 trains with the optimizer's own settings
+    for name, tensor in expected.named_parameters():
+        torch.testing.assert_close(got.get_parameter(name), tensor, rtol=1e-12, atol=1e-12, msg=name)
+    skipped = clan.optimizer.adamw_state.skipped
+    assert skipped[:, :2].tolist() == [[5.0, 5.0]] * 2 and not skipped[:, 2:].any()  # a.weight, a.bias
+
+
+def test_a_parameter_added_by_growth_starts_its_own_step_count_at_zero():
+    steps, grow_at = 12, 6
+    start, expected = reference(steps, grow_at)
+    model = copy.deepcopy(start)
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), **SETTINGS), population_size=2, round_length=grow_at,
+                duty_cycle=1.0, selection=None, autobind=["adamw"])
+    for i, (x, y) in enumerate(batches(steps)):
+        if i == grow_at:
+            clan.step(torch.tensor([1.0, 2.0]))
+            clan.grow(grown)
+            assert clan.optimizer.adamw_state.skipped[:, -2:].tolist() == [[6.0, 6.0]] * 2
+        member = clan.round()
+        clan.population.module.skip_a = i in SKIPPED
+        with member.sync_context():
+            member_loss(F.mse_loss, member.model(member.share(x)), member.share(y)).sum().backward()
+        member.optimizer.step()
+        member.optimizer.zero_grad()
+        member.step()
+    got = clan.population.member_module(0)
+    for name, tensor in expected.named_parameters():
+        torch.testing.assert_close(got.get_parameter(name), tensor, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_a_frozen_phase_counts_the_updates_its_parameters_sat_out():
+    from test_tasks_api import FREEZE, blobs_config
+
+    machine = TrainingMachine(blobs_config(schedule=FREEZE))
+    machine.train()
+    state, columns = machine.clan.optimizer.adamw_state, list(machine.clan.population.columns)
+    assert columns == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    # 'first-frozen' holds steps 6-18 (12 updates of every member), 'last-frozen' steps 18-24.
+    assert state.skipped.tolist() == [[12.0, 12.0, 6.0, 6.0]] * 3
+    assert state.step.tolist() == [24.0] * 3
+
+
+def test_a_checkpoint_without_skipped_counts_loads_as_none_sat_out():
+    model = TwoLayers()
+    clan = Clan(model, torch.optim.AdamW(model.parameters()), population_size=2, round_length=2, duty_cycle=0.5)
+    state = clan.state_dict()
+    del state["optimizer"]["skipped"]
+    del state["last_good"]["optimizer"]["skipped"]
+    clan.optimizer.adamw_state.skipped.fill_(3.0)
+    clan.load_state_dict(state)
+    assert not clan.optimizer.adamw_state.skipped.any() and not clan.optimizer.lagging
+    saved = clan.optimizer.state_dict()
+    del saved["skipped"]
+    clan.optimizer.load_state_dict(saved)
+    assert not clan.optimizer.adamw_state.skipped.any()
