@@ -1,0 +1,212 @@
+"""A clan across processes (gloo over loopback) equals the same clan in one process.
+
+Each multi-process test forks its ranks from the test process, with the environment ``torchrun``
+would give them (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), running
+``dist_worker.py``, and bounds them with a wall-clock limit, so that a hang fails the test instead
+of the suite. The one-process reference runs the same code without a group.
+"""
+
+import multiprocessing
+import os
+import socket
+
+import optree
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dist_worker
+import vmapclan.clan as clan_module
+from vmapclan import Clan
+from vmapclan.distributed import ClanGroup, init_from_env, resolve_group
+
+LIMIT = 120  # seconds any one group of ranks may run (a few seconds on an idle machine)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world: int, out, scenario: str, limit: float = LIMIT, **options) -> list[int]:
+    """Run ``scenario`` of ``dist_worker.py`` as ``world`` ranks (one process without a group for ``world=0``).
+
+    The ranks are forked from this process (torch is imported already) and killed if they run past
+    ``limit`` seconds. Returns their exit codes (``-9``: killed by SIGKILL).
+    """
+    fork = multiprocessing.get_context("fork")
+    port = free_port()
+    procs = [fork.Process(target=dist_worker.rank_main, args=(scenario, str(out), world, rank, port), kwargs=options)
+             for rank in range(max(world, 1))]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=limit)
+            assert p.exitcode is not None, f"a rank ran past {limit} s"
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+    return [p.exitcode for p in procs]
+
+
+def result(out) -> dict:
+    return torch.load(os.path.join(out, "result.pt"), weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The one-process clan of the same 6 members and seed (Member loop, 24 steps: 4 rounds)."""
+    out = tmp_path_factory.mktemp("single")
+    assert run_ranks(0, out, "train") == [0]
+    return result(out)
+
+
+def assert_same_run(ours: dict, reference: dict) -> None:
+    """Same winners, genomes and incumbents; every member tensor within float32 rounding.
+
+    The numbers differ by rounding only: one process sums the members' gradients in one
+    backward (and one mean), several processes sum each rank's part and then the parts.
+    """
+    assert [r["winner"] for r in ours["history"]] == [r["winner"] for r in reference["history"]]
+    assert [r["genomes"] for r in ours["history"]] == [r["genomes"] for r in reference["history"]]
+    assert [r["incumbent"] for r in ours["history"]] == [r["incumbent"] for r in reference["history"]]
+    for a, b in zip(ours["history"], reference["history"]):
+        torch.testing.assert_close(torch.tensor(a["val_losses"]), torch.tensor(b["val_losses"]), rtol=1e-5, atol=1e-5)
+    mine, theirs = ours["state"], reference["state"]
+    for key in ("round", "round_step", "global_step"):
+        assert mine[key] == theirs[key]
+    for key in ("genomes", "incumbent", "loader", "generator"):  # exactly: drawn from the same generators
+        for x, y in zip(optree.tree_leaves(mine[key], none_is_leaf=True),
+                        optree.tree_leaves(theirs[key], none_is_leaf=True)):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    for x, y in zip(optree.tree_leaves((mine["model"], mine["optimizer"])),
+                    optree.tree_leaves((theirs["model"], theirs["optimizer"]))):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)  # the [6, ...] rows of the whole clan
+        else:
+            assert x == y
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_equal_one_process(tmp_path, single, world):
+    assert run_ranks(world, tmp_path, "train") == [0] * world
+    ours = result(tmp_path)
+    assert ours["world_size"] == world and ours["state"]["world_size"] == world
+    assert_same_run(ours, single)
+    for name, value in ours["best"].items():
+        torch.testing.assert_close(value, single["best"][name], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_across_ranks_equals_one_process(tmp_path):
+    """FusedStep's one-model cooperative step does its all-reduce too (2 ranks against 1 process)."""
+    reference = tmp_path / "one"
+    reference.mkdir()
+    assert run_ranks(0, reference, "train", fused=True, steps=12) == [0]
+    assert run_ranks(2, tmp_path, "train", fused=True, steps=12) == [0, 0]
+    assert_same_run(result(tmp_path), result(reference))
+
+
+def test_killed_and_resumed_on_other_ranks_ends_identical(tmp_path, single):
+    """2 ranks save mid-round (step 9, competitive) and stop dead; 3 ranks resume: the run ends as one process's.
+
+    The checkpoint holds the whole clan's rows, so another world size takes its own members from it.
+    """
+    assert run_ranks(2, tmp_path, "train", stop_at=9) == [0, 0]
+    assert not os.path.exists(tmp_path / "result.pt")
+    assert run_ranks(3, tmp_path, "train", resume=True) == [0, 0, 0]
+    assert_same_run(result(tmp_path), single)
+
+
+def test_killed_rank_fails_the_others_naming_it(tmp_path):
+    """Rank 1 dies (SIGKILL) in the cooperative phase: ranks 0 and 2 fail with a message naming rank 1."""
+    codes = run_ranks(3, tmp_path, "kill", limit=90, victim=1, at=1, timeout=15)
+    assert codes[1] == -9
+    assert codes[0] == codes[2] == 7
+    for rank in (0, 2):
+        message = (tmp_path / f"error-{rank}.txt").read_text()
+        assert message.startswith("DistributedError: vmapclan: the cooperative gradient all-reduce failed on rank "
+                                  f"{rank} of 3 within the timeout of 15 s: rank 1 stopped answering (died or hung)"), \
+            message
+
+
+def test_mismatched_ranks_are_refused_at_start(tmp_path):
+    assert run_ranks(2, tmp_path, "mismatch", limit=60) == [7, 7]
+    message = (tmp_path / "error-0.txt").read_text()
+    assert message.startswith("ValueError: Clan: the ranks disagree on the clan's settings, seed and model: rank 1 "
+                              "differs from rank 0; every rank must run the same configuration and seed")
+
+
+# -- without processes ---------------------------------------------------------------------------------
+def test_group_without_torch_distributed_is_refused():
+    assert not dist.is_initialized()
+    assert resolve_group(None, 8) is None
+    with pytest.raises(ValueError, match="Clan: process_group was given but torch.distributed is not initialised"):
+        Clan(population_size=4, round_length=4, duty_cycle=0.5, autobind=["adamw"], process_group=object())
+
+
+def test_population_must_split_equally(monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    with pytest.raises(ValueError, match=r"Clan: population_size=6 must be a multiple of the world size 4 "
+                                         r"\(each rank holds population_size / world_size members\)"):
+        resolve_group(None, 6)
+
+
+class FakeGroup(ClanGroup):
+    """Two ranks, without the processes: this is rank 0."""
+
+    def __init__(self, population_size):
+        self.group, self.rank, self.world_size, self.timeout, self.backend = None, 0, 2, None, "gloo"
+        self.local_size, self.offset = population_size // 2, 0
+
+    def check_same(self, text, what, who="Clan"):
+        pass
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"selection": "truncation", "duty_cycle": 1.0},
+     "Clan: selection='truncation' is not supported across 2 ranks .a member may copy one held by another rank.; "
+     "use selection='winner' or None"),
+    ({"init": "independent", "duty_cycle": 1.0}, "Clan: init='independent' is not supported across 2 ranks; use "
+                                                  "init='copy'"),
+])
+def test_what_ranks_cannot_share_is_refused(monkeypatch, settings, message):
+    monkeypatch.setattr(clan_module, "resolve_group", lambda group, p: FakeGroup(p))
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=message):
+        Clan(model, torch.optim.AdamW(model.parameters()), population_size=4, round_length=4,
+             autobind=["adamw"], **settings)
+
+
+def test_local_shapes_of_a_rank(monkeypatch):
+    """Rank 0 of 2 holds members 0 and 1 of 4: its loader, genes and losses are theirs; genomes are everyone's."""
+    monkeypatch.setattr(clan_module, "resolve_group", lambda group, p: FakeGroup(p))
+    model = nn.Linear(3, 2)
+    clan = Clan(model, torch.optim.AdamW(model.parameters()), population_size=4, round_length=4, duty_cycle=0.5,
+                autobind=["adamw"])
+    assert (clan.local_size, clan.member_offset, clan.world_size) == (2, 0, 2)
+    assert clan.population.population_size == 2 and clan.genomes["lr"].shape == (4,)
+    x = torch.arange(40.0).view(20, 2).repeat(1, 1)[:, :1].expand(20, 3).contiguous()
+    first = next(iter(clan.loader((x,), batch_size=2)))[0]
+    assert first.shape == (2, 2, 3)
+    member = clan.round()
+    assert member.get_gene("lr").shape == (2,)
+    with pytest.raises(ValueError, match=r"clan.step: val_losses must have shape \[2\] \(one loss per member "
+                                         r"\(this rank's members: 2 of 4\)\), got \[4\]"):
+        clan._check_losses(torch.zeros(4))
+
+
+def test_init_from_env_checks_its_timeout(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("VMAPCLAN_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="VMAPCLAN_TIMEOUT must be a number of seconds, got 'soon'"):
+        init_from_env()
+    with pytest.raises(ValueError, match="init_from_env: timeout must be a positive number of seconds, got 0"):
+        init_from_env(timeout=0)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_from_env() is False
