@@ -31,7 +31,8 @@ import optree
 import torch
 import torch.distributed as dist
 
-__all__ = ["ClanGroup", "DistributedError", "resolve_group", "init_from_env", "DEFAULT_TIMEOUT"]
+__all__ = ["ClanGroup", "DistributedError", "resolve_group", "init_from_env", "current_rank", "any_rank",
+           "broadcast_object", "DEFAULT_TIMEOUT"]
 
 #: Seconds a collective waits for the other ranks before it fails (:func:`init_from_env`'s default).
 DEFAULT_TIMEOUT = 300.0
@@ -253,3 +254,26 @@ def _padded(nbytes: int) -> int:
 def _bytes(row: torch.Tensor, size: int) -> torch.Tensor:
     flat = row.contiguous().reshape(-1).view(torch.uint8)
     return torch.cat([flat, flat.new_zeros(size - flat.numel())]) if size > flat.numel() else flat
+
+
+def current_rank() -> int:
+    """This process's rank in the default group (0 without ``torch.distributed``): rank 0 writes the run's files."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def any_rank(group: ClanGroup | None, flag: bool, what: str) -> bool:
+    """Whether ``flag`` holds on any rank (itself without a group): decisions every rank must take alike."""
+    if group is None:
+        return bool(flag)
+    value = group._on_backend(torch.tensor([int(bool(flag))], dtype=torch.int32))
+    group._collective(what, lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group.group))
+    return bool(value.item())
+
+
+def broadcast_object(group: ClanGroup | None, obj, src: int, what: str):
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank (``obj`` itself without a group)."""
+    if group is None:
+        return obj
+    box = [obj]
+    group._collective(what, lambda: dist.broadcast_object_list(box, src=src, group=group.group))
+    return box[0]
