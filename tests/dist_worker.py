@@ -5,7 +5,8 @@ Usage: ``python dist_worker.py SCENARIO OUT_DIR [options]`` with ``RANK``, ``WOR
 the same run in one process: the reference). Rank 0 (or the single process) writes
 ``OUT_DIR/result.pt``; a rank that fails writes its error to ``OUT_DIR/error-RANK.txt``.
 
-Scenarios: ``train`` (the run to compare), ``kill`` (rank ``--victim`` kills itself with
+Scenarios: ``train`` (the run to compare), ``command`` (``vmapclan train`` of a small digits run
+into ``OUT_DIR/run``, as ``torchrun`` would start it on each rank), ``kill`` (rank ``--victim`` kills itself with
 SIGKILL at step ``--at``), ``mismatch`` (rank 1 builds its clan with another seed).
 With ``--stop-at STEP`` the run saves its state (rank 0 writes ``OUT_DIR/ckpt.pt``) at that
 global step and exits at once, as if killed; with ``--resume`` it starts from that file.
@@ -109,7 +110,7 @@ def rank_main(scenario: str, out, world: int = 0, rank: int = 0, port: int = 0, 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["train", "kill", "mismatch"])
+    parser.add_argument("scenario", choices=["train", "kill", "mismatch", "command"])
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--fused", action="store_true")
@@ -123,6 +124,12 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    if args.scenario == "command":
+        from vmapclan.cli import main as command
+
+        config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.toml")
+        return command(["train", config, "--steps", str(args.steps), "--out", os.path.join(args.out, "run"),
+                        "--no-plots", "--no-progress", "--timeout", str(args.timeout)])
     try:
         train(args, rank)
     except Exception as err:  # noqa: BLE001 - the test reads the message

@@ -141,6 +141,28 @@ def test_mismatched_ranks_are_refused_at_start(tmp_path):
                               "differs from rank 0; every rank must run the same configuration and seed")
 
 
+def test_command_on_two_ranks_equals_one_process(tmp_path):
+    """``vmapclan train`` on 2 ranks (the environment torchrun gives them) writes the run one process would."""
+    import json
+
+    import vmapclan.cli  # noqa: F401 - imported once here, not in each forked rank
+    from vmapclan.tasks import _digits
+
+    _digits()  # the data set too (scikit-learn's import is most of a small run's time)
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    assert run_ranks(0, one, "command", steps=40) == [0]
+    assert run_ranks(2, two, "command", steps=40) == [0, 0]
+    finals = [json.loads((d / "run" / "metrics.jsonl").read_text().splitlines()[-1]) for d in (one, two)]
+    assert (finals[0]["world_size"], finals[1]["world_size"]) == (1, 2)
+    assert finals[1]["val_loss"] == pytest.approx(finals[0]["val_loss"], rel=1e-5)
+    winners = [[r["winner"] for r in json.loads((d / "run" / "history.json").read_text()) if r["kind"] == "round"]
+               for d in (one, two)]
+    assert winners[0] == winners[1]
+    assert (two / "run" / "config.toml").read_text().startswith("# world_size = 2  (processes that trained this run)")
+
+
 # -- without processes ---------------------------------------------------------------------------------
 def test_group_without_torch_distributed_is_refused():
     assert not dist.is_initialized()
