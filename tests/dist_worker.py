@@ -7,7 +7,7 @@ the same run in one process: the reference). Rank 0 (or the single process) writ
 
 Scenarios: ``train`` (the run to compare), ``command`` (``vmapclan train`` of a small digits run
 into ``OUT_DIR/run``, as ``torchrun`` would start it on each rank), ``kill`` (rank ``--victim`` kills itself with
-SIGKILL at step ``--at``), ``mismatch`` (rank 1 builds its clan with another seed).
+SIGKILL at step ``--at``), ``hang`` (it sleeps there instead), ``mismatch`` (rank 1 builds its clan with another seed).
 With ``--stop-at STEP`` the run saves its state (rank 0 writes ``OUT_DIR/ckpt.pt``) at that
 global step and exits at once, as if killed; with ``--resume`` it starts from that file.
 """
@@ -17,6 +17,7 @@ import datetime
 import os
 import signal
 import sys
+import time
 import traceback
 
 import torch
@@ -61,6 +62,8 @@ def train(args, rank: int) -> None:
                 break
             if args.scenario == "kill" and rank == args.victim and clan.global_step == args.at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if args.scenario == "hang" and rank == args.victim and clan.global_step == args.at:
+                time.sleep(3600)  # the test kills it once the others have given up
             if fused is not None:
                 fused(xb, yb)
             else:
@@ -110,9 +113,9 @@ def rank_main(scenario: str, out, world: int = 0, rank: int = 0, port: int = 0, 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["train", "kill", "mismatch", "command"])
+    parser.add_argument("scenario", choices=["train", "kill", "hang", "mismatch", "command"])
     parser.add_argument("out")
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=18)
     parser.add_argument("--fused", action="store_true")
     parser.add_argument("--stop-at", type=int)
     parser.add_argument("--resume", action="store_true")

@@ -8,6 +8,7 @@ of the suite. The one-process reference runs the same code without a group.
 
 import multiprocessing
 import os
+import re
 import socket
 
 import optree
@@ -18,6 +19,7 @@ from torch import nn
 
 import dist_worker
 import vmapclan.clan as clan_module
+import vmapclan.distributed as clan_module_distributed
 from vmapclan import Clan
 from vmapclan.distributed import ClanGroup, init_from_env, resolve_group
 
@@ -30,11 +32,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, out, scenario: str, limit: float = LIMIT, **options) -> list[int]:
+def run_ranks(world: int, out, scenario: str, limit: float = LIMIT, hung: int | None = None,
+              **options) -> list[int]:
     """Run ``scenario`` of ``dist_worker.py`` as ``world`` ranks (one process without a group for ``world=0``).
 
     The ranks are forked from this process (torch is imported already) and killed if they run past
-    ``limit`` seconds. Returns their exit codes (``-9``: killed by SIGKILL).
+    ``limit`` seconds; rank ``hung`` is killed as soon as the others have ended. Returns their exit
+    codes (``-9``: killed by SIGKILL).
     """
     fork = multiprocessing.get_context("fork")
     port = free_port()
@@ -43,9 +47,10 @@ def run_ranks(world: int, out, scenario: str, limit: float = LIMIT, **options) -
     for p in procs:
         p.start()
     try:
-        for p in procs:
-            p.join(timeout=limit)
-            assert p.exitcode is not None, f"a rank ran past {limit} s"
+        for rank, p in enumerate(procs):
+            if rank != hung:
+                p.join(timeout=limit)
+                assert p.exitcode is not None, f"rank {rank} ran past {limit} s"
     finally:
         for p in procs:
             if p.exitcode is None:
@@ -60,7 +65,7 @@ def result(out) -> dict:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """The one-process clan of the same 6 members and seed (Member loop, 24 steps: 4 rounds)."""
+    """The one-process clan of the same 6 members and seed (Member loop, 18 steps: 3 rounds)."""
     out = tmp_path_factory.mktemp("single")
     assert run_ranks(0, out, "train") == [0]
     return result(out)
@@ -132,6 +137,15 @@ def test_killed_rank_fails_the_others_naming_it(tmp_path):
         assert message.startswith("DistributedError: vmapclan: the cooperative gradient all-reduce failed on rank "
                                   f"{rank} of 3 within the timeout of 15 s: rank 1 stopped answering (died or hung)"), \
             message
+
+
+def test_hung_rank_fails_the_others_within_the_timeout(tmp_path):
+    """Rank 1 stops answering (it sleeps): rank 0 gives up after the group's timeout (3 s), naming rank 1."""
+    codes = run_ranks(2, tmp_path, "hang", limit=90, hung=1, victim=1, at=1, timeout=3)
+    assert codes == [7, -9]
+    message = (tmp_path / "error-0.txt").read_text()
+    assert message.startswith("DistributedError: vmapclan: the cooperative gradient all-reduce failed on rank 0 of 2 "
+                              "within the timeout of 3 s: rank 1 stopped answering (died or hung)"), message
 
 
 def test_mismatched_ranks_are_refused_at_start(tmp_path):
@@ -232,3 +246,39 @@ def test_init_from_env_checks_its_timeout(monkeypatch):
         init_from_env(timeout=0)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert init_from_env() is False
+
+
+class FakeStore:
+    """The rendezvous store, as far as a failed collective's report uses it."""
+
+    def __init__(self, keys=()):
+        self.keys = set(keys)
+
+    def set(self, key, value):
+        self.keys.add(key)
+
+    def check(self, keys):
+        return all(k in self.keys for k in keys)
+
+
+@pytest.mark.parametrize("store, who", [
+    (FakeStore({"vmapclan/failed/1"}), "every rank saw it fail (a rank ran different steps, or the network failed)"),
+    (None, "another rank stopped answering, and the rendezvous store is unreachable too"),
+])
+def test_failed_collective_reports(monkeypatch, store, who):
+    def get_store():
+        if store is None:
+            raise RuntimeError("connection refused")
+        return store
+
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", get_store)
+    group = FakeGroup(4)
+    group.timeout = 7.0
+
+    def broken():
+        raise RuntimeError("Connection closed by peer\nmore detail")
+
+    with pytest.raises(clan_module_distributed.DistributedError, match=(
+            f"vmapclan: the test collective failed on rank 0 of 2 within the timeout of 7 s: {re.escape(who)} "
+            r"\(Connection closed by peer\)$")):
+        group._collective("the test collective", broken)
