@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ClanGroup", "DistributedError", "resolve_group", "init_from_env", "current_rank", "any_rank",
-           "broadcast_object", "DEFAULT_TIMEOUT"]
+           "broadcast_object", "communication_bytes", "DEFAULT_TIMEOUT"]
 
 #: Seconds a collective waits for the other ranks before it fails (:func:`init_from_env`'s default).
 DEFAULT_TIMEOUT = 300.0
@@ -277,3 +277,29 @@ def broadcast_object(group: ClanGroup | None, obj, src: int, what: str):
     box = [obj]
     group._collective(what, lambda: dist.broadcast_object_list(box, src=src, group=group.group))
     return box[0]
+
+
+def communication_bytes(clan, world_size: int | None = None) -> dict[str, int]:
+    """A model of what a clan across ranks moves: bytes per cooperative step and per selection.
+
+    The payloads, as :class:`ClanGroup` sends them (what the wire carries depends on the backend's
+    algorithm: a ring all-reduce sends about ``2 (W - 1) / W`` times its payload from every rank;
+    a broadcast, about its payload per receiving rank over a tree or a ring):
+
+    - ``allreduce``: the cooperative step's one model gradient, ``N`` values of the parameters'
+      dtype, once per cooperative step (once per micro-batch with gradient accumulation);
+    - ``ring_allreduce_sent``: what each rank sends for it over a ring, ``2 (W - 1) / W`` times that;
+    - ``gather``: selection's ``P`` float64 validation losses;
+    - ``winner``: selection's broadcast of one member's whole state (parameters, gradients, the
+      two AdamW moments, buffers, counters), once per round with winner selection.
+
+    Args:
+        clan: A :class:`~vmapclan.Clan` with a model.
+        world_size: The ranks to model (default: the clan's).
+    """
+    world = clan.world_size if world_size is None else world_size
+    state = clan._state_tree()
+    row = sum(_padded(t[0].numel() * t.element_size()) for t in optree.tree_leaves(state))
+    payload = clan.population.numel * clan.population.flat.element_size()
+    return {"allreduce": payload, "ring_allreduce_sent": int(2 * (world - 1) / world * payload),
+            "gather": 8 * clan.population_size, "winner": row}
