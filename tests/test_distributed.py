@@ -282,3 +282,40 @@ def test_failed_collective_reports(monkeypatch, store, who):
             f"vmapclan: the test collective failed on rank 0 of 2 within the timeout of 7 s: {re.escape(who)} "
             r"\(Connection closed by peer\)$")):
         group._collective("the test collective", broken)
+
+
+def test_communication_model_counts_one_model_and_one_member():
+    """The cooperative all-reduce moves one model's gradient (not P); selection, P losses and one member's state."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    clan = Clan(model, torch.optim.AdamW(model.parameters()), population_size=6, round_length=4, duty_cycle=0.5,
+                autobind=["adamw"])
+    n = sum(p.numel() for p in model.parameters())
+    model_bytes = clan_module_distributed.communication_bytes(clan, world_size=4)
+    # params, grads and two moments in float32; BatchNorm's running stats (float32) and count (int64);
+    # AdamW's step (float64) and accumulation count (int64): each padded to 8 bytes.
+    pad = clan_module_distributed._padded
+    winner = 4 * pad(4 * n) + 2 * pad(4 * 4) + 8 + 8 + 8
+    assert model_bytes == {"allreduce": 4 * n, "ring_allreduce_sent": int(1.5 * 4 * n), "gather": 48,
+                           "winner": winner}
+
+
+def test_distributed_bench_checks_world_sizes():
+    from vmapclan.bench.distributed import format_distributed, run_distributed
+
+    with pytest.raises(ValueError, match="run_distributed: world size 3 must be positive and divide population=8"):
+        run_distributed((1, 3), population=8)
+    row = {"world": 2, "population": 8, "hidden": 16, "numel": 100, "coop_steps_s": 10.0, "comp_steps_s": 5.0,
+           "selection_ms": 1.5, "bytes": {"allreduce": 400, "ring_allreduce_sent": 400, "gather": 64, "winner": 1632}}
+    text = format_distributed([row])
+    assert "all-reduce of one model's gradient, 400 bytes" in text and "1632 bytes" in text
+
+
+def test_cuda_graph_across_ranks_is_refused(monkeypatch):
+    from vmapclan import FusedStep
+
+    monkeypatch.setattr(clan_module, "resolve_group", lambda group, p: FakeGroup(p))
+    model = nn.Linear(3, 2)
+    clan = Clan(model, torch.optim.AdamW(model.parameters()), population_size=4, round_length=4, duty_cycle=0.5,
+                autobind=["adamw"])
+    with pytest.raises(ValueError, match=r"FusedStep: cuda_graph=True is not supported for a clan across ranks"):
+        FusedStep(clan, torch.nn.functional.cross_entropy, cuda_graph=True)

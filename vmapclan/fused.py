@@ -295,6 +295,9 @@ class FusedStep:
         if isinstance(num_inputs, bool) or not isinstance(num_inputs, int) or num_inputs < 0:
             raise ValueError(f"FusedStep: num_inputs must be a non-negative int, got {num_inputs!r}")
         population = clan.population
+        if cuda_graph is True and clan.group is not None:
+            raise ValueError("FusedStep: cuda_graph=True is not supported for a clan across ranks (its collectives are not "
+                             "captured in a CUDA graph); use cuda_graph=False")
         check_options(population.device, layout=layout, backward=backward, compile=compile, update=update,
                       cuda_graph=cuda_graph)
         self.clan, self.loss_fn, self.num_inputs = clan, loss_fn, num_inputs
