@@ -816,6 +816,9 @@ class Clan:
         every member tensor's shape and dtype, the counters, the genomes and incumbent within
         their bounds, the generators, the loader's permutation and position, and the restore point.
 
+        In a clan across ranks each rank takes its own members' rows of the whole clan's state (a
+        state saved by any number of ranks, or by one process, with the same ``population_size``).
+
         Raises:
             ValueError: for another format version, clan configuration or model, or a value no
                 clan can hold, naming the entry.
