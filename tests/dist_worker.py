@@ -44,8 +44,9 @@ def build(seed: int = 0) -> Clan:
     # the two sums (one process, several) up to whole steps (the known trap), hiding real differences.
     model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # The incumbent accumulates 2 micro-batches, so cooperative steps carry pending sums (summed over ranks once).
     return Clan(model, optimizer, population_size=6, round_length=6, duty_cycle=0.5,
-                autobind=["adamw", "gradient_accumulation"], seed=seed)
+                autobind=["adamw", "gradient_accumulation"], genome_config={"num_grad_accum": {"init": 2}}, seed=seed)
 
 
 def train(args, rank: int) -> None:
