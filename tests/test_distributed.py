@@ -155,14 +155,18 @@ def test_mismatched_ranks_are_refused_at_start(tmp_path):
                               "differs from rank 0; every rank must run the same configuration and seed")
 
 
-def test_command_on_two_ranks_equals_one_process(tmp_path):
-    """``vmapclan train`` on 2 ranks (the environment torchrun gives them) writes the run one process would."""
-    import json
-
-    import vmapclan.cli  # noqa: F401 - imported once here, not in each forked rank
+@pytest.fixture
+def command_ready():
+    """The command and the digits imported and loaded once here, not in each forked rank."""
+    import vmapclan.cli  # noqa: F401
     from vmapclan.tasks import _digits
 
-    _digits()  # the data set too (scikit-learn's import is most of a small run's time)
+    _digits()  # scikit-learn's import is most of a small run's time
+
+
+def test_command_on_two_ranks_equals_one_process(tmp_path, command_ready):
+    """``vmapclan train`` on 2 ranks (the environment torchrun gives them) writes the run one process would."""
+    import json
 
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
@@ -175,6 +179,15 @@ def test_command_on_two_ranks_equals_one_process(tmp_path):
                for d in (one, two)]
     assert winners[0] == winners[1]
     assert (two / "run" / "config.toml").read_text().startswith("# world_size = 2  (processes that trained this run)")
+
+
+def test_command_with_other_configs_on_the_ranks_is_refused(tmp_path, capfd, command_ready):
+    """Rank 1 asks for other total steps than rank 0: both refuse to start (exit 3), naming rank 1."""
+
+    assert run_ranks(2, tmp_path, "command", limit=60, steps=20, differ=True) == [3, 3]
+    err = capfd.readouterr().err
+    assert "vmapclan: error: TrainingMachine: the ranks disagree on the run's config: rank 1 differs from rank 0; " \
+           "every rank must run the same configuration and seed" in err
 
 
 # -- without processes ---------------------------------------------------------------------------------

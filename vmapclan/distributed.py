@@ -185,11 +185,12 @@ class ClanGroup:
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
-        """Every rank's ``tensor`` (``[P / W, ...]``) concatenated in rank order: ``[P, ...]``."""
-        tensor = tensor.contiguous()
+        """Every rank's ``tensor`` (``[P / W, ...]``) concatenated in rank order: ``[P, ...]``, on ``tensor``'s device."""
+        device = tensor.device
+        tensor = self._on_backend(tensor).contiguous()  # NCCL gathers CUDA tensors only (the losses are on the CPU)
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         self._collective(what, lambda: dist.all_gather(parts, tensor, group=self.group))
-        return torch.cat(parts)
+        return torch.cat(parts).to(device)
 
     def check_same(self, text: str, what: str, who: str = "Clan") -> None:
         """Refuse to go on unless every rank gives the same ``text`` (compared by a hash).
@@ -243,7 +244,7 @@ class ClanGroup:
 
     def gather_rows(self, tree, what: str):
         """Every rank's member-major tensors joined in member order: the ``[P, ...]`` state of the whole clan."""
-        return optree.tree_map(lambda t: self.all_gather(self._on_backend(t), what).to(t.device), tree)
+        return optree.tree_map(lambda t: self.all_gather(t, what), tree)
 
 
 def _padded(nbytes: int) -> int:

@@ -466,6 +466,8 @@ class TrainingMachine:
                          duty_cycle=first.clan.get("duty_cycle", cfg.clan.duty_cycle), autobind=["adamw"],
                          genome_config=cfg.clan.genes, selection=cfg.clan.selection_arg, init=cfg.clan.init,
                          seed=cfg.seed, device=self.device)
+        if self.clan.group is not None:  # the clan compared its own settings; the rest of the run must agree too
+            self.clan.group.check_same(self.config.to_toml(), "the run's config", who="TrainingMachine")
         if cfg.clan.lr_grid:
             # A sweep over lr only: every other gene is held at the incumbent for every member.
             for name, value in self.clan.incumbent.items():
