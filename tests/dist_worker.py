@@ -120,7 +120,6 @@ def main(argv=None) -> int:
     parser.add_argument("--fused", action="store_true")
     parser.add_argument("--stop-at", type=int)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--differ", action="store_true")
     parser.add_argument("--victim", type=int, default=1)
     parser.add_argument("--at", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=20.0)
@@ -133,9 +132,9 @@ def main(argv=None) -> int:
         from vmapclan.cli import main as command
 
         config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.toml")
-        steps = args.steps + rank if args.differ else args.steps  # --differ: each rank asks for other steps
-        return command(["train", config, "--steps", str(steps), "--out", os.path.join(args.out, "run"),
-                        "--no-plots", "--no-progress", "--timeout", str(args.timeout)])
+        run = os.path.join(args.out, "run")
+        where = ["--resume", run] if args.resume else [config, "--steps", str(args.steps), "--out", run]
+        return command(["train", *where, "--no-plots", "--no-progress", "--timeout", str(args.timeout)])
     try:
         train(args, rank)
     except Exception as err:  # noqa: BLE001 - the test reads the message

@@ -40,12 +40,22 @@ def run_ranks(world: int, out, scenario: str, limit: float = LIMIT, hung: int | 
     ``limit`` seconds; rank ``hung`` is killed as soon as the others have ended. Returns their exit
     codes (``-9``: killed by SIGKILL).
     """
+    return wait_ranks(start_ranks(world, out, scenario, **options), limit, hung)
+
+
+def start_ranks(world: int, out, scenario: str, **options) -> list:
+    """Fork the ranks of :func:`run_ranks` and return them running."""
     fork = multiprocessing.get_context("fork")
     port = free_port()
     procs = [fork.Process(target=dist_worker.rank_main, args=(scenario, str(out), world, rank, port), kwargs=options)
              for rank in range(max(world, 1))]
     for p in procs:
         p.start()
+    return procs
+
+
+def wait_ranks(procs: list, limit: float = LIMIT, hung: int | None = None) -> list[int]:
+    """Wait for the ranks of :func:`start_ranks` as :func:`run_ranks` does; their exit codes."""
     try:
         for rank, p in enumerate(procs):
             if rank != hung:
@@ -155,7 +165,10 @@ def test_mismatched_ranks_are_refused_at_start(tmp_path):
                               "differs from rank 0; every rank must run the same configuration and seed")
 
 
-@pytest.fixture
+COMMAND_STEPS = 60  # the digits config's warmup, one round and the anneal
+
+
+@pytest.fixture(scope="module")
 def command_ready():
     """The command and the digits imported and loaded once here, not in each forked rank."""
     import vmapclan.cli  # noqa: F401
@@ -164,14 +177,21 @@ def command_ready():
     _digits()  # scikit-learn's import is most of a small run's time
 
 
-def test_command_on_two_ranks_equals_one_process(tmp_path, command_ready):
+@pytest.fixture(scope="module")
+def command_one(tmp_path_factory, command_ready):
+    """``vmapclan train`` of the digits config in one process: the run directory's parent."""
+    one = tmp_path_factory.mktemp("command-one")
+    assert run_ranks(0, one, "command", steps=COMMAND_STEPS) == [0]
+    return one
+
+
+def test_command_on_two_ranks_equals_one_process(tmp_path, command_one):
     """``vmapclan train`` on 2 ranks (the environment torchrun gives them) writes the run one process would."""
     import json
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    assert run_ranks(0, one, "command", steps=40) == [0]
-    assert run_ranks(2, two, "command", steps=40) == [0, 0]
+    one, two = command_one, tmp_path / "two"
+    two.mkdir()
+    assert run_ranks(2, two, "command", steps=COMMAND_STEPS) == [0, 0]
     finals = [json.loads((d / "run" / "metrics.jsonl").read_text().splitlines()[-1]) for d in (one, two)]
     assert (finals[0]["world_size"], finals[1]["world_size"]) == (1, 2)
     assert finals[1]["val_loss"] == pytest.approx(finals[0]["val_loss"], rel=1e-5)
@@ -181,13 +201,31 @@ def test_command_on_two_ranks_equals_one_process(tmp_path, command_ready):
     assert (two / "run" / "config.toml").read_text().startswith("# world_size = 2  (processes that trained this run)")
 
 
-def test_command_with_other_configs_on_the_ranks_is_refused(tmp_path, capfd, command_ready):
-    """Rank 1 asks for other total steps than rank 0: both refuse to start (exit 3), naming rank 1."""
+def test_command_stopped_and_resumed_on_ranks_equals_one_process(tmp_path, command_one):
+    """SIGTERM stops both ranks at the same step with a checkpoint (exit 143); 2 ranks resume to one process's end."""
+    import json
+    import signal
+    import time
 
-    assert run_ranks(2, tmp_path, "command", limit=60, steps=20, differ=True) == [3, 3]
-    err = capfd.readouterr().err
-    assert "vmapclan: error: TrainingMachine: the ranks disagree on the run's config: rank 1 differs from rank 0; " \
-           "every rank must run the same configuration and seed" in err
+    one, two = command_one, tmp_path / "two"
+    two.mkdir()
+    procs = start_ranks(2, two, "command", steps=COMMAND_STEPS)
+    metrics = two / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + LIMIT
+    # Early in the run: once training steps are recorded (the signal reaches the ranks at different
+    # steps; they agree on one).
+    while time.monotonic() < deadline and all(p.is_alive() for p in procs) and not (
+            metrics.exists() and '"event": "train"' in metrics.read_text()):
+        time.sleep(0.01)
+    for p in procs:
+        os.kill(p.pid, signal.SIGTERM)
+    assert wait_ranks(procs) == [128 + signal.SIGTERM] * 2
+    assert run_ranks(2, two, "command", resume=True) == [0, 0]
+    finals = [json.loads((d / "run" / "metrics.jsonl").read_text().splitlines()[-1]) for d in (one, two)]
+    assert finals[1]["val_loss"] == pytest.approx(finals[0]["val_loss"], rel=1e-5)
+    assert finals[1]["step"] == finals[0]["step"] == COMMAND_STEPS
+    histories = [json.loads((d / "run" / "history.json").read_text()) for d in (one, two)]
+    assert [r.get("winner") for r in histories[0]] == [r.get("winner") for r in histories[1]]
 
 
 # -- without processes ---------------------------------------------------------------------------------
@@ -332,3 +370,19 @@ def test_cuda_graph_across_ranks_is_refused(monkeypatch):
                 autobind=["adamw"])
     with pytest.raises(ValueError, match=r"FusedStep: cuda_graph=True is not supported for a clan across ranks"):
         FusedStep(clan, torch.nn.functional.cross_entropy, cuda_graph=True)
+
+
+def test_machine_compares_its_whole_config_across_ranks(monkeypatch):
+    """Beyond the clan's settings, the machine has every rank compare the whole run config (total steps, data...)."""
+    from vmapclan import TrainingMachine
+
+    class Disagreeing(FakeGroup):
+        def check_same(self, text, what, who="Clan"):
+            if what == "the run's config":
+                raise ValueError(f"{who}: the ranks disagree on {what}: rank 1 differs from rank 0; every rank must "
+                                 "run the same configuration and seed")
+
+    monkeypatch.setattr(clan_module, "resolve_group", lambda group, p: Disagreeing(p))
+    machine = TrainingMachine({"task": "digits-mlp", "clan": {"population_size": 4}}, 20)
+    with pytest.raises(ValueError, match=r"TrainingMachine: the ranks disagree on the run's config: rank 1 differs"):
+        machine.prepare()

@@ -794,8 +794,8 @@ class Clan:
         if self.group is not None:
             state["world_size"] = self.world_size
             # Dropout draws from each rank's own global RNG: keep every rank's, for a resume at this world size.
-            state["torch_rng_ranks"] = list(self.group.all_gather(torch.get_rng_state().unsqueeze(0),
-                                                                  "state_dict's gather of the RNG states"))
+            ranks = self.group.all_gather(torch.get_rng_state().unsqueeze(0), "state_dict's gather of the RNG states")
+            state["torch_rng_ranks"] = [r.clone() for r in ranks]  # each its own tensor: set_rng_state reads from 0
         if self.population is not None:
             pop = self.population
             pop.restore_grad_views()  # gradients a user detached with ``p.grad = None`` belong in the state

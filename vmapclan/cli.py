@@ -254,7 +254,7 @@ def _train(config, args) -> int:
 
 def _train_locked(config, args, out: Path) -> int:
     from .clan import DivergenceError
-    from .distributed import current_rank
+    from .distributed import DistributedError, current_rank
     from .machine import TrainingMachine, TrainingStopped
     from .rundir import remove_run_files, run_files_in
 
@@ -277,6 +277,8 @@ def _train_locked(config, args, out: Path) -> int:
         machine.prepare()  # data, model, clan and a resumed state: every error here is bad input
     except FileNotFoundError as err:
         raise _InputError(str(err)) from None
+    except DistributedError:
+        raise  # another rank failed: not this run's input (exit 6, see _train)
     except (ValueError, TypeError, RuntimeError) as err:  # torch.device() raises RuntimeError for a bad name
         raise _InputError(str(err)) from None
     if existing:
