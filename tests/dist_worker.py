@@ -55,7 +55,7 @@ def train(args, rank: int) -> None:
         clan.load_state_dict(torch.load(os.path.join(args.out, "ckpt.pt"), weights_only=False))
     (x, y), (x_val, y_val) = data()
     loader = clan.loader((x, y), batch_size=5)
-    fused = FusedStep(clan, F.cross_entropy) if args.fused else None
+    fused = FusedStep(clan, F.cross_entropy, backward=args.backward) if args.fused else None
     member = clan.round()
     while clan.global_step < args.steps:
         for xb, yb in loader:
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=18)
     parser.add_argument("--fused", action="store_true")
+    parser.add_argument("--backward", default="auto", help="FusedStep's backward")
     parser.add_argument("--stop-at", type=int)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--victim", type=int, default=1)

@@ -117,12 +117,13 @@ def test_ranks_equal_one_process(tmp_path, single, world):
         torch.testing.assert_close(value, single["best"][name], rtol=1e-5, atol=1e-5)
 
 
-def test_fused_step_across_ranks_equals_one_process(tmp_path):
-    """FusedStep's one-model cooperative step does its all-reduce too (2 ranks against 1 process)."""
+@pytest.mark.parametrize("backward", ["autograd", "vmap"])
+def test_fused_step_across_ranks_equals_one_process(tmp_path, backward):
+    """FusedStep's one-model cooperative step does its all-reduce too, with either backward (2 ranks against 1 process)."""
     reference = tmp_path / "one"
     reference.mkdir()
-    assert run_ranks(0, reference, "train", fused=True, steps=12) == [0]
-    assert run_ranks(2, tmp_path, "train", fused=True, steps=12) == [0, 0]
+    assert run_ranks(0, reference, "train", fused=True, backward=backward, steps=12) == [0]
+    assert run_ranks(2, tmp_path, "train", fused=True, backward=backward, steps=12) == [0, 0]
     assert_same_run(result(tmp_path), result(reference))
 
 
