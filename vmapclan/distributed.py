@@ -233,7 +233,8 @@ class ClanGroup:
         else:
             packed = torch.empty(sum(sizes), dtype=torch.uint8, device=leaves[0].device if leaves else "cpu")
         packed = self._on_backend(packed)
-        self._collective(what, lambda: dist.broadcast(packed, owner, group=self.group))
+        # group_src: the owner's rank within the clan's group (src would be its global rank).
+        self._collective(what, lambda: dist.broadcast(packed, group=self.group, group_src=owner))
         offset = 0
         with torch.no_grad():
             for t, size in zip(leaves, sizes):
@@ -272,11 +273,14 @@ def any_rank(group: ClanGroup | None, flag: bool, what: str) -> bool:
 
 
 def broadcast_object(group: ClanGroup | None, obj, src: int, what: str):
-    """Rank ``src``'s ``obj`` (any picklable value) on every rank (``obj`` itself without a group)."""
+    """Rank ``src``'s ``obj`` (any picklable value; ``src`` is a rank of the clan's group) on every rank.
+
+    Without a group, ``obj`` itself.
+    """
     if group is None:
         return obj
     box = [obj]
-    group._collective(what, lambda: dist.broadcast_object_list(box, src=src, group=group.group))
+    group._collective(what, lambda: dist.broadcast_object_list(box, group=group.group, group_src=src))
     return box[0]
 
 
