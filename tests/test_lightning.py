@@ -388,6 +388,19 @@ def test_trainer_gradient_accumulation_is_refused():
         fit(Tiny(), accumulate_grad_batches=2)
 
 
+def test_trainer_on_several_processes_is_refused():
+    """A DDP Trainer (faked here: starting one would spawn processes) is refused before anything runs."""
+    import types
+
+    class DDPStrategy:
+        pass
+
+    trainer = types.SimpleNamespace(world_size=2, strategy=DDPStrategy())
+    with pytest.raises(ValueError, match=r"ClanCallback: a Trainer on several processes \(DDPStrategy, world size 2\) "
+                                         r"is not supported; use one process and device per Trainer"):
+        ClanCallback([DATA]).setup(trainer, Tiny(), "fit")
+
+
 def test_trainer_gradient_clipping_is_refused():
     with pytest.raises(ValueError, match="use Clan\\(max_grad_norm=...\\)"):
         fit(Tiny(), gradient_clip_val=1.0)

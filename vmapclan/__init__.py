@@ -7,6 +7,7 @@ and a batched AdamW whose hyperparameters differ per member. See :class:`Clan`.
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clan import FORMAT_VERSION, Clan, DivergenceError, Member
 from .data import ClanLoader
+from .distributed import DistributedError
 from .fused import FusedStep
 from .genome import Gene
 from .optim import AdamWHyper, AdamWState, BatchedAdamW, adamw_init, adamw_step_
@@ -27,6 +28,7 @@ __all__ = [
     "DivergenceError",
     "FORMAT_VERSION",
     "ClanLoader",
+    "DistributedError",
     "FusedStep",
     "Gene",
     "PopulationModel",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .data import ClanLoader, LoaderState
+from .distributed import resolve_group
 from .genome import GRAD_ACCUM_GENE, Gene, autobind_genes, check_genome, group_ratios, is_adamw, mutate, optimizer_settings
 from .gradients import reduce_gradients_
 from .optim import ADAMW_FIELDS, AdamWHyper, BatchedAdamW, group_scales
@@ -189,6 +190,13 @@ class Clan:
             one-sided paired t-test per challenger, Bonferroni-corrected over the P - 1 of them
             (:func:`vmapclan.selection.paired_winner`). ``None`` (default): the lowest mean loss
             wins, however small its lead.
+        process_group: The ``torch.distributed`` group whose ranks share the population (default:
+            the default group when ``torch.distributed`` is initialised, e.g. under ``torchrun``).
+            Each of its ``W`` ranks holds ``population_size / W`` members (``local_size``, from
+            global index ``member_offset``): ``member.model``, the loader's batches and the
+            ``val_losses`` given to :meth:`step` are this rank's; genomes and history are the whole
+            clan's, the same on every rank. Every rank must build the same clan (checked) and run
+            the same steps. See :mod:`vmapclan.distributed`.
 
     Example:
         >>> clan = Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
@@ -200,8 +208,16 @@ class Clan:
                  autobind: Sequence[str] | str = (), genome_config: Mapping | None = None,
                  selection: str | None = "winner", truncation_fraction: float = 0.25, init: str = "copy",
                  seed: int = 0, device: torch.device | str | None = None, max_grad_norm: float | None = None,
-                 on_divergence: str = "restore", max_restores: int = 3, confidence: float | None = None):
+                 on_divergence: str = "restore", max_restores: int = 3, confidence: float | None = None,
+                 process_group=None):
         self.population_size = _positive_int(population_size, "population_size")
+        #: The ranks sharing the population (:class:`~vmapclan.distributed.ClanGroup`), ``None`` in one process.
+        self.group = resolve_group(process_group, self.population_size)
+        self.world_size = 1 if self.group is None else self.group.world_size
+        #: This rank's members: ``local_size`` of them, global indices from ``member_offset``.
+        self.local_size = self.population_size // self.world_size
+        self.member_offset = 0 if self.group is None else self.group.offset
+        self._members = slice(self.member_offset, self.member_offset + self.local_size)
         self.round_length = _positive_int(round_length, "round_length")
         if selection not in ("winner", "truncation", None):
             raise ValueError(f"Clan: selection must be 'winner', 'truncation' or None, got {selection!r}")
@@ -252,7 +268,9 @@ class Clan:
             raise TypeError(f"Clan: model must be an nn.Module, got {type(model).__name__}")
         ratios = _check_optimizer(optimizer, model) if model is not None else None
         self.genes = self._gene_specs(autobind, optimizer, genome_config)
-        _check_fits(self.population_size, model, len(self.genes), device)
+        if self.group is not None:
+            self._check_group(model, init)
+        _check_fits(self.local_size, model, len(self.genes), device)
         self.incumbent = {n: torch.tensor(g.init, dtype=g.torch_dtype) for n, g in self.genes.items()}
         self.genomes = {n: v.expand(self.population_size).clone() for n, v in self.incumbent.items()}
         # Member 0 keeps the incumbent as a control; the others start from mutations of it.
@@ -262,16 +280,16 @@ class Clan:
         self.population: PopulationModel | None = None
         self.optimizer: BatchedAdamW | None = None
         if model is not None:
-            self.population = PopulationModel(model, self.population_size, init=init, generator=self._generator,
+            self.population = PopulationModel(model, self.local_size, init=init, generator=self._generator,
                                               device=device)
             self.device = self.population.device
             constants = optimizer_settings(optimizer)
             hyper = AdamWHyper(**{
-                field: torch.full((self.population_size,), constants[gene], dtype=torch.float64,
+                field: torch.full((self.local_size,), constants[gene], dtype=torch.float64,
                                   device=self.device)
                 for gene, field in ADAMW_FIELDS.items()
             })
-            accum = (torch.ones(self.population_size, dtype=torch.long, device=self.device)
+            accum = (torch.ones(self.local_size, dtype=torch.long, device=self.device)
                      if GRAD_ACCUM_GENE in self.genes else None)
             pop = self.population
             scales = group_scales(ratios, [pop.shapes[n].numel() for n in pop.shapes], pop.dtype, self.device)
@@ -316,9 +334,10 @@ class Clan:
         return genes
 
     def _genes_in_force(self) -> dict[str, torch.Tensor]:
+        """The genes in force for this rank's members, ``{name: [local_size]}``."""
         if self.phase == COOPERATIVE:
-            return {n: v.expand(self.population_size) for n, v in self.incumbent.items()}
-        return dict(self.genomes)
+            return {n: v.expand(self.local_size) for n, v in self.incumbent.items()}
+        return {n: v[self._members] for n, v in self.genomes.items()}
 
     def _apply_genes(self) -> None:
         """Enter the current phase: write the genes in force into the optimizer's ``[P]`` tensors.
@@ -420,6 +439,19 @@ class Clan:
                 f"Clan: init='independent' starts members that differ, so the first round needs duty_cycle=1.0 "
                 f"(a cooperative phase averages gradients over identical members), got {duty_cycle}"
             )
+
+    def _check_group(self, model: nn.Module | None, init: str) -> None:
+        """Refuse what a clan across ranks cannot do, and a clan that differs between the ranks."""
+        world = self.group.world_size
+        if self.selection == "truncation":
+            raise ValueError(f"Clan: selection='truncation' is not supported across {world} ranks (a member may copy "
+                             "one held by another rank); use selection='winner' or None")
+        if init == "independent" and model is not None:
+            raise ValueError(f"Clan: init='independent' is not supported across {world} ranks; use init='copy'")
+        # Ranks that built different clans would train in lockstep on wrong numbers: compare now.
+        shapes = ({n: list(t.shape) for n, t in model.state_dict().items()} if model is not None else None)
+        settings = repr((self._config(), self.seed, self.init, self.on_divergence, self.max_restores, shapes))
+        self.group.check_same(settings, "the clan's settings, seed and model")
 
     def round(self) -> Member:
         """The view of the current round. No side effects: calling it twice gives equal views."""
@@ -634,21 +666,40 @@ class Clan:
             cooperative = self.phase == COOPERATIVE or one_model
         syncing, self._syncing = self._syncing, True  # the backward check: this backward is averaged here
         averaging, self._averaging = self._averaging, cooperative and one_model
+        across = self.group is not None and self.population is not None and cooperative and one_model
+        if across:
+            self._share_pending_sums()
         try:
             yield
         finally:
             self._syncing, self._averaging = syncing, averaging
+        if across:
+            # Member 0's gradient holds this rank's members' share of the mean (the hook divided by
+            # the whole population's size): the sum over the ranks is the mean over every member.
+            self.group.all_reduce_(self.population.grad_flat[0], "the cooperative gradient all-reduce")
         if self.population is not None and cooperative and not one_model:
             # After a user's ``p.grad = None`` the backward wrote fresh tensors, not grad_flat:
             # bring them back first, or the average misses them and the members drift apart.
             pop = self.population
             pop.restore_grad_views()
             with torch.no_grad():
-                reduce_gradients_(pop.grad_flat, pop.grad_flat, cooperative=True, accumulating=False, keep=True)
+                reduce_gradients_(pop.grad_flat, pop.grad_flat, cooperative=True, accumulating=False, keep=True,
+                                  group=self.group)
+
+    def _share_pending_sums(self) -> None:
+        """Before a backward whose gradient row is summed over the ranks: divide the pending micro-batches by W.
+
+        With gradient accumulation, member 0's row holds the sum of earlier micro-batches, already
+        the same on every rank; the all-reduce after the backward adds every rank's row, so each
+        rank contributes ``1 / W`` of it and the sum stays what it was.
+        """
+        if self.optimizer.num_grad_accum is not None:
+            with torch.no_grad():
+                self.population.grad_flat[0].div_(self.group.world_size)
 
     # -- selection ------------------------------------------------------------------------------
     def _check_losses(self, val_losses) -> torch.Tensor:
-        p = self.population_size
+        p = self.local_size  # this rank's members (all of them in one process)
         expected = f"[{p}, K] (paired losses)" if self.confidence is not None else f"[{p}] or [{p}, K]"
         if not isinstance(val_losses, torch.Tensor):
             try:
@@ -662,7 +713,8 @@ class Clan:
                                                         (not paired or val_losses.shape[1] < 2)):
             what = ("every member's losses on the same K >= 2 samples or blocks, for the paired test of "
                     "confidence" if self.confidence is not None else "one loss per member, or K per member")
-            raise ValueError(f"clan.step: val_losses must have shape {expected} ({what}), "
+            mine = f"; this rank's members: {self.local_size} of {self.population_size}" if self.group else ""
+            raise ValueError(f"clan.step: val_losses must have shape {expected} ({what}{mine}), "
                              f"got {list(val_losses.shape)}")
         if not (val_losses.is_floating_point() or val_losses.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"clan.step: val_losses must be real numbers, got dtype {val_losses.dtype}")
@@ -690,6 +742,8 @@ class Clan:
                 "the round is not done (check member.done)"
             )
         paired = self._check_losses(val_losses)
+        if self.group is not None:  # every rank ranks the whole population's losses, in the same order
+            paired = self.group.all_gather(paired, "selection's all-gather of the validation losses")
         losses = paired
         if paired.dim() == 2:  # a member with a non-finite value anywhere ranks last
             losses = torch.where(torch.isfinite(paired).all(1), paired.mean(1), torch.tensor(math.nan))
@@ -715,9 +769,12 @@ class Clan:
         else:
             sources = identity
         if self.population is not None and not torch.equal(sources, identity):
-            index = sources.to(self.device)
-            with torch.no_grad():
-                optree.tree_map(lambda t: t.copy_(t.index_select(0, index)), self.member_state())
+            if self.group is not None:  # winner selection: its owner sends the winner's row to every member
+                self.group.broadcast_row_(self.member_state(), best, "selection's broadcast of the winner")
+            else:
+                index = sources.to(self.device)
+                with torch.no_grad():
+                    optree.tree_map(lambda t: t.copy_(t.index_select(0, index)), self.member_state())
         record = {
             "round": self._round,
             "step": self._global_step,
@@ -836,6 +893,12 @@ class Clan:
         Includes weights, gradients (partial accumulation sums), buffers, optimizer moments and
         counters, genomes, the incumbent, the round clock, the loader's position, the clan's
         generators, torch's global RNG state (dropout under vmap draws from it) and the history.
+
+        In a clan across ranks this is a collective (every rank must call it): the member-major
+        tensors of every rank are gathered, so that every rank returns the whole clan's state, the
+        same as one process's clan of ``population_size`` members (with ``world_size`` and each
+        rank's RNG state, ``torch_rng_ranks``, added). Save it from rank 0; any number of ranks
+        that divides ``population_size`` can load it.
         """
         state = {
             "format_version": FORMAT_VERSION,
@@ -856,10 +919,17 @@ class Clan:
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.group is not None:
+            state["world_size"] = self.world_size
+            # Dropout draws from each rank's own global RNG: keep every rank's, for a resume at this world size.
+            ranks = self.group.all_gather(torch.get_rng_state().unsqueeze(0), "state_dict's gather of the RNG states")
+            state["torch_rng_ranks"] = [r.clone() for r in ranks]  # each its own tensor: set_rng_state reads from 0
         if self.population is not None:
             pop = self.population
             pop.restore_grad_views()  # gradients a user detached with ``p.grad = None`` belong in the state
             members = optree.tree_map(lambda t: t.detach().clone(), self.member_state())
+            if self.group is not None:
+                members = self.group.gather_rows(members, "state_dict's gather of the members")
             state["model"] = {"shapes": {n: list(s) for n, s in pop.shapes.items()},
                               **{k: members[k] for k in ("params", "grads", "buffers")}}
             state["optimizer"] = members["optimizer"]
@@ -873,6 +943,9 @@ class Clan:
         was): the settings (gene set and bounds, selection, population size, round settings),
         every member tensor's shape and dtype, the counters, the genomes and incumbent within
         their bounds, the generators, the loader's permutation and position, and the restore point.
+
+        In a clan across ranks each rank takes its own members' rows of the whole clan's state (a
+        state saved by any number of ranks, or by one process, with the same ``population_size``).
 
         Raises:
             ValueError: for another format version, clan configuration or model, or a value no
@@ -984,7 +1057,11 @@ class Clan:
                 )
             # Every member-major tensor is checked before any is copied: a refused state leaves the clan as it was.
             saved = {"params": saved_model["params"], "grads": saved_model["grads"], "buffers": buffers,
-                     "optimizer": _with_skipped(state["optimizer"], self.optimizer.adamw_state.skipped)}
+                     "optimizer": state["optimizer"]}
+            if self.group is not None:  # the whole clan's [P, ...] rows: this rank takes its own members'
+                saved = optree.tree_map(lambda t: t[self._members] if isinstance(t, torch.Tensor) and t.dim() > 0
+                                        and t.shape[0] == self.population_size else t, saved)
+            saved["optimizer"] = _with_skipped(saved["optimizer"], self.optimizer.adamw_state.skipped)
             live = self._state_tree()
             if optree.tree_structure(saved) != optree.tree_structure(live):
                 got = sorted(state["optimizer"]) if isinstance(state["optimizer"], Mapping) else state["optimizer"]
@@ -1030,7 +1107,9 @@ class Clan:
         self._round, self._round_step, self._global_step = state["round"], state["round_step"], state["global_step"]
         self._generator.set_state(state["generator"])
         self._loader_state.load_state_dict(loader)
-        torch.set_rng_state(state["torch_rng"])
+        ranks = state.get("torch_rng_ranks")
+        torch.set_rng_state(ranks[self.group.rank] if self.group is not None and isinstance(ranks, list)
+                            and len(ranks) == self.world_size else state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.history = copy.deepcopy(state["history"])
@@ -1122,4 +1201,4 @@ class Member:
             return clan.population.share(data)
         if not isinstance(data, torch.Tensor):
             raise TypeError(f"member.share: expected a tensor, got {type(data).__name__}")
-        return data.unsqueeze(0).expand(clan.population_size, *data.shape)
+        return data.unsqueeze(0).expand(clan.local_size, *data.shape)

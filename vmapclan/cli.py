@@ -5,6 +5,7 @@ Usage::
     vmapclan train configs/digits.toml [--out DIR] [--overwrite] [--steps N] [--device cuda --cuda-graph]
     vmapclan train configs/digits.toml --tensorboard
     vmapclan train --resume RUN_DIR
+    torchrun --nproc-per-node N $(which vmapclan) train configs/digits.toml [--timeout SECONDS]
     vmapclan demo [--out DIR] [--overwrite] [--steps N]
     vmapclan replay runs/demo/schedule.json
 
@@ -35,8 +36,14 @@ Exit codes: 0 success; 2 bad command line; 3 bad input (missing file, invalid co
 schedule, naming the bad field; a damaged or edited checkpoint; a run directory in use or
 holding a run); 4 training diverged (the population's losses or weights turned NaN or infinite
 and could not be restored; the last good checkpoint is kept); 5 the run directory could not be
-written (disk full, read-only, no permission: the error is named); 128 + the signal's number
-(130 for Ctrl-C, 143 for SIGTERM) stopped by a signal, resumable.
+written (disk full, read-only, no permission: the error is named); 6 another rank of a
+``torchrun`` run failed (died or hung: the message names it; resumable from the last checkpoint);
+128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM) stopped by a signal, resumable.
+
+Under ``torchrun`` each of the N ranks trains ``population_size / N`` members (see
+:mod:`vmapclan.distributed`); rank 0 holds the run directory's lock, writes its files and shows
+the progress bar and the table. ``--resume`` works on any number of ranks that divides
+``population_size``.
 """
 
 from __future__ import annotations
@@ -53,9 +60,9 @@ import time
 from pathlib import Path
 
 __all__ = ["main", "DEMO_CONFIG", "EXIT_OK", "EXIT_USAGE", "EXIT_INPUT", "EXIT_DIVERGED", "EXIT_WRITE",
-           "EXIT_SIGNAL"]
+           "EXIT_RANK", "EXIT_SIGNAL"]
 
-EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_DIVERGED, EXIT_WRITE = 0, 2, 3, 4, 5
+EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_DIVERGED, EXIT_WRITE, EXIT_RANK = 0, 2, 3, 4, 5, 6
 #: A run stopped by signal ``n`` exits with ``EXIT_SIGNAL + n`` (130 for Ctrl-C), as shells report it.
 EXIT_SIGNAL = 128
 
@@ -86,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmapclan", description="Population training with vmapclan.",
         epilog="exit codes: 0 success, 2 bad command line, 3 bad input file, config, checkpoint or run directory, "
-               "4 training diverged, 5 the run directory cannot be written, 128+N stopped by signal N (resumable)")
+               "4 training diverged, 5 the run directory cannot be written, 6 another torchrun rank failed, "
+               "128+N stopped by signal N (resumable)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def run_options(p, threads=None):
@@ -106,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--rows", type=int, default=40, help="rounds shown in the final table (default 40)")
         p.add_argument("--tensorboard", action="store_true",
                        help="write TensorBoard scalars into RUN/tensorboard/train (needs vmapclan[tensorboard])")
+        p.add_argument("--timeout", type=float,
+                       help="under torchrun: seconds a rank waits for the others before failing "
+                            "(default: VMAPCLAN_TIMEOUT, else 300)")
 
     train = sub.add_parser("train", help="train a clan from a TOML config, or resume a run")
     train.add_argument("config", type=Path, nargs="?", help="a TOML config (see configs/)")
@@ -177,21 +188,69 @@ def _stop_on_signals(machine):
             signal.signal(sig, handler)
 
 
-def _train(config, args) -> int:
+def _from_rank0(value):
+    """Rank 0's ``value`` on every rank of a ``torchrun`` run (``value`` itself in one process).
+
+    What concerns the run directory is decided by rank 0, which owns it, and shared, so that every
+    rank goes on or stops alike.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def _run_dir_lock(out: Path):
+    """The run directory's lock, held by rank 0 alone under ``torchrun``; every rank learns whether it got it."""
+    from .distributed import current_rank
     from .rundir import RunDirectoryBusy, run_lock
 
+    if current_rank() != 0:
+        refused = _from_rank0(None)
+        if refused is not None:
+            raise RunDirectoryBusy(refused)
+        yield
+        return
+    told = False
+    try:
+        with run_lock(out):
+            told = _from_rank0(None) is None
+            yield
+    except RunDirectoryBusy as err:
+        if not told:
+            _from_rank0(str(err))
+        raise
+
+
+def _train(config, args) -> int:
+    from .distributed import DistributedError, init_from_env
+    from .rundir import RunDirectoryBusy
+
+    try:
+        init_from_env(timeout=args.timeout)
+    except ValueError as err:
+        raise _InputError(f"--timeout: {err}") from None
     if config is None:  # --resume
         out = args.resume
         if not out.is_dir():
             raise _InputError(f"--resume: no run directory at {out}")
     else:
-        out = args.out or Path("runs") / f"{config.task.rpartition(':')[2]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # The default name holds the time: rank 0's, so that every rank names the same directory.
+        out = _from_rank0(args.out or Path("runs") / f"{config.task.rpartition(':')[2]}-"
+                                                     f"{time.strftime('%Y%m%d-%H%M%S')}")
         if out.exists() and not out.is_dir():
             raise _InputError(f"--out {out} is a file, not a run directory")
     created = not out.exists()
     try:
-        with run_lock(out):
+        with _run_dir_lock(out):
             return _train_locked(config, args, out)
+    except DistributedError as err:
+        print(f"{err}; the checkpoint in {out} is kept; resume with: vmapclan train --resume {out}", file=sys.stderr)
+        return EXIT_RANK
     except RunDirectoryBusy as err:
         raise _InputError(str(err)) from None
     except _InputError:
@@ -205,8 +264,11 @@ def _train(config, args) -> int:
 
 def _train_locked(config, args, out: Path) -> int:
     from .clan import DivergenceError
+    from .distributed import DistributedError, current_rank
     from .machine import TrainingMachine, TrainingStopped
     from .rundir import remove_run_files, run_files_in
+
+    writer = current_rank() == 0  # under torchrun: the rank that writes and shows the run
 
     fused = _step_options(args)
     existing = []
@@ -215,21 +277,25 @@ def _train_locked(config, args, out: Path) -> int:
         if config is None:  # --resume
             machine = TrainingMachine.resume(out, device=args.device, fused=fused)
         else:
-            existing = run_files_in(out)
-            if existing and not args.overwrite:
-                raise _InputError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
-                                  f"{out}, or give --overwrite to replace it")
+            existing = run_files_in(out) if writer else []
+            refused = (f"{out} already holds a run ({', '.join(existing)}); continue it with --resume {out}, or give "
+                       f"--overwrite to replace it") if existing and not args.overwrite else None
+            refused = _from_rank0(refused)
+            if refused is not None:
+                raise _InputError(refused)
             steps = args.steps if args.steps is not None else config.total_steps
             machine = TrainingMachine(config, steps, out_dir=out, device=args.device, fused=fused)
         machine.prepare()  # data, model, clan and a resumed state: every error here is bad input
     except FileNotFoundError as err:
         raise _InputError(str(err)) from None
+    except DistributedError:
+        raise  # another rank failed: not this run's input (exit 6, see _train)
     except (ValueError, TypeError, RuntimeError) as err:  # torch.device() raises RuntimeError for a bad name
         raise _InputError(str(err)) from None
     if existing:
         remove_run_files(out)  # --overwrite: the old run goes only once the new one can start
     config = machine.config
-    bar = _progress(machine.total_steps, not args.no_progress, config.task)
+    bar = _progress(machine.total_steps, not args.no_progress and writer, config.task)
     shown = {}
 
     def on_event(event):
@@ -243,7 +309,7 @@ def _train_locked(config, args, out: Path) -> int:
             bar.set_postfix_str(f"phase={event['phase']} round={event['round']} best_val={best}")
 
     board = None
-    if args.tensorboard:
+    if args.tensorboard and writer:  # rank 0 writes the run directory
         from .board import TensorBoardLogger
 
         board = TensorBoardLogger(out / "tensorboard" / "train", [p.name for p in machine.schedule],
@@ -277,6 +343,8 @@ def _train_locked(config, args, out: Path) -> int:
             bar.close()
         if board is not None:
             board.close()
+    if not writer:
+        return EXIT_OK
     results.save(out, plots=not args.no_plots)
     print(results.rounds_table(max_rows=args.rows))
     print(f"run directory: {out}")

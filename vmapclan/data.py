@@ -48,6 +48,12 @@ class ClanLoader:
       (disjoint shards; together one data-parallel batch of ``P * B``);
     - competitive: the next ``B`` samples, shared by every member as an expanded view (no copy).
 
+    In a clan across ranks (``process_group``), every rank draws the same permutation and takes
+    the same positions: a cooperative step's ``P * B`` samples are the whole population's, and
+    this rank's ``local_size`` members take their own blocks of them (member ``i`` of the clan,
+    on whichever rank, still the ``i``-th block); a competitive step's window is the same on
+    every rank. The batches are ``[local_size, B, ...]``.
+
     The epoch ends when fewer samples remain than the next step needs, so no sample repeats
     within an epoch. The position and the generator belong to the clan (saved by
     ``clan.state_dict()``), so a loader made after ``clan.load_state_dict`` continues where the
@@ -86,6 +92,7 @@ class ClanLoader:
     def __iter__(self):
         state = self.state
         n, p, b = len(self.dataset), self.clan.population_size, self.batch_size
+        local, first = self.clan.local_size, self.clan.member_offset  # this rank's members (all, in one process)
         while True:
             if state.perm is None or state.perm.numel() != n:
                 state.perm = torch.randperm(n, generator=state.generator)
@@ -98,16 +105,18 @@ class ClanLoader:
                 return
             index = state.perm[state.position:state.position + need]
             state.position += need
+            if cooperative and local != p:
+                index = index[first * b:(first + local) * b]
             batch = self._fetch(index)
             # Non-tensor fields (file names, captions: default_collate keeps them as lists) pass
             # through unchanged; only tensors get the member dimension.
             if cooperative:
                 yield optree.tree_map(
-                    lambda t: einops.rearrange(t, "(p b) ... -> p b ...", p=p) if isinstance(t, torch.Tensor) else t,
+                    lambda t: einops.rearrange(t, "(p b) ... -> p b ...", p=local) if isinstance(t, torch.Tensor) else t,
                     batch)
             else:
                 yield optree.tree_map(
-                    lambda t: t.unsqueeze(0).expand(p, *t.shape) if isinstance(t, torch.Tensor) else t, batch)
+                    lambda t: t.unsqueeze(0).expand(local, *t.shape) if isinstance(t, torch.Tensor) else t, batch)
 
     def _fetch(self, index: torch.Tensor):
         if isinstance(self.dataset, TensorDataset):

@@ -295,6 +295,9 @@ class FusedStep:
         if isinstance(num_inputs, bool) or not isinstance(num_inputs, int) or num_inputs < 0:
             raise ValueError(f"FusedStep: num_inputs must be a non-negative int, got {num_inputs!r}")
         population = clan.population
+        if cuda_graph is True and clan.group is not None:
+            raise ValueError("FusedStep: cuda_graph=True is not supported for a clan across ranks (its collectives are not "
+                             "captured in a CUDA graph); use cuda_graph=False")
         check_options(population.device, layout=layout, backward=backward, compile=compile, update=update,
                       cuda_graph=cuda_graph)
         self.clan, self.loss_fn, self.num_inputs = clan, loss_fn, num_inputs
@@ -396,7 +399,7 @@ class FusedStep:
             leaves = [g if n in self._used else None for n, g in zip(self._names, grads)]  # None: AdamW skips it
             if self.update == "per-member" and not accumulating:
                 # The kernel reads each gradient where the backward left it: no copy into grad_flat.
-                leaves = [None if g is None else member_mean(g) if cooperative else g for g in leaves]
+                leaves = [None if g is None else member_mean(g, self.clan.group) if cooperative else g for g in leaves]
                 opt.apply_(leaves, self._adamw, sizes=self._sizes)
                 return losses.detach()
             pop.grad_seen.update(n for n, g in zip(self._names, leaves) if g is not None)
@@ -404,8 +407,8 @@ class FusedStep:
             grads = pop.grad_flat
         else:  # the flat layout's [P, N] gradients
             pop.grad_seen.update(self._used)
-        opt.apply_(reduce_gradients_(grads, pop.grad_flat, cooperative=cooperative, accumulating=accumulating),
-                   self._adamw)
+        opt.apply_(reduce_gradients_(grads, pop.grad_flat, cooperative=cooperative, accumulating=accumulating,
+                                     group=self.clan.group), self._adamw)
         if accumulating or grads is pop.grad_flat:
             release_gradients_(pop, opt.adamw_state.accum_count if accumulating else None)
         return losses.detach()
@@ -415,19 +418,26 @@ class FusedStep:
 
         The gradient of the mean loss over all members' samples lands in member 0's row of
         ``grad_flat`` (added to it when accumulating) and AdamW updates member 0's row alone.
+        In a clan across ranks, that row is summed over the ranks (one all-reduce of ``N``
+        values), each rank's mean weighing ``1 / W``.
         """
         pop, opt = self._population, self._optimizer
         accumulating = opt.num_grad_accum is not None
         form = self._form  # chosen by train_step for this call, before it picked the forward's context
+        group = self.clan.group
         if self.backward == "autograd":
             if not accumulating:
                 release_gradients_(pop)  # start from zero, whatever an imperative backward left there
+            elif group is not None:
+                self.clan._share_pending_sums()  # the all-reduce below adds every rank's copy of them
             with self.clan.sync_context(cooperative=False), torch.enable_grad():  # the mean needs no averaging
                 if form == "batch":
                     loss = self._one_model_losses["batch"](None, kwargs, *batch)
                 else:
                     loss = self._one_model_losses["members"](self._module_params, pop.buffers, kwargs, *batch)
-                torch.autograd.backward(loss, inputs=self._module_leaves)
+                torch.autograd.backward(loss if group is None else loss / group.world_size, inputs=self._module_leaves)
+            if group is not None:
+                group.all_reduce_(pop.grad_flat[0], "the cooperative gradient all-reduce")
         else:
             self._find_used(kwargs, batch)
             args = (self._module_views,) if form == "batch" else (self._module_views, pop.buffers)
@@ -435,6 +445,8 @@ class FusedStep:
             row = pop.grad_flat[0]
             flat = torch.cat([grads[n].reshape(-1) if n in self._used else row.new_zeros(size)
                               for n, size in zip(self._names, self._sizes)])
+            if group is not None:  # this rank's mean -> the mean over every rank's members
+                group.all_reduce_(flat, "the cooperative gradient all-reduce").div_(group.world_size)
             row.add_(flat) if accumulating else row.copy_(flat)
             pop.grad_seen.update(self._used)
         row = pop.grad_flat[:1]  # already the members' mean, and with accumulation the pending sum

@@ -18,13 +18,21 @@ import torch
 __all__ = ["member_mean", "reduce_gradients_", "release_gradients_"]
 
 
-def member_mean(grads: torch.Tensor) -> torch.Tensor:
-    """The mean over the member dimension, broadcast back to every member as a view: ``[P, ...]``."""
-    return grads.mean(0, keepdim=True).expand_as(grads)
+def member_mean(grads: torch.Tensor, group=None) -> torch.Tensor:
+    """The mean over the member dimension, broadcast back to every member as a view: ``[P, ...]``.
+
+    With ``group`` (a :class:`~vmapclan.distributed.ClanGroup`, whose ranks hold equally many
+    members) the mean is over every member of every rank: each rank's mean, summed over the
+    ranks by one all-reduce, divided by their number.
+    """
+    mean = grads.mean(0, keepdim=True)
+    if group is not None:
+        mean = group.all_reduce_(mean.contiguous(), "the cooperative gradient all-reduce").div_(group.world_size)
+    return mean.expand_as(grads)
 
 
 def reduce_gradients_(grads: torch.Tensor, grad_buffer: torch.Tensor, *, cooperative: bool, accumulating: bool,
-                      keep: bool = False) -> torch.Tensor:
+                      keep: bool = False, group=None) -> torch.Tensor:
     """The gradients the update reads: ``grads`` with the pending micro-batches, averaged when cooperating.
 
     Args:
@@ -36,6 +44,8 @@ def reduce_gradients_(grads: torch.Tensor, grad_buffer: torch.Tensor, *, coopera
         accumulating: Gradient accumulation is on: the sums live in ``grad_buffer``.
         keep: The buffer must hold the result (the user can read ``.grad``): average in place
             rather than into a view.
+        group: The ranks that share the population (:class:`~vmapclan.distributed.ClanGroup`):
+            the cooperative average spans their members too (see :func:`member_mean`).
 
     Returns:
         ``[P, N]``: the gradient sums to update from (``grad_buffer``, or a view when nothing
@@ -48,9 +58,9 @@ def reduce_gradients_(grads: torch.Tensor, grad_buffer: torch.Tensor, *, coopera
     if not cooperative:
         return grads
     if keep and grads is grad_buffer:
-        grad_buffer.copy_(member_mean(grad_buffer))
+        grad_buffer.copy_(member_mean(grad_buffer, group))
         return grad_buffer
-    return member_mean(grads)
+    return member_mean(grads, group)
 
 
 def release_gradients_(population, accum_count: torch.Tensor | None = None) -> None:

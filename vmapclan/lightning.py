@@ -441,11 +441,21 @@ class ClanCallback(pl.Callback):
         Raises:
             TypeError: if the module has no clan or no ``member_validation_step``.
             ValueError: for a genome-only clan, ``accumulate_grad_batches != 1``, gradient
-                clipping by the Trainer or a gradient scaler (``precision="16-mixed"`` on a GPU).
+                clipping by the Trainer or a gradient scaler (``precision="16-mixed"`` on a GPU), a
+                Trainer on several processes (DDP) or a clan across ranks (``process_group``).
         """
         if stage != "fit":
             return
         clan = _check_clan(getattr(pl_module, "clan", None), "ClanCallback: the LightningModule's `clan` attribute")
+        if getattr(trainer, "world_size", 1) > 1 or clan.group is not None:
+            # DDP would average every member's gradients across the ranks at each backward (members
+            # of different ranks differ in the competitive phase), and would not select across ranks.
+            raise ValueError(
+                f"ClanCallback: a Trainer on several processes ({type(trainer.strategy).__name__}, world size "
+                f"{max(getattr(trainer, 'world_size', 1), clan.world_size)}) is not supported; use one process and "
+                "device per Trainer, or train the clan across ranks without Lightning (Clan(process_group=...), "
+                "vmapclan train under torchrun)"
+            )
         validate = getattr(type(pl_module), "member_validation_step", None)
         if not callable(validate) or validate is ClanModule.member_validation_step:
             raise TypeError(

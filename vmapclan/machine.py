@@ -63,6 +63,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clan import Clan, DivergenceError, check_device
+from .distributed import any_rank, broadcast_object, current_rank
 from .optim import ADAMW_FIELDS, keep_columns
 from .population import member_loss
 from .replay import export_schedule, write_schedule
@@ -323,7 +324,9 @@ class TrainingResults:
                        clan={key: self.final[key] for key in ("val_loss", "val_accuracy", "kept_step")
                              if key in self.final})
         files["config"] = out / "config.toml"
-        files["config"].write_text(self.config.replace(total_steps=self.total_steps).to_toml())
+        world = f"# world_size = {self.final['world_size']}  (processes that trained this run)\n" \
+            if "world_size" in self.final else ""
+        files["config"].write_text(world + self.config.replace(total_steps=self.total_steps).to_toml())
         files["best_model"] = out / "best_model.pt"
         buffer = io.BytesIO()
         torch.save(self.best_model.state_dict(), buffer)  # in memory: a full disk fails below with ENOSPC, not in torch
@@ -420,6 +423,9 @@ class TrainingMachine:
             self._phase_data.append(spec)
         self._check_growth_phases()
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        # Under torch.distributed every rank trains its members and takes part in each checkpoint's
+        # gathers; rank 0 alone writes the run directory.
+        self.rank = current_rank()
         self.callback = callback
         self.device = check_device(device if device is not None else "cpu", "TrainingMachine")
         self.log_every = config.log_every or max(1, self.total_steps // 100)
@@ -542,6 +548,8 @@ class TrainingMachine:
                          duty_cycle=first.clan.get("duty_cycle", cfg.clan.duty_cycle), autobind=["adamw"],
                          genome_config=cfg.clan.genes, selection=cfg.clan.selection_arg, init=cfg.clan.init,
                          seed=cfg.seed, device=self.device, confidence=cfg.clan.confidence or None)
+        if self.clan.group is not None:  # the clan compared its own settings; the rest of the run must agree too
+            self.clan.group.check_same(self.config.to_toml(), "the run's config", who="TrainingMachine")
         self._lr_factor = None
         opt = cfg.optimizer
         # A competitive step's share of a genome's lr (see clan.competitive_lr).
@@ -723,7 +731,7 @@ class TrainingMachine:
 
     def _record(self, record: dict) -> None:
         self.metrics.append(record)
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.rank == 0:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.callback is not None and record["event"] != "step":
@@ -740,23 +748,30 @@ class TrainingMachine:
     def _poll_stop(self, stretch: _Stretch) -> None:
         # Never after a stretch's last step: the stretch's record, selection and restore point
         # come first, so a stop always lands where a resume can pick the stretch up again.
-        if self._stop_requested and self.clock.step < stretch.end:
+        stop = self._stop_requested
+        if self.clan.group is not None:  # every rank stops at the same step (a signal reaches them apart)
+            stop = any_rank(self.clan.group, stop, "the stop check")
+        if stop and self.clock.step < stretch.end:
             raise _StopRequested
 
     # -- divergence -------------------------------------------------------------------------------
     def _finite_members(self) -> torch.Tensor:
-        """``bool[P]``: which members hold only finite weights, gradients, buffers and optimizer state."""
-        finite = torch.ones(self.clan.population_size, dtype=torch.bool, device=self.device)
+        """``bool[P]``: which of this rank's members hold only finite weights, gradients, buffers and optimizer state."""
+        finite = torch.ones(self.clan.local_size, dtype=torch.bool, device=self.device)
         for leaf in optree.tree_leaves(self.clan.member_state()):
             if leaf.is_floating_point():
                 finite &= torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(1)
         return finite
 
+    def _any_finite(self) -> bool:
+        """Whether any member of the clan, on any rank, holds only finite values."""
+        return any_rank(self.clan.group, bool(self._finite_members().any()), "the finiteness check")
+
     def _cooperative_diverged(self) -> bool:
         """Whether the cooperative stretch since the last check saw a non-finite loss or weight (one host sync)."""
         diverged = ~self._losses_finite | ~torch.isfinite(self.clan.population.flat).all()
         self._losses_finite.fill_(True)
-        return bool(diverged)
+        return any_rank(self.clan.group, bool(diverged), "the divergence check")
 
     def _recover_cooperative(self, stretch: _Stretch, start: int) -> None:
         """Undo a diverged cooperative stretch the way a diverged round is undone, or stop the run.
@@ -844,7 +859,7 @@ class TrainingMachine:
                 val = None
                 if not diverged:
                     val = self.task.population_losses(member.model, evaluation)
-                    diverged = not bool(torch.isfinite(val).all())
+                    diverged = any_rank(clan.group, not bool(torch.isfinite(val).all()), "the divergence check")
             if not diverged:
                 break
             self._recover_cooperative(stretch, start)
@@ -996,7 +1011,7 @@ class TrainingMachine:
         self._loss_count = saved["loss_count"]
         self._kept = self._checked_kept(saved.get("kept"), step)
         self._check_position()
-        if not bool(self._finite_members().any()):
+        if not self._any_finite():
             raise ValueError("TrainingMachine.resume: the checkpoint holds NaN or infinite values in every member")
 
     def _check_saved_machine(self, saved: Mapping) -> None:
@@ -1090,12 +1105,15 @@ class TrainingMachine:
         """
         if self.out_dir is None or self.clan is None:
             raise ValueError("TrainingMachine.checkpoint: needs an out_dir and a started run")
-        if not bool(self._finite_members().any()):
+        if not self._any_finite():
             raise DivergenceError(
                 f"TrainingMachine.checkpoint: at step {self.clock.step} every member holds NaN or infinite values; "
                 f"not saved (the checkpoint of step {self._checkpoint_step} is kept)")
         path = self.out_dir / "checkpoint.pt"
-        save_run_checkpoint(path, self.clan, self.machine_state())
+        if self.rank == 0:
+            save_run_checkpoint(path, self.clan, self.machine_state())
+        else:
+            self.clan.state_dict()  # its gathers of the members are collectives: every rank takes part
         self._checkpoint_step = self.clock.step
         return path
 
@@ -1116,14 +1134,17 @@ class TrainingMachine:
             raise RuntimeError("TrainingMachine.train: this machine has already run; make a new one")
         self._trained = True
         start_time = time.perf_counter()
-        with run_lock(self.out_dir) if self.out_dir is not None else contextlib.nullcontext():
+        writes = self.out_dir is not None and self.rank == 0
+        with run_lock(self.out_dir) if writes else contextlib.nullcontext():
             self.prepare()
             resume = getattr(self, "_resume_state", None)
             if self.out_dir is not None:
-                # A resumed run rewrites the metrics up to its checkpoint: later lines were lost work.
-                (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
+                if writes:
+                    # A resumed run rewrites the metrics up to its checkpoint: later lines were lost work.
+                    (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
+                if resume is None and writes:
+                    (self.out_dir / "config.toml").write_text(self._config_toml())  # what a resume holds to
                 if resume is None:
-                    (self.out_dir / "config.toml").write_text(self.config.to_toml())  # what a resume holds to
                     self.checkpoint()  # a run stopped before its first round can resume too
                 else:
                     self._checkpoint_step = self.clock.step
@@ -1143,7 +1164,8 @@ class TrainingMachine:
                 saved = None
                 if self.out_dir is not None:
                     # A cooperative stretch that saw a non-finite loss since its last check is diverged.
-                    if bool(self._losses_finite) and bool(self._finite_members().any()):
+                    if not any_rank(self.clan.group, not bool(self._losses_finite), "the divergence check") \
+                            and self._any_finite():
                         self.checkpoint()
                     saved = self._checkpoint_step
                 raise TrainingStopped(self.clock.step, saved) from None
@@ -1153,13 +1175,15 @@ class TrainingMachine:
                                schedule=self._exported)
 
     def _final(self, seconds: float) -> dict:
-        population = self.clan.population
+        population, group = self.clan.population, self.clan.group
         members = self.task.population_losses(population, self.data.val)
+        if group is not None:
+            members = group.all_gather(members, "the final all-gather of the validation losses")
         finite = torch.where(torch.isfinite(members), members, torch.full_like(members, math.inf))
         best = int(torch.argmin(finite).item())
-        self._best_model = population.member_module(best).eval()
+        self._best_model = self._member_module(best).eval()
         scores = self.task.evaluate(self._best_model, self.data.val)
-        if not math.isfinite(scores["loss"]) or not bool(self._finite_members()[best]):
+        if not math.isfinite(scores["loss"]) or not self._member_finite(best):
             raise DivergenceError(f"TrainingMachine: the run ends without a finite model: the best member's "
                                   f"validation loss is {scores['loss']}")
         kept = {}
@@ -1177,6 +1201,33 @@ class TrainingMachine:
         final = {"event": "final", "step": self.clock.step, "val_loss": scores["loss"],
                  "val_accuracy": scores["accuracy"], "member_val_losses": members.tolist(), "best_member": best,
                  "rounds": sum(r["kind"] == "round" for r in self.history), "seconds": seconds,
-                 "member_steps": self.total_steps * self.clan.population_size, **kept}
+                 "member_steps": self.total_steps * self.clan.population_size, "world_size": self.clan.world_size,
+                 **kept}
         self._record(final)
         return final
+
+    def _member_module(self, member: int) -> nn.Module:
+        """A plain module of the clan's member ``member`` (a global index: its rank sends it to the others)."""
+        clan = self.clan
+        if clan.group is None:
+            return clan.population.member_module(member)
+        owner, local = clan.group.owner(member), member - clan.member_offset
+        state = clan.population.member_module(local).state_dict() if clan.group.rank == owner else None
+        state = broadcast_object(clan.group, state, owner, "the broadcast of the best member")
+        module = clan.population.member_module(0)
+        module.load_state_dict(state)
+        return module
+
+    def _member_finite(self, member: int) -> bool:
+        """Whether the clan's member ``member`` (a global index) holds only finite values."""
+        local = member - self.clan.member_offset
+        mine = 0 <= local < self.clan.local_size and bool(self._finite_members()[local])
+        return any_rank(self.clan.group, mine, "the finiteness check")
+
+    def _config_toml(self) -> str:
+        """``config.toml``: the config, and the number of processes that trained the run, as a comment.
+
+        A comment, because the config does not depend on it: a resume may run on another number
+        of ranks (each takes its members from the checkpoint).
+        """
+        return f"# world_size = {self.clan.world_size}  (processes that trained this run)\n" + self.config.to_toml()

@@ -1,5 +1,5 @@
 """``python -m vmapclan.bench [speed options]``, ``python -m vmapclan.bench quality [options]``, ``... zoo [options]``
-``... recurrent [options]`` or ``... cooperative [options]``."""
+``... recurrent [options]``, ``... cooperative [options]`` or ``... distributed [options]``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to the quality benchmark (first argument ``quality``), the zoo (``zoo``), the recurrent
-    layers (``recurrent``), the cooperative step (``cooperative``) or the speed benchmark.
+    layers (``recurrent``), the cooperative step (``cooperative``), one process against several
+    (``distributed``) or the speed benchmark.
 
     Args:
         argv: Command-line arguments (default: ``sys.argv[1:]``).
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         from .cooperative import main as cooperative_main
 
         return cooperative_main(argv[1:])
+    if argv and argv[0] == "distributed":
+        from .distributed import main as distributed_main
+
+        return distributed_main(argv[1:])
     if argv and argv[0] == "speed":
         argv = argv[1:]
     from .speed import main as speed_main
