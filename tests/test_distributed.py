@@ -284,8 +284,8 @@ def test_local_shapes_of_a_rank(monkeypatch):
     assert first.shape == (2, 2, 3)
     member = clan.round()
     assert member.get_gene("lr").shape == (2,)
-    with pytest.raises(ValueError, match=r"clan.step: val_losses must have shape \[2\] \(one loss per member "
-                                         r"\(this rank's members: 2 of 4\)\), got \[4\]"):
+    with pytest.raises(ValueError, match=r"clan.step: val_losses must have shape \[2\] or \[2, K\] \(one loss per "
+                                         r"member, or K per member; this rank's members: 2 of 4\), got \[4\]"):
         clan._check_losses(torch.zeros(4))
 
 
@@ -344,9 +344,10 @@ def test_communication_model_counts_one_model_and_one_member():
     n = sum(p.numel() for p in model.parameters())
     model_bytes = clan_module_distributed.communication_bytes(clan, world_size=4)
     # params, grads and two moments in float32; BatchNorm's running stats (float32) and count (int64);
-    # AdamW's step (float64) and accumulation count (int64): each padded to 8 bytes.
+    # AdamW's step (float64), accumulation count (int64) and the updates each of the 6 parameters
+    # sat out (float64): each padded to 8 bytes.
     pad = clan_module_distributed._padded
-    winner = 4 * pad(4 * n) + 2 * pad(4 * 4) + 8 + 8 + 8
+    winner = 4 * pad(4 * n) + 2 * pad(4 * 4) + 8 + 8 + 8 + 8 * 6
     assert model_bytes == {"allreduce": 4 * n, "ring_allreduce_sent": int(1.5 * 4 * n), "gather": 48,
                            "winner": winner}
 
