@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from vmapclan import Clan, FusedStep, TrainingMachine, replay
-from vmapclan.machine import TrainingStopped, load_run_checkpoint
+from vmapclan.machine import load_run_checkpoint
 from vmapclan.population import check_growth
 from vmapclan.tasks import CharTransformer, StdlibCharsTask
+
+from runs import assert_resumes_exactly, same_model
 
 GROW = [{"name": "warmup", "start_t": 0.0, "end_t": 0.25, "clan": {"competition": False}},
         {"name": "small", "start_t": 0.25, "end_t": 0.5},
@@ -22,11 +24,6 @@ def chars_config(schedule=GROW, **changes) -> dict:
             "model": {"d_model": 16, "n_layers": 1, "n_heads": 2},
             "data": {"batch_size": 4, "seq_len": 8, "max_chars": 6000, "eval_samples": 8},
             "clan": {"population_size": 3, "round_length": 6, "duty_cycle": 0.5}, "schedule": schedule, **changes}
-
-
-def same_model(a: nn.Module, b: nn.Module) -> bool:
-    return a.state_dict().keys() == b.state_dict().keys() and all(
-        torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
 
 
 def outputs(population, x):
@@ -129,18 +126,7 @@ def test_the_fused_step_and_the_member_loop_agree_across_the_growth():
 
 @pytest.mark.parametrize("stop_at", [9, 15, 20])  # before the growth, in its first round, in its second
 def test_resume_across_the_growth_is_exact(tmp_path, stop_at):
-    config = chars_config()
-    full = TrainingMachine(config).train()
-
-    def stop(event):
-        if event["event"] == "step" and event["step"] == stop_at:
-            machine.request_stop()
-
-    machine = TrainingMachine(config, out_dir=tmp_path, callback=stop)
-    with pytest.raises(TrainingStopped):
-        machine.train()
-    resumed = TrainingMachine.resume(tmp_path).train()
-    assert repr(resumed.history) == repr(full.history) and same_model(resumed.best_model, full.best_model)
+    assert_resumes_exactly(chars_config(), tmp_path, stop_at)
 
 
 def test_resume_from_the_checkpoint_before_the_growth_is_exact(tmp_path):

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmapclan import BatchedAdamW, Clan, PopulationModel, RunConfig, Task, TrainingMachine, load_checkpoint, save_checkpoint
-from vmapclan.machine import TrainingStopped
 from vmapclan.optim import AdamWHyper, UPDATES
 from vmapclan.replay import replay
 from vmapclan.schedule import lr_shape_at
 from vmapclan.selection import paired_winner, student_t_cdf
+
+from runs import stop_at_step
 
 DTYPE = torch.float64
 
@@ -382,14 +383,7 @@ def test_the_replay_returns_the_model_of_the_kept_step(tmp_path):
 def test_a_resume_keeps_the_same_incumbent(tmp_path):
     full = TrainingMachine(KEEP, task=NoiseTask()).train()
     kept_at = full.final["kept_step"]
-
-    def stop(event):
-        if event["event"] == "step" and event["step"] == kept_at + 5:
-            machine.request_stop()
-
-    machine = TrainingMachine(KEEP, task=NoiseTask(), out_dir=tmp_path, callback=stop)
-    with pytest.raises(TrainingStopped):
-        machine.train()
+    stop_at_step(KEEP, tmp_path, kept_at + 5, task=NoiseTask())
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["machine"]["kept"]["step"] == kept_at
     resumed = TrainingMachine.resume(tmp_path, task=NoiseTask()).train()

@@ -10,9 +10,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vmapclan import RunConfig, Task, TrainingMachine, replay
-from vmapclan.machine import TrainingStopped
 from vmapclan.cli import EXIT_INPUT, EXIT_OK, main
 from vmapclan.tasks import resolve_task
+
+from runs import assert_resumes_exactly
 
 
 class Blobs(Dataset):
@@ -75,10 +76,6 @@ WARMUP = [{"name": "warmup", "start_t": 0.0, "end_t": 0.25, "clan": {"competitio
 
 def blobs_config(**changes) -> dict:
     return {**BASE, "task": "test_tasks_api:BlobsTask", "model": {"width": 6}, "schedule": WARMUP, **changes}
-
-
-def same_model(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
 
 
 def test_a_user_task_runs_from_python_and_from_the_command_with_the_same_results(tmp_path, capsys):
@@ -175,18 +172,7 @@ def test_a_freeze_pattern_that_matches_nothing_is_refused():
 
 @pytest.mark.parametrize("stop_at", [10, 20])  # inside each frozen phase
 def test_resume_across_a_freeze_is_exact(tmp_path, stop_at):
-    config = blobs_config(schedule=FREEZE)
-    full = TrainingMachine(config).train()
-
-    def stop(event):
-        if event["event"] == "step" and event["step"] == stop_at:
-            machine.request_stop()
-
-    machine = TrainingMachine(config, out_dir=tmp_path, callback=stop)
-    with pytest.raises(TrainingStopped):
-        machine.train()
-    resumed = TrainingMachine.resume(tmp_path).train()
-    assert repr(resumed.history) == repr(full.history) and same_model(resumed.best_model, full.best_model)
+    assert_resumes_exactly(blobs_config(schedule=FREEZE), tmp_path, stop_at)
 
 
 # -- data settings per phase -------------------------------------------------------------------
@@ -221,18 +207,7 @@ def test_a_data_setting_the_task_does_not_offer_is_refused():
 
 
 def test_resume_across_a_data_change_is_exact(tmp_path):
-    config = parity_config()
-    full = TrainingMachine(config).train()
-
-    def stop(event):
-        if event["event"] == "step" and event["step"] == 14:
-            machine.request_stop()
-
-    machine = TrainingMachine(config, out_dir=tmp_path, callback=stop)
-    with pytest.raises(TrainingStopped):
-        machine.train()
-    resumed = TrainingMachine.resume(tmp_path).train()
-    assert repr(resumed.history) == repr(full.history) and same_model(resumed.best_model, full.best_model)
+    assert_resumes_exactly(parity_config(), tmp_path, 14)
 
 
 def test_round_config_keeps_the_model_table():
