@@ -21,7 +21,7 @@ from .gradients import reduce_gradients_
 from .optim import ADAMW_FIELDS, AdamWHyper, BatchedAdamW, group_scales
 from .population import PopulationModel
 from .rounds import COOPERATIVE, competitive_steps, phase_at, round_problem
-from .selection import paired_winner, rank, truncation_sources
+from .selection import member_means, paired_winner, rank, truncation_sources
 
 __all__ = ["Clan", "Member", "DivergenceError", "FORMAT_VERSION"]
 
@@ -744,9 +744,7 @@ class Clan:
         paired = self._check_losses(val_losses)
         if self.group is not None:  # every rank ranks the whole population's losses, in the same order
             paired = self.group.all_gather(paired, "selection's all-gather of the validation losses")
-        losses = paired
-        if paired.dim() == 2:  # a member with a non-finite value anywhere ranks last
-            losses = torch.where(torch.isfinite(paired).all(1), paired.mean(1), torch.tensor(math.nan))
+        losses = member_means(paired) if paired.dim() == 2 else paired
         order = rank(losses)
         used = {n: v.tolist() for n, v in self.genomes.items()}
         if not math.isfinite(losses[order[0]].item()):

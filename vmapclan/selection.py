@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Ranking", "rank", "truncation_sources", "PairedChoice", "paired_winner",
+__all__ = ["Ranking", "rank", "member_means", "truncation_sources", "PairedChoice", "paired_winner",
            "student_t_cdf"]
 
 
@@ -37,6 +37,18 @@ def rank(losses: torch.Tensor) -> Ranking:
     values = losses.detach().to("cpu", torch.float64).tolist()
     order = sorted(range(len(values)), key=lambda i: (not math.isfinite(values[i]), values[i] if math.isfinite(values[i]) else 0.0, i))
     return Ranking(order, sum(math.isfinite(v) for v in values))
+
+
+def member_means(losses: torch.Tensor) -> torch.Tensor:
+    """Each member's loss from paired losses ``[P, K]``: its row's mean, NaN if any value of the row is not finite.
+
+    A member that diverged on one sample is diverged: it ranks last (:func:`rank`).
+
+    Example:
+        >>> member_means(torch.tensor([[1.0, 3.0], [0.0, float("inf")]]))
+        tensor([2., nan])
+    """
+    return torch.where(torch.isfinite(losses).all(1), losses.mean(1), torch.tensor(math.nan, dtype=losses.dtype))
 
 
 def truncation_sources(order: list[int], fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -161,8 +173,8 @@ def paired_winner(losses: torch.Tensor, confidence: float) -> PairedChoice:
                          f"values, got {list(losses.shape)}")
     values = losses.detach().to("cpu", torch.float64)
     p, k = values.shape
-    finite = torch.isfinite(values).all(1)
-    means = torch.where(finite, values.mean(1), torch.full((p,), math.inf, dtype=torch.float64))
+    means = member_means(values)
+    finite = torch.isfinite(means)
     needed = 1.0 - (1.0 - confidence) / (p - 1)
     order = rank(means)
     if not bool(finite[0]):
