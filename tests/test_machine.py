@@ -109,6 +109,21 @@ def test_cooperative_phase_keeps_members_identical_with_its_overrides():
     assert torch.all(machine.clan.optimizer.hyper.lr == 1e-3)
 
 
+def test_a_cooperative_phase_after_an_all_competitive_one_takes_p_shards_a_step():
+    """After a phase of rounds that only compete (``duty_cycle = 1``), a cooperative phase's step is
+    one data-parallel batch of P x B samples (P disjoint shards), not one window of B copied to
+    every member: the loader advances by P x B (it once advanced by B, training at batch B)."""
+    config = tiny(total_steps=12, schedule=[
+        {"name": "pbt", "start_t": 0, "end_t": 0.5, "clan": {"duty_cycle": 1.0, "round_length": 6}},
+        {"name": "anneal", "start_t": 0.5, "end_t": 1, "clan": {"competition": False}}])
+    positions = []
+    machine = TrainingMachine(config)
+    machine.callback = lambda e: positions.append(machine.clan.loader_state.position) if e["event"] == "step" else None
+    machine.train()
+    steps = [b - a for a, b in zip([0] + positions, positions)]
+    assert steps == [16] * 6 + [4 * 16] * 6
+
+
 def test_sweep_holds_a_fixed_lr_grid():
     grid = [3e-4, 1e-3, 3e-3, 1e-2]
     config = tiny(total_steps=60, clan={"selection": "none", "duty_cycle": 1.0, "lr_grid": grid},

@@ -668,3 +668,31 @@ def test_member_sync_context_inside_cooperate_averages_in_a_competitive_phase():
                 loss.sum().backward()
             grads.append(clan.population.grad_flat[0].clone())
     torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
+
+
+def test_the_loader_gives_disjoint_shards_inside_cooperate_after_an_all_competitive_round():
+    """Inside ``clan.cooperate()`` a step is cooperative whatever the round's phase: the loader gives
+    P disjoint shards of B samples (one batch of P x B), not one window of B copied to every member.
+    A cooperative anneal after a classic PBT phase (``duty_cycle=1``) once trained on the copies."""
+    clan = make_clan(duty_cycle=1.0)
+    x = torch.arange(64, dtype=torch.float64).unsqueeze(1)
+    loader = clan.loader((x, torch.zeros(64, dtype=torch.long)), batch_size=B)
+    assert clan.phase == "competitive" and not clan.cooperating
+    shared, _ = next(iter(loader))
+    assert all(torch.equal(shared[0], shared[i]) for i in range(P))  # competing: one common window
+    with clan.cooperate():
+        assert clan.cooperating
+        xb, _ = next(iter(loader))
+    assert not clan.cooperating
+    assert xb.shape == (P, B, 1)
+    seen = xb.flatten().tolist()
+    assert len(set(seen)) == P * B and not set(seen) & set(shared[0].flatten().tolist())
+
+
+def test_the_loader_inside_cooperate_refuses_data_smaller_than_one_cooperative_step():
+    clan = make_clan(duty_cycle=1.0)  # all competition: the loader's own check asks for B samples only
+    loader = clan.loader(make_data(P * B - 1), batch_size=B)
+    with clan.cooperate(), pytest.raises(ValueError, match=r"clan.loader: the dataset has 31 samples, fewer than "
+                                                           r"one cooperative step needs \(32 = population_size x "
+                                                           r"batch_size\)"):
+        next(iter(loader))

@@ -305,6 +305,7 @@ class Clan:
         self._global_step = 0
         self._syncing = False
         self._averaging = False  # inside a cooperative sync_context while the members train as one model
+        self._cooperating = False  # inside cooperate()
         self.history: list[dict] = []
         self._restores = 0
         self._last_good: dict | None = None
@@ -373,6 +374,13 @@ class Clan:
         # A done round stays in its last phase until clan.step(): the genes in force at
         # member.done are the competitors' own.
         return phase_at(min(self._round_step, self.round_length - 1), self.round_length, self.cooperative_steps)
+
+    @property
+    def cooperating(self) -> bool:
+        """Whether the next step trains the members as one data-parallel model: a step of the
+        round's cooperative phase, or any step inside :meth:`cooperate` (whatever the round's phase,
+        e.g. after a round that is all competition)."""
+        return self._cooperating or self.phase == COOPERATIVE
 
     def phase_ahead(self, steps: int) -> str:
         """The phase of the step ``steps`` after the next one to run, under the current round settings.
@@ -647,9 +655,11 @@ class Clan:
                 f"is at step {self._round_step}"
             )
         self._train_as_one(True)
+        self._cooperating = True
         try:
             yield
         finally:
+            self._cooperating = False
             self._train_as_one(self.phase == COOPERATIVE)
 
     @contextlib.contextmanager

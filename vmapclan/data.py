@@ -42,9 +42,10 @@ class ClanLoader:
     """Yields batches with a member dimension, ``[P, B, ...]``, as the clan's phase requires.
 
     Made by :meth:`Clan.loader`. One pass over it is one epoch of a fresh random permutation;
-    for each batch it asks the clan which phase the next step is in:
+    for each batch it asks the clan which phase the next step is in (``clan.cooperating``):
 
-    - cooperative: the next ``P * B`` samples, member ``i`` taking the ``i``-th block of ``B``
+    - cooperative (a step of the round's cooperative phase, or any step inside
+      ``clan.cooperate()``): the next ``P * B`` samples, member ``i`` taking the ``i``-th block of ``B``
       (disjoint shards; together one data-parallel batch of ``P * B``);
     - competitive: the next ``B`` samples, shared by every member as an expanded view (no copy).
 
@@ -98,8 +99,11 @@ class ClanLoader:
                 state.perm = torch.randperm(n, generator=state.generator)
                 state.position = 0
                 state.epoch += 1
-            cooperative = self.clan.phase == "cooperative"
+            cooperative = self.clan.cooperating
             need = p * b if cooperative else b
+            if need > n:  # inside clan.cooperate() a clan that only competes needs more than its check asked
+                raise ValueError(f"clan.loader: the dataset has {n} samples, fewer than one cooperative step needs "
+                                 f"({need} = population_size x batch_size)")
             if n - state.position < need:
                 state.perm = None  # epoch over: the next pass draws a new permutation
                 return

@@ -176,8 +176,9 @@ def _in_flight(clan: Clan) -> _InFlight:
 class _ClanAhead:
     """The clan as the inner :class:`ClanLoader` sees it: the clan's own attributes, except the phase.
 
-    ``ClanLoader`` reads ``clan.phase`` when it draws a batch; here the answer is the
-    phase of the step the batch will feed, which :class:`LookaheadLoader` sets before each draw.
+    ``ClanLoader`` reads ``clan.cooperating`` when it draws a batch; here the answer is
+    whether the step the batch will feed is cooperative, the phase :class:`LookaheadLoader` sets
+    before each draw.
     """
 
     def __init__(self, clan: Clan, in_flight: _InFlight):
@@ -192,6 +193,12 @@ class _ClanAhead:
     def phase(self) -> str:
         drawing = self._in_flight.drawing
         return drawing if drawing is not None else self._clan.phase
+
+    @property
+    def cooperating(self) -> bool:
+        if self._in_flight.drawing is None:
+            return self._clan.cooperating
+        return self._in_flight.drawing == "cooperative"
 
 
 class LookaheadLoader:
