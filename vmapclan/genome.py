@@ -15,8 +15,8 @@ from typing import Literal
 
 import torch
 
-__all__ = ["Gene", "ADAMW_GENES", "GRAD_ACCUM_GENE", "autobind_genes", "mutate", "check_genome", "optimizer_settings",
-           "group_ratios"]
+__all__ = ["Gene", "ADAMW_GENES", "GRAD_ACCUM_GENE", "autobind_genes", "mutate", "search_genome", "check_genome",
+           "optimizer_settings", "group_ratios"]
 
 Scale = Literal["log", "linear", "log1m"]
 
@@ -262,6 +262,52 @@ def mutate(genome: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], genera
         new = torch.where(coin < spec.resample_prob, resampled, perturbed).clamp(spec.low, spec.high)
         new = new.to(spec.torch_dtype)
         out[name] = new if mask is None else torch.where(mask, new, x)
+    return out
+
+
+def search_genome(incumbent: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], population_size: int,
+                  spread: float, gene: str = "lr") -> dict[str, torch.Tensor]:
+    """The genomes of a search round: member 0 the incumbent, the others ``gene`` spread in log around it.
+
+    The ``n = population_size - 1`` challengers hold every gene at the incumbent's value except
+    ``gene``, which is the incumbent's times ``spread ** e``: ``m = n // 2`` of them below it
+    (``e = -1/m, -2/m, ..., -1``) and ``n - m`` above (``e = 1/(n-m), ..., 1``), so the lowest
+    is ``value / spread`` and the highest ``value * spread``; each is clipped to the gene's
+    bounds. A short competition among them moves the level of a gene much further than
+    mutations by small factors can.
+
+    Args:
+        incumbent: ``{name: 0-d tensor}``, the genome in force (as ``Clan.incumbent``).
+        specs: The gene specs, same names as ``incumbent``; ``gene`` a float gene among them.
+        population_size: P (at least 2).
+        spread: The factor to the lowest and highest value, above 1.
+        gene: The gene to spread (default ``"lr"``).
+
+    Returns:
+        ``{name: tensor[P]}`` in the genes' dtypes.
+
+    Example:
+        >>> specs = {"lr": Gene(1e-4, 1.0, init=1e-2)}
+        >>> [round(v, 6) for v in search_genome({"lr": torch.tensor(1e-2)}, specs, 5, 10.0)["lr"].tolist()]
+        [0.01, 0.003162, 0.001, 0.031623, 0.1]
+    """
+    if gene not in specs or specs[gene].dtype != "float":
+        raise ValueError(f"search_genome: gene must be one of the float genes {sorted(n for n, g in specs.items() if g.dtype == 'float')}, "
+                         f"got {gene!r}")
+    if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 2:
+        raise ValueError(f"search_genome: population_size must be an int >= 2, got {population_size!r}")
+    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not spread > 1:
+        raise ValueError(f"search_genome: spread must be a number above 1, got {spread!r}")
+    n = population_size - 1
+    below, above = n // 2, n - n // 2
+    exponents = [0.0] + [-k / below for k in range(1, below + 1)] + [k / above for k in range(1, above + 1)]
+    out = {name: incumbent[name].detach().cpu().to(spec.torch_dtype).expand(population_size).clone()
+           for name, spec in specs.items()}
+    spec = specs[gene]
+    center = incumbent[gene].detach().cpu().to(torch.float64)
+    values = center * torch.tensor(float(spread), dtype=torch.float64) ** torch.tensor(exponents, dtype=torch.float64)
+    values[0] = center  # the control, exactly the incumbent
+    out[gene] = values.clamp(spec.low, spec.high).to(spec.torch_dtype)
     return out
 
 

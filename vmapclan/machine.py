@@ -64,6 +64,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clan import Clan, DivergenceError, check_device
 from .distributed import any_rank, broadcast_object, current_rank
+from .genome import search_genome
 from .optim import ADAMW_FIELDS, keep_columns
 from .population import member_loss
 from .replay import export_schedule, write_schedule
@@ -580,6 +581,9 @@ class TrainingMachine:
             if not phase.competition:
                 yield _Stretch("cooperative", phase, index, first, end, phase_end=True, first=True)
                 continue
+            if "search" in phase.clan:  # one round over the whole phase, all competition
+                yield _Stretch("round", phase, index, first, end, 1.0, phase_end=True, first=True)
+                continue
             duty_cycle = phase.clan.get("duty_cycle", cfg.clan.duty_cycle)
             rounds, leftover = plan_rounds(end - first, phase.clan.get("round_length", cfg.clan.round_length),
                                            duty_cycle)
@@ -887,6 +891,10 @@ class TrainingMachine:
         length = stretch.end - stretch.start
         if self.clock.step == stretch.start:
             clan.reconfigure(round_length=length, duty_cycle=stretch.duty_cycle)
+            if "search" in stretch.phase.clan:  # the challengers' lrs spread around the incumbent's
+                genome = search_genome(clan.incumbent, clan.genes, clan.population_size, stretch.phase.clan["search"])
+                for name, values in genome.items():
+                    clan.set_genome(name, values)
         # else: resumed inside the round, whose settings are part of the clan's restored state
         cooperative_steps = clan.cooperative_steps
         member = clan.round()
@@ -901,6 +909,8 @@ class TrainingMachine:
         record.update(kind="round", phase=stretch.phase.name, start_step=stretch.start, end_step=self.clock.step,
                       cooperative_steps=cooperative_steps, batch_size=batch_size,
                       population_size=clan.population_size, **self._planes(stretch))
+        if "search" in stretch.phase.clan:
+            record["search"] = stretch.phase.clan["search"]
         if self._competitive_lr != 1.0:  # the export gives the competitive steps this share of the lr
             record["competitive_lr_scale"] = self._competitive_lr
         self.best_val = min(self.best_val, min(v for v in record["val_losses"] if math.isfinite(v))

@@ -37,7 +37,7 @@ DATA_KEYS = ("batch_size",)
 MODEL_KEYS = ("freeze", "grow")
 #: Clan settings a phase may override. ``competition = false`` runs the population
 #: cooperatively (identical members, data-parallel) with no rounds and no selection.
-CLAN_KEYS = ("competition", "round_length", "duty_cycle")
+CLAN_KEYS = ("competition", "round_length", "duty_cycle", "search")
 
 _TOL = 1e-9  # phase edges closer than this are the same point (floats from TOML or JSON)
 
@@ -158,6 +158,8 @@ def _check_overrides(where: str, kind: str, overrides, allowed: Sequence[str]) -
             bad = None if _is_number(value) and 0 < value <= 1 else "a number in (0, 1]"
         elif key == "competition":
             bad = None if isinstance(value, bool) else "true or false"
+        elif key == "search":
+            bad = None if _is_number(value) and 1 < value <= 1000 else "a number in (1, 1000]"
         elif key == "freeze":
             ok = (isinstance(value, (list, tuple)) and value
                   and all(isinstance(v, str) and v for v in value))
@@ -191,7 +193,11 @@ class Phase:
             the run is built; not in the first phase.
         clan: ``competition`` (bool, default true: clan rounds with selection; false: the
             population trains cooperatively as one data-parallel model), ``round_length``,
-            ``duty_cycle``.
+            ``duty_cycle``; ``search`` (a number s > 1) makes the phase a *search*: one round
+            over the whole phase, all competition, in which member 0 keeps the incumbent and
+            the others try learning rates spread evenly in log over ``[lr / s, lr * s]``
+            (:func:`vmapclan.genome.log_spread`) with every other gene at the incumbent's
+            value; the round's winner, as any round's, becomes the incumbent.
 
     Raises:
         ValueError, TypeError: naming the phase and the bad field.
@@ -234,6 +240,11 @@ class Phase:
             )
         if "lr" in self.optimizer and "lr_scale" in self.optimizer:
             raise ValueError(f"{where}: give optimizer.lr or optimizer.lr_scale, not both")
+        if "search" in self.clan:
+            clash = [k for k in ("competition", "round_length", "duty_cycle") if k in self.clan]
+            if clash:
+                raise ValueError(f"{where}: clan.search is one round over the whole phase, all competition; "
+                                 f"it takes no clan.{clash[0]}")
 
     @property
     def competition(self) -> bool:
