@@ -414,7 +414,9 @@ class TrainingMachine:
         self.config = config
         self.total_steps = config.total_steps
         self.clock = TimeController(self.total_steps)
-        self.schedule = config.schedule.to_schedule()
+        # Without phases in the config, the default schedule's last phase depends on the data's
+        # size (see default_schedule): set again once the data is loaded, with the same phases' count.
+        self.schedule = config.schedule.to_schedule(config.clan.selection)
         self.task.check_data(self.model_settings, config.data)
         self._phase_data = []  # each phase's data settings, checked now
         for i, phase in enumerate(self.schedule):
@@ -534,6 +536,9 @@ class TrainingMachine:
         torch.manual_seed(cfg.seed)  # the model's init; a replay with the same seed starts from the same weights
         self.data = self.task.load(cfg.data, cfg.seed)
         self._datasets[()] = self.data
+        if not cfg.schedule.phases:
+            passes = cfg.total_steps * cfg.clan.population_size * cfg.data.batch_size / data_length(self.data.train)
+            self.schedule = cfg.schedule.to_schedule(cfg.clan.selection, passes)
         model = self.task.build_model(self.model_settings, cfg.data)
         names = self._architectures(model)
         self._freeze = [frozen_parameters(names[i], phase.model["freeze"], f"schedule[{i}] ({phase.name!r})")

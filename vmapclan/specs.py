@@ -24,7 +24,11 @@ from typing import Any, ClassVar
 from .rounds import round_problem
 from .schedule import Phase, PhaseSchedule, check_lr_shape, lr_shape_at
 
-__all__ = ["ModelSpec", "DataSpec", "OptimizerSpec", "ClanSpec", "ScheduleSpec", "RunConfig"]
+__all__ = ["ModelSpec", "DataSpec", "OptimizerSpec", "ClanSpec", "ScheduleSpec", "RunConfig", "default_schedule",
+           "SEARCH_SHARE", "SEARCH_SPREAD"]
+
+#: The default schedule's search phase: its share of the run's time, and how far it spreads the lr.
+SEARCH_SHARE, SEARCH_SPREAD = 0.1, 30.0
 
 
 def _fail(section: str, name: str, expected: str, value) -> None:
@@ -223,9 +227,10 @@ class OptimizerSpec(_Spec):
         eps: > 0.
         lr_schedule: The learning rate's shape over the run's time, a factor on every
             member's lr at every step (:func:`vmapclan.schedule.lr_shape_at`): ``"constant"``,
-            ``"cosine"`` or ``"wsd"`` (warmup, stable, decay). The genes and the phases set the
-            level; the shape gives the form.
-        warmup: Share of the run's time over which the lr warms up linearly from 0, in [0, 0.5].
+            ``"cosine"`` (the default) or ``"wsd"`` (warmup, stable, decay). The genes and the
+            phases set the level; the shape gives the form.
+        warmup: Share of the run's time over which the lr warms up linearly from 0, in [0, 0.5]
+            (default 0.05).
         decay: For ``"wsd"``: share of the run's time at the end over which the lr decays
             linearly to 0.
     """
@@ -235,8 +240,8 @@ class OptimizerSpec(_Spec):
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    lr_schedule: str = "constant"
-    warmup: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup: float = 0.05
     decay: float = 0.2
 
     def __post_init__(self) -> None:
@@ -285,8 +290,8 @@ class ClanSpec(_Spec):
             [0, 1); 0: the lowest validation loss wins, however small its lead.
         competitive_lr: How the lr a genome names (the lr of a cooperative step, at batch
             ``P x batch_size``) carries to a competitive step (batch ``batch_size``): ``"same"``
-            uses it as is; ``"sqrt"`` divides it by sqrt(P) (the square-root scaling rule for
-            Adam), so a genome is scored the way it will be used.
+            uses it as is; ``"sqrt"`` (the default) divides it by sqrt(P) (the square-root
+            scaling rule for Adam), so a genome is scored the way it will be used.
         keep_best: With winner selection: keep a copy of the best incumbent seen (by its
             validation loss at the end of each round and cooperative stretch) and return it
             as the run's model when it beats the last one on the whole validation split (a
@@ -303,7 +308,7 @@ class ClanSpec(_Spec):
     genes: dict = dataclasses.field(default_factory=dict)
     confidence: float = 0.0
     keep_best: bool = True
-    competitive_lr: str = "same"
+    competitive_lr: str = "sqrt"
 
     def __post_init__(self) -> None:
         s = self.section
@@ -392,10 +397,10 @@ class ScheduleSpec:
             except (ValueError, TypeError) as err:
                 raise type(err)(f"schedule: {err}") from None
 
-    def to_schedule(self) -> PhaseSchedule:
-        """The :class:`vmapclan.PhaseSchedule` (one phase named ``"clan"`` when empty)."""
+    def to_schedule(self, selection: str = "winner", passes: float | None = None) -> PhaseSchedule:
+        """The :class:`vmapclan.PhaseSchedule`; when empty, :func:`default_schedule` for ``selection`` and ``passes``."""
         if not self.phases:
-            return PhaseSchedule.single("clan")
+            return default_schedule(selection, passes)
         return PhaseSchedule([Phase.from_dict(p) for p in self.phases])
 
     def to_dict(self) -> list[dict]:
@@ -412,6 +417,41 @@ class ScheduleSpec:
                 raise ValueError(f"schedule: expected a list of phase tables or {{'phases': [...]}}, got keys {sorted(data)}")
             data = data["phases"]
         return cls(tuple(data) if isinstance(data, list) else data)
+
+
+def default_schedule(selection: str = "winner", passes: float | None = None) -> PhaseSchedule:
+    """The phases of a run whose config names none.
+
+    With winner selection, two phases:
+
+    - ``search`` over the first :data:`SEARCH_SHARE` of the run: one all-competitive round in
+      which the members try learning rates spread :data:`SEARCH_SPREAD`-fold either way of the
+      configured one (``clan.search``); the best becomes the incumbent. Mutations by small
+      factors, round after round, cannot move the lr that far, and greedy selection on short
+      rounds drifts it down.
+    - then, when the run sees each training sample at most once (``passes <= 1``: the data is
+      abundant, nothing can be overfitted, and the rounds' short-horizon selection costs more
+      than it finds), ``train``: one data-parallel model to the end at the searched lr
+      (``clan.competition = false``); otherwise (``passes > 1`` or unknown) ``clan``: clan rounds,
+      whose selection and kept best incumbent guard against overfitting the repeated data.
+
+    With truncation or no selection (PBT, a sweep): one phase of clan rounds, ``clan``.
+
+    Args:
+        selection: ``clan.selection``.
+        passes: Passes over the training data the run would make if every step were
+            cooperative (``total_steps * population_size * batch_size / training samples``);
+            ``None`` when not known yet.
+
+    Example:
+        >>> [(p.name, p.clan) for p in default_schedule("winner", passes=0.5)]
+        [('search', {'search': 30.0}), ('train', {'competition': False})]
+    """
+    if selection != "winner":
+        return PhaseSchedule.single("clan")
+    main = (Phase("train", SEARCH_SHARE, 1.0, clan={"competition": False}) if passes is not None and passes <= 1
+            else Phase("clan", SEARCH_SHARE, 1.0))
+    return PhaseSchedule([Phase("search", 0.0, SEARCH_SHARE, clan={"search": SEARCH_SPREAD}), main])
 
 
 _SECTIONS = {"model": ModelSpec, "data": DataSpec, "optimizer": OptimizerSpec, "clan": ClanSpec}
@@ -466,7 +506,7 @@ class RunConfig:
             if not isinstance(getattr(self, key), kind):
                 raise TypeError(f"config.{key} must be a {kind.__name__}, got {type(getattr(self, key)).__name__}")
         competed = False
-        for i, phase in enumerate(self.schedule.to_schedule()):
+        for i, phase in enumerate(self.schedule.to_schedule(self.clan.selection)):
             where = f"schedule[{i}] ({phase.name!r})"
             if not phase.competition and not competed and self.clan.init == "independent":
                 raise ValueError(
