@@ -558,8 +558,10 @@ class TrainingMachine:
             self.clan.group.check_same(self.config.to_toml(), "the run's config", who="TrainingMachine")
         self._lr_factor = None
         opt = cfg.optimizer
-        # A competitive step's share of a genome's lr (see clan.competitive_lr).
-        self._competitive_lr = 1.0 if cfg.clan.competitive_lr == "same" else cfg.clan.population_size ** -0.5
+        # A competitive step's share of a genome's lr (see clan.competitive_lr): only where a genome's
+        # lr is also a cooperative step's, with winner selection (a sweep's or PBT's members never cooperate).
+        sqrt = cfg.clan.competitive_lr == "sqrt" and cfg.clan.selection == "winner"
+        self._competitive_lr = cfg.clan.population_size ** -0.5 if sqrt else 1.0
         if opt.lr_schedule != "constant" or opt.warmup > 0 or self._competitive_lr != 1.0:
             # The run's lr shape: one factor on every member's lr, written in place before each step.
             self._lr_factor = torch.ones((), dtype=torch.float64, device=self.device)

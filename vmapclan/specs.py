@@ -291,7 +291,9 @@ class ClanSpec(_Spec):
         competitive_lr: How the lr a genome names (the lr of a cooperative step, at batch
             ``P x batch_size``) carries to a competitive step (batch ``batch_size``): ``"same"``
             uses it as is; ``"sqrt"`` (the default) divides it by sqrt(P) (the square-root
-            scaling rule for Adam), so a genome is scored the way it will be used.
+            scaling rule for Adam), so a genome is scored the way it will be used. Only with
+            winner selection: the members of a sweep or of PBT never cooperate, so their genome's
+            lr is the lr they train at.
         keep_best: With winner selection: keep a copy of the best incumbent seen (by its
             validation loss at the end of each round and cooperative stretch) and return it
             as the run's model when it beats the last one on the whole validation split (a
