@@ -17,7 +17,9 @@ def tiny(**changes) -> RunConfig:
     base = RunConfig.from_dict({
         "task": "digits-mlp", "total_steps": 120, "seed": 0,
         "model": {"hidden": 32}, "data": {"batch_size": 16, "eval_samples": 128},
-        "clan": {"population_size": 4, "round_length": 20, "duty_cycle": 0.25},
+        # The lr as the genes and phases give it (the tests read it off the optimizer's hyperparameters).
+        "optimizer": {"lr_schedule": "constant", "warmup": 0.0},
+        "clan": {"population_size": 4, "round_length": 20, "duty_cycle": 0.25, "competitive_lr": "same"},
         "schedule": [
             {"name": "warmup", "start_t": 0.0, "end_t": 0.2, "clan": {"competition": False}},
             {"name": "clan", "start_t": 0.2, "end_t": 0.9},
@@ -274,8 +276,21 @@ def test_stdlib_chars_tiny_run_learns():
         "clan": {"population_size": 2, "round_length": 10, "duty_cycle": 0.3},
     })
     results = TrainingMachine(config).train()
-    assert len(results.rounds) == 4
+    # The default schedule: a search round over 10% of the run, then, as the run sees each of the
+    # ~1000 training windows less than once (40 x 2 x 4 samples), one data-parallel model.
+    assert [(r["kind"], r["phase"], r["start_step"], r["end_step"]) for r in results.history] == \
+        [("round", "search", 0, 4), ("cooperative", "train", 4, 40)]
+    assert results.history[1]["hyper"]["lr"] == results.rounds[0]["incumbent"]["lr"]
     assert results.final["val_loss"] < math.log(128)  # below a uniform guess over the vocabulary
+
+
+def test_the_default_schedule_runs_clan_rounds_when_the_data_repeats():
+    config = tiny(total_steps=60, schedule=[], clan={"population_size": 4, "round_length": 10})
+    results = TrainingMachine(config).train()
+    # 60 x 4 x 16 samples: more than one pass over digits' training images, so rounds follow the search.
+    assert [(r["kind"], r["phase"], r["start_step"], r["end_step"]) for r in results.history] == \
+        [("round", "search", 0, 6)] + [("round", "clan", s, s + 10) for s in range(6, 46, 10)] + \
+        [("round", "clan", 46, 60)]
 
 
 def test_stdlib_corpus_is_deterministic_and_split_by_file():

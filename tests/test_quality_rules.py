@@ -125,7 +125,9 @@ def test_the_machine_and_the_replay_apply_the_shape_at_every_step(monkeypatch, f
 def test_a_constant_shape_without_warmup_sets_no_factor():
     machine = TrainingMachine({"task": "digits-mlp", "total_steps": 10, "model": {"hidden": 8},
                                "data": {"batch_size": 8, "eval_samples": 32},
-                               "clan": {"population_size": 2, "round_length": 10, "duty_cycle": 0.2}})
+                               "optimizer": {"lr_schedule": "constant", "warmup": 0.0},
+                               "clan": {"population_size": 2, "round_length": 10, "duty_cycle": 0.2,
+                                        "competitive_lr": "same"}})
     machine.prepare()
     assert machine.clan.optimizer.lr_factor is None
 
@@ -136,7 +138,7 @@ def test_a_constant_shape_without_warmup_sets_no_factor():
     ({"warmup": True}, r"optimizer.warmup must be a number in \[0, 0.5\], got True"),
     ({"lr_schedule": "wsd", "warmup": 0.2, "decay": 0.9},
      r"optimizer.decay must be a number in \(0, 1 - warmup\] = \(0, 0.8\], got 0.9"),
-    ({"decay": 0}, r"optimizer.decay must be a number in \(0, 1 - warmup\] = \(0, 1\], got 0"),
+    ({"decay": 0, "warmup": 0.0}, r"optimizer.decay must be a number in \(0, 1 - warmup\] = \(0, 1\], got 0"),
 ])
 def test_bad_lr_shapes_are_refused(optimizer, message):
     with pytest.raises(ValueError, match=message):

@@ -169,7 +169,8 @@ def test_a_hand_written_schedule_with_lr_scale_replays_as_the_machine_trained():
     """The machine's cooperative phases and the replay read a phase's optimizer table the same way."""
     config = RunConfig.from_dict({
         "task": "digits-mlp", "total_steps": 30, "seed": 0, "model": {"hidden": 16},
-        "data": {"batch_size": 8, "eval_samples": 64}, "optimizer": {"lr": 2e-3, "weight_decay": 0.02},
+        "data": {"batch_size": 8, "eval_samples": 64},
+        "optimizer": {"lr": 2e-3, "weight_decay": 0.02, "lr_schedule": "constant", "warmup": 0.0},
         "clan": {"population_size": 2, "round_length": 10, "duty_cycle": 0.2},
         "schedule": [
             {"name": "warmup", "start_t": 0.0, "end_t": 0.3, "optimizer": {"lr": 1e-3},

@@ -43,7 +43,15 @@ def test_run_config_round_trips_through_dict_and_toml(tmp_path):
 def test_defaults_and_replace():
     config = RunConfig()
     assert config.task == "digits-mlp" and config.clan.population_size == 8
-    assert config.schedule.to_schedule()[0].name == "clan" and config.schedule.to_schedule()[0].competition
+    # Without phases: a search, then clan rounds, or one data-parallel model when no sample repeats.
+    assert [(p.name, p.start_t, p.end_t, p.clan) for p in config.schedule.to_schedule()] == \
+        [("search", 0.0, 0.1, {"search": 30.0}), ("clan", 0.1, 1.0, {})]
+    assert [(p.name, p.clan) for p in config.schedule.to_schedule("winner", passes=1.0)] == \
+        [("search", {"search": 30.0}), ("train", {"competition": False})]
+    assert [p.name for p in config.schedule.to_schedule("winner", passes=1.01)] == ["search", "clan"]
+    assert [p.name for p in config.schedule.to_schedule("truncation", passes=0.5)] == ["clan"]
+    assert config.optimizer.lr_schedule == "cosine" and config.optimizer.warmup == 0.05
+    assert config.clan.competitive_lr == "sqrt" and config.clan.keep_best
     changed = config.replace(total_steps=50, clan={"population_size": 4},
                              schedule=[{"name": "a", "start_t": 0, "end_t": 1}])
     assert changed.total_steps == 50 and changed.clan.population_size == 4 and changed.clan.round_length == 40
@@ -95,7 +103,7 @@ def test_shipped_configs_are_valid(path):
     ({"clan": {"init": "independent"},
       "schedule": [{"name": "w", "start_t": 0, "end_t": 1, "clan": {"competition": False}}]}, ValueError,
      r"schedule\[0\] \('w'\): clan.competition = false before any clan round needs clan.init = 'copy'"),
-    ({"clan": {"init": "independent"}}, ValueError,
+    ({"clan": {"init": "independent"}, "schedule": [{"name": "clan", "start_t": 0, "end_t": 1}]}, ValueError,
      r"schedule\[0\] \('clan'\): clan.init = 'independent' needs clan.duty_cycle = 1.0 in the first clan phase"),
     ({"schedule": [{"name": "c", "start_t": 0, "end_t": 1, "clan": {"round_length": 2, "duty_cycle": 0.9}}]},
      ValueError, r"schedule\[0\] \('c'\).clan.round_length=2 with duty_cycle=0.9 leaves no cooperative step"),

@@ -625,8 +625,9 @@ MACHINE = {
     "task": "stdlib-chars", "total_steps": 14, "seed": 3,
     "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.0},
     "data": {"batch_size": 4, "seq_len": 16, "max_chars": 20_000, "eval_samples": 16},
-    "optimizer": {"lr": 3e-3, "weight_decay": 1e-2, "betas": [0.9, 0.99]},
-    "clan": {"population_size": P, "round_length": 4, "duty_cycle": 0.5},
+    # A constant lr and the genome's lr in competitive steps: rounds clear-cut enough to call in float32.
+    "optimizer": {"lr": 3e-3, "weight_decay": 1e-2, "betas": [0.9, 0.99], "lr_schedule": "constant", "warmup": 0.0},
+    "clan": {"population_size": P, "round_length": 4, "duty_cycle": 0.5, "competitive_lr": "same"},
     "schedule": [{"name": "warmup", "start_t": 0.0, "end_t": 0.15, "clan": {"competition": False}},
                  {"name": "clan", "start_t": 0.15, "end_t": 1.0}],
 }
