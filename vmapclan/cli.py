@@ -66,8 +66,8 @@ EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_DIVERGED, EXIT_WRITE, EXIT_RANK = 0, 2, 3,
 #: A run stopped by signal ``n`` exits with ``EXIT_SIGNAL + n`` (130 for Ctrl-C), as shells report it.
 EXIT_SIGNAL = 128
 
-#: The demo: a clan of 8 MLPs on scikit-learn's digits, a cooperative warmup, clan rounds, and a
-#: cooperative anneal at a third of the evolved learning rate (about a minute on 2 CPU cores).
+#: The demo: a clan of 8 MLPs on scikit-learn's digits with the default schedule (a search over the
+#: learning rate, then clan rounds: see ``vmapclan.specs.default_schedule``), seconds on 2 CPU cores.
 DEMO_CONFIG = {
     "task": "digits-mlp",
     "total_steps": 1500,
@@ -76,12 +76,6 @@ DEMO_CONFIG = {
     "data": {"batch_size": 32, "eval_samples": 0},
     "optimizer": {"lr": 1e-3, "weight_decay": 1e-2},
     "clan": {"population_size": 8, "round_length": 50, "duty_cycle": 0.2},
-    "schedule": [
-        {"name": "warmup", "start_t": 0.0, "end_t": 0.1, "clan": {"competition": False}},
-        {"name": "clan", "start_t": 0.1, "end_t": 0.9},
-        {"name": "anneal", "start_t": 0.9, "end_t": 1.0, "optimizer": {"lr_scale": 0.3},
-         "clan": {"competition": False}},
-    ],
 }
 
 
