@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 
-from vmapclan import Gene, Phase, RunConfig, TrainingMachine
+from vmapclan import BatchedAdamW, Gene, Phase, RunConfig, TrainingMachine, load_checkpoint, save_checkpoint
 from vmapclan.genome import ADAMW_GENES, search_genome
 from vmapclan.replay import replay
 from vmapclan.schedule import lr_shape_at
 
-from runs import assert_resumes_exactly
+from runs import assert_resumes_exactly, same_model, stop_at_step
 
 
 def _incumbent(**values):
@@ -88,7 +88,15 @@ def search_run(**clan) -> dict:
 
 
 @pytest.mark.parametrize("competitive_lr", ["same", "sqrt"])
-def test_a_search_phase_is_one_competitive_round_from_the_spread(competitive_lr):
+def test_a_search_phase_is_one_competitive_round_from_the_spread(competitive_lr, monkeypatch):
+    seen = []  # every member's lr at every update, as the batched AdamW applies it
+    apply_ = BatchedAdamW.apply_
+
+    def spy(self, grads, *args, **kwargs):
+        seen.append([v * (1.0 if self.lr_factor is None else self.lr_factor.item()) for v in self.hyper.lr.tolist()])
+        return apply_(self, grads, *args, **kwargs)
+
+    monkeypatch.setattr(BatchedAdamW, "apply_", spy)
     results = TrainingMachine(search_run(competitive_lr=competitive_lr)).train()
     search, second = results.rounds[0], results.rounds[1]
     assert (search["start_step"], search["end_step"], search["cooperative_steps"]) == (0, 12, 0)
@@ -100,10 +108,13 @@ def test_a_search_phase_is_one_competitive_round_from_the_spread(competitive_lr)
         assert values == pytest.approx(want[name].tolist(), rel=1e-12), name
     assert search["genomes"]["lr"][0] == 2e-3 and len(set(search["genomes"]["lr"])) == 4
     winner = search["winner"]
-    assert search["incumbent"]["lr"] == search["genomes"]["lr"][winner]
     assert second["genomes"]["lr"][0] == search["genomes"]["lr"][winner]  # the next round's control
-    # The replay follows the winner through the search: its lr, the competitive share, the shape.
     share = 4 ** -0.5 if competitive_lr == "sqrt" else 1.0
+    # Every member trained at its own spread lr through the search (the competitive share, the shape).
+    for step in range(12):
+        shape = lr_shape_at(step, 40, "cosine", 0.1)
+        assert seen[step] == pytest.approx([lr * share * shape for lr in search["genomes"]["lr"]], rel=1e-12)
+    # The replay follows the winner through the search.
     trace = replay(results.schedule, results.config, trace=True).trace
     for step in range(12):
         want_lr = search["genomes"]["lr"][winner] * share * lr_shape_at(step, 40, "cosine", 0.1)
@@ -125,3 +136,41 @@ def adamw_genes(lr):
 
 def test_a_resume_inside_the_search_is_exact(tmp_path):
     assert_resumes_exactly(search_run(competitive_lr="sqrt"), tmp_path, stop_at=5)
+
+
+DEFAULT = {"task": "digits-mlp", "seed": 1, "model": {"hidden": 16}, "data": {"batch_size": 8, "eval_samples": 64},
+           "clan": {"population_size": 4, "round_length": 20}}
+
+
+@pytest.mark.parametrize("total_steps, stop_at, phases", [
+    (40, 2, ["search", "train"]),    # 40 x 4 x 8 samples: under one pass over digits' 1297 training images
+    (40, 20, ["search", "train"]),
+    (120, 7, ["search", "clan"]),    # more than one pass: clan rounds follow the search
+    (120, 50, ["search", "clan"]),
+])
+def test_a_run_with_the_default_schedule_names_its_phases_and_resumes_exactly(tmp_path, total_steps, stop_at, phases):
+    config = {**DEFAULT, "total_steps": total_steps}
+    full, resumed = assert_resumes_exactly(config, tmp_path, stop_at)
+    assert sorted({r["phase"] for r in full.history}, key=phases.index) == phases
+    assert [p["name"] for p in full.config.schedule.phases] == phases  # the config names what the run got
+    assert [p["name"] for p in RunConfig.from_toml(tmp_path / "config.toml").schedule.phases] == phases
+
+
+def test_a_checkpoint_whose_config_names_no_phases_resumes_under_one_phase_of_rounds(tmp_path):
+    """A checkpoint written before a run's config named its phases: the default then was one phase of
+    clan rounds, and the run continues under it (not under today's default)."""
+    old = {**DEFAULT, "total_steps": 40, "schedule": [{"name": "clan", "start_t": 0.0, "end_t": 1.0}]}
+    full = TrainingMachine(old).train()
+    stop_at_step(old, tmp_path, 25)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state["machine"]["config"]["schedule"] = []
+    save_checkpoint(state, tmp_path / "checkpoint.pt")
+    (tmp_path / "config.toml").unlink()
+    resumed = TrainingMachine.resume(tmp_path).train()
+    assert repr(resumed.history) == repr(full.history) and same_model(resumed.best_model, full.best_model)
+
+
+def test_independent_members_start_with_the_default_search():
+    results = TrainingMachine({**DEFAULT, "total_steps": 40, "clan": {**DEFAULT["clan"], "init": "independent"}}).train()
+    assert [r["phase"] for r in results.history] == ["search", "train"]
+    assert math.isfinite(results.final["val_loss"])

@@ -62,7 +62,8 @@ class TensorBoardLogger:
     Raises:
         ImportError: if TensorBoard is not installed (naming the extra).
 
-    Example:
+    Example (after ``machine.prepare()``, which settles a default schedule's phases):
+        >>> machine.prepare()  # doctest: +SKIP
         >>> machine.callback = TensorBoardLogger("runs/x/tensorboard/train", [p.name for p in machine.schedule],
         ...                                      machine.config.clan.population_size)  # doctest: +SKIP
     """

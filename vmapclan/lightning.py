@@ -196,9 +196,8 @@ class _ClanAhead:
 
     @property
     def cooperating(self) -> bool:
-        if self._in_flight.drawing is None:
-            return self._clan.cooperating
-        return self._in_flight.drawing == "cooperative"
+        # Inside clan.cooperate() every step is cooperative, whatever the phase drawn for.
+        return self._clan._cooperating or self.phase == "cooperative"
 
 
 class LookaheadLoader:

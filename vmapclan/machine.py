@@ -8,7 +8,14 @@
   training of one model at batch ``P x batch_size``), with the phase's optimizer overrides;
 - a phase with competition runs clan rounds (cooperation, competition, selection) with the
   phase's ``round_length`` and ``duty_cycle``; the last round of a phase absorbs the steps that do
-  not fill a whole round, so every round ends inside its phase.
+  not fill a whole round, so every round ends inside its phase;
+- a phase with ``clan.search`` is one all-competitive round whose challengers spread the lr
+  around the incumbent's (:func:`vmapclan.genome.search_genome`).
+
+A config without phases gets :func:`vmapclan.specs.default_schedule`, chosen when the data is
+loaded (:meth:`TrainingMachine.prepare`), and from then on names those phases itself
+(``machine.config``, ``config.toml``, the checkpoint); before ``prepare`` ``machine.schedule``
+holds its phases for data that repeats.
 
 Every step costs P member-steps, whatever the phase, so ``total_steps`` fixes the compute. The
 machine scores each member on validation data at the end of every round, records metrics, saves
@@ -539,6 +546,9 @@ class TrainingMachine:
         if not cfg.schedule.phases:
             passes = cfg.total_steps * cfg.clan.population_size * cfg.data.batch_size / data_length(self.data.train)
             self.schedule = cfg.schedule.to_schedule(cfg.clan.selection, passes)
+            # The run's config names the phases it got: config.toml and the checkpoint hold them,
+            # so a resume (or a later default) cannot change the plan under a running run.
+            self.config = cfg = cfg.replace(schedule=[phase.to_dict() for phase in self.schedule])
         model = self.task.build_model(self.model_settings, cfg.data)
         names = self._architectures(model)
         self._freeze = [frozen_parameters(names[i], phase.model["freeze"], f"schedule[{i}] ({phase.name!r})")
@@ -549,9 +559,10 @@ class TrainingMachine:
                 self._datasets[key] = self.task.load(spec, cfg.seed)
         optimizer = cfg.optimizer.build(model.parameters())
         first = self.schedule[0]
+        first_duty = 1.0 if "search" in first.clan else first.clan.get("duty_cycle", cfg.clan.duty_cycle)
         self.clan = Clan(model, optimizer, population_size=cfg.clan.population_size,
                          round_length=first.clan.get("round_length", cfg.clan.round_length),
-                         duty_cycle=first.clan.get("duty_cycle", cfg.clan.duty_cycle), autobind=["adamw"],
+                         duty_cycle=first_duty, autobind=["adamw"],
                          genome_config=cfg.clan.genes, selection=cfg.clan.selection_arg, init=cfg.clan.init,
                          seed=cfg.seed, device=self.device, confidence=cfg.clan.confidence or None)
         if self.clan.group is not None:  # the clan compared its own settings; the rest of the run must agree too
@@ -992,6 +1003,10 @@ class TrainingMachine:
                     f"TrainingMachine.resume: {toml_path} sets {field} = {_lookup(edited, field)!r}, the checkpoint's "
                     f"run has {_lookup(saved, field)!r}; a resumed run keeps its settings: undo the edit, or start "
                     f"a new run")
+        if not config.schedule.phases:
+            # Written before a run's config named the phases it got: the default then was one phase
+            # of clan rounds over the whole run, and the run continues under it.
+            config = config.replace(schedule=[{"name": "clan", "start_t": 0.0, "end_t": 1.0}])
         if task is not None and task_reference(task) != config.task:
             raise ValueError(f"TrainingMachine.resume: the run trained task {config.task!r}, "
                              f"got task {task_reference(task)!r}")

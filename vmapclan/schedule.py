@@ -196,7 +196,7 @@ class Phase:
             ``duty_cycle``; ``search`` (a number s > 1) makes the phase a *search*: one round
             over the whole phase, all competition, in which member 0 keeps the incumbent and
             the others try learning rates spread evenly in log over ``[lr / s, lr * s]``
-            (:func:`vmapclan.genome.log_spread`) with every other gene at the incumbent's
+            (:func:`vmapclan.genome.search_genome`) with every other gene at the incumbent's
             value; the round's winner, as any round's, becomes the incumbent.
 
     Raises:

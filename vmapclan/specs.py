@@ -377,7 +377,7 @@ class ScheduleSpec:
     """The phases of a run, as plain dicts (the TOML ``[[schedule]]`` tables).
 
     Args:
-        phases: Phase dicts (see :class:`vmapclan.Phase`); empty means one clan phase over [0, 1].
+        phases: Phase dicts (see :class:`vmapclan.Phase`); empty means :func:`default_schedule`.
     """
 
     phases: tuple[dict, ...] = ()
