@@ -437,7 +437,8 @@ def default_schedule(selection: str = "winner", passes: float | None = None) -> 
       (``clan.competition = false``); otherwise (``passes > 1`` or unknown) ``clan``: clan rounds,
       whose selection and kept best incumbent guard against overfitting the repeated data.
 
-    With truncation or no selection (PBT, a sweep): one phase of clan rounds, ``clan``.
+    With truncation or no selection (PBT, a sweep): one phase of clan rounds, ``clan``. A run of
+    fewer than 5 steps gives the search no step (a phase shorter than half a step is skipped).
 
     Args:
         selection: ``clan.selection``.
