@@ -25,7 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vmapclan import Clan, FusedStep, member_loss
+from vmapclan import Clan, FusedStep
+
+from plain_loop import train_step, validation_losses
 
 
 def data():
@@ -68,18 +70,9 @@ def train(args, rank: int) -> None:
             if fused is not None:
                 fused(xb, yb)
             else:
-                loss = member_loss(F.cross_entropy, member.model(xb), yb)
-                with member.sync_context():
-                    loss.sum().backward()
-                member.optimizer.step()
-                member.optimizer.zero_grad()
-                member.step()
+                train_step(member, F.cross_entropy, xb, yb)
             if member.done:
-                member.model.eval()
-                with torch.no_grad():
-                    val = member_loss(F.cross_entropy, member.model(member.share(x_val)), member.share(y_val))
-                member.model.train()
-                clan.step(val)
+                clan.step(validation_losses(member, F.cross_entropy, x_val, y_val))
                 member = clan.round()
             if args.stop_at is not None and clan.global_step == args.stop_at:
                 state = clan.state_dict()  # a collective: every rank takes part

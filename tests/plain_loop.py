@@ -1,4 +1,6 @@
-"""The README's training step, written once for the tests that run or compare against it."""
+"""The README's training step and round-end validation, written once for the tests that run or compare against them."""
+
+import torch
 
 from vmapclan import member_loss
 
@@ -23,3 +25,13 @@ def train_step(member, loss_fn, *batch):
     member.optimizer.zero_grad()
     member.step()
     return loss
+
+
+def validation_losses(member, loss_fn, x_val, y_val):
+    """The README's round end: every member's ``[P]`` loss on shared validation data, in eval mode
+    without gradients; the model is back in training mode afterwards."""
+    member.model.eval()
+    with torch.no_grad():
+        val = member_loss(loss_fn, member.model(member.share(x_val)), member.share(y_val))
+    member.model.train()
+    return val

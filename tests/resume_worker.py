@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vmapclan import Clan, member_loss
+from vmapclan import Clan
 from vmapclan.checkpoint import load_checkpoint, save_checkpoint
 
-from plain_loop import train_step
+from plain_loop import train_step, validation_losses
 
 
 def build(run_dir):
@@ -74,10 +74,7 @@ def main():
             member.model.train()
             train_step(member, F.cross_entropy, x, y)
             if member.done:
-                member.model.eval()
-                with torch.no_grad():
-                    val = member_loss(F.cross_entropy, member.model(member.share(x_val)), member.share(y_val))
-                clan.step(val)
+                clan.step(validation_losses(member, F.cross_entropy, x_val, y_val))
                 member = clan.round()
             if args.crash_at is not None and clan.global_step == args.crash_at:
                 crash_during_save(args.crash_mode)

@@ -21,7 +21,7 @@ from vmapclan import Clan, Gene, member_loss
 from vmapclan.lightning import ClanCallback, ClanModule, LookaheadLoader
 from vmapclan.tasks import load_digits
 
-from plain_loop import train_step
+from plain_loop import train_step, validation_losses
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 TINY = dict(epochs=2, population_size=4, batch_size=16, round_length=8, duty_cycle=0.25, hidden=16, lr=1e-2, seed=0)
@@ -48,11 +48,7 @@ def plain_loop(example, epochs, population_size, batch_size, round_length, duty_
         for x, y in loader:
             train_step(member, F.cross_entropy, x, y)
             if member.done:
-                member.model.eval()
-                with torch.no_grad():
-                    val = member_loss(F.cross_entropy, member.model(member.share(x_val)), member.share(y_val))
-                member.model.train()
-                clan.step(val)
+                clan.step(validation_losses(member, F.cross_entropy, x_val, y_val))
                 member = clan.round()
             if clan.global_step == max_steps:
                 return clan
