@@ -305,8 +305,8 @@ def search_genome(incumbent: Mapping[str, torch.Tensor], specs: Mapping[str, Gen
            for name, spec in specs.items()}
     spec = specs[gene]
     center = incumbent[gene].detach().cpu().to(torch.float64)
+    # Member 0's exponent is 0: a factor of exactly 1, so the control is the incumbent bit for bit.
     values = center * torch.tensor(float(spread), dtype=torch.float64) ** torch.tensor(exponents, dtype=torch.float64)
-    values[0] = center  # the control, exactly the incumbent
     out[gene] = values.clamp(spec.low, spec.high).to(spec.torch_dtype)
     return out
 

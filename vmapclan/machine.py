@@ -559,10 +559,9 @@ class TrainingMachine:
                 self._datasets[key] = self.task.load(spec, cfg.seed)
         optimizer = cfg.optimizer.build(model.parameters())
         first = self.schedule[0]
-        first_duty = 1.0 if "search" in first.clan else first.clan.get("duty_cycle", cfg.clan.duty_cycle)
         self.clan = Clan(model, optimizer, population_size=cfg.clan.population_size,
                          round_length=first.clan.get("round_length", cfg.clan.round_length),
-                         duty_cycle=first_duty, autobind=["adamw"],
+                         duty_cycle=first.duty_cycle(cfg.clan.duty_cycle), autobind=["adamw"],
                          genome_config=cfg.clan.genes, selection=cfg.clan.selection_arg, init=cfg.clan.init,
                          seed=cfg.seed, device=self.device, confidence=cfg.clan.confidence or None)
         if self.clan.group is not None:  # the clan compared its own settings; the rest of the run must agree too
@@ -599,10 +598,10 @@ class TrainingMachine:
             if not phase.competition:
                 yield _Stretch("cooperative", phase, index, first, end, phase_end=True, first=True)
                 continue
-            if "search" in phase.clan:  # one round over the whole phase, all competition
-                yield _Stretch("round", phase, index, first, end, 1.0, phase_end=True, first=True)
+            duty_cycle = phase.duty_cycle(cfg.clan.duty_cycle)
+            if phase.search is not None:  # one round over the whole phase, all competition
+                yield _Stretch("round", phase, index, first, end, duty_cycle, phase_end=True, first=True)
                 continue
-            duty_cycle = phase.clan.get("duty_cycle", cfg.clan.duty_cycle)
             rounds, leftover = plan_rounds(end - first, phase.clan.get("round_length", cfg.clan.round_length),
                                            duty_cycle)
             position = first
@@ -909,8 +908,8 @@ class TrainingMachine:
         length = stretch.end - stretch.start
         if self.clock.step == stretch.start:
             clan.reconfigure(round_length=length, duty_cycle=stretch.duty_cycle)
-            if "search" in stretch.phase.clan:  # the challengers' lrs spread around the incumbent's
-                genome = search_genome(clan.incumbent, clan.genes, clan.population_size, stretch.phase.clan["search"])
+            if stretch.phase.search is not None:  # the challengers' lrs spread around the incumbent's
+                genome = search_genome(clan.incumbent, clan.genes, clan.population_size, stretch.phase.search)
                 for name, values in genome.items():
                     clan.set_genome(name, values)
         # else: resumed inside the round, whose settings are part of the clan's restored state
@@ -927,8 +926,8 @@ class TrainingMachine:
         record.update(kind="round", phase=stretch.phase.name, start_step=stretch.start, end_step=self.clock.step,
                       cooperative_steps=cooperative_steps, batch_size=batch_size,
                       population_size=clan.population_size, **self._planes(stretch))
-        if "search" in stretch.phase.clan:
-            record["search"] = stretch.phase.clan["search"]
+        if stretch.phase.search is not None:
+            record["search"] = stretch.phase.search
         if self._competitive_lr != 1.0:  # the export gives the competitive steps this share of the lr
             record["competitive_lr_scale"] = self._competitive_lr
         self.best_val = min(self.best_val, min(v for v in record["val_losses"] if math.isfinite(v))

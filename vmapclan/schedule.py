@@ -240,7 +240,7 @@ class Phase:
             )
         if "lr" in self.optimizer and "lr_scale" in self.optimizer:
             raise ValueError(f"{where}: give optimizer.lr or optimizer.lr_scale, not both")
-        if "search" in self.clan:
+        if self.search is not None:
             clash = [k for k in ("competition", "round_length", "duty_cycle") if k in self.clan]
             if clash:
                 raise ValueError(f"{where}: clan.search is one round over the whole phase, all competition; "
@@ -250,6 +250,16 @@ class Phase:
     def competition(self) -> bool:
         """Whether clan rounds (competition and selection) run in this phase."""
         return self.clan.get("competition", True)
+
+    @property
+    def search(self) -> float | None:
+        """The lr's spread of a search phase (``clan.search``), else ``None``."""
+        return self.clan.get("search")
+
+    def duty_cycle(self, default: float) -> float:
+        """The competitive share of the phase's rounds: 1 for a search (all competition), else its
+        ``clan.duty_cycle`` or ``default`` (the run's)."""
+        return 1.0 if self.search is not None else self.clan.get("duty_cycle", default)
 
     @property
     def duration(self) -> float:

@@ -516,11 +516,10 @@ class RunConfig:
                     f"{where}: clan.competition = false before any clan round needs clan.init = 'copy' "
                     "(independently initialised members are not identical, so they cannot cooperate)"
                 )
-            search = "search" in phase.clan
-            if search and self.clan.selection != "winner":
+            if phase.search is not None and self.clan.selection != "winner":
                 raise ValueError(f"{where}: clan.search needs clan.selection = 'winner' (the best of the spread "
                                  f"becomes the incumbent), got {self.clan.selection!r}")
-            duty = 1.0 if search else phase.clan.get("duty_cycle", self.clan.duty_cycle)
+            duty = phase.duty_cycle(self.clan.duty_cycle)
             if phase.competition and not competed and self.clan.init == "independent" and duty != 1:
                 raise ValueError(
                     f"{where}: clan.init = 'independent' needs clan.duty_cycle = 1.0 in the first clan phase "
@@ -532,10 +531,8 @@ class RunConfig:
                     f"{where}: clan.competition = false needs clan.selection = 'winner' (members must be "
                     f"identical to cooperate), got {self.clan.selection!r}"
                 )
-            if phase.competition and not search:
-                check_round(f"{where}.clan", phase.clan.get("round_length", self.clan.round_length),
-                            phase.clan.get("duty_cycle", self.clan.duty_cycle))
-                duty = phase.clan.get("duty_cycle", self.clan.duty_cycle)
+            if phase.competition and phase.search is None:
+                check_round(f"{where}.clan", phase.clan.get("round_length", self.clan.round_length), duty)
                 if self.clan.selection != "winner" and duty != 1:
                     raise ValueError(f"{where}: clan.duty_cycle must be 1.0 for selection {self.clan.selection!r}, "
                                      f"got {duty}")
