@@ -532,7 +532,7 @@ def lr_shape_at(step: int, total_steps: int, shape: str = "constant", warmup: fl
     Example:
         >>> [round(lr_shape_at(s, 4, "cosine"), 3) for s in range(4)]
         [0.962, 0.691, 0.309, 0.038]
-        >>> lr_shape_at(0, 100, "constant", warmup=0.1)
+        >>> round(lr_shape_at(0, 100, "constant", warmup=0.1), 6)
         0.05
     """
     t = (step + 0.5) / total_steps
