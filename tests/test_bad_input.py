@@ -11,7 +11,7 @@ from torch import nn
 
 from vmapclan import Clan, DivergenceError, FusedStep, Gene, member_loss
 from vmapclan.schedule import Phase, PhaseSchedule
-from vmapclan.specs import DataSpec
+from vmapclan.config import DataSpec
 from vmapclan.tasks import get_task
 
 P = 3
@@ -274,8 +274,8 @@ CATALOGUE = [
      ValueError, r"FusedStep: loss_fn must reduce each member's batch to a scalar \(losses of shape \[3\]\), "
                  r"got \[3, 8\]"),
     ("a torch LSTM in the model", lambda: _recurrent_clan(nn.LSTM(4, 8, batch_first=True)), ValueError,
-     r"PopulationModel: model.rnn is a torch.nn.LSTM, which has no vmap batching rule; use vmapclan.nn.LSTM "
-     r"\(same weights and state dict\) or vmapclan.nn.vectorizable\(model\)"),
+     r"PopulationModel: model.rnn is a torch.nn.LSTM, which has no vmap batching rule; use vmapclan.recurrent.LSTM "
+     r"\(same weights and state dict\) or vmapclan.recurrent.vectorizable\(model\)"),
     ("a torch GRUCell in the model", lambda: _recurrent_clan(nn.GRUCell(4, 8)), ValueError,
      r"PopulationModel: model.rnn is a torch.nn.GRUCell, which vmap runs one member at a time"),
 ]

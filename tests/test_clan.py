@@ -514,7 +514,7 @@ def test_load_state_dict_refuses_another_configuration():
                                          r"this clan's is 4"):
         make_clan(population_size=4).load_state_dict(saved)
     with pytest.raises(ValueError, match=r"Clan.load_state_dict: checkpoint format version 99, "
-                                         r"this vmapclan reads version 1"):
+                                         r"this vmapclan reads versions 1 and 2"):
         make_clan().load_state_dict({**saved, "format_version": 99})
     with pytest.raises(ValueError, match=r"Clan.load_state_dict: not a vmapclan state dict \(no 'format_version'\)"):
         make_clan().load_state_dict({})

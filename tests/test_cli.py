@@ -260,7 +260,7 @@ def test_quality_bad_arguments(capsys):
 ])
 def test_step_options_reach_the_machine(argv, fused, monkeypatch, tmp_path, capsys):
     """--cuda-graph and --compile become the machine's FusedStep options (checked, then passed on)."""
-    import vmapclan.fused
+    import vmapclan.step
     import vmapclan.machine
 
     seen = {}
@@ -271,7 +271,7 @@ def test_step_options_reach_the_machine(argv, fused, monkeypatch, tmp_path, caps
             raise ValueError("recorded")
 
     monkeypatch.setattr(vmapclan.machine, "TrainingMachine", Recorder)
-    monkeypatch.setattr(vmapclan.fused, "check_options", lambda device, **options: seen.setdefault("checked", options))
+    monkeypatch.setattr(vmapclan.step, "check_options", lambda device, **options: seen.setdefault("checked", options))
     monkeypatch.chdir(tmp_path)
     assert main(["demo", *argv]) == EXIT_INPUT
     assert "recorded" in capsys.readouterr().err

@@ -245,8 +245,10 @@ def test_cooperative_phase_equals_data_parallel_adamw(clear_grads):
             val = member_loss(F.cross_entropy, member.model(member.share(x_all[:64])), member.share(y_all[:64]))
         record = clan.step(val)
         winner = record["winner"]
-        # The reference takes the winner's path: its genome for the competitive step.
-        reference_step(window, adamw_kwargs(genomes, winner))
+        # The reference takes the winner's path: its genome for the competitive step, at the genome's
+        # lr over sqrt(P) (competitive_lr="sqrt": the genome's lr is what a P x B step applies).
+        competed = adamw_kwargs(genomes, winner)
+        reference_step(window, {**competed, "lr": competed["lr"] * p ** -0.5})
         assert_members_identical(f"after selection in round {round_index}")
         assert_member_equals(clan, 0, reference, f"after selection in round {round_index}")
         member = clan.round()

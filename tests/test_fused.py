@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmapclan import Clan, FusedStep, member_loss
-from vmapclan.fused import BACKWARDS, LAYOUTS, resolve_backward
+from vmapclan.step import BACKWARDS, LAYOUTS, resolve_backward
 
 from plain_loop import train_step
 

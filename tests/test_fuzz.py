@@ -234,7 +234,7 @@ def clean_and_midrun(tmp_path_factory):
 
     def keep_midrun(path, clan, state):
         real(path, clan, state)
-        if state["clock"]["step"] == 12 and "mid" not in snapshots:
+        if clan.time_step == 12 and "mid" not in snapshots:
             snapshots["mid"] = base / "mid"
             shutil.copytree(clean, snapshots["mid"], ignore=shutil.ignore_patterns("run.lock"))
 
@@ -279,6 +279,6 @@ def test_the_midrun_snapshot_resumes_to_the_clean_run(clean_and_midrun, tmp_path
     clean, mid = clean_and_midrun
     run = tmp_path / "run"
     shutil.copytree(mid, run)
-    assert load_checkpoint(run / "checkpoint.pt")["machine"]["clock"]["step"] == 12
+    assert load_checkpoint(run / "checkpoint.pt")["clan"]["time_step"] == 12
     assert main(["train", "--resume", str(run), "--no-progress", "--no-plots", "--threads", "1"]) == EXIT_OK
     assert run_result(run) == run_result(clean)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vmapclan import Clan, FusedStep, TrainingMachine, replay
-from vmapclan.machine import load_run_checkpoint
+from vmapclan.resume import load_run_checkpoint
 from vmapclan.population import check_growth
 from vmapclan.tasks import CharTransformer, StdlibCharsTask
 
@@ -33,10 +33,10 @@ def outputs(population, x):
 
 def watch_growth(machine, x, seen):
     """Record every member's output on ``x`` just before and just after each growth."""
-    grow_to = machine._grow_to
+    grow_to = machine.grow_to
 
     def watched(count):
-        if machine._grown < count:
+        if machine.growths < count:
             before = outputs(machine.clan.population, x)
             grow_to(count)
             seen.append((before, outputs(machine.clan.population, x), machine.clan.population.member_module(0)))
@@ -44,7 +44,7 @@ def watch_growth(machine, x, seen):
         else:
             grow_to(count)
 
-    machine._grow_to = watched
+    machine.grow_to = watched
 
 
 @pytest.mark.parametrize("clan", [{"population_size": 3, "round_length": 6, "duty_cycle": 0.5},
@@ -143,7 +143,7 @@ def test_resume_from_the_checkpoint_before_the_growth_is_exact(tmp_path):
     with pytest.raises(Crash):
         TrainingMachine(config, out_dir=tmp_path, callback=crash).train()
     saved = load_run_checkpoint(tmp_path / "checkpoint.pt")
-    assert saved["machine"]["clock"]["step"] == 12 and len(saved["clan"]["model"]["shapes"]) == 18  # one block
+    assert saved["clan"]["time_step"] == 12 and len(saved["clan"]["model"]["shapes"]) == 18  # one block
     resumed = TrainingMachine.resume(tmp_path).train()
     assert repr(resumed.history) == repr(full.history) and same_model(resumed.best_model, full.best_model)
 

@@ -9,7 +9,7 @@ from torch import nn
 from vmapclan import (PhaseSchedule, RunConfig, TrainingMachine, export_schedule, load_run_checkpoint,
                       read_schedule, replay, save_run_checkpoint)
 from vmapclan.checkpoint import save_checkpoint
-from vmapclan.machine import plan_rounds
+from vmapclan.rounds import plan_rounds
 from vmapclan.tasks import get_task, stdlib_corpus, stdlib_files
 
 
@@ -232,13 +232,13 @@ def test_checkpoints(tmp_path):
     machine = TrainingMachine(config, out_dir=tmp_path)
     machine.train()
     state = load_run_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["machine"]["clock"] == {"total_steps": 40, "step": 40}
+    assert state["clan"]["time_step"] == 40 and state["clan"]["config"]["total_steps"] == 40
     assert len(state["clan"]["history"]) == 2 and len(state["machine"]["history"]) == 2
     assert (tmp_path / "metrics.jsonl").read_text().count('"event": "round"') == 2
     save_run_checkpoint(tmp_path / "again.pt", machine.clan, {"note": 1})
     assert load_run_checkpoint(tmp_path / "again.pt")["machine"] == {"note": 1}
     save_checkpoint({"format_version": 99}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="other.pt has format version 99, expected 2"):
+    with pytest.raises(ValueError, match="other.pt has format version 99, expected 3"):
         load_run_checkpoint(tmp_path / "other.pt")
     torch.save({"format_version": 1}, tmp_path / "old.pt")  # what format 1 wrote: no header, no hash
     with pytest.raises(ValueError, match=r"old.pt has checkpoint format 1 \(no content hash\), this vmapclan reads "
@@ -312,8 +312,8 @@ def test_fused_rounds_match_the_imperative_loop():
     machine = TrainingMachine(config, fused=True)
     fused_run = machine.train()
     plain = TrainingMachine(config, fused=False).train()
-    step = machine._fused_step
-    assert (step.backward, step.update, step._form) == ("autograd", "batched", "batch")
+    step = machine.fused_step
+    assert (step.backward, step.update, step.one_model_form) == ("autograd", "batched", "batch")
     assert len(fused_run.rounds) == 2
     for a, b in zip(fused_run.history, plain.history, strict=True):
         assert a.get("winner") == b.get("winner") and a.get("genomes") == b.get("genomes")
@@ -335,7 +335,7 @@ def test_fused_rounds_with_the_vmap_backward_match_the_imperative_loop():
     machine = TrainingMachine(config, fused={"backward": "vmap", "layout": "flat"})
     fused_run = machine.train()
     plain = TrainingMachine(config, fused=False).train()
-    assert (machine._fused_step.backward, machine._fused_step.layout) == ("vmap", "flat")
+    assert (machine.fused_step.backward, machine.fused_step.layout) == ("vmap", "flat")
     assert len(fused_run.rounds) == 2
     for a, b in zip(fused_run.rounds, plain.rounds, strict=True):
         assert (a["winner"], a["genomes"], a["incumbent"]) == (b["winner"], b["genomes"], b["incumbent"])
@@ -380,6 +380,6 @@ def test_a_cooperative_phase_becomes_the_divergence_restore_point():
     # The tiny run ends with a cooperative anneal: a divergence after it must not undo it.
     machine = TrainingMachine(tiny(total_steps=60))
     machine.train()
-    good, population = machine.clan._last_good, machine.clan.population
+    good, population = machine.clan.restore_point.saved, machine.clan.population
     assert torch.equal(good["params"], population.flat[0])
     assert good["round"] == machine.clan.round_index

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmapclan import Clan, FusedStep, member_loss
+from vmapclan.cooperation import Cooperation
 
 from plain_loop import train_step
 
@@ -36,15 +37,18 @@ SPLIT = (NAN_ROUND, 2)
 
 
 class PFoldClan(Clan):
-    """The clan with one-model training disabled: ``_train_as_one`` always turns it off.
+    """The clan with one-model training disabled: its ``cooperation.train_as_one`` always turns it off.
 
     That is exactly the path the clan took before one-model training existed (every member
     forwarded and updated, gradients averaged across the rows). A subclass rather than a
-    monkeypatch of ``Clan`` so that the clan under test, built alongside, keeps the real method.
+    monkeypatch of ``Cooperation`` so that the clan under test, built alongside, keeps the real method.
     """
 
-    def _train_as_one(self, on: bool) -> None:
-        super()._train_as_one(False)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cooperation = self.cooperation
+        cooperation.train_as_one = lambda on: Cooperation.train_as_one(cooperation, False)
+        cooperation.train_as_one(False)
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -160,7 +164,7 @@ def member_state_now(clan) -> dict:
     pop = clan.population
     assert pop.one_model or not pop.rows_stale, "rows lag behind row 0 while the members train apart"
     lagging = pop.one_model and pop.rows_stale
-    tree = clan._state_tree()
+    tree = clan.population.member_state(sync=False)
 
     def rows(t):
         return t[:1].expand_as(t).clone() if lagging else t.clone()
@@ -335,8 +339,8 @@ def test_form_choice_and_its_steps_equal_the_p_fold_path(model, loss_fn, form, b
         runs[p_fold] = step, losses, member_state_now(clan)
     step, losses, state = runs[False]
     ref_step, ref_losses, ref_state = runs[True]
-    assert step._form == form
-    assert ref_step._form is None  # the P-fold path never runs one model
+    assert step.one_model_form == form
+    assert ref_step.one_model_form is None  # the P-fold path never runs one model
     for got, want in zip(losses, ref_losses):
         torch.testing.assert_close(got, want.mean().expand(P), atol=TOL, rtol=0)
     assert_same_state(state, ref_state, TOL, f"{form} form")
@@ -364,7 +368,7 @@ def test_the_form_probe_leaves_no_trace(model, form):
             step._form = form  # chosen already: no probe runs
         torch.manual_seed(11)
         losses = step(x, y)
-        assert step._form == form
+        assert step.one_model_form == form
         results.append((losses, member_state_now(clan), torch.get_rng_state()))
     (losses, state, after), (want_losses, want_state, want_after) = results
     assert torch.equal(losses, want_losses) and torch.equal(after, want_after)

@@ -387,14 +387,14 @@ def test_a_resume_keeps_the_same_incumbent(tmp_path):
     kept_at = full.final["kept_step"]
     stop_at_step(KEEP, tmp_path, kept_at + 5, task=NoiseTask())
     state = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["machine"]["kept"]["step"] == kept_at
+    assert state["clan"]["kept"]["step"] == kept_at
     resumed = TrainingMachine.resume(tmp_path, task=NoiseTask()).train()
     assert resumed.final["kept_step"] == kept_at and resumed.final["val_loss"] == full.final["val_loss"]
     for a, b in zip(resumed.best_model.parameters(), full.best_model.parameters()):
         assert torch.equal(a, b)
-    state["machine"]["kept"]["row"]["params"] = torch.zeros(3)
+    state["clan"]["kept"]["row"]["params"] = torch.zeros(3)
     save_checkpoint(state, tmp_path / "checkpoint.pt")
-    with pytest.raises(ValueError, match=r"TrainingMachine.resume: the checkpoint's machine/kept must be the best "
+    with pytest.raises(ValueError, match=r"Clan.load_state_dict: the checkpoint's kept must be the best "
                                          r"incumbent's step \(<= \d+\), finite loss and one member's weights"):
         TrainingMachine.resume(tmp_path, task=NoiseTask()).prepare()
 

@@ -57,7 +57,7 @@ def saved_states(monkeypatch):
 
     def spy(path, clan, state):
         members = [t for t in torch.utils._pytree.tree_leaves(clan.member_state()) if t.is_floating_point()]
-        saved.append((state["clock"]["step"], all(bool(torch.isfinite(t).all()) for t in members)))
+        saved.append((clan.time_step, all(bool(torch.isfinite(t).all()) for t in members)))
         real(path, clan, state)
 
     monkeypatch.setattr(machine_module, "save_run_checkpoint", spy)
@@ -233,7 +233,7 @@ def test_a_write_error_is_named_in_one_line_and_the_old_checkpoint_stays(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"vmapclan: error: cannot write the run directory {out}: ") and name in err
     assert "\n" not in err and err.endswith("an existing checkpoint.pt there is intact")
-    assert load_checkpoint(out / "checkpoint.pt")["machine"]["clock"]["step"] > 0
+    assert load_checkpoint(out / "checkpoint.pt")["clan"]["time_step"] > 0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -264,7 +264,7 @@ def test_a_stop_saves_at_that_step_and_resumes_to_the_same_run(uninterrupted, tm
     machine = TrainingMachine(RESUME_CONFIG, out_dir=tmp_path, callback=stop)
     with pytest.raises(TrainingStopped, match=f"stopped at step {stop_at}; checkpoint saved at step {stop_at}"):
         machine.train()
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["machine"]["clock"]["step"] == stop_at
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["clan"]["time_step"] == stop_at
     results = TrainingMachine.resume(tmp_path).train()
     strip = lambda r: repr([{k: v for k, v in m.items() if k != "seconds"} for m in r.metrics])  # noqa: E731
     assert repr(results.history) == repr(uninterrupted.history) and strip(results) == strip(uninterrupted)
@@ -326,7 +326,7 @@ EDITS = {
                                 "the checkpoint's incumbent: gene 'eps'"),
     "round_step past the round": (lambda s: s["clan"].update(round_step=99),
                                   r"round_step must be an int in \[0, 10\], got 99"),
-    "clock past the end": (lambda s: s["machine"]["clock"].update(step=999), r"clock/step must be an int in \[0, 60\]"),
+    "clock past the end": (lambda s: s["clan"].update(time_step=999), r"time_step must be an int in \[0, 60\]"),
     "no machine": (lambda s: s.pop("machine"), "has no 'machine' table; it is not a run checkpoint"),
     "history not a list": (lambda s: s["machine"].update(history=3), "machine/history must be a list of records"),
     "weights of another size": (lambda s: s["clan"]["model"].update(params=torch.zeros(3, 7)),
@@ -337,7 +337,7 @@ EDITS = {
     "generator state": (lambda s: s["clan"].update(generator=torch.zeros(3, dtype=torch.uint8)),
                         "the checkpoint's generator is torch.uint8 \\[3\\], expected a generator state"),
     "config edited inside": (lambda s: s["machine"]["config"].update(total_steps=70),
-                             r"clock/total_steps must be 70 \(the config's\), got 60"),
+                             r"the checkpoint's total_steps is 60, this clan's is 70"),
     "round length edited inside": (lambda s: s["machine"]["config"]["clan"].update(round_length=7),
                                    "at step 23 the plan has a round of"),
     "population edited inside": (lambda s: s["machine"]["config"]["clan"].update(population_size=4),

@@ -153,7 +153,7 @@ def test_winner_selection_moves_every_row_to_the_winner(losses, winner):
 def test_winner_draws_mutations_from_the_clan_generator():
     clan = bn_clan()
     generator = torch.Generator()
-    generator.set_state(clan._generator.get_state())
+    generator.set_state(clan.genepool.generator.get_state())
     used = {n: v.clone() for n, v in clan.genomes.items()}
     clan.step(torch.tensor([3.0, 1.0, 2.0]))
     start = {n: v[1].expand(3).clone() for n, v in used.items()}
@@ -234,7 +234,9 @@ def test_history_record_has_exactly_the_contract_keys_and_values():
     used = {n: v.tolist() for n, v in clan.genomes.items()}
     record = clan.step(torch.tensor([3.0, NAN, 2.0]))
     assert clan.history == [record]
-    assert set(record) == {"round", "step", "genomes", "val_losses", "winner", "incumbent"}
+    # The contract's keys, and the share of a genome's lr a competitive step took (competitive_lr="sqrt").
+    assert set(record) == {"round", "step", "genomes", "val_losses", "winner", "incumbent", "competitive_lr_scale"}
+    assert record["competitive_lr_scale"] == 3 ** -0.5
     assert record["round"] == 0 and record["step"] == 1 and record["winner"] == 2
     assert record["genomes"] == used
     assert record["val_losses"][0] == 3.0 and math.isnan(record["val_losses"][1]) and record["val_losses"][2] == 2.0

@@ -11,7 +11,7 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from vmapclan import TrainingMachine  # noqa: E402
-from vmapclan.board import TensorBoardLogger  # noqa: E402
+from vmapclan.tensorboard_logger import TensorBoardLogger  # noqa: E402
 from vmapclan.cli import EXIT_INPUT, EXIT_OK, main  # noqa: E402
 from vmapclan.machine import TrainingStopped  # noqa: E402
 
@@ -121,7 +121,7 @@ def test_a_resumed_run_logs_each_step_once_with_the_uninterrupted_values(tmp_pat
     machine = TrainingMachine.resume(tmp_path / "stopped")
     machine.prepare()
     board = TensorBoardLogger(tmp_path / "stopped" / "tensorboard" / "train", [p.name for p in machine.schedule], P,
-                              purge_step=machine.clock.step + 1)
+                              purge_step=machine.step + 1)
     machine.callback = board
     machine.train()
     board.close()

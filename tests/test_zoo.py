@@ -38,7 +38,7 @@ from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
 from vmapclan import Clan, FusedStep, TrainingMachine
-from vmapclan.fused import LAYOUTS, check_options
+from vmapclan.step import LAYOUTS, check_options
 
 from plain_loop import train_step
 

@@ -6,24 +6,38 @@ and a batched AdamW whose hyperparameters differ per member. See :class:`Clan`.
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clan import FORMAT_VERSION, Clan, DivergenceError, Member
+from .settings import ClanSettings
 from .data import ClanLoader
 from .distributed import DistributedError
-from .fused import FusedStep
+from .step import FusedStep
 from .genome import Gene
 from .optim import AdamWHyper, AdamWState, BatchedAdamW, adamw_init, adamw_step_
 from .population import PopulationModel, additive_attention_mask, member_loss
-from .schedule import Phase, PhaseSchedule, TimeController
-from .specs import ClanSpec, DataSpec, ModelSpec, OptimizerSpec, RunConfig, ScheduleSpec
-from .tasks import Task, get_task
+from .schedule import Phase, PhaseSchedule, TimeController, default_schedule
+from .config import ClanSpec, DataSpec, ModelSpec, OptimizerSpec, RunConfig, ScheduleSpec
+from .task import Task, get_task
+from . import tasks  # noqa: F401 - the built-in tasks register their names
 from .replay import ReplayResult, export_schedule, read_schedule, replay, write_schedule
-from .machine import TrainingMachine, TrainingResults, load_run_checkpoint, save_run_checkpoint
-from . import nn
-from .nn import unsupported_recurrent, vectorizable
+from .record import TrainingResults
+from .resume import load_run_checkpoint, save_run_checkpoint
+from .machine import TrainingMachine
+from . import recurrent
+from .recurrent import unsupported_recurrent, vectorizable
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # ``vmapclan.nn`` (the recurrent layers' old name) still imports, with a deprecation warning.
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'vmapclan' has no attribute {name!r}")
+
 __all__ = [
     "Clan",
+    "ClanSettings",
     "Member",
     "DivergenceError",
     "FORMAT_VERSION",
@@ -42,6 +56,7 @@ __all__ = [
     "TimeController",
     "Phase",
     "PhaseSchedule",
+    "default_schedule",
     "RunConfig",
     "ModelSpec",
     "DataSpec",
@@ -61,7 +76,7 @@ __all__ = [
     "read_schedule",
     "replay",
     "ReplayResult",
-    "nn",
+    "recurrent",
     "vectorizable",
     "unsupported_recurrent",
     "__version__",

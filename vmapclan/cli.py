@@ -67,7 +67,7 @@ EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_DIVERGED, EXIT_WRITE, EXIT_RANK = 0, 2, 3,
 EXIT_SIGNAL = 128
 
 #: The demo: a clan of 8 MLPs on scikit-learn's digits with the default schedule (a search over the
-#: learning rate, then clan rounds: see ``vmapclan.specs.default_schedule``), seconds on 2 CPU cores.
+#: learning rate, then clan rounds: see ``vmapclan.schedule.default_schedule``), seconds on 2 CPU cores.
 DEMO_CONFIG = {
     "task": "digits-mlp",
     "total_steps": 1500,
@@ -304,10 +304,10 @@ def _train_locked(config, args, out: Path) -> int:
 
     board = None
     if args.tensorboard and writer:  # rank 0 writes the run directory
-        from .board import TensorBoardLogger
+        from .tensorboard_logger import TensorBoardLogger
 
         board = TensorBoardLogger(out / "tensorboard" / "train", [p.name for p in machine.schedule],
-                                  machine.clan.population_size, purge_step=machine.clock.step + 1 if resumed else None)
+                                  machine.clan.population_size, purge_step=machine.step + 1 if resumed else None)
 
         def on_event(event, show=on_event):
             show(event)
@@ -319,7 +319,7 @@ def _train_locked(config, args, out: Path) -> int:
         with _stop_on_signals(machine) as received:
             results = machine.train()
     except DivergenceError as err:
-        kept = machine._checkpoint_step
+        kept = machine.checkpoint_step
         print(f"vmapclan: training diverged: {err}" + (f"; the last good checkpoint (step {kept}) is kept in {out}"
                                                        if kept is not None else ""), file=sys.stderr)
         return EXIT_DIVERGED
@@ -328,8 +328,8 @@ def _train_locked(config, args, out: Path) -> int:
         print(f"vmapclan: {name}: {err}; resume with: {resume}", file=sys.stderr)
         return EXIT_SIGNAL + (received[0] if received else signal.SIGINT)
     except KeyboardInterrupt:
-        kept = machine._checkpoint_step
-        print(f"vmapclan: interrupted at step {machine.clock.step}; the checkpoint of step {kept} is kept; "
+        kept = machine.checkpoint_step
+        print(f"vmapclan: interrupted at step {machine.step}; the checkpoint of step {kept} is kept; "
               f"resume with: {resume}", file=sys.stderr)
         return EXIT_SIGNAL + signal.SIGINT
     finally:
@@ -381,7 +381,7 @@ def _replay(args) -> int:
               "replay": result.final, "clan": clan, "losses": result.losses}
     (out / "replay.json").write_text(json.dumps(report, indent=2))
     if args.tensorboard:
-        from .board import write_replay_curve
+        from .tensorboard_logger import write_replay_curve
 
         write_replay_curve(out / "tensorboard" / "replay", result.losses, result.final)
     print(f"{config.total_steps} steps in {seconds:.1f}s; wrote {out / 'replay.json'}")
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
     except SystemExit as exit_:  # argparse exits 2 on bad usage and 0 on --help
         return int(exit_.code or 0)
     if getattr(args, "tensorboard", False):
-        from .board import require_tensorboard
+        from .tensorboard_logger import require_tensorboard
 
         try:
             require_tensorboard()
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     if isinstance(options, dict):
         # --cuda-graph without a CUDA --device, say, is a bad command line (a bad device name
         # itself is reported by the machine, as without these options).
-        from .fused import check_options
+        from .step import check_options
 
         try:
             check_options(args.device, **options)
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "replay":
             return _replay(args)
-        from .specs import RunConfig
+        from .config import RunConfig
 
         if args.command == "demo":
             config = RunConfig.from_dict(DEMO_CONFIG)

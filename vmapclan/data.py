@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+
 import einops
 import optree
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-__all__ = ["ClanLoader", "LoaderState"]
+from .checks import is_int, positive_int, refuse
+
+__all__ = ["ClanLoader", "LoaderState", "check_generator_state"]
 
 
 @dataclasses.dataclass
@@ -32,10 +36,53 @@ class LoaderState:
         return {"generator": self.generator.get_state(), "perm": self.perm, "position": self.position,
                 "epoch": self.epoch}
 
+    def check_state(self, state, who: str) -> None:
+        """Refuse a saved state that no loader can be in: another generator's, a permutation that is
+        not one, or a position or epoch out of range.
+
+        Args:
+            state: A :meth:`state_dict`.
+            who: The caller, for the messages (``"Clan.load_state_dict"``).
+
+        Raises:
+            ValueError: naming the entry (``loader/position``, ...).
+        """
+        def bad(name: str, expected: str, got) -> None:
+            refuse(f"{who}: the checkpoint's loader{name}", expected, got)
+
+        if not isinstance(state, Mapping) or set(state) != {"generator", "perm", "position", "epoch"}:
+            bad("", "a table of generator, perm, position and epoch", state if not isinstance(state, Mapping)
+                else sorted(state))
+        check_generator_state(state["generator"], self.generator, f"{who}: the checkpoint's loader/generator")
+        perm, position, epoch = state["perm"], state["position"], state["epoch"]
+        if perm is not None:
+            if not isinstance(perm, torch.Tensor) or perm.dtype != torch.long or perm.dim() != 1:
+                bad("/perm", "None or a 1-D long tensor", type(perm).__name__ if not isinstance(perm, torch.Tensor)
+                    else f"{perm.dtype} {list(perm.shape)}")
+            if not torch.equal(perm.sort().values, torch.arange(perm.numel())):
+                raise ValueError(f"{who}: the checkpoint's loader/perm is not a permutation of {perm.numel()} samples")
+        limit = perm.numel() if perm is not None else None
+        if not is_int(position) or position < 0 or (limit is not None and position > limit):
+            bad("/position", f"an int in [0, {limit if limit is not None else 'inf'}]", position)
+        if not is_int(epoch) or epoch < (1 if perm is not None else 0):
+            bad("/epoch", f"an int >= {1 if perm is not None else 0}", epoch)
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`."""
+        """Restore from :meth:`state_dict` (checked by :meth:`check_state` where it comes from a file)."""
         self.generator.set_state(state["generator"])
         self.perm, self.position, self.epoch = state["perm"], int(state["position"]), int(state["epoch"])
+
+
+def check_generator_state(value, like: torch.Generator | torch.Tensor, what: str) -> None:
+    """Refuse a saved random generator state that ``like`` (a generator, or a state of one) cannot take.
+
+    Raises:
+        ValueError: ``"<what> is <got>, expected a generator state (uint8 [n])"``.
+    """
+    expected = like.get_state() if isinstance(like, torch.Generator) else like
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.shape != expected.shape:
+        got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{what} is {got}, expected a generator state (uint8 {list(expected.shape)})")
 
 
 class ClanLoader:
@@ -73,8 +120,7 @@ class ClanLoader:
                 f"clan.loader: expected a map-style Dataset (with __len__ and __getitem__) or a tuple of tensors, "
                 f"got {type(dataset).__name__}"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"clan.loader: batch_size must be a positive int, got {batch_size!r}")
+        positive_int(batch_size, "clan.loader: batch_size")
         self.clan, self.dataset, self.batch_size = clan, dataset, batch_size
         self.device = torch.device(device) if device is not None else clan.device
         p = clan.population_size

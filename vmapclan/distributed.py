@@ -31,8 +31,8 @@ import optree
 import torch
 import torch.distributed as dist
 
-__all__ = ["ClanGroup", "DistributedError", "resolve_group", "init_from_env", "current_rank", "any_rank",
-           "broadcast_object", "communication_bytes", "DEFAULT_TIMEOUT"]
+__all__ = ["ClanGroup", "DistributedError", "resolve_group", "check_clan_group", "init_from_env", "current_rank",
+           "any_rank", "broadcast_object", "communication_bytes", "DEFAULT_TIMEOUT"]
 
 #: Seconds a collective waits for the other ranks before it fails (:func:`init_from_env`'s default).
 DEFAULT_TIMEOUT = 300.0
@@ -106,6 +106,30 @@ def resolve_group(process_group, population_size: int, who: str = "Clan") -> Cla
             f"(each rank holds population_size / world_size members)"
         )
     return ClanGroup(group, population_size)
+
+
+def check_clan_group(group: ClanGroup, *, selection: str | None, init: str, model, settings: str) -> None:
+    """Refuse what a clan across ranks cannot do, and a clan that differs between the ranks.
+
+    Args:
+        group: The clan's ranks.
+        selection, init: The clan's settings.
+        model: Its model (``None`` for a genome-only clan): its state's shapes are compared too.
+        settings: The clan's settings as text, the same on every rank that built the same clan.
+
+    Raises:
+        ValueError: for truncation selection or independent members, or ranks whose settings,
+            seed or model differ (naming them).
+    """
+    world = group.world_size
+    if selection == "truncation":
+        raise ValueError(f"Clan: selection='truncation' is not supported across {world} ranks (a member may copy "
+                         "one held by another rank); use selection='winner' or None")
+    if init == "independent" and model is not None:
+        raise ValueError(f"Clan: init='independent' is not supported across {world} ranks; use init='copy'")
+    # Ranks that built different clans would train in lockstep on wrong numbers: compare now.
+    shapes = {n: list(t.shape) for n, t in model.state_dict().items()} if model is not None else None
+    group.check_same(repr((settings, shapes)), "the clan's settings, seed and model")
 
 
 def _timeout_of(group) -> float | None:
@@ -303,7 +327,7 @@ def communication_bytes(clan, world_size: int | None = None) -> dict[str, int]:
         world_size: The ranks to model (default: the clan's).
     """
     world = clan.world_size if world_size is None else world_size
-    state = clan._state_tree()
+    state = clan.member_state()
     row = sum(_padded(t[0].numel() * t.element_size()) for t in optree.tree_leaves(state))
     payload = clan.population.numel * clan.population.flat.element_size()
     return {"allreduce": payload, "ring_allreduce_sent": int(2 * (world - 1) / world * payload),

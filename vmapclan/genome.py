@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 
-__all__ = ["Gene", "ADAMW_GENES", "GRAD_ACCUM_GENE", "autobind_genes", "mutate", "search_genome", "check_genome",
-           "optimizer_settings", "group_ratios"]
+__all__ = ["Gene", "ADAMW_GENES", "GRAD_ACCUM_GENE", "autobind_genes", "gene_specs", "mutate", "offspring", "search_genome",
+           "check_genome", "check_genome_state", "optimizer_settings", "group_ratios"]
 
 Scale = Literal["log", "linear", "log1m"]
 
@@ -156,6 +156,45 @@ def autobind_genes(names, optimizer: torch.optim.Optimizer | None) -> dict[str, 
     return genes
 
 
+def gene_specs(autobind, optimizer, genome_config) -> dict[str, Gene]:
+    """A clan's genes: those ``autobind`` names (seeded from ``optimizer``), then ``genome_config``'s.
+
+    Args:
+        autobind: ``"adamw"``, ``"gradient_accumulation"`` or a list of them.
+        optimizer: The user's optimizer (its values seed the bound genes' ``init``).
+        genome_config: ``{name: Gene | dict}`` or ``None``: more genes, or overrides of bound ones
+            (a dict updates the bound spec's fields).
+
+    Raises:
+        TypeError: for an ``autobind`` or ``genome_config`` of the wrong type.
+        ValueError: for an unknown name, an empty gene name or bad gene fields.
+    """
+    if isinstance(autobind, str):
+        autobind = [autobind]
+    if not isinstance(autobind, Sequence) or not all(isinstance(name, str) for name in autobind):
+        raise TypeError(f"Clan: autobind must be 'adamw', 'gradient_accumulation' or a list of them, got {autobind!r}")
+    if genome_config is not None and not isinstance(genome_config, Mapping):
+        raise TypeError(f"Clan: genome_config must be a dict {{gene name: Gene or dict}}, got {genome_config!r}")
+    genes = autobind_genes(autobind, optimizer)
+    for name, spec in (genome_config or {}).items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Clan: gene names must be non-empty strings, got {name!r}")
+        if isinstance(spec, Mapping):
+            base = genes.get(name)
+            try:
+                spec = dataclasses.replace(base, **spec) if base is not None else Gene(**spec)
+            except TypeError as err:
+                raise ValueError(f"Clan: genome_config[{name!r}]: {err}") from None
+        elif not isinstance(spec, Gene):
+            raise TypeError(f"Clan: genome_config[{name!r}] must be a Gene or a dict, got {type(spec).__name__}")
+        if spec.init is None:
+            bound = genes.get(name)
+            init = bound.init if bound is not None and bound.init is not None else spec.default_init()
+            spec = dataclasses.replace(spec, init=init)
+        genes[name] = spec
+    return genes
+
+
 def is_adamw(optimizer) -> bool:
     """Whether ``optimizer`` is one the batched AdamW stands for: ``torch.optim.AdamW`` or ``torch.optim.Adam``."""
     return isinstance(optimizer, torch.optim.Adam)  # torch.optim.AdamW is a subclass
@@ -265,6 +304,31 @@ def mutate(genome: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], genera
     return out
 
 
+def offspring(incumbent: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], generator: torch.Generator,
+              population_size: int) -> dict[str, torch.Tensor]:
+    """The next generation: member 0 the ``incumbent`` (the control), every other member a mutation of it.
+
+    The one rule for a new generation, at the clan's start, after winner selection and after a
+    divergence restore.
+
+    Args:
+        incumbent: ``{name: 0-d tensor}``.
+        specs: The gene specs, same names.
+        generator: The CPU generator the mutations draw from (:func:`mutate`).
+        population_size: P.
+
+    Returns:
+        ``{name: tensor[P]}``.
+
+    Example:
+        >>> genes = {"lr": Gene(1e-4, 1.0, init=1e-2)}
+        >>> offspring({"lr": torch.tensor(1e-2, dtype=torch.float64)}, genes, torch.Generator(), 3)["lr"][0].item()
+        0.01
+    """
+    genomes = {n: v.expand(population_size).clone() for n, v in incumbent.items()}
+    return mutate(genomes, specs, generator, mask=torch.arange(population_size) > 0)
+
+
 def search_genome(incumbent: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], population_size: int,
                   spread: float, gene: str = "lr") -> dict[str, torch.Tensor]:
     """The genomes of a search round: member 0 the incumbent, the others ``gene`` spread in log around it.
@@ -321,3 +385,25 @@ def check_genome(genome: Mapping[str, torch.Tensor], specs: Mapping[str, Gene], 
             raise ValueError(f"gene {name!r}: expected shape [{population_size}], got {list(values.shape)}")
         if not bool(((values >= spec.low) & (values <= spec.high)).all()):
             raise ValueError(f"gene {name!r}: values {values.tolist()} leave the bounds [{spec.low}, {spec.high}]")
+
+
+def check_genome_state(name: str, genes, specs: Mapping[str, Gene], shape: tuple, population_size: int,
+                       who: str) -> None:
+    """Refuse a saved genome (``shape`` ``[P]``) or incumbent (``shape`` ``()``) that these genes cannot hold.
+
+    Raises:
+        ValueError: for other genes, dtypes or shapes, or values out of bounds, naming ``name``.
+    """
+    if not isinstance(genes, Mapping) or not all(isinstance(v, torch.Tensor) for v in genes.values()):
+        raise ValueError(f"{who}: the checkpoint's {name} must be a table of tensors, got {type(genes).__name__!r}")
+    if set(genes) != set(specs):
+        raise ValueError(f"{who}: the checkpoint's {name} has genes {sorted(genes)}, expected {sorted(specs)}")
+    for gene, spec in specs.items():
+        values = genes[gene]
+        if values.dtype != spec.torch_dtype or values.shape != shape:
+            raise ValueError(f"{who}: the checkpoint's {name}[{gene!r}] is {values.dtype} {list(values.shape)}, "
+                             f"expected {spec.torch_dtype} {list(shape)}")
+    try:
+        check_genome({g: v.reshape(-1).expand(population_size) for g, v in genes.items()}, specs, population_size)
+    except ValueError as err:
+        raise ValueError(f"{who}: the checkpoint's {name}: {err}") from None

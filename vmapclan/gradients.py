@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["member_mean", "reduce_gradients_", "release_gradients_"]
+__all__ = ["member_mean", "reduce_gradients_", "release_gradients_", "share_pending_sums_"]
 
 
 def member_mean(grads: torch.Tensor, group=None) -> torch.Tensor:
@@ -82,3 +82,18 @@ def release_gradients_(population, accum_count: torch.Tensor | None = None) -> N
         population.grad_seen.clear()
     else:
         grads.masked_fill_((accum_count[:grads.shape[0]] == 0).view(-1, 1), 0)
+
+
+def share_pending_sums_(grad_row: torch.Tensor, group) -> None:
+    """Before a backward whose one-model gradient row is summed over the ranks: divide its pending sums by ``W``.
+
+    With gradient accumulation, member 0's row holds the sum of the earlier micro-batches,
+    already the same on every rank; the all-reduce after the backward adds every rank's row, so
+    each rank contributes ``1 / W`` of it and the sum stays what it was.
+
+    Args:
+        grad_row: Member 0's row of ``grad_flat``.
+        group: The :class:`~vmapclan.distributed.ClanGroup`.
+    """
+    with torch.no_grad():
+        grad_row.div_(group.world_size)

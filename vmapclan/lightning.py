@@ -112,7 +112,7 @@ STATE_VERSION = 1  # format of ClanCallback.state_dict()
 class _Pending:
     """A batch handed out and not yet trained on."""
 
-    step: int  # the clan's global step it feeds
+    step: int  # the clan's time step it feeds
     phase: str  # the phase it was drawn for
     loader_state: dict  # the clan's loader state before it was drawn
 
@@ -126,17 +126,17 @@ class _InFlight:
 
     def __init__(self):
         self.pending: list[_Pending] = []
-        self.drawing: str | None = None  # the phase of the batch being drawn right now
+        self.ahead: int | None = None  # how far past the clan's next step the batch being drawn right now lies
         self.generation = 0  # bumped when in-flight batches are abandoned; older iterations stop
 
     def prune(self, clan: Clan) -> None:
         """Forget the batches the clan has already stepped past."""
-        self.pending = [b for b in self.pending if b.step >= clan.global_step]
+        self.pending = [b for b in self.pending if b.step >= clan.time_step]
 
     def check(self, clan: Clan) -> None:
         """Check that the batch for the clan's next step was drawn for that step's phase."""
         self.prune(clan)
-        if self.pending and self.pending[0].step == clan.global_step:
+        if self.pending and self.pending[0].step == clan.time_step:
             batch, now = self.pending[0], clan.phase_ahead(0)
             if batch.phase != now:
                 raise RuntimeError(
@@ -146,8 +146,8 @@ class _InFlight:
                 )
 
     def next_step(self, clan: Clan) -> int:
-        """The global step the next batch drawn will feed."""
-        return self.pending[-1].step + 1 if self.pending else clan.global_step
+        """The time step the next batch drawn will feed."""
+        return self.pending[-1].step + 1 if self.pending else clan.time_step
 
     def loader_state(self, clan: Clan) -> dict:
         """The loader state as of the clan's round clock: before the first batch not yet trained on."""
@@ -174,11 +174,11 @@ def _in_flight(clan: Clan) -> _InFlight:
 
 
 class _ClanAhead:
-    """The clan as the inner :class:`ClanLoader` sees it: the clan's own attributes, except the phase.
+    """The clan as the inner :class:`ClanLoader` sees it: the clan's own attributes, except whether it cooperates.
 
-    ``ClanLoader`` reads ``clan.cooperating`` when it draws a batch; here the answer is
-    whether the step the batch will feed is cooperative, the phase :class:`LookaheadLoader` sets
-    before each draw.
+    ``ClanLoader`` reads ``clan.cooperating`` when it draws a batch; here the answer is that of
+    the step the batch will feed, ``ahead`` steps after the clan's next one, which
+    :class:`LookaheadLoader` sets before each draw.
     """
 
     def __init__(self, clan: Clan, in_flight: _InFlight):
@@ -190,14 +190,9 @@ class _ClanAhead:
         return getattr(self._clan, name)
 
     @property
-    def phase(self) -> str:
-        drawing = self._in_flight.drawing
-        return drawing if drawing is not None else self._clan.phase
-
-    @property
     def cooperating(self) -> bool:
-        # Inside clan.cooperate() every step is cooperative, whatever the phase drawn for.
-        return self._clan._cooperating or self.phase == "cooperative"
+        ahead = self._in_flight.ahead
+        return self._clan.cooperating if ahead is None else self._clan.cooperating_ahead(ahead)
 
 
 class LookaheadLoader:
@@ -261,15 +256,15 @@ class LookaheadLoader:
                 raise RuntimeError("LookaheadLoader: this pass was ended by a newer pass over the clan's loader")
             in_flight.check(clan)
             step = in_flight.next_step(clan)
-            phase = clan.phase_ahead(step - clan.global_step)
+            phase = clan.phase_ahead(step - clan.time_step)
             before = clan.loader_state.state_dict()
-            in_flight.drawing = phase
+            in_flight.ahead = step - clan.time_step
             try:
                 batch = next(inner)
             except StopIteration:
                 return
             finally:
-                in_flight.drawing = None
+                in_flight.ahead = None
             in_flight.pending.append(_Pending(step, phase, before))
             yield batch
 

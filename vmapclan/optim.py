@@ -21,13 +21,13 @@ from typing import NamedTuple
 
 import torch
 
-from .genome import ADAMW_GENES
+from .genome import ADAMW_GENES, GRAD_ACCUM_GENE, group_ratios, is_adamw
 from .gradients import release_gradients_
 
 __all__ = ["AdamWHyper", "GroupScales", "group_scales", "AdamWState", "AdamWFactors", "adamw_init", "adamw_factors_", "clip_factors", "adamw_apply_",
            "adamw_step_",
            "adamw_kernel_step_", "adamw_update", "resolve_update", "keep_columns", "BatchedAdamW", "UPDATES",
-           "ADAMW_FIELDS"]
+           "ADAMW_FIELDS", "optimizer_ratios"]
 
 
 class AdamWHyper(NamedTuple):
@@ -471,7 +471,12 @@ class BatchedAdamW(torch.optim.Optimizer):
         #: A factor on every member's lr at each update (a run's time-shaped base schedule), a
         #: 0-d tensor on the population's device, rewritten in place; ``None`` means 1.
         self.lr_factor: torch.Tensor | None = None
+        #: The parameters (indices in ``flat``'s column order) that no update touches: see :meth:`freeze`.
+        self.frozen: tuple[int, ...] = ()
+        self._frozen_columns: list[slice] = []
         self.update = update
+        # The population's rows of the optimizer state are its own, kept in step with member 0's by it.
+        population.register_member_state("optimizer", self.adamw_state._asdict())
 
     @property
     def update(self) -> str:
@@ -486,6 +491,61 @@ class BatchedAdamW(torch.optim.Optimizer):
         self.one_model_update = resolve_update(update, flat[:1])
         self._step = adamw_update(self._update)
         self._one_model_step = adamw_update(self.one_model_update)
+
+    @classmethod
+    def for_population(cls, population, settings: dict[str, float], *, accumulate: bool = False,
+                       max_grad_norm: float | None = None, ratios: Sequence[tuple[float, float]] | None = None,
+                       lr_factor: bool = False) -> BatchedAdamW:
+        """The batched AdamW of ``population``, every member at ``settings`` until genes are written in.
+
+        Args:
+            population: The :class:`~vmapclan.PopulationModel`.
+            settings: ``{gene name: value}`` of every AdamW setting (a ``torch.optim.AdamW``'s,
+                :func:`~vmapclan.genome.optimizer_settings`).
+            accumulate: Keep ``[P]`` gradient-accumulation counts (``num_grad_accum``, all 1).
+            max_grad_norm: Per-member clipping.
+            ratios: Each parameter's param-group multipliers (:func:`optimizer_ratios`).
+            lr_factor: Keep a factor on every member's lr (:attr:`lr_factor`, 1 until written).
+        """
+        device, p = population.device, population.population_size
+        hyper = AdamWHyper(**{field: torch.full((p,), settings[gene], dtype=torch.float64, device=device)
+                              for gene, field in ADAMW_FIELDS.items()})
+        accum = torch.ones(p, dtype=torch.long, device=device) if accumulate else None
+        scales = None if ratios is None else group_scales(
+            ratios, [shape.numel() for shape in population.shapes.values()], population.dtype, device)
+        optimizer = cls(population, hyper, accum, max_grad_norm=max_grad_norm, scales=scales)
+        if lr_factor:
+            optimizer.lr_factor = torch.ones((), dtype=torch.float64, device=device)
+        return optimizer
+
+    def set_genes(self, genes: dict[str, torch.Tensor], fixed: dict[str, float]) -> None:
+        """Write the genes in force into the ``[P]`` hyperparameters, in place.
+
+        Args:
+            genes: ``{gene name: [P] tensor}``; an AdamW gene's values go to its hyperparameter,
+                ``num_grad_accum``'s to the accumulation counts.
+            fixed: ``{gene name: value}`` for the AdamW settings that are not genes.
+        """
+        with torch.no_grad():
+            for gene, field in ADAMW_FIELDS.items():
+                if gene in genes:
+                    getattr(self.hyper, field).copy_(genes[gene])
+                else:
+                    getattr(self.hyper, field).fill_(fixed[gene])
+            if GRAD_ACCUM_GENE in genes and self.num_grad_accum is not None:
+                self.num_grad_accum.copy_(genes[GRAD_ACCUM_GENE])
+
+    def freeze(self, params: Sequence[int]) -> None:
+        """Skip ``params`` (indices in ``flat``'s column order) at every update until the next ``freeze``.
+
+        A frozen parameter is skipped the way one without a gradient is (as ``torch.optim.AdamW``
+        skips a ``.grad`` of ``None``): no update, no weight decay, its moments as they were, and
+        the update counted as sat out (:meth:`skip_`), so its bias correction resumes where it
+        stopped. ``freeze(())`` unfreezes everything.
+        """
+        self.frozen = tuple(dict.fromkeys(int(k) for k in params))
+        columns = list(self.population.columns.values())
+        self._frozen_columns = [columns[k] for k in self.frozen]
 
     def skip_(self, params: Sequence[int], steps: torch.Tensor) -> None:
         """Count ``steps`` as updates sat out by ``params`` (``[P]``; member 0's ``[1]`` while training as one model).
@@ -511,7 +571,7 @@ class BatchedAdamW(torch.optim.Optimizer):
 
         The one place every training path (this optimizer's :meth:`step`, :class:`~vmapclan.FusedStep`)
         applies AdamW: with the hyperparameters and accumulation counts in force, skipping the
-        parameters that received no gradient.
+        parameters that received no gradient and the frozen ones (:meth:`freeze`).
 
         While the members train as one model, only member 0's row of everything is read and
         updated (``grads`` may then be that row alone, ``[1, N]``). With :attr:`lr_factor` set,
@@ -545,16 +605,21 @@ class BatchedAdamW(torch.optim.Optimizer):
             extra["param_sizes"] = self.param_sizes
         else:
             state = state._replace(skipped=None)  # every count is the member's: no per-parameter work
+        # A frozen parameter's update is undone (keep_columns), as is that of one the backward did
+        # not reach; both count as updates sat out.
         if sizes is not None:  # a missing gradient is a None: the kernel skips it
-            idle = [k for k, g in enumerate(grads) if g is None]
+            idle, unused = [k for k, g in enumerate(grads) if g is None], []
         else:
             unused = pop.unused_columns()
             idle = [k for k, name in enumerate(pop.columns) if name not in pop.grad_seen] if unused else []
+        frozen = [(k, c) for k, c in zip(self.frozen, self._frozen_columns) if k not in idle]
+        idle += [k for k, _ in frozen]
+        unused += [c for _, c in frozen]
         before = state.step.clone() if idle else None
-        if sizes is not None:
-            step(params, grads, state, hyper, accum, self.max_grad_norm, sizes=sizes, **extra)
-        else:
-            with keep_columns((params, state.exp_avg, state.exp_avg_sq), unused):
+        with keep_columns((params, state.exp_avg, state.exp_avg_sq), unused):
+            if sizes is not None:
+                step(params, grads, state, hyper, accum, self.max_grad_norm, sizes=sizes, **extra)
+            else:
                 step(params, grads, state, hyper, accum, self.max_grad_norm, **extra)
         if idle:
             self.skip_(idle, state.step - before)
@@ -608,3 +673,57 @@ class BatchedAdamW(torch.optim.Optimizer):
         for name, t in current.items():
             t.copy_(state_dict[name])
         self.lagging = bool(self.adamw_state.skipped.any())
+
+
+def optimizer_ratios(optimizer, model) -> list[tuple[float, float]] | None:
+    """Check the user's model and optimizer; return each trainable parameter's group ``(lr, wd)`` ratios, in model order.
+
+    The batched AdamW stands for ``torch.optim.AdamW`` (or ``torch.optim.Adam`` without weight
+    decay) with any number of param groups: their lr and weight decay relative to the first
+    group's become per-column multipliers (:func:`group_scales`).
+
+    Raises:
+        TypeError: for another optimizer.
+        ValueError: for amsgrad or maximize, Adam's L2 weight decay, or parameters missing from it
+            or foreign to the model; a model without an optimizer or the other way round (``None``
+            for both is a genome-only clan: no ratios)."""
+    if model is None:
+        if optimizer is not None:
+            raise ValueError("Clan: an optimizer was given without a model")
+        return None
+    if optimizer is None:
+        raise ValueError("Clan: a model needs its optimizer (a torch.optim.AdamW over its parameters)")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Clan: model must be an nn.Module, got {type(model).__name__}")
+    if not is_adamw(optimizer):
+        raise TypeError(
+            f"Clan: the optimizer must be torch.optim.AdamW or torch.optim.Adam (the population trains with a "
+            f"batched AdamW), got {type(optimizer).__name__}"
+        )
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
+    for k, group in enumerate(optimizer.param_groups):
+        for flag in ("amsgrad", "maximize"):
+            if group.get(flag):
+                raise ValueError(f"Clan: AdamW({flag}=True) is not supported by the batched AdamW")
+        if not decoupled and not group.get("decoupled_weight_decay") and group["weight_decay"] != 0:
+            # torch's Adam adds weight_decay * p to the gradient (L2), before the moments: another update.
+            raise ValueError(
+                f"Clan: torch.optim.Adam(weight_decay={group['weight_decay']}) adds the decay to the gradient (L2), "
+                "which the batched AdamW does not do; use torch.optim.AdamW (decoupled weight decay) or Adam with "
+                f"weight_decay=0 (param group {k})"
+            )
+    ratios = group_ratios(optimizer)
+    group_of: dict[int, int] = {}
+    for k, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            group_of[id(p)] = k
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for i, n in trainable.items() if i not in group_of]
+    if missing:
+        raise ValueError(f"Clan: parameters missing from the optimizer: {missing}")
+    # Frozen parameters may sit in the optimizer (AdamW(model.parameters())): torch skips them, and so does the clan.
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    strangers = [i for i in group_of if i not in trainable and i not in frozen]
+    if strangers:
+        raise ValueError(f"Clan: the optimizer holds {len(strangers)} tensors that are not parameters of the model")
+    return [ratios[group_of[i]] for i in trainable]

@@ -26,10 +26,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
-from .nn import unsupported_recurrent
+from .recurrent import unsupported_recurrent
 
 __all__ = ["PopulationModel", "member_loss", "score_members", "additive_attention_mask", "check_growth",
-           "stack_members"]
+           "stack_members", "check_fits"]
 
 # The parameter views into ``flat`` are strided across members, so autograd notes once that
 # ``.grad`` (a view of ``grad_flat`` with the same strides) is not dense. Accumulation into it is
@@ -216,13 +216,11 @@ class PopulationModel:
             the forward runs every member's data through member 0's weights, unbatched (one
             model's work; per-member buffers and dropout masks as always), the optimizer updates
             member 0's row only, and the other members' rows of the parameters, gradients and
-            optimizer state lag behind until :attr:`sync_rows` brings them up to date. Reading
+            optimizer state lag behind until :meth:`sync_rows` brings them up to date. Reading
             them through :meth:`parameters`, :meth:`named_parameters`, :attr:`params` or
             :meth:`member_module` does that first; the raw ``flat`` and ``grad_flat`` buffers
             show the lagging rows as they are.
         rows_stale: Whether rows 1.. lag behind row 0 (only ever while ``one_model`` is on).
-        sync_rows: ``sync_rows()`` brings every member's rows up to date with member 0's; the
-            clan installs its :meth:`~vmapclan.Clan.sync_members` here (default: nothing to do).
 
     Note:
         An input whose first dimension happens to equal P cannot be told from a member batch:
@@ -296,7 +294,9 @@ class PopulationModel:
             self.buffers[name] = torch.stack([get(m).detach() for m in members]).to(device)
         self.one_model = False
         self.rows_stale = False
-        self.sync_rows: Callable[[], None] = lambda: None
+        # Member-major state kept beside the population's own (the optimizer's moments and counters):
+        # part of member_state(), and kept in step with member 0's row by sync_rows().
+        self._registered: dict[str, dict[str, torch.Tensor]] = {}
         #: Member 0's trainable parameters (the parameters of :attr:`module`), in ``flat``'s column order.
         self.module_params: dict[str, nn.Parameter] = self._alias_member_zero()
         self._grad_views = {n: t.grad for n, t in self._params.items()}
@@ -336,6 +336,99 @@ class PopulationModel:
                 for owner, leaf in param_owners[id(self.module.get_parameter(name))]:
                     owner._parameters[leaf] = frozen
         return trainable
+
+    def register_member_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Add ``{key: [P, ...]}`` tensors (an optimizer's moments and counters) to the member state as ``name``.
+
+        They become part of :meth:`member_state`, so selection, the divergence restore point and
+        the state dict move them with the weights, and :meth:`sync_rows` brings their rows up to
+        date with member 0's.
+        """
+        self._registered[name] = tensors
+
+    def member_state(self, *, sync: bool = True) -> dict:
+        """The member-major state as one pytree: every tensor with the member dimension first.
+
+        ``{"params": flat, "grads": grad_flat, "buffers": {name: [P, ...]}, **registered}`` (with an
+        optimizer: ``"optimizer": {name: [P, ...]}``), the live tensors themselves (not copies).
+
+        Args:
+            sync: Bring every member's rows up to date first (:meth:`sync_rows`); ``False`` for
+                what reads member 0's row only or writes every row.
+        """
+        if sync:
+            self.sync_rows()
+        return {"params": self.flat, "grads": self.grad_flat, "buffers": self.buffers, **self._registered}
+
+    def finite_members(self) -> torch.Tensor:
+        """``bool[P]``: which members hold only finite values in every floating tensor of :meth:`member_state`."""
+        finite = torch.ones(self.population_size, dtype=torch.bool, device=self.device)
+        for leaf in optree.tree_leaves(self.member_state()):
+            if leaf.is_floating_point():
+                finite &= torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(1)
+        return finite
+
+    def sync_rows(self) -> None:
+        """Bring every member's rows of the parameters, gradients and registered state up to date with member 0's.
+
+        While the members train as one model (:attr:`one_model`) only member 0's rows move, and
+        the others lag behind (:attr:`rows_stale`) until something needs them: reading the
+        parameters here, :meth:`member_module`, the clan's competitive phase, selection and state
+        dict. Buffers (BatchNorm statistics) are per member at all times and are not touched.
+        """
+        if not self.rows_stale:
+            return
+        state = self.member_state(sync=False)
+        del state["buffers"]
+        with torch.no_grad():
+            for t in optree.tree_leaves(state):
+                t[1:].copy_(t[:1].expand_as(t[1:]))
+        self.rows_stale = False
+
+    def check_member_state(self, saved: Mapping, who: str) -> dict:
+        """Refuse a saved member state that is not this population's; return the tree to copy into it.
+
+        ``saved`` holds ``"model"`` (``{"shapes", "params", "grads", "buffers"}``) and one entry per
+        registered state (``"optimizer"``), with this population's rows. Every tensor's shape and
+        dtype is checked before anything is copied, so a refused state leaves the population as it was.
+
+        Args:
+            saved: The saved tables.
+            who: The caller, for the messages.
+
+        Returns:
+            A tree of :meth:`member_state`'s structure: ``tree_map(copy_, member_state(sync=False), it)``
+            restores the state.
+
+        Raises:
+            ValueError: naming the first entry that differs.
+        """
+        model = saved.get("model")
+        if not isinstance(model, Mapping) or not {"shapes", "params", "grads", "buffers"} <= set(model):
+            raise ValueError(f"{who}: the checkpoint's model must be a table of shapes, params, grads and buffers, "
+                             f"got {type(model).__name__!r}")
+        shapes = {n: list(shape) for n, shape in self.shapes.items()}
+        buffers = model["buffers"]
+        if model["shapes"] != shapes or not isinstance(buffers, Mapping) or set(buffers) != set(self.buffers):
+            raise ValueError(f"{who}: the checkpoint is of another model: parameters {model['shapes']} vs this "
+                             f"model's {shapes}")
+        tree = {"params": model["params"], "grads": model["grads"], "buffers": buffers,
+                **{name: saved.get(name) for name in self._registered}}
+        live = self.member_state(sync=False)
+        for name, part in self._registered.items():
+            if not isinstance(tree[name], Mapping) or set(tree[name]) != set(part):
+                got = sorted(tree[name]) if isinstance(tree[name], Mapping) else tree[name]
+                raise ValueError(f"{who}: the checkpoint's {name} entries are {got}, expected {sorted(part)}")
+        if optree.tree_structure(tree) != optree.tree_structure(live):
+            raise ValueError(f"{who}: the checkpoint's member state is not a table of this model's tensors")
+        paths, targets, _ = optree.tree_flatten_with_path(live)
+        for path, target, source in zip(paths, targets, optree.tree_leaves(tree)):
+            if not isinstance(source, torch.Tensor) or source.shape != target.shape or source.dtype != target.dtype:
+                got = f"{source.dtype} {list(source.shape)}" if isinstance(source, torch.Tensor) \
+                    else type(source).__name__
+                raise ValueError(f"{who}: the checkpoint's {'/'.join(map(str, path))} is {got}, "
+                                 f"expected {target.dtype} {list(target.shape)}")
+        return tree
 
     def _noted_one_model_grad(self, name: str) -> None:
         self.grad_seen.add(name)
@@ -436,8 +529,8 @@ class PopulationModel:
     def member_row(self, index: int) -> dict:
         """A copy of member ``index``'s weights and buffers: ``{"params": [N], "buffers": {name: tensor}}``.
 
-        Read the rows up to date first (:meth:`vmapclan.Clan.sync_members`) while the members
-        train as one model. :meth:`member_module` builds a module back from it.
+        Read the rows up to date first (:meth:`sync_rows`) while the members train as one model.
+        :meth:`member_module` builds a module back from it.
         """
         return {"params": self.flat[index].detach().clone(),
                 "buffers": {name: b[index].detach().clone() for name, b in self.buffers.items()}}
@@ -716,3 +809,28 @@ def score_members(population: PopulationModel, batches: Iterable, losses_of: Cal
     if per_batch:
         return torch.stack(columns, 1) if columns else None
     return None if total is None else total / count
+
+
+def check_fits(population_size: int, model: nn.Module | None, genes: int, device: torch.device | None) -> None:
+    """Refuse a population that cannot fit in the memory of its device, before allocating any of it.
+
+    Raises:
+        ValueError: naming the memory it needs and the device's.
+
+    Each member holds its weights, gradients and two AdamW moments (about four copies of the
+    model) and its genes; allocating far more than the device has would fail deep inside torch,
+    or get the process killed by the operating system instead of raising.
+    """
+    values = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 4 if model is not None else 0
+    need = population_size * (values + 8 * 3 * max(genes, 1))
+    device = device if device is not None else (next(iter(model.parameters()), torch.empty(0)).device
+                                                if model is not None else torch.device("cpu"))
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    if need > have:
+        raise ValueError(f"Clan: population_size={population_size} needs about {need / 2**30:.3g} GiB on {device}, "
+                         f"more than its {have / 2**30:.3g} GiB")

@@ -28,7 +28,7 @@ from torch import nn
 from .genome import ADAMW_GENES, group_ratios, optimizer_settings
 from .rounds import competitive_steps
 from .schedule import Phase, PhaseSchedule, TimeController, phase_optimizer
-from .specs import RunConfig
+from .config import RunConfig
 
 __all__ = ["export_schedule", "write_schedule", "read_schedule", "replay", "ReplayResult", "SCHEDULE_VERSION"]
 
@@ -260,8 +260,8 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
         ValueError: for a batch size larger than the training set, a task that cannot be
             imported, or model, data, freeze or growth settings the task refuses.
     """
-    from .machine import _data_key, frozen_parameters, phase_data
-    from .tasks import data_batches, data_length, resolve_task
+    from .plan import data_key, frozen_parameters, phase_data
+    from .task import data_batches, data_length, resolve_task
 
     if isinstance(config, Mapping):
         config = RunConfig.from_dict(config)
@@ -296,7 +296,7 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
             parameters, frozen_in = dict(model.named_parameters()), {}
         current = phase.name
         spec = phase_data(task, config.data, phase)
-        key = _data_key(spec, config.data)
+        key = data_key(spec, config.data)
         if key not in datasets:
             task.check_data(settings_of_model, spec)
             datasets[key] = task.load(spec, config.seed)

@@ -21,8 +21,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .checks import is_int, is_number, number_in, one_of, refuse
+
 __all__ = ["TimeController", "Phase", "PhaseSchedule", "OPTIMIZER_KEYS", "DATA_KEYS", "MODEL_KEYS", "CLAN_KEYS",
-           "phase_optimizer", "LR_SHAPES", "lr_shape_at", "check_lr_shape"]
+           "phase_optimizer", "LR_SHAPES", "lr_shape_at", "check_lr_shape", "default_schedule", "SEARCH_SHARE",
+           "SEARCH_SPREAD"]
+
+#: The default schedule's search phase: its share of the run's time, and how far it spreads the lr.
+SEARCH_SHARE, SEARCH_SPREAD = 0.1, 30.0
 
 #: Optimizer settings a phase may override: the AdamW genes, plus ``lr_scale`` (a factor on the
 #: incumbent's learning rate, see :func:`phase_optimizer`).
@@ -42,12 +48,11 @@ CLAN_KEYS = ("competition", "round_length", "duty_cycle", "search")
 _TOL = 1e-9  # phase edges closer than this are the same point (floats from TOML or JSON)
 
 
-def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+_is_number = is_number
 
 
 def _is_positive_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+    return is_int(value) and value >= 1
 
 
 class TimeController:
@@ -490,7 +495,7 @@ def phase_optimizer(overrides: Mapping[str, float], incumbent: Mapping[str, floa
 LR_SHAPES = ("constant", "cosine", "wsd")
 
 
-def check_lr_shape(shape: str, warmup: float, decay: float, where: str = "optimizer") -> None:
+def check_lr_shape(shape: str, warmup: float, decay: float, where: str = "optimizer.") -> None:
     """Raise ``ValueError`` unless ``(shape, warmup, decay)`` describe a learning-rate shape :func:`lr_shape_at` can run.
 
     Args:
@@ -498,14 +503,12 @@ def check_lr_shape(shape: str, warmup: float, decay: float, where: str = "optimi
         warmup: Share of the run's time spent warming up, in ``[0, 0.5]``.
         decay: For ``"wsd"``: share of the run's time at the end over which the lr decays, in
             ``(0, 1 - warmup]``.
-        where: Prefix of the message (the config section).
+        where: What the settings' names follow in the message (``"optimizer."``, ``"Clan: "``).
     """
-    if shape not in LR_SHAPES:
-        raise ValueError(f"{where}.lr_schedule must be one of {list(LR_SHAPES)}, got {shape!r}")
-    if not _is_number(warmup) or not 0 <= warmup <= 0.5:
-        raise ValueError(f"{where}.warmup must be a number in [0, 0.5], got {warmup!r}")
+    one_of(shape, f"{where}lr_schedule", LR_SHAPES)
+    number_in(warmup, f"{where}warmup", 0, 0.5)
     if not _is_number(decay) or not 0 < decay <= 1 - warmup:
-        raise ValueError(f"{where}.decay must be a number in (0, 1 - warmup] = (0, {1 - warmup:g}], got {decay!r}")
+        refuse(f"{where}decay", f"a number in (0, 1 - warmup] = (0, {1 - warmup:g}]", decay)
 
 
 def lr_shape_at(step: int, total_steps: int, shape: str = "constant", warmup: float = 0.0,
@@ -543,3 +546,39 @@ def lr_shape_at(step: int, total_steps: int, shape: str = "constant", warmup: fl
     if shape == "wsd" and t > 1.0 - decay:
         return (1.0 - t) / decay
     return 1.0
+
+
+def default_schedule(selection: str = "winner", passes: float | None = None) -> PhaseSchedule:
+    """The phases of a clan with a horizon and no schedule of its own (and of a run whose config names none).
+
+    With winner selection, two phases:
+
+    - ``search`` over the first :data:`SEARCH_SHARE` of the run: one all-competitive round in
+      which the members try learning rates spread :data:`SEARCH_SPREAD`-fold either way of the
+      configured one (``clan.search``); the best becomes the incumbent. Mutations by small
+      factors, round after round, cannot move the lr that far, and greedy selection on short
+      rounds drifts it down.
+    - then, when the run sees each training sample at most once (``passes <= 1``: the data is
+      abundant, nothing can be overfitted, and the rounds' short-horizon selection costs more
+      than it finds), ``train``: one data-parallel model to the end at the searched lr
+      (``clan.competition = false``); otherwise (``passes > 1`` or unknown) ``clan``: clan rounds,
+      whose selection and kept best incumbent guard against overfitting the repeated data.
+
+    With truncation or no selection (PBT, a sweep): one phase of clan rounds, ``clan``. A run of
+    fewer than 5 steps gives the search no step (a phase shorter than half a step is skipped).
+
+    Args:
+        selection: ``"winner"``, ``"truncation"``, or ``"none"`` / ``None`` (a sweep).
+        passes: Passes over the training data the run would make if every step were
+            cooperative (``total_steps * population_size * batch_size / training samples``);
+            ``None`` when not known yet.
+
+    Example:
+        >>> [(p.name, p.clan) for p in default_schedule("winner", passes=0.5)]
+        [('search', {'search': 30.0}), ('train', {'competition': False})]
+    """
+    if selection != "winner":
+        return PhaseSchedule.single("clan")
+    main = (Phase("train", SEARCH_SHARE, 1.0, clan={"competition": False}) if passes is not None and passes <= 1
+            else Phase("clan", SEARCH_SHARE, 1.0))
+    return PhaseSchedule([Phase("search", 0.0, SEARCH_SHARE, clan={"search": SEARCH_SPREAD}), main])

@@ -2,18 +2,23 @@
 
 Each function returns ``sources``, a ``long[P]`` tensor: member ``i`` takes the weights,
 buffers and optimizer state of member ``sources[i]`` (a tensor gather over the member
-dimension). They run on the host on ``[P]`` values, once per round.
+dimension). They run on the host on ``[P]`` values, once per round. :func:`select` is the whole
+rule of a round's end as one pure function: the losses and genomes in, who copies whom, the new
+incumbent and the next generation's genomes out (as an ask-tell strategy's ``tell``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 
+from .genome import Gene, mutate, offspring
+
 __all__ = ["Ranking", "rank", "member_means", "truncation_sources", "PairedChoice", "paired_winner",
-           "student_t_cdf"]
+           "student_t_cdf", "Selection", "select", "check_val_losses"]
 
 
 class Ranking(list):
@@ -196,3 +201,116 @@ def paired_winner(losses: torch.Tensor, confidence: float) -> PairedChoice:
     return PairedChoice(adopted[0] if adopted else 0, best,
                         float(mean_gain[best]) if best is not None else math.nan,
                         confidences[best] if best is not None else math.nan, needed)
+
+
+class Selection(NamedTuple):
+    """What a round's end decided (:func:`select`).
+
+    Attributes:
+        winner: The member whose genome becomes the incumbent.
+        sources: ``long[P]``: member ``i`` takes member ``sources[i]``'s state.
+        incumbent: ``{name: 0-d tensor}``, the winner's genes.
+        genomes: ``{name: tensor[P]}``, the next round's genomes.
+        record: The round's record: ``genomes`` (the round's, as lists), ``val_losses`` (each
+            member's), ``winner``, ``incumbent`` (as numbers), and with ``confidence`` the best
+            ``challenger``, its ``gain`` and its ``confidence``.
+    """
+
+    winner: int
+    sources: torch.Tensor
+    incumbent: dict
+    genomes: dict
+    record: dict
+
+
+def select(losses: torch.Tensor, genomes: Mapping[str, torch.Tensor], specs: Mapping[str, Gene],
+           generator: torch.Generator, *, selection: str | None = "winner", truncation_fraction: float = 0.25,
+           confidence: float | None = None) -> Selection:
+    """Select on a round's validation losses and make the next generation.
+
+    ``losses`` is ``[P]`` or paired ``[P, K]`` (a member's loss is its row's mean,
+    :func:`member_means`); at least one must be finite. The best member (:func:`rank`; with
+    ``confidence``, :func:`paired_winner`) gives its genes to the incumbent. Then:
+
+    - ``"winner"``: everyone takes the winner's state; member 0 keeps the incumbent genome,
+      the others mutate it (:func:`~vmapclan.genome.offspring`);
+    - ``"truncation"``: the bottom quantile copies the top (:func:`truncation_sources`), and
+      the members that copied mutate what they copied;
+    - ``None``: nobody copies anyone; the genomes stay.
+
+    Args:
+        losses: ``[P]`` or ``[P, K]`` (float64, on the CPU).
+        genomes: The round's genomes, ``{name: tensor[P]}``.
+        specs: The gene specs.
+        generator: The CPU generator the draws come from, in a fixed order.
+        selection: ``"winner"``, ``"truncation"`` or ``None``.
+        truncation_fraction: The quantile for ``"truncation"``.
+        confidence: With ``"winner"`` and paired losses: the paired test's family-wise confidence.
+
+    Example:
+        >>> genes = {"lr": Gene(1e-4, 1.0, init=1e-2)}
+        >>> losses = torch.tensor([0.5, 0.2, 0.9], dtype=torch.float64)
+        >>> out = select(losses, {"lr": torch.tensor([1e-2, 2e-2, 5e-3], dtype=torch.float64)}, genes,
+        ...              torch.Generator().manual_seed(0))
+        >>> out.winner, out.sources.tolist(), out.incumbent["lr"].item(), out.genomes["lr"][0].item()
+        (1, [1, 1, 1], 0.02, 0.02)
+        >>> out.record["val_losses"], out.record["winner"]
+        ([0.5, 0.2, 0.9], 1)
+    """
+    means = member_means(losses) if losses.dim() == 2 else losses
+    order = rank(means)
+    p = len(order)
+    used = {n: v.tolist() for n, v in genomes.items()}
+    winner, choice = order[0], None
+    if confidence is not None:
+        choice = paired_winner(losses, confidence)
+        winner = choice.winner
+    identity = torch.arange(p)
+    incumbent = {n: v[winner].clone() for n, v in genomes.items()}
+    if selection == "winner":
+        sources = torch.full((p,), winner, dtype=torch.long)
+        genomes = offspring(incumbent, specs, generator, p)
+    elif selection == "truncation":
+        sources = truncation_sources(order, truncation_fraction, generator)
+        genomes = mutate({n: v[sources] for n, v in genomes.items()}, specs, generator, mask=sources != identity)
+    else:
+        sources = identity
+        genomes = dict(genomes)
+    record = {"genomes": used, "val_losses": means.tolist(), "winner": winner,
+              "incumbent": {n: v.item() for n, v in incumbent.items()}}
+    if choice is not None:
+        record.update(challenger=choice.challenger, gain=choice.gain, confidence=choice.confidence)
+    return Selection(winner, sources, incumbent, genomes, record)
+
+
+def check_val_losses(val_losses, members: int, *, paired_test: bool, population_size: int | None = None) -> torch.Tensor:
+    """``val_losses`` as ``float64`` on the CPU, refused unless it holds ``members`` members' losses.
+
+    Args:
+        val_losses: ``[members]`` or ``[members, K]`` (anything ``torch.as_tensor`` takes).
+        members: The members the caller holds (a rank's, in a clan across ranks).
+        paired_test: The paired test needs ``[members, K]`` with ``K >= 2``.
+        population_size: The whole clan's P, when ``members`` is a rank's share (for the message).
+
+    Raises:
+        TypeError: for something that is not a tensor of real numbers.
+        ValueError: for another shape, naming the expected one.
+    """
+    expected = f"[{members}, K] (paired losses)" if paired_test else f"[{members}] or [{members}, K]"
+    if not isinstance(val_losses, torch.Tensor):
+        try:
+            val_losses = torch.as_tensor(val_losses, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"clan.step: val_losses must be a tensor of shape {expected}, "
+                            f"got {type(val_losses).__name__}") from None
+    paired = val_losses.dim() == 2 and val_losses.shape[0] == members and val_losses.shape[1] >= 1
+    if not (val_losses.shape == (members,) or paired) or (paired_test and (not paired or val_losses.shape[1] < 2)):
+        what = ("every member's losses on the same K >= 2 samples or blocks, for the paired test of confidence"
+                if paired_test else "one loss per member, or K per member")
+        mine = f"; this rank's members: {members} of {population_size}" if population_size not in (None, members) \
+            else ""
+        raise ValueError(f"clan.step: val_losses must have shape {expected} ({what}{mine}), "
+                         f"got {list(val_losses.shape)}")
+    if not (val_losses.is_floating_point() or val_losses.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"clan.step: val_losses must be real numbers, got dtype {val_losses.dtype}")
+    return val_losses.detach().to("cpu", torch.float64)

@@ -92,7 +92,7 @@ def _member_loop(spec: BenchModel, clan, x, y, *, advance: bool) -> Callable[[],
 
 def _round(spec: BenchModel, model, p: int, x, y) -> Callable[[], None]:
     """One whole clan round with FusedStep: shards when cooperating, one common window when competing."""
-    from ..fused import FusedStep
+    from ..step import FusedStep
 
     clan = _clan(model, p, duty_cycle=0.15, round_length=ROUND_LENGTH)
     step = FusedStep(clan, spec.loss)
@@ -119,7 +119,7 @@ def _peak_mib(make: Callable[[], Callable[[], None]], device: torch.device, step
 def run_cooperative(names: list[str], reps: int = 5, warmup: int = 2, min_time: float = 0.2,
                     log: Callable[[str], None] = print) -> list[dict]:
     """Time each case's cooperative variants and a round against the plain model; one row per case and variant."""
-    from ..fused import FusedStep
+    from ..step import FusedStep
 
     rows = []
     device = torch.device("cpu")

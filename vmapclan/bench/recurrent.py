@@ -92,7 +92,7 @@ def run_recurrent(cells: list[str] | None = None, population: int = 8, size: str
         >>> rows = run_recurrent(["gru"], population=2, size="tiny", reps=1, warmup=0, min_time=0.0)  # doctest: +SKIP
     """
     from .. import Clan, FusedStep
-    from ..nn import vectorizable
+    from ..recurrent import vectorizable
 
     cells = cells or ["lstm", "gru"]
     vocab, embedding, hidden, seq, batch = SIZES[size]

@@ -247,7 +247,7 @@ def _ceiling_variant(spec: BenchModel, model: nn.Module, x, y) -> Callable[[], N
 
 def _graphed(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
     """``step`` captured into a CUDA graph (its tensors are persistent, so replays reuse them)."""
-    from ..fused import capture_cuda_graph
+    from ..step import capture_cuda_graph
 
     graph, _ = capture_cuda_graph(step, device)
 
@@ -274,7 +274,7 @@ def _imperative_variant(loss_fn: Callable, clan, x, y) -> Callable[[], None]:
 
 
 def _fused_variant(spec: BenchModel, clan, x, y, **kwargs) -> Callable[[], None]:
-    from ..fused import FusedStep
+    from ..step import FusedStep
 
     fused = FusedStep(clan, spec.loss, **kwargs)
     return lambda: fused(x, y)

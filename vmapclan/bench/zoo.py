@@ -114,7 +114,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable, Callable, int]] = {
 
 
 def _variants(clan) -> dict[str, dict]:
-    from ..fused import check_options
+    from ..step import check_options
 
     variants = {"fused (default)": {}}
     for update in ("batched", "per-member"):

@@ -1,4 +1,4 @@
-"""vmapclan.nn's recurrent layers against torch's, alone, under vmap, swapped into models and in a clan.
+"""vmapclan.recurrent's layers against torch's, alone, under vmap, swapped into models and in a clan.
 
 Everything runs in float64, where torch's kernels and these layers differ only by rounding (a few
 1e-15 here); :data:`ATOL` leaves room for that and nothing else. vmap fallbacks are errors
@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import vmapclan
 from vmapclan import Clan, unsupported_recurrent, vectorizable
-from vmapclan import nn as vnn
+from vmapclan import recurrent as vnn
 
 from plain_loop import train_step
 
@@ -343,11 +343,11 @@ def test_vectorizable_refuses_what_it_cannot_carry():
 def test_unsupported_recurrent_names_the_module_and_the_alternative():
     model = Tagger()
     assert unsupported_recurrent(model) == (
-        "model.encoder is a torch.nn.LSTM, which has no vmap batching rule; use vmapclan.nn.LSTM (same weights "
-        "and state dict) or vmapclan.nn.vectorizable(model) (1 more: model.decoder.0)")
+        "model.encoder is a torch.nn.LSTM, which has no vmap batching rule; use vmapclan.recurrent.LSTM (same weights "
+        "and state dict) or vmapclan.recurrent.vectorizable(model) (1 more: model.decoder.0)")
     assert unsupported_recurrent(nn.Sequential(nn.GRUCell(I, H)), root="net") == (
         "net.0 is a torch.nn.GRUCell, which vmap runs one member at a time (no batching rule); use "
-        "vmapclan.nn.GRUCell (same weights and state dict) or vmapclan.nn.vectorizable(net)")
+        "vmapclan.recurrent.GRUCell (same weights and state dict) or vmapclan.recurrent.vectorizable(net)")
 
     class MyRNN(nn.RNN):
         pass
@@ -371,11 +371,11 @@ def test_torch_layers_really_fail_under_vmap():
 def test_packed_sequence_is_refused_with_the_alternative():
     lstm = vnn.LSTM(I, H, batch_first=True)
     packed = pack_padded_sequence(torch.randn(B, T, I), torch.tensor([5, 3, 2]), batch_first=True)
-    with pytest.raises(TypeError, match=r"vmapclan\.nn\.LSTM: expected a padded tensor, got a PackedSequence, "
+    with pytest.raises(TypeError, match=r"vmapclan\.recurrent\.LSTM: expected a padded tensor, got a PackedSequence, "
                                         r"which vmap cannot batch .*pad the sequences \(torch\.nn\.utils\.rnn\."
                                         r"pad_sequence\), run the layer on the padded batch and mask"):
         lstm(packed)
-    with pytest.raises(TypeError, match=r"vmapclan\.nn\.GRU: expected a padded tensor, got a PackedSequence"):
+    with pytest.raises(TypeError, match=r"vmapclan\.recurrent\.GRU: expected a padded tensor, got a PackedSequence"):
         vnn.GRU(I, H, batch_first=True)(packed)
 
 
@@ -484,7 +484,7 @@ class Classifier(nn.Module):
 
 def test_a_clan_of_lstm_members_trains_as_plain_torch_lstms_with_adamw():
     """A sweep clan (every member its own AdamW hyperparameters and batches) of the model with
-    vmapclan.nn.LSTM equals P plain copies built on torch.nn.LSTM, each trained by torch.optim.AdamW."""
+    vmapclan.recurrent.LSTM equals P plain copies built on torch.nn.LSTM, each trained by torch.optim.AdamW."""
     steps, lrs, decays = 3, [1e-2, 3e-3, 3e-2], [1e-2, 0.1, 1e-3]
     torch.manual_seed(0)
     plain = Classifier().to(DTYPE)

@@ -1,0 +1,409 @@
+"""The task protocol: what a run trains (its data, its model, one model's loss), and how a config names a task.
+
+A :class:`Task` gives the data, builds the model and defines one member's loss; the same loss
+serves the population (through :func:`vmapclan.member_loss`) and a plain model (the replay).
+``config.task`` names a built-in task (:data:`TASKS`, filled by :mod:`vmapclan.tasks`) or a task of
+your own as ``"package.module:ClassName"`` (:func:`resolve_task`).
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
+
+from .checks import is_int, refuse
+from .config import DataSpec
+from .population import PopulationModel, member_loss, score_members
+
+__all__ = ["Task", "TaskData", "TASKS", "get_task", "resolve_task", "task_reference", "data_length", "data_batches"]
+
+#: The built-in tasks by short name (:mod:`vmapclan.tasks` registers them); ``config.task`` names one
+#: of them or a ``"module:ClassName"``.
+TASKS: dict = {}
+
+_EVAL_CHUNK = 256  # validation samples per forward pass: bounds memory for P members at once
+
+
+def _as_data(data, who: str):
+    """A split's data in the form the machine reads: a tuple of tensors (the fast path) or a map-style Dataset."""
+    if isinstance(data, TensorDataset):
+        data = data.tensors
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        if len(data) != 2 or len(data[0]) != len(data[1]):
+            raise ValueError(f"{who}: expected (inputs, targets) tensors of one length, got "
+                             f"{[tuple(t.shape) for t in data]}")
+        return tuple(data)
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return data
+    raise TypeError(f"{who}: expected a map-style torch Dataset (with __len__) or (inputs, targets) tensors, "
+                    f"got {type(data).__name__}")
+
+
+def data_length(data) -> int:
+    """Samples in a task's data: ``(x, y)`` tensors or a map-style ``Dataset``.
+
+    Example:
+        >>> data_length((torch.zeros(5, 2), torch.zeros(5)))
+        5
+    """
+    return len(data[0]) if isinstance(data, tuple) else len(data)
+
+
+def data_batches(data, index: torch.Tensor | None = None, chunk: int = _EVAL_CHUNK):
+    """``(x, y)`` batches of ``data`` (tensors or a ``Dataset`` of ``(input, target)`` samples), in order.
+
+    Args:
+        data: ``(x, y)`` tensors or a map-style ``Dataset``.
+        index: Sample indices to take (default: all, in order); taken in one batch when given.
+        chunk: Samples per batch when ``index`` is not given.
+
+    Example:
+        >>> [x.shape[0] for x, _ in data_batches((torch.zeros(5, 2), torch.zeros(5)), chunk=2)]
+        [2, 2, 1]
+    """
+    if index is not None:
+        pieces = [index]
+    else:
+        n = data_length(data)
+        pieces = [torch.arange(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    for piece in pieces:
+        if isinstance(data, tuple):
+            yield tuple(t[piece.to(t.device)] for t in data)
+        else:
+            x, y = default_collate([data[i] for i in piece.tolist()])
+            yield x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """A task's data, each split ``(x, y)`` tensors (the fast path) or a map-style ``Dataset``.
+
+    Attributes:
+        train: Training data.
+        val: Validation data (final metrics).
+        eval: The first ``data.eval_samples`` of a fixed shuffle of ``val``, used to score
+            members at the end of every round.
+    """
+
+    train: tuple | Dataset
+    val: tuple | Dataset
+    eval: tuple | Dataset
+
+
+class Task(abc.ABC):
+    """What a run trains: its data, its model and one model's loss.
+
+    Subclass it and implement :meth:`split`, :meth:`build_model` and :meth:`loss`; then run it
+    with ``TrainingMachine(config, task=MyTask())`` or, from a config file, with
+    ``task = "package.module:MyTask"`` (the class is imported and built with the config's
+    ``[task_args]`` table as keyword arguments, none by default).
+    The built-in tasks (:data:`TASKS`) are subclasses like any other.
+
+    Attributes:
+        name: A short name (the built-in tasks); empty for a task named by its import path.
+        model_defaults: The ``[model]`` settings the task reads, with their defaults, or
+            ``None`` to take the table as it is. With defaults, :meth:`model_settings` refuses
+            other keys and fills in the missing ones.
+        data_defaults: The task's own data settings beyond :class:`~vmapclan.DataSpec`'s fields
+            (a split name, an augmentation switch), with their defaults: the ``[data]`` table
+            may set them, :meth:`data_settings` refuses other keys and fills in the missing
+            ones, and :meth:`split` reads them as attributes (``data.augment``).
+        phase_data: Data settings (fields of :class:`~vmapclan.DataSpec` or keys of
+            :attr:`data_defaults`) a phase may change with ``data = {...}`` besides
+            ``batch_size``; the machine reloads the data for them at the phase boundary
+            (:meth:`load` with the changed settings).
+
+    Example:
+        >>> class Regression(Task):
+        ...     model_defaults = {"width": 16}
+        ...     def split(self, data, seed):
+        ...         x = torch.randn(64, 3, generator=torch.Generator().manual_seed(seed))
+        ...         y = x.sum(1, keepdim=True)
+        ...         return (x[:48], y[:48]), (x[48:], y[48:])
+        ...     def build_model(self, model, data):
+        ...         return nn.Sequential(nn.Linear(3, model["width"]), nn.ReLU(), nn.Linear(model["width"], 1))
+        ...     def loss(self, output, target):
+        ...         return F.mse_loss(output, target)
+        >>> Regression().model_settings({})
+        {'width': 16}
+    """
+
+    name: str = ""
+    model_defaults: dict | None = None
+    data_defaults: dict = {}
+    phase_data: tuple[str, ...] = ()
+
+    @property
+    def reference(self) -> str:
+        """What ``config.task`` holds for this task: its short name, or ``"module:ClassName"``."""
+        return task_reference(self)
+
+    def model_settings(self, model) -> dict:
+        """The ``[model]`` table checked and completed; override it to check values too.
+
+        Args:
+            model: The run's ``[model]`` table.
+
+        Returns:
+            The settings :meth:`build_model` receives.
+
+        Raises:
+            TypeError: if ``model`` is not a table.
+            ValueError: for a key the task does not read (with :attr:`model_defaults`).
+        """
+        if not isinstance(model, Mapping):
+            raise TypeError(f"model: expected a table of settings, got {type(model).__name__}")
+        if self.model_defaults is None:
+            return dict(model)
+        unknown = [k for k in model if k not in self.model_defaults]
+        if unknown:
+            raise ValueError(f"model: unknown setting {unknown[0]!r} for task {self.reference!r}; "
+                             f"it reads {sorted(self.model_defaults)}")
+        return {**self.model_defaults, **model}
+
+    def data_settings(self, data: DataSpec) -> DataSpec:
+        """The data settings checked and completed with :attr:`data_defaults` (``data`` itself when complete).
+
+        Args:
+            data: The run's data settings.
+
+        Raises:
+            ValueError: for a setting that is neither a :class:`~vmapclan.DataSpec` field nor one of
+                :attr:`data_defaults`, or a :attr:`phase_data` name that is neither.
+
+        Example:
+            >>> class Augmented(DigitsTask):
+            ...     data_defaults = {"augment": False}
+            >>> Augmented().data_settings(DataSpec()).augment
+            False
+        """
+        fields = [f.name for f in dataclasses.fields(DataSpec) if f.name != "extra"]
+        reads = fields + sorted(self.data_defaults)
+        for name in self.phase_data:
+            if name not in reads:
+                raise ValueError(f"task {self.reference!r}: phase_data names {name!r}, which is neither a data field "
+                                 f"nor one of its data_defaults {sorted(self.data_defaults)}")
+        unknown = [k for k in data.extra if k not in self.data_defaults]
+        if unknown:
+            raise ValueError(f"data: unknown setting {unknown[0]!r} for task {self.reference!r}; it reads {reads}")
+        if all(k in data.extra for k in self.data_defaults):
+            return data
+        return dataclasses.replace(data, extra={**copy.deepcopy(self.data_defaults), **data.extra})
+
+    def check_data(self, model: dict, data: DataSpec) -> None:
+        """Raise ``ValueError`` if ``data`` (the config's, or a phase's) cannot run with ``model``; by default nothing.
+
+        Args:
+            model: The checked model settings (:meth:`model_settings`).
+            data: The data settings.
+        """
+
+    def load(self, data: DataSpec, seed: int) -> TaskData:
+        """The train, validation and per-round evaluation data (from :meth:`split`).
+
+        Raises:
+            TypeError, ValueError: if :meth:`split` returns something else than ``(train, val)``.
+        """
+        who = f"{type(self).__name__}.split"
+        split = self.split(data, seed)
+        if not isinstance(split, (tuple, list)) or len(split) != 2:
+            raise TypeError(f"{who}: expected (train, val), got {type(split).__name__}")
+        train, val = (_as_data(part, f"{who} ({side})") for part, side in zip(split, ("train", "val")))
+        size = data_length(val)
+        if size == 0 or data_length(train) == 0:
+            raise ValueError(f"{who}: the train and validation data must not be empty")
+        n = size if data.eval_samples == 0 else min(data.eval_samples, size)
+        pick = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 1))[:n]
+        evaluation = (val[0][pick], val[1][pick]) if isinstance(val, tuple) else Subset(val, pick.tolist())
+        return TaskData(train, val, evaluation)
+
+    @abc.abstractmethod
+    def split(self, data: DataSpec, seed: int):
+        """The training and validation data for ``data`` and ``seed``.
+
+        Args:
+            data: The run's data settings (a phase's, when it changes one of :attr:`phase_data`).
+            seed: The run's seed.
+
+        Returns:
+            ``(train, val)``, each ``(inputs, targets)`` tensors, a ``TensorDataset`` (indexed
+            directly: the fast path) or any map-style ``Dataset`` of ``(input, target)`` samples
+            (batched with ``default_collate``).
+        """
+
+    @abc.abstractmethod
+    def build_model(self, model: dict, data: DataSpec) -> nn.Module:
+        """A fresh model (initialised from torch's global generator: the machine seeds it first).
+
+        Args:
+            model: The run's ``[model]`` settings, as :meth:`model_settings` returns them.
+            data: The run's data settings.
+        """
+
+    @abc.abstractmethod
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One model's mean loss (a scalar); vmapped over members by :func:`vmapclan.member_loss`."""
+
+    def grow(self, module: nn.Module, settings) -> nn.Module:
+        """The model grown at the start of a phase with ``model = { grow = settings }``; by default none.
+
+        Override it to let phases grow the model (the seed's progressive stacks): return the
+        grown module (``module`` changed in place, or a new one). Every existing parameter and
+        buffer must stay, with its name and shape (its values and optimizer state carry over);
+        the new ones are initialised here, from torch's global generator. The machine calls it
+        once for every member, from the same generator state; the replay once for its model.
+        It also runs once on a copy of the model when the run is built, to check ``settings``
+        and the freeze patterns of later phases.
+
+        Args:
+            module: One member as a plain module (the architecture in force before the phase).
+            settings: The phase's ``model.grow`` value, as the config gives it.
+
+        Returns:
+            The grown module.
+
+        Raises:
+            NotImplementedError: if the task does not grow (the default).
+            ValueError, TypeError: for settings the task refuses.
+        """
+        raise NotImplementedError(f"task {self.reference!r} does not grow its model (it defines no Task.grow)")
+
+    def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Share of correct predictions (a scalar); override it for a task where that means nothing."""
+        if not output.is_floating_point() or output.dim() == 0 or target.is_floating_point():
+            return torch.full((), math.nan)
+        return (output.argmax(-1) == target).float().mean()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data, target: torch.Tensor | None = None) -> dict:
+        """``{"loss", "accuracy"}`` of a plain model on ``data``, in eval mode, chunked.
+
+        ``data`` is a split (tensors or a ``Dataset``), or inputs with ``target``. The model's
+        training mode is restored afterwards.
+        """
+        data = data if target is None else (data, target)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        loss = correct = 0.0
+        n = data_length(data)
+        for xb, yb in data_batches(data):
+            xb, yb = xb.to(device), yb.to(device)
+            out = model(xb)
+            loss += self.loss(out, yb).item() * len(xb)
+            correct += self.accuracy(out, yb).item() * len(xb)
+        model.train(was_training)
+        return {"loss": loss / n, "accuracy": correct / n}
+
+    def population_losses(self, population: PopulationModel, data, target: torch.Tensor | None = None, *,
+                          blocks: int | None = None) -> torch.Tensor:
+        """Each member's mean loss on shared ``data`` (as for :meth:`evaluate`): a ``[P]`` tensor (eval mode, chunked).
+
+        With ``blocks``, the data is cut into that many consecutive blocks of near-equal size
+        (at most one per sample) and the result is every member's mean loss on each, ``[P, blocks]``:
+        paired values for a significance test between members.
+        """
+        data = data if target is None else (data, target)
+        if blocks is not None and (not is_int(blocks) or blocks < 1):
+            refuse(f"{type(self).__name__}.population_losses: blocks", "a positive int or None", blocks)
+        if blocks is None:
+            chunks = list(data_batches(data))
+        else:
+            pieces = torch.arange(data_length(data)).tensor_split(min(blocks, data_length(data)))
+            chunks = [next(data_batches(data, piece)) for piece in pieces]
+
+        def losses_of(chunk, _index):
+            xb, yb = population.share(chunk)
+            return member_loss(self.loss, population(xb), yb)
+
+        return score_members(population, chunks, losses_of, size_of=lambda chunk: len(chunk[0]),
+                             who=f"{type(self).__name__}.loss", per_batch=blocks is not None)
+
+
+
+
+def task_reference(task: Task) -> str:
+    """What ``config.task`` holds for ``task``: a built-in's short name, else ``"module:ClassName"``.
+
+    Example:
+        >>> task_reference(TASKS["digits-mlp"]), task_reference(StdlibCharsTask())
+        ('digits-mlp', 'stdlib-chars')
+    """
+    if task.name in TASKS and type(TASKS[task.name]) is type(task):
+        return task.name
+    return f"{type(task).__module__}:{type(task).__qualname__}"
+
+
+def resolve_task(spec: str | Task, args: Mapping | None = None) -> Task:
+    """The task ``spec`` names: a built-in's short name, or ``"package.module:ClassName"`` built with ``args``.
+
+    Args:
+        spec: A name from :data:`TASKS`, an import path ``"module:Class"``, or a :class:`Task` (returned as is).
+        args: Keyword arguments for the class (a config's ``[task_args]`` table); none for a
+            built-in task or a :class:`Task` given as is.
+
+    Raises:
+        ValueError: for an unknown name, a module that cannot be imported, a missing class, a
+            class that is not a :class:`Task` subclass, arguments for a built-in task, or a class
+            that cannot be built with ``args``; the message is one line.
+        TypeError: if ``args`` is not a table with string keys.
+
+    Example:
+        >>> type(resolve_task("vmapclan.tasks:DigitsTask")).__name__
+        'DigitsTask'
+    """
+    args = {} if args is None else args
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        raise TypeError(f"task_args must be a table of keyword arguments, got {args!r}")
+    if isinstance(spec, Task):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"task must be a task name, 'package.module:ClassName' or a Task, got {type(spec).__name__}")
+    if spec in TASKS:
+        if args:
+            raise ValueError(f"task_args: the built-in task {spec!r} takes no arguments, got {sorted(args)}")
+        return TASKS[spec]
+    module_name, colon, class_name = spec.partition(":")
+    if not colon or not module_name or not class_name:
+        raise ValueError(f"task {spec!r} is neither a built-in task {sorted(TASKS)} nor 'package.module:ClassName'")
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any failure while importing the user's module is reported, in one line
+        raise ValueError(f"task {spec!r}: cannot import {module_name!r}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    found = module
+    for part in class_name.split("."):
+        found = getattr(found, part, None)
+    if found is None:
+        raise ValueError(f"task {spec!r}: module {module_name!r} has no {class_name!r}")
+    if not (isinstance(found, type) and issubclass(found, Task)):
+        raise ValueError(f"task {spec!r}: {class_name} is not a vmapclan.Task subclass "
+                         f"(got {type(found).__name__} {found!r:.60})")
+    try:
+        return found(**args)
+    except Exception as err:
+        call = f"{class_name}(**task_args)" if args else f"{class_name}()"
+        raise ValueError(f"task {spec!r}: {call} failed: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name`` (see :func:`resolve_task`).
+
+    Raises:
+        ValueError: for an unknown name or an import path that does not give a Task.
+
+    Example:
+        >>> get_task("digits-mlp").name
+        'digits-mlp'
+    """
+    return resolve_task(name)
