@@ -35,3 +35,22 @@ def validation_losses(member, loss_fn, x_val, y_val):
         val = member_loss(loss_fn, member.model(member.share(x_val)), member.share(y_val))
     member.model.train()
     return val
+
+
+def train_to_the_end(clan, loss_fn, train, x_val, y_val, batch_size):
+    """The README's whole loop for a clan with a horizon: epochs of its loader until ``clan.done``.
+
+    Returns:
+        The ``[P]`` training losses of every step, in order.
+    """
+    loader = clan.loader(train, batch_size=batch_size)
+    member, losses = clan.round(), []
+    while not clan.done:
+        for batch in loader:
+            losses.append(train_step(member, loss_fn, *batch).detach())
+            if member.done:
+                clan.step(validation_losses(member, loss_fn, x_val, y_val))
+                member = clan.round()
+                if clan.done:
+                    break
+    return losses
