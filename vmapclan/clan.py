@@ -35,7 +35,7 @@ from .growth import grow_population
 from .member import Member
 from .optim import ADAMW_FIELDS, BatchedAdamW, optimizer_ratios
 from .population import PopulationModel, check_fits
-from .rounds import COOPERATIVE, plan_stretches
+from .rounds import COOPERATIVE
 from .schedule import phase_optimizer
 from .selection import check_val_losses, member_means
 from .settings import ClanSettings, check_independent_start
@@ -128,12 +128,7 @@ class Clan:
             device = check_device(device, "Clan")
         ratios = optimizer_ratios(optimizer, model)
         genes = gene_specs(autobind, optimizer, genome_config)
-        plan = () if s.total_steps is None else plan_stretches(s.schedule, s.total_steps, s.round_length,
-                                                                s.duty_cycle)
-        self.clock = RoundClock(s.round_length, s.duty_cycle, selection=s.selection, total_steps=s.total_steps,
-                                 plan=plan)
-        if plan:
-            self.clock.enter(0)
+        self.clock = RoundClock.from_settings(s)
         if model is not None:
             check_independent_start(s.init, self.clock.duty_cycle)
         check_fits(self.local_size, model, len(genes), device)
@@ -455,16 +450,18 @@ class Clan:
             fields["competitive_lr_scale"] = self.settings.competitive_share
         return fields
 
+    def _stretch_record(self, val_loss: float) -> dict:
+        return {"kind": "cooperative", "phase": self.settings.schedule[self.stretch.index].name,
+                "start_step": self.clock.record_start, "end_step": self.time_step, "hyper": self._stretch_hyper(),
+                "val_loss": val_loss}
+
     def _end_cooperative(self, val_losses) -> dict:
         """The end of a cooperative stretch: its record and keep-best, or a restore if it diverged."""
         losses = self._losses(val_losses, paired_test=False)
         losses = member_means(losses) if losses.dim() == 2 else losses
         if not bool(torch.isfinite(losses).all()):
             return self.restore()
-        stretch = self.stretch
-        record = {"kind": "cooperative", "phase": self.settings.schedule[stretch.index].name,
-                  "start_step": self.clock.record_start, "end_step": self.time_step, "hyper": self._stretch_hyper(),
-                  "val_loss": losses[0].item()}
+        record = self._stretch_record(losses[0].item())
         self.history.append(record)
         self.keep(record["val_loss"])
         self._move_on(new_round=False)  # the members are identical and finite: a restore point
@@ -518,14 +515,10 @@ class Clan:
         if point.restores >= self.max_restores:
             raise DivergenceError(f"{message}; gave up after {point.restores} consecutive restores")
         used = {n: v.tolist() for n, v in self.genomes.items()}
-        point.restore_into(self.population.member_state(sync=False))
-        self.population.rows_stale = False
+        point.restore(self.population)
         self.genepool.restart(point.saved["incumbent"])
-        point.restores += 1
         if cooperative:  # the stretch's record, in the place of the round's
-            record = {"kind": "cooperative", "phase": self.settings.schedule[stretch.index].name,
-                      "start_step": clock.record_start, "end_step": self.time_step, "hyper": self._stretch_hyper(),
-                      "val_loss": math.nan}
+            record = self._stretch_record(math.nan)
         else:
             record = {"round": self.round_index, "step": self.global_step, "genomes": used,
                       "val_losses": losses.tolist(), "winner": None,

@@ -256,6 +256,35 @@ def _train(config, args) -> int:
         return _write_error(err, out)
 
 
+def _watchers(machine, args, out: Path, writer: bool, resumed: bool):
+    """``(progress bar, TensorBoard writer, the callback that feeds both)``; each ``None`` where not asked for."""
+    bar = _progress(machine.total_steps, not args.no_progress and writer, machine.config.task)
+    shown = {}
+
+    def on_event(event):
+        if bar is None or event["event"] != "step":
+            return
+        bar.update(event["step"] - bar.n)
+        state = (event["phase"], event["round"], event["best_val"])
+        if state != shown.get("state"):  # postfix only when it changes: cheap per step
+            shown["state"] = state
+            best = f"{event['best_val']:.4f}" if event["best_val"] < float("inf") else "-"
+            bar.set_postfix_str(f"phase={event['phase']} round={event['round']} best_val={best}")
+
+    board = None
+    if args.tensorboard and writer:  # rank 0 writes the run directory
+        from .tensorboard_logger import TensorBoardLogger
+
+        board = TensorBoardLogger(out / "tensorboard" / "train", [p.name for p in machine.schedule],
+                                  machine.clan.population_size, purge_step=machine.step + 1 if resumed else None)
+
+        def on_event(event, show=on_event):
+            show(event)
+            board(event)
+
+    return bar, board, on_event
+
+
 def _train_locked(config, args, out: Path) -> int:
     from .clan import DivergenceError
     from .distributed import DistributedError, current_rank
@@ -289,30 +318,7 @@ def _train_locked(config, args, out: Path) -> int:
     if existing:
         remove_run_files(out)  # --overwrite: the old run goes only once the new one can start
     config = machine.config
-    bar = _progress(machine.total_steps, not args.no_progress and writer, config.task)
-    shown = {}
-
-    def on_event(event):
-        if bar is None or event["event"] != "step":
-            return
-        bar.update(event["step"] - bar.n)
-        state = (event["phase"], event["round"], event["best_val"])
-        if state != shown.get("state"):  # postfix only when it changes: cheap per step
-            shown["state"] = state
-            best = f"{event['best_val']:.4f}" if event["best_val"] < float("inf") else "-"
-            bar.set_postfix_str(f"phase={event['phase']} round={event['round']} best_val={best}")
-
-    board = None
-    if args.tensorboard and writer:  # rank 0 writes the run directory
-        from .tensorboard_logger import TensorBoardLogger
-
-        board = TensorBoardLogger(out / "tensorboard" / "train", [p.name for p in machine.schedule],
-                                  machine.clan.population_size, purge_step=machine.step + 1 if resumed else None)
-
-        def on_event(event, show=on_event):
-            show(event)
-            board(event)
-
+    bar, board, on_event = _watchers(machine, args, out, writer, resumed)
     machine.callback = on_event
     resume = f"vmapclan train --resume {out}"
     try:

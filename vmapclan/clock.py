@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from .checks import is_int, number_in, refuse
-from .rounds import COMPETITIVE, COOPERATIVE, Stretch, competitive_steps, phase_at, round_problem
+from .rounds import COMPETITIVE, COOPERATIVE, Stretch, competitive_steps, phase_at, plan_stretches, round_problem
 
 __all__ = ["RoundClock", "check_round_settings"]
 
@@ -70,6 +70,17 @@ class RoundClock:
         self.stretch = self.record_start = 0
         self.held = False
         self.set_round(round_length, duty_cycle)
+
+    @classmethod
+    def from_settings(cls, settings) -> RoundClock:
+        """A clan's clock for its :class:`~vmapclan.settings.ClanSettings`: with a horizon, at the start of its plan."""
+        s = settings
+        plan = () if s.total_steps is None else plan_stretches(s.schedule, s.total_steps, s.round_length,
+                                                                s.duty_cycle)
+        clock = cls(s.round_length, s.duty_cycle, selection=s.selection, total_steps=s.total_steps, plan=plan)
+        if plan:
+            clock.enter(0)
+        return clock
 
     # -- settings -------------------------------------------------------------------------------
     def set_round(self, round_length: int, duty_cycle: float) -> None:

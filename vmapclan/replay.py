@@ -25,10 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .checks import is_int, refuse
 from .genome import ADAMW_GENES, group_ratios, optimizer_settings
+from .plan import data_key, frozen_parameters, phase_data
 from .rounds import competitive_steps
 from .schedule import Phase, PhaseSchedule, TimeController, phase_optimizer
 from .config import RunConfig
+from .task import data_batches, data_length, resolve_task
 
 __all__ = ["export_schedule", "write_schedule", "read_schedule", "replay", "ReplayResult", "SCHEDULE_VERSION"]
 
@@ -260,84 +263,96 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
         ValueError: for a batch size larger than the training set, a task that cannot be
             imported, or model, data, freeze or growth settings the task refuses.
     """
-    from .plan import data_key, frozen_parameters, phase_data
-    from .task import data_batches, data_length, resolve_task
-
     if isinstance(config, Mapping):
         config = RunConfig.from_dict(config)
     total = config.total_steps if total_steps is None else total_steps
     TimeController(total)  # validates total_steps
-    if keep_step is not None and (isinstance(keep_step, bool) or not isinstance(keep_step, int)
-                                  or not 0 <= keep_step <= total):
-        raise ValueError(f"replay: keep_step must be an int in [0, {total}], got {keep_step!r}")
-    task = resolve_task(config.task, config.task_args) if task is None else resolve_task(task)
-    settings_of_model = task.model_settings(config.model)
-    config = config.replace(data=task.data_settings(config.data))  # the task's own data settings, with defaults
-    torch.manual_seed(config.seed)  # as TrainingMachine: the same initial weights
-    data = task.load(config.data, config.seed)
-    model = task.build_model(settings_of_model, config.data)
-    optimizer = config.optimizer.build(model.parameters())
-    # The genes stand for the first (decaying) group's settings; every group follows in proportion.
-    configured, ratios = optimizer_settings(optimizer), group_ratios(optimizer)
-    datasets = {(): data}
-    parameters = dict(model.named_parameters())
-    frozen_in: dict[str, list[str]] = {}  # phase name -> the parameter names its freeze patterns match
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    perm, position = None, 0
-    steps_trace, losses = [], []
-    model.train()
-    kept, current = None, None
+    if keep_step is not None and (not is_int(keep_step) or not 0 <= keep_step <= total):
+        refuse("replay: keep_step", f"an int in [0, {total}]", keep_step)
+    run = _PlainRun(resolve_task(config.task, config.task_args) if task is None else resolve_task(task), config)
+    steps_trace, losses, kept = [], [], None
     for step in range(total):
         if step == keep_step:
-            kept = copy.deepcopy(model.state_dict())
+            kept = copy.deepcopy(run.model.state_dict())
         phase = schedule.phase_at_step(step, total)
-        if phase.name != current and "grow" in phase.model:
-            model, optimizer = _grow_plain(task, model, optimizer, config, phase)
-            parameters, frozen_in = dict(model.named_parameters()), {}
-        current = phase.name
-        spec = phase_data(task, config.data, phase)
-        key = data_key(spec, config.data)
-        if key not in datasets:
-            task.check_data(settings_of_model, spec)
-            datasets[key] = task.load(spec, config.seed)
-        train = datasets[key].train
-        n = data_length(train)
-        if phase.name not in frozen_in:
-            frozen_in[phase.name] = frozen_parameters(parameters, phase.model.get("freeze", ()), f"phase {phase.name!r}")
-        frozen = frozen_in[phase.name]
-        settings = phase_optimizer(phase.optimizer, configured)
-        lr = settings["lr"] * config.optimizer.lr_factor(step, total)  # the run's lr shape, as in the machine
-        for group, (lr_ratio, wd_ratio) in zip(optimizer.param_groups, ratios):
-            group["lr"], group["weight_decay"] = lr * lr_ratio, settings["weight_decay"] * wd_ratio
-            group["eps"], group["betas"] = settings["eps"], (settings["betas/0"], settings["betas/1"])
-        batch_size = phase.data.get("batch_size", config.data.batch_size)
-        if batch_size > n:
-            raise ValueError(f"replay: phase {phase.name!r} asks for batch_size={batch_size}, "
-                             f"the training set has {n} samples")
-        if perm is None or len(perm) != n or n - position < batch_size:
-            # Epoch over, or other data: a new permutation, as the clan's loader does.
-            perm, position = torch.randperm(n, generator=generator), 0
-        index = perm[position:position + batch_size]
-        position += batch_size
-        x, y = next(data_batches(train, index))
-        loss = task.loss(model(x), y)
-        loss.backward()
-        for name in frozen:  # AdamW skips a parameter without a gradient: no update, no decay
-            parameters[name].grad = None
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+        loss, entry = run.step(phase, step, total)
+        losses.append(loss)
         if trace:
-            first = optimizer.param_groups[0]  # the group the genes stand for (one group: the only one)
-            steps_trace.append({"step": step, "phase": phase.name, "lr": first["lr"],
-                                "weight_decay": first["weight_decay"], "betas": first["betas"],
-                                "eps": first["eps"], "batch_size": batch_size,
-                                "data": {k: v for k, v in phase.data.items() if k != "batch_size"},
-                                "freeze": frozen, "input_shape": tuple(x.shape)})
+            steps_trace.append(entry)
         if callback is not None:
             callback(step + 1, phase.name)
     if kept is not None:
-        model.load_state_dict(kept)
-    scores = task.evaluate(model, data.val)
-    return ReplayResult(model=model.eval(), final={"val_loss": scores["loss"], "val_accuracy": scores["accuracy"]},
+        run.model.load_state_dict(kept)
+    scores = run.task.evaluate(run.model, run.datasets[()].val)
+    return ReplayResult(model=run.model.eval(), final={"val_loss": scores["loss"], "val_accuracy": scores["accuracy"]},
                         trace=steps_trace, losses=losses)
+
+
+class _PlainRun:
+    """One plain model and its ``torch.optim.AdamW``, trained a step at a time in a schedule's phases."""
+
+    def __init__(self, task, config: RunConfig):
+        self.task, self.model_settings = task, task.model_settings(config.model)
+        self.config = config = config.replace(data=task.data_settings(config.data))  # the task's own, with defaults
+        torch.manual_seed(config.seed)  # as TrainingMachine: the same initial weights
+        self.datasets = {(): task.load(config.data, config.seed)}
+        self.model = task.build_model(self.model_settings, config.data)
+        self.optimizer = config.optimizer.build(self.model.parameters())
+        # The genes stand for the first (decaying) group's settings; every group follows in proportion.
+        self.configured, self.ratios = optimizer_settings(self.optimizer), group_ratios(self.optimizer)
+        self.parameters = dict(self.model.named_parameters())
+        self.frozen_in: dict[str, list[str]] = {}  # phase name -> the parameter names its freeze patterns match
+        self.generator = torch.Generator().manual_seed(config.seed + 2)
+        self.perm, self.position, self.current = None, 0, None
+        self.model.train()
+
+    def _enter(self, phase: Phase):
+        """The phase's data (loaded once per data settings) and frozen parameters; the model grown at its start."""
+        if phase.name != self.current and "grow" in phase.model:
+            self.model, self.optimizer = _grow_plain(self.task, self.model, self.optimizer, self.config, phase)
+            self.parameters, self.frozen_in = dict(self.model.named_parameters()), {}
+        self.current = phase.name
+        spec = phase_data(self.task, self.config.data, phase)
+        key = data_key(spec, self.config.data)
+        if key not in self.datasets:
+            self.task.check_data(self.model_settings, spec)
+            self.datasets[key] = self.task.load(spec, self.config.seed)
+        if phase.name not in self.frozen_in:
+            self.frozen_in[phase.name] = frozen_parameters(self.parameters, phase.model.get("freeze", ()),
+                                                           f"phase {phase.name!r}")
+        return self.datasets[key].train, self.frozen_in[phase.name]
+
+    def _batch(self, train, phase: Phase):
+        """The next batch of the phase's size, from a fresh permutation each epoch, as the clan's loader draws."""
+        n = data_length(train)
+        batch_size = phase.data.get("batch_size", self.config.data.batch_size)
+        if batch_size > n:
+            raise ValueError(f"replay: phase {phase.name!r} asks for batch_size={batch_size}, "
+                             f"the training set has {n} samples")
+        if self.perm is None or len(self.perm) != n or n - self.position < batch_size:
+            # Epoch over, or other data: a new permutation, as the clan's loader does.
+            self.perm, self.position = torch.randperm(n, generator=self.generator), 0
+        index = self.perm[self.position:self.position + batch_size]
+        self.position += batch_size
+        return (*next(data_batches(train, index)), batch_size)
+
+    def step(self, phase: Phase, step: int, total: int) -> tuple[float, dict]:
+        """One step at the phase's settings; returns its loss and what it used (the trace's entry)."""
+        train, frozen = self._enter(phase)
+        settings = phase_optimizer(phase.optimizer, self.configured)
+        lr = settings["lr"] * self.config.optimizer.lr_factor(step, total)  # the run's lr shape, as in the machine
+        for group, (lr_ratio, wd_ratio) in zip(self.optimizer.param_groups, self.ratios):
+            group["lr"], group["weight_decay"] = lr * lr_ratio, settings["weight_decay"] * wd_ratio
+            group["eps"], group["betas"] = settings["eps"], (settings["betas/0"], settings["betas/1"])
+        x, y, batch_size = self._batch(train, phase)
+        loss = self.task.loss(self.model(x), y)
+        loss.backward()
+        for name in frozen:  # AdamW skips a parameter without a gradient: no update, no decay
+            self.parameters[name].grad = None
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        first = self.optimizer.param_groups[0]  # the group the genes stand for (one group: the only one)
+        return loss.item(), {"step": step, "phase": phase.name, "lr": first["lr"],
+                             "weight_decay": first["weight_decay"], "betas": first["betas"], "eps": first["eps"],
+                             "batch_size": batch_size, "data": {k: v for k, v in phase.data.items() if k != "batch_size"},
+                             "freeze": frozen, "input_shape": tuple(x.shape)}

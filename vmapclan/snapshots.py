@@ -49,11 +49,14 @@ class RestorePoint:
         self.saved = {"round": round_index, **optree.tree_map(lambda t: t[0].clone(), dict(members)),
                       "incumbent": {n: v.clone() for n, v in incumbent.items()}}
 
-    def restore_into(self, members: Mapping) -> None:
-        """Write the kept row into every row of every tensor of ``members``."""
+    def restore(self, population) -> None:
+        """Write the kept row into every row of every tensor of ``population``'s member state; count the restore."""
+        members = population.member_state(sync=False)
         with torch.no_grad():
             optree.tree_map(lambda t, row: t.copy_(row.expand_as(t)), dict(members),
                             {k: self.saved[k] for k in members})
+        population.rows_stale = False  # every row written
+        self.restores += 1
 
     def state_dict(self) -> dict:
         """``{"last_good": the kept rows (or None), "restores": count}``, as the clan's state holds them."""

@@ -345,6 +345,21 @@ class FusedStep:
         self._form: str | None = None  # the one of ONE_MODEL_FORMS the last one-model step took
         self._forms: dict[tuple, str] = {}  # the form found for each combination of training modes
 
+        self._define_one_model(member_loss, compile == "step")
+        # Compiling "the step" compiles the gradient computation and the elementwise update; the
+        # few [P]-sized factor computations between them stay eager (see adamw_factors_).
+        if backward == "autograd":
+            self._gradients = self._autograd_gradients
+        elif compile == "step":
+            self._gradients = torch.compile(self._vmap_gradients, dynamic=False)
+        else:
+            self._gradients = self._vmap_gradients
+        self._graphs: dict = {}
+
+    def _define_one_model(self, member_loss: Callable, compiled: bool) -> None:
+        """The functions of a one-model step (:data:`ONE_MODEL_FORMS`): each form's loss and its gradient."""
+        population, module, k, loss_fn = self._population, self._population.module, self.num_inputs, self.loss_fn
+
         def batch_loss(params, kwargs, *batch):  # params=None: the module's own, member 0's (no functional_call)
             inputs, kwargs = _merged(batch[:k]), _merged(kwargs)
             output = module(*inputs, **kwargs) if params is None else functional_call(module, params, inputs, kwargs)
@@ -368,17 +383,8 @@ class FusedStep:
         self._shared_outputs = shared_outputs
         self._one_model_losses = {"batch": batch_loss, "members": members_mean_loss}
         self._one_model_grads = {"batch": grad_and_value(batch_loss), "members": grad_and_value(members_mean_loss)}
-        if compile == "step":
+        if compiled:
             self._one_model_grads = {f: torch.compile(g, dynamic=False) for f, g in self._one_model_grads.items()}
-        # Compiling "the step" compiles the gradient computation and the elementwise update; the
-        # few [P]-sized factor computations between them stay eager (see adamw_factors_).
-        if backward == "autograd":
-            self._gradients = self._autograd_gradients
-        elif compile == "step":
-            self._gradients = torch.compile(self._vmap_gradients, dynamic=False)
-        else:
-            self._gradients = self._vmap_gradients
-        self._graphs: dict = {}
 
     @property
     def one_model_form(self) -> str | None:
