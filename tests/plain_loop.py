@@ -5,20 +5,22 @@ import torch
 from vmapclan import member_loss
 
 
-def train_step(member, loss_fn, *batch):
+def train_step(member, loss_fn, *batch, key=None, **model_kwargs):
     """One step of the plain loop: each member's loss, backward inside ``sync_context()``,
     ``optimizer.step()``, ``zero_grad()`` and ``member.step()``.
 
     Args:
         member: The round's member.
         loss_fn: One member's loss, ``loss_fn(output, target)``.
-        *batch: The model's inputs, then the target, each ``[P, B, ...]``.
+        *batch: The model's positional inputs, then the target, each ``[P, B, ...]``.
+        key: What ``loss_fn`` takes of a dict-like output (``member_loss``'s ``key``).
+        **model_kwargs: The model's keyword inputs, each ``[P, B, ...]``.
 
     Returns:
         The ``[P]`` losses (before the update).
     """
     *inputs, y = batch
-    loss = member_loss(loss_fn, member.model(*inputs), y)
+    loss = member_loss(loss_fn, member.model(*inputs, **model_kwargs), y, key=key)
     with member.sync_context():
         loss.sum().backward()
     member.optimizer.step()

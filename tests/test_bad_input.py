@@ -4,6 +4,7 @@ Each row builds what a user might build and must raise the named exception with 
 message. Nothing here may be accepted silently.
 """
 
+import functools
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,12 +15,12 @@ from vmapclan.schedule import Phase, PhaseSchedule
 from vmapclan.config import DataSpec
 from vmapclan.tasks import get_task
 
+import models
+
 P = 3
 
 
-def mlp(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).to(dtype)
+mlp = functools.partial(models.mlp, 4, 8, 2, act="relu", dtype=torch.float32, seed=0)
 
 
 def clan(model=None, optimizer=None, **kwargs):

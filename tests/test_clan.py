@@ -1,5 +1,6 @@
 """The Clan and Member API: the round clock, genes in force, gradient sync, errors, seeds and resume."""
 
+import functools
 import contextlib
 import copy
 
@@ -13,24 +14,18 @@ from vmapclan import Clan, Gene, member_loss
 
 from plain_loop import train_step
 
+import models
+
 P = 3
 
 
-def mlp(dropout=0.0, batchnorm=False):
-    """A small classifier; float64 so gradient comparisons are tight."""
-    layers = [nn.Linear(4, 8)]
-    if batchnorm:
-        layers.append(nn.BatchNorm1d(8))
-    layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)]
-    return nn.Sequential(*layers).double()
+mlp = functools.partial(models.mlp, 4, 8, 3, dropout=0.0)  # float64: gradient comparisons are tight
 
 
 def make_clan(model=None, *, lr=1e-2, **kwargs):
     """A clan of ``model`` (a fresh :func:`mlp` by default) with its AdamW; ``kwargs`` go to ``Clan``."""
-    model = model if model is not None else mlp()
-    settings = dict(population_size=P, round_length=4, duty_cycle=0.5, autobind=["adamw"], seed=0)
-    settings.update(kwargs)
-    return Clan(model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01), **settings)
+    settings = {"population_size": P, "round_length": 4, "duty_cycle": 0.5, "seed": 0, **kwargs}
+    return models.adamw_clan(model if model is not None else mlp(), lr=lr, weight_decay=0.01, **settings)
 
 
 def genome_clan(**kwargs):

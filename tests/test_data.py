@@ -121,7 +121,7 @@ def test_phase_is_decided_per_batch_at_request_time():
     # Nothing was drawn ahead: the samples handed out are exactly 2 * (3 P B + 2 B), all distinct.
     seen = torch.cat([x.flatten() if phase == "cooperative" else x[0] for phase, (x, _) in batches])
     assert seen.numel() == 2 * (3 * P * B + 2 * B) == seen.unique().numel()
-    assert clan._loader_state.position == seen.numel()
+    assert clan.loader_state.position == seen.numel()
 
 
 @pytest.mark.parametrize("n, expected_batches", [(2 * (P * B + B) + P * B - 1, 4), (2 * (P * B + B) - 1, 3)])
@@ -137,7 +137,7 @@ def test_epoch_ends_when_the_next_step_cannot_be_filled(n, expected_batches):
     # The next pass is a new epoch over a fresh permutation.
     second = drive(clan, loader, steps=10**6)
     assert len(second) >= 3
-    assert clan._loader_state.epoch == 2
+    assert clan.loader_state.epoch == 2
 
 
 def test_dataset_smaller_than_one_step_is_an_error():

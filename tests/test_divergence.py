@@ -12,16 +12,14 @@ from vmapclan import Clan, DivergenceError, member_loss
 
 from plain_loop import train_step
 
+import models
+
 P, B = 4, 8
 
 
 def make_clan(seed=0, **kwargs):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 3)).double()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2)
-    settings = dict(population_size=P, round_length=6, duty_cycle=0.5, autobind=["adamw"], seed=seed)
-    settings.update(kwargs)
-    return Clan(model, optimizer, **settings)
+    settings = {"population_size": P, "round_length": 6, "duty_cycle": 0.5, "seed": seed, **kwargs}
+    return models.adamw_clan(models.mlp(6, 12, 3, batchnorm=True, seed=0), lr=1e-2, weight_decay=1e-2, **settings)
 
 
 def data(seed=1):

@@ -8,6 +8,7 @@
   masks differ across members; evaluation is deterministic and matches per member.
 """
 
+import functools
 import copy
 
 import pytest
@@ -20,6 +21,8 @@ from vmapclan import Clan, PopulationModel, member_loss
 
 from plain_loop import train_step
 
+import models
+
 DTYPE = torch.float64
 # Members run batched GEMMs here and the references plain ones, so results differ in the last
 # bits (about 1e-16 absolute after tens of float64 steps); the bound leaves room for other BLAS
@@ -27,10 +30,7 @@ DTYPE = torch.float64
 RTOL, ATOL = 1e-11, 1e-13
 
 
-def mlp(seed: int = 0) -> nn.Module:
-    """A small float64 MLP classifier (6 features, 3 classes)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(DTYPE)
+mlp = functools.partial(models.mlp, 6, 8, 3, dtype=DTYPE, seed=0)  # 6 features, 3 classes
 
 
 def classification_data(n: int, seed: int = 1) -> TensorDataset:

@@ -13,6 +13,8 @@ from vmapclan.step import BACKWARDS, LAYOUTS, resolve_backward
 
 from plain_loop import train_step
 
+import models
+
 P = 4
 
 
@@ -29,13 +31,8 @@ def make_data(n=400):
 
 
 def make_clan(accumulate=False, duty_cycle=0.5, selection="winner", round_length=6, **kwargs):
-    model = make_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
-    autobind = ["adamw", "gradient_accumulation"] if accumulate else ["adamw"]
-    # An accumulation count of 2 in force from the start, so the cooperative phase accumulates too.
-    config = {"num_grad_accum": {"init": 2}} if accumulate else None
-    return Clan(model, optimizer, population_size=P, round_length=round_length, duty_cycle=duty_cycle,
-                autobind=autobind, genome_config=config, selection=selection, seed=3, **kwargs)
+    return models.adamw_clan(make_model(), lr=1e-2, weight_decay=0.05, accumulate=accumulate, population_size=P,
+                             round_length=round_length, duty_cycle=duty_cycle, selection=selection, seed=3, **kwargs)
 
 
 def imperative_step(member, x, y):
@@ -467,13 +464,8 @@ def test_fused_step_with_two_model_inputs():
         x = torch.randn(P, 8, 6, generator=g, dtype=torch.float64)
         z = torch.randn(P, 8, 2, generator=g, dtype=torch.float64)
         y = torch.randint(0, 3, (P, 8), generator=g)
-        loss = member_loss(F.cross_entropy, member.model(x, z), y)
-        with member.sync_context():
-            loss.sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
         cooperative = fused.phase == "cooperative"
-        member.step()
+        loss = train_step(member, F.cross_entropy, x, z, y)
         torch.testing.assert_close(step(x, z, y), as_fused(loss.detach(), cooperative), atol=1e-12, rtol=0)
         ref.sync_members()
         fused.sync_members()

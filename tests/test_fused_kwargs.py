@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vmapclan import Clan, FusedStep, member_loss
+from vmapclan import Clan, FusedStep
+
+from plain_loop import train_step
 
 from test_fused import compare_runs
 
@@ -45,14 +47,7 @@ def masked_batches(steps):
 def loop_step(member, loss_fn, y, key=None, **kwargs):
     """The Member loop's step with the model's inputs given as keywords, or ``x`` positionally and the rest keywords."""
     x = kwargs.pop("x", None)
-    out = member.model(**kwargs) if x is None else member.model(x, **kwargs)
-    loss = member_loss(loss_fn, out, y, key=key)
-    with member.sync_context():
-        loss.sum().backward()
-    member.optimizer.step()
-    member.optimizer.zero_grad()
-    member.step()
-    return loss.detach()
+    return train_step(member, loss_fn, *([] if x is None else [x]), y, key=key, **kwargs).detach()
 
 
 def run_both(make, data, fused_step, loop, rounds=2, tol=1e-10):

@@ -1,15 +1,17 @@
 """Genes: validation, autobinding, and mutations that never leave their bounds."""
 
+import functools
 import math
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from vmapclan import Clan, Gene
 from vmapclan.genome import autobind_genes, mutate
+
+import models
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 P = 16
@@ -209,9 +211,7 @@ def test_default_init_is_the_midpoint_in_the_gene_scale():
     assert Gene(1, 5, scale="linear", dtype="int").default_init() == 3
 
 
-def mlp():
-    """A small model for clans whose genes are under test."""
-    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+mlp = functools.partial(models.mlp, 3, 4, 2, act="relu", dtype=torch.float32)  # for clans whose genes are tested
 
 
 def test_autobind_genes_are_seeded_from_the_adamw_values():

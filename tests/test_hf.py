@@ -15,6 +15,8 @@ from torch import nn
 
 from vmapclan import Clan, PopulationModel, additive_attention_mask, member_loss
 
+from plain_loop import train_step
+
 transformers = pytest.importorskip("transformers")
 
 P, B, T, V, STEPS = 4, 3, 6, 24, 3
@@ -84,14 +86,8 @@ def reference(build, data) -> list[dict]:
 def train(clan: Clan, data, mask_of) -> None:
     member = clan.round()
     for ids, mask, y in data:
-        out = member.model(input_ids=ids, attention_mask=mask_of(mask))
-        loss = member_loss(lm_loss, out, y, key="logits")
+        loss = train_step(member, lm_loss, y, key="logits", input_ids=ids, attention_mask=mask_of(mask))
         assert loss.shape == (P,)
-        with member.sync_context():
-            loss.sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
-        member.step()
 
 
 def assert_members_equal(clan: Clan, finals: list[dict]) -> None:

@@ -473,5 +473,5 @@ def test_second_fit_continues_like_one_fit():
         drive(reference, loader, steps=9 - reference.global_step)
     expected = reference._loader_state
     for clan in (whole.clan, split.clan):
-        assert (clan._loader_state.epoch, clan._loader_state.position) == (expected.epoch, expected.position)
-        assert torch.equal(clan._loader_state.perm, expected.perm)
+        assert (clan.loader_state.epoch, clan.loader_state.position) == (expected.epoch, expected.position)
+        assert torch.equal(clan.loader_state.perm, expected.perm)

@@ -13,6 +13,7 @@ one row against the batched update), so they agree to rounding, not bitwise; any
 (a missed average, a member left out, a stale row read) is orders of magnitude above 1e-10.
 """
 
+import functools
 import contextlib
 
 import pytest
@@ -24,6 +25,8 @@ from vmapclan import Clan, FusedStep, member_loss
 from vmapclan.cooperation import Cooperation
 
 from plain_loop import train_step
+
+import models
 
 P, B = 4, 8
 ROUND_LENGTH, DUTY_CYCLE = 6, 0.5  # 3 cooperative steps, then 3 competitive ones
@@ -46,14 +49,19 @@ class PFoldClan(Clan):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        cooperation = self.cooperation
+        self.disable(self)
+
+    @staticmethod
+    def disable(clan: Clan) -> Clan:
+        """Turn ``clan``'s one-model training off for good."""
+        cooperation = clan.cooperation
         cooperation.train_as_one = lambda on: Cooperation.train_as_one(cooperation, False)
         cooperation.train_as_one(False)
+        return clan
 
 
 # -- models ------------------------------------------------------------------------------------
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+mlp = functools.partial(models.mlp, 6, 16, 3, dtype=torch.float32)
 
 
 def batchnorm_mlp() -> nn.Module:
@@ -111,12 +119,9 @@ def summed_cross_entropy(output, target):
 def make_clan(model="mlp", accumulate=False, *, p_fold=False, duty_cycle=DUTY_CYCLE, model_seed=1, seed=3) -> Clan:
     torch.manual_seed(model_seed)
     net = MODELS[model]().double()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.05)
-    autobind = ["adamw", "gradient_accumulation"] if accumulate else ["adamw"]
-    # An accumulation count of 2 in force from the start, so the cooperative phase accumulates too.
-    config = {"num_grad_accum": {"init": 2}} if accumulate else None
-    return (PFoldClan if p_fold else Clan)(net, optimizer, population_size=P, round_length=ROUND_LENGTH,
-                                           duty_cycle=duty_cycle, autobind=autobind, genome_config=config, seed=seed)
+    clan = models.adamw_clan(net, lr=1e-2, weight_decay=0.05, accumulate=accumulate, population_size=P,
+                             round_length=ROUND_LENGTH, duty_cycle=duty_cycle, seed=seed)
+    return PFoldClan.disable(clan) if p_fold else clan
 
 
 def make_data(n=512):

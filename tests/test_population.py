@@ -1,5 +1,6 @@
 """The stacked population: vmapped forwards equal per-member forwards, and stacking is a faithful copy."""
 
+import functools
 import copy
 
 import pytest
@@ -8,6 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmapclan import Clan, PopulationModel, member_loss
+
+from plain_loop import train_step
+
+import models
 
 P = 3
 
@@ -37,9 +42,7 @@ def assert_matches_members(pop, *inputs, atol=1e-10, **kwargs):
     return out
 
 
-def mlp():
-    """A float64 MLP (float64: the vmapped and plain forwards then agree to 1e-10)."""
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+mlp = functools.partial(models.mlp, 5, 8, 3)  # float64: the vmapped and plain forwards then agree to 1e-10
 
 
 def cnn():
@@ -295,11 +298,7 @@ def test_training_does_not_modify_the_users_module():
     member = clan.round()
     for _ in range(2):
         x, y = torch.randn(P, 4, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (P, 4))
-        with member.sync_context():
-            member_loss(F.cross_entropy, member.model(x), y).sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
-        member.step()
+        train_step(member, F.cross_entropy, x, y)
     clan.step(torch.arange(P, dtype=torch.float64))
     assert not torch.equal(clan.population.params["0.weight"][0], before["0.weight"])  # training happened
     for name, value in model.state_dict().items():

@@ -18,6 +18,8 @@ from vmapclan.checkpoint import load_checkpoint, save_checkpoint
 
 from plain_loop import train_step
 
+import models
+
 WORKER = Path(__file__).with_name("resume_worker.py")
 TOTAL_STEPS = 40
 
@@ -115,10 +117,8 @@ def test_load_checkpoint_errors(tmp_path):
 
 
 def make_clan(hidden=8, **kwargs):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-    return Clan(model, torch.optim.AdamW(model.parameters()), population_size=3, round_length=4,
-                duty_cycle=0.5, autobind=["adamw"], **kwargs)
+    model = models.mlp(4, hidden, 1, act="relu", dtype=torch.float32, seed=0)
+    return models.adamw_clan(model, population_size=3, round_length=4, duty_cycle=0.5, **kwargs)
 
 
 def test_checkpoint_of_another_version_or_model_is_refused():

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmapclan import Clan, FusedStep, TrainingMachine
-from vmapclan.population import member_loss
+
+from plain_loop import train_step
 
 SETTINGS = {"lr": 0.05, "betas": (0.8, 0.9), "weight_decay": 0.1, "eps": 1e-6}
 
@@ -92,11 +93,7 @@ def test_a_parameter_without_gradient_resumes_its_own_bias_correction_as_torch_a
         if step is not None:
             step(x, y)
             continue
-        with member.sync_context():
-            member_loss(F.mse_loss, member.model(x), y).sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
-        member.step()
+        train_step(member, F.mse_loss, x, y)
     got = clan.population.member_module(0)  # member 0 trains with the optimizer's own settings
     for name, tensor in expected.named_parameters():
         torch.testing.assert_close(got.get_parameter(name), tensor, rtol=1e-12, atol=1e-12, msg=name)
@@ -117,11 +114,7 @@ def test_a_parameter_added_by_growth_starts_its_own_step_count_at_zero():
             assert clan.optimizer.adamw_state.skipped[:, -2:].tolist() == [[6.0, 6.0]] * 2
         member = clan.round()
         clan.population.module.skip_a = i in SKIPPED
-        with member.sync_context():
-            member_loss(F.mse_loss, member.model(member.share(x)), member.share(y)).sum().backward()
-        member.optimizer.step()
-        member.optimizer.zero_grad()
-        member.step()
+        train_step(member, F.mse_loss, member.share(x), member.share(y))
     got = clan.population.member_module(0)
     for name, tensor in expected.named_parameters():
         torch.testing.assert_close(got.get_parameter(name), tensor, rtol=1e-12, atol=1e-12, msg=name)
