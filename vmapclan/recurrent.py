@@ -983,7 +983,7 @@ def vectorizable(model: nn.Module) -> nn.Module:
         >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LSTM(4, 8))
         >>> model = vectorizable(model)
         >>> type(model[1]).__module__, type(model[1]).__name__
-        ('vmapclan.nn', 'LSTM')
+        ('vmapclan.recurrent', 'LSTM')
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vectorizable: expected an nn.Module, got {type(model).__name__}")

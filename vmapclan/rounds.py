@@ -125,7 +125,7 @@ def plan_stretches(schedule, total_steps: int, round_length: int, duty_cycle: fl
         >>> plan = plan_stretches(PhaseSchedule([Phase("warm", 0, 0.2, clan={"competition": False}),
         ...                                      Phase("clan", 0.2, 1)]), 100, 30, 0.25)
         >>> [(s.kind, s.start, s.end) for s in plan]
-        [('cooperative', 0, 20), ('round', 20, 50), ('round', 50, 80)]
+        [('cooperative', 0, 20), ('round', 20, 50), ('round', 50, 100)]
     """
     plan = []
     for index, (phase, first, end) in enumerate(schedule.step_ranges(total_steps)):

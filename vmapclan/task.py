@@ -179,6 +179,7 @@ class Task(abc.ABC):
                 :attr:`data_defaults`, or a :attr:`phase_data` name that is neither.
 
         Example:
+            >>> from vmapclan.tasks import DigitsTask
             >>> class Augmented(DigitsTask):
             ...     data_defaults = {"augment": False}
             >>> Augmented().data_settings(DataSpec()).augment
@@ -333,6 +334,7 @@ def task_reference(task: Task) -> str:
     """What ``config.task`` holds for ``task``: a built-in's short name, else ``"module:ClassName"``.
 
     Example:
+        >>> from vmapclan.tasks import StdlibCharsTask
         >>> task_reference(TASKS["digits-mlp"]), task_reference(StdlibCharsTask())
         ('digits-mlp', 'stdlib-chars')
     """
