@@ -70,9 +70,12 @@ def main(size: int = 4, population_size: int = 4, steps: int = 300, batch_size: 
     loader = clan.loader(TensorDataset(x_train, y_train), batch_size=batch_size)
 
     def validate(member) -> torch.Tensor:
+        member.model.eval()  # no dropout while scoring: identical members score alike
         with torch.no_grad():
             out = member.model(input_ids=member.share(x_val))
-            return member_loss(lm_loss, out, member.share(y_val), key="logits")
+            losses = member_loss(lm_loss, out, member.share(y_val), key="logits")
+        member.model.train()
+        return losses
 
     member = clan.round()
     initial = float(validate(member).min())

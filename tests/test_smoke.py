@@ -14,6 +14,7 @@ def load_example(name):
 
 
 def test_digits_example_learns():
-    result = load_example("digits").main(epochs=6, population_size=4, round_length=10, hidden=32, progress=False)
-    assert result["rounds"] >= 2
+    result = load_example("digits").main(steps=120, population_size=4, hidden=32, progress=False)
+    assert result["rounds"] >= 2 and result["steps"] == 120
+    assert result["history"][0]["search"] == 30.0  # the default plan's search comes first
     assert result["val_accuracy"] > 0.5  # chance is 0.1

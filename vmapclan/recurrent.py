@@ -917,7 +917,7 @@ def _hooks(module: nn.Module) -> list[str]:
     return [kind for kind, attrs in kinds.items() if any(getattr(module, a, None) for a in attrs)]
 
 
-def _replace(module: nn.Module, path: str) -> nn.Module:
+def _swapped(module: nn.Module, path: str) -> nn.Module:
     cls = _torch_recurrent(module)
     if torch.nn.utils.parametrize.is_parametrized(module):
         raise ValueError(f"vectorizable: {path} has parametrized weights, which the replacement would not carry; "
@@ -992,7 +992,7 @@ def vectorizable(model: nn.Module) -> nn.Module:
     def convert(module: nn.Module, path: str) -> nn.Module:
         if _torch_recurrent(module) is not None:
             if id(module) not in done:
-                done[id(module)] = _replace(module, path)
+                done[id(module)] = _swapped(module, path)
             return done[id(module)]
         for name, child in list(module.named_children()):
             new = convert(child, _path(path, name))
