@@ -91,8 +91,8 @@ class ClanLoader:
     Made by :meth:`Clan.loader`. One pass over it is one epoch of a fresh random permutation;
     for each batch it asks the clan which phase the next step is in (``clan.cooperating``):
 
-    - cooperative (a step of the round's cooperative phase, or any step inside
-      ``clan.cooperate()``): the next ``P * B`` samples, member ``i`` taking the ``i``-th block of ``B``
+    - cooperative (a step of the round's cooperative phase, of a cooperative stretch of the
+      clan's plan, or inside ``clan.cooperate()``): the next ``P * B`` samples, member ``i`` taking the ``i``-th block of ``B``
       (disjoint shards; together one data-parallel batch of ``P * B``);
     - competitive: the next ``B`` samples, shared by every member as an expanded view (no copy).
 

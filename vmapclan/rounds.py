@@ -2,7 +2,7 @@
 
 A round of ``round_length`` steps is cooperative for its first ``round_length - C`` steps and
 competitive for the last ``C = max(1, floor(duty_cycle * round_length + 0.5))``. The clan, the
-config checks, the training machine, the replay's export and the Lightning loader all read
+config checks, the clan's plan, the replay's export and the Lightning loader all read
 these functions; none writes the rule again.
 
 Over a horizon of ``total_steps``, a :class:`~vmapclan.PhaseSchedule` splits into *stretches*

@@ -7,7 +7,7 @@ cooperative warmup, clan rounds in the middle, a final anneal at a lower learnin
 
 Step ``s`` occupies the time interval ``[s / T, (s + 1) / T)`` and belongs to the phase that
 holds the interval's midpoint, so a phase boundary at ``t`` falls before step
-``ceil(t * T - 0.5)``. The training machine and the replay both use this one rule, which is
+``ceil(t * T - 0.5)``. The clan's plan and the replay both use this one rule, which is
 why an exported schedule replays on exactly the steps it was recorded on.
 """
 
@@ -464,10 +464,10 @@ class PhaseSchedule:
 def phase_optimizer(overrides: Mapping[str, float], incumbent: Mapping[str, float]) -> dict[str, float]:
     """The AdamW settings a cooperative phase trains with: the incumbent's, with the phase's overrides.
 
-    The one meaning of a phase's optimizer table, for the training machine and the replay alike:
+    The one meaning of a phase's optimizer table, for the clan and the replay alike:
     a fixed value (``lr``, ``weight_decay``, ``betas/0``, ``betas/1``, ``eps``) replaces the
     incumbent's; ``lr_scale`` multiplies the incumbent's ``lr``. The incumbent is the genome the
-    clan has evolved when the phase begins (in the machine), or the configured optimizer's
+    clan has evolved when the phase begins (in the clan), or the configured optimizer's
     settings where nothing evolves them (a plain replay, or a run before its first round).
 
     Args:

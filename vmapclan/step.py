@@ -601,9 +601,9 @@ class FusedStep:
     def train_step(self, *batch: torch.Tensor, cooperative: bool, **model_kwargs: torch.Tensor) -> torch.Tensor:
         """Train every member one step on ``batch``, without touching the round clock.
 
-        The step :meth:`__call__` runs, with the phase given instead of read off the clan: the
-        training machine runs its cooperative phases (a warmup, an anneal) this way, outside
-        the clan's rounds, with the hyperparameters it wrote into the optimizer.
+        The step :meth:`__call__` runs, with the phase given instead of read off the clan, and
+        no step counted: for steps inside :meth:`~vmapclan.Clan.cooperate` (``cooperative=True``)
+        or any loop that keeps its own count.
 
         Args:
             *batch: As for :meth:`__call__`.
