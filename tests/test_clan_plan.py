@@ -243,3 +243,66 @@ def test_a_state_of_the_previous_format_loads_into_a_clan_of_its_settings():
     again.load_state_dict(state)
     assert torch.equal(again.population.flat, old.population.flat) and again.time_step == old.global_step
     assert math.isinf(again.kept.val)
+
+
+def test_a_genome_set_at_a_stretch_start_survives_a_save_and_load():
+    clan = linear_clan(total_steps=100)  # the search round stands at its start
+    clan.set_genome("lr", [1e-3, 2e-3, 3e-3, 4e-3])
+    again = linear_clan(total_steps=100)
+    again.load_state_dict(clan.state_dict())
+    assert again.genomes["lr"].tolist() == [1e-3, 2e-3, 3e-3, 4e-3]
+
+
+def test_restore_is_refused_in_the_middle_of_a_round_and_after_the_plan():
+    clan = linear_clan(total_steps=20, schedule=[{"name": "clan", "start_t": 0.0, "end_t": 1.0}], round_length=10)
+    clan.round().step()
+    with pytest.raises(RuntimeError, match=r"Clan.restore: only at a round's end or inside a cooperative stretch"):
+        clan.restore()
+    member = finish(clan)
+    clan.step(torch.rand(P))
+    finish(clan)
+    clan.step(torch.rand(P))
+    assert clan.done
+    with pytest.raises(RuntimeError, match=r"Clan.restore: only at a round's end"):
+        clan.restore()
+    assert member is not None
+
+
+def test_a_horizon_without_an_lr_gene_plans_rounds_and_refuses_a_search():
+    genes = {"dropout": {"low": 0.0, "high": 0.5, "init": 0.1, "scale": "linear"}}
+    clan = Clan(genome_config=genes, population_size=P, total_steps=40)
+    assert [p.name for p in clan.settings.schedule] == ["clan"] and clan.plan[0].search is None
+    with pytest.raises(ValueError, match=r"Clan: phase 'look' is a search \(clan.search\), which spreads the lr gene"):
+        Clan(genome_config=genes, population_size=P, total_steps=40,
+             schedule=[Phase("look", 0.0, 0.5, clan={"search": 10.0}), Phase("clan", 0.5, 1.0)])
+
+
+def test_a_clan_refuses_the_machines_data_and_model_planes():
+    with pytest.raises(ValueError, match=r"Clan: schedule\[0\] \('a'\): model settings \['freeze'\] are the training "
+                                         r"machine's"):
+        linear_clan(total_steps=10, schedule=[Phase("a", 0.0, 1.0, model={"freeze": ["weight"]})])
+    with pytest.raises(ValueError, match=r"schedule\[0\] \('a'\): data settings \['batch_size'\]"):
+        linear_clan(total_steps=10, schedule=[Phase("a", 0.0, 1.0, data={"batch_size": 4})])
+
+
+def test_the_lr_factor_and_the_phase_ahead_inside_cooperate():
+    clan = linear_clan(round_length=4, duty_cycle=0.5)  # no horizon: the share alone
+    assert clan.lr_factor == 1.0 and clan.phase_ahead(2) == "competitive"
+    with clan.cooperate():
+        assert clan.lr_factor == 1.0 and clan.phase_ahead(2) == "cooperative" and clan.cooperating_ahead(2)
+    finish(clan)
+    assert clan.lr_factor == P ** -0.5  # a done round stays in its competitive phase until selection
+
+
+def test_freezing_checks_its_indices_and_outlives_a_growth():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    clan = Clan(model, torch.optim.AdamW(model.parameters()), population_size=P, round_length=4, duty_cycle=0.5)
+    with pytest.raises(ValueError, match=r"BatchedAdamW.freeze: parameter indices must be ints in \[0, 2\), got 5"):
+        clan.optimizer.freeze([5])
+    clan.optimizer.freeze([1])  # the bias
+    clan.grow(lambda m: nn.Sequential(*m, nn.Linear(2, 2)))
+    names = list(clan.population.columns)
+    assert [names[k] for k in clan.optimizer.frozen] == ["0.bias"]
+    with pytest.raises(ValueError, match=r"PopulationModel: the member state already has 'optimizer'"):
+        BatchedAdamW(clan.population, clan.optimizer.hyper)

@@ -178,11 +178,11 @@ def one_ahead(iterable):
         yield current
 
 
-def small_clan(round_length=5, duty_cycle=0.4, autobind=("adamw",)):
+def small_clan(round_length=5, duty_cycle=0.4, autobind=("adamw",), **settings):
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     return Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-2), population_size=3,
-                round_length=round_length, duty_cycle=duty_cycle, autobind=list(autobind), seed=0)
+                round_length=round_length, duty_cycle=duty_cycle, autobind=list(autobind), seed=0, **settings)
 
 
 DATA = (torch.arange(80.0).reshape(20, 4), torch.arange(20) % 3)  # sample i is row i: batches are traceable
@@ -475,3 +475,40 @@ def test_second_fit_continues_like_one_fit():
     for clan in (whole.clan, split.clan):
         assert (clan.loader_state.epoch, clan.loader_state.position) == (expected.epoch, expected.position)
         assert torch.equal(clan.loader_state.perm, expected.perm)
+
+
+def test_a_clan_with_a_plan_fits_as_the_plain_loop_and_stops_at_its_horizon(tmp_path):
+    """A cooperative warmup, then rounds, over a horizon of 14 steps: the Trainer (with a logger, and
+    more steps allowed than the horizon) stops at the plan's end with the plain loop's history."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    schedule = [{"name": "warm", "start_t": 0.0, "end_t": 0.3, "clan": {"competition": False}},
+                {"name": "rounds", "start_t": 0.3, "end_t": 1.0}]
+
+    def clan():
+        return small_clan(round_length=5, duty_cycle=0.4, total_steps=14, schedule=schedule)
+
+    module = Tiny(clan())
+    logger = CSVLogger(tmp_path, name="plan")
+    trainer = pl.Trainer(max_steps=40, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ClanCallback([DATA])])
+    trainer.fit(module)
+    assert module.clan.done and module.clan.time_step == 14 and trainer.global_step == 14
+    plain = clan()
+    loader = plain.loader(DATA, batch_size=2)
+    member = plain.round()
+    while not plain.done:
+        for x, y in loader:
+            train_step(member, F.cross_entropy, x, y)
+            if member.done:
+                plain.step(validation_losses(member, F.cross_entropy, *DATA))
+                member = plain.round()
+                if plain.done:
+                    break
+    assert [r.get("kind") for r in module.clan.history] == [r.get("kind") for r in plain.history] == \
+        ["cooperative", "round", "round"]
+    assert module.clan.history[0]["val_loss"] == pytest.approx(plain.history[0]["val_loss"], rel=1e-6)
+    assert_same_history(module.clan.history[1:], plain.history[1:])
+    assert_same_weights(module.clan, plain)
+    logged = (pathlib.Path(logger.log_dir) / "metrics.csv").read_text()
+    assert "clan/val_loss" in logged and "clan/winner" in logged

@@ -383,3 +383,20 @@ def test_a_cooperative_phase_becomes_the_divergence_restore_point():
     good, population = machine.clan.restore_point.saved, machine.clan.population
     assert torch.equal(good["params"], population.flat[0])
     assert good["round"] == machine.clan.round_index
+
+
+def test_a_checkpoint_whose_training_loss_mean_is_nan_resumes(tmp_path):
+    """A member diverging in a competitive step makes the running mean NaN: a checkpoint there still resumes."""
+    from runs import stop_at_step
+    from vmapclan import load_checkpoint, save_checkpoint
+
+    config = tiny(total_steps=40, log_every=7)
+    stop_at_step(config, tmp_path, 23)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state["machine"]["loss_sum"] = float("nan")
+    save_checkpoint(state, tmp_path / "checkpoint.pt")
+    TrainingMachine.resume(tmp_path).prepare()
+    state["machine"]["loss_sum"] = float("inf")
+    save_checkpoint(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"the checkpoint's machine/loss_sum must be a number, got inf"):
+        TrainingMachine.resume(tmp_path).prepare()

@@ -48,13 +48,14 @@ def positive_int(value, what: str) -> int:
     return value
 
 
-def int_in(value, what: str, low: int = 0, high: int | None = None) -> int:
+def int_in(value, what: str, low: int = 0, high: int | None = None, expected: str | None = None) -> int:
     """``value`` if it is an int in ``[low, high]`` (``high=None``: no upper bound), else :func:`refuse`.
 
-    The expectation reads ``"an int in [low, high]"``, or ``"an int >= low"`` without ``high``.
+    The expectation reads ``"an int in [low, high]"``, or ``"an int >= low"`` without ``high``
+    (or ``expected``, when that wording is not the caller's).
     """
     if not is_int(value) or value < low or (high is not None and value > high):
-        refuse(what, f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}", value)
+        refuse(what, expected or (f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"), value)
     return value
 
 

@@ -7,7 +7,7 @@ settings (:class:`~vmapclan.settings.ClanSettings`):
 - the round clock and, over a horizon, the plan of rounds, searches and cooperative stretches
   (:mod:`vmapclan.clock`, :func:`vmapclan.rounds.plan_stretches`);
 - the lr in force at every step: the genes, times the time shape over the horizon, times the
-  competitive share of a genome's lr (:meth:`Clan.lr_factor`);
+  competitive share of a genome's lr (:attr:`Clan.lr_factor`);
 - selection and the next generation (:func:`vmapclan.selection.select`), the divergence restore
   and the kept best incumbent (:mod:`vmapclan.snapshots`).
 """
@@ -38,7 +38,7 @@ from .population import PopulationModel, check_fits
 from .rounds import COOPERATIVE
 from .schedule import phase_optimizer
 from .selection import check_val_losses, member_means
-from .settings import ClanSettings, check_independent_start
+from .settings import DEFAULTS, ClanSettings, check_independent_start
 from .snapshots import KeptIncumbent, RestorePoint
 
 __all__ = ["Clan", "Member", "DivergenceError", "FORMAT_VERSION"]
@@ -101,14 +101,16 @@ class Clan:
     """
 
     def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
-                 population_size: int = 8, round_length: int = 40, duty_cycle: float = 0.25,
-                 autobind: Sequence[str] | str = (), genome_config: Mapping | None = None,
-                 selection: str | None = "winner", truncation_fraction: float = 0.25, init: str = "copy",
-                 seed: int = 0, device: torch.device | str | None = None, max_grad_norm: float | None = None,
-                 on_divergence: str = "restore", max_restores: int = 3, confidence: float | None = None,
-                 total_steps: int | None = None, schedule=None, lr_schedule: str | None = None,
-                 warmup: float | None = None, decay: float | None = None, competitive_lr: str = "sqrt",
-                 keep_best: bool = True, process_group=None):
+                 population_size: int = DEFAULTS.population_size, round_length: int = DEFAULTS.round_length,
+                 duty_cycle: float = DEFAULTS.duty_cycle, autobind: Sequence[str] | str = (),
+                 genome_config: Mapping | None = None, selection: str | None = DEFAULTS.selection,
+                 truncation_fraction: float = DEFAULTS.truncation_fraction, init: str = DEFAULTS.init,
+                 seed: int = DEFAULTS.seed, device: torch.device | str | None = None, max_grad_norm: float | None = None,
+                 on_divergence: str = DEFAULTS.on_divergence, max_restores: int = DEFAULTS.max_restores,
+                 confidence: float | None = None, total_steps: int | None = None, schedule=None,
+                 lr_schedule: str | None = None, warmup: float | None = None, decay: float | None = None,
+                 competitive_lr: str = DEFAULTS.competitive_lr, keep_best: bool = DEFAULTS.keep_best,
+                 process_group=None):
         #: The settings the clan was built from, checked (:class:`~vmapclan.settings.ClanSettings`).
         self.settings = s = ClanSettings(
             population_size=population_size, round_length=round_length, duty_cycle=duty_cycle, selection=selection,
@@ -128,6 +130,7 @@ class Clan:
             device = check_device(device, "Clan")
         ratios = optimizer_ratios(optimizer, model)
         genes = gene_specs(autobind, optimizer, genome_config)
+        self.settings = s = s.for_genes(genes)
         self.clock = RoundClock.from_settings(s)
         if model is not None:
             check_independent_start(s.init, self.clock.duty_cycle)
@@ -201,10 +204,12 @@ class Clan:
         overrides = self._stretch_hyper() if self.clock.in_cooperative_stretch else None
         return self.genepool.in_force(self.phase == COOPERATIVE, self.members, overrides)
 
+    lr_factor = property(lambda self: self.settings.lr_factor(self.time_step, self.cooperating), doc="The factor on "
+                         "every member's lr at the next step: the time shape times the competitive share.")
+
     def _shape_lr(self) -> None:
-        """Write the next step's lr factor (:meth:`~vmapclan.settings.ClanSettings.lr_factor`) into the optimizer."""
-        if self.optimizer is not None and self.optimizer.lr_factor is not None:
-            self.optimizer.lr_factor.fill_(self.settings.lr_factor(self.time_step, self.cooperating))
+        if self.optimizer is not None and self.optimizer.lr_factor is not None:  # write the next step's factor
+            self.optimizer.lr_factor.fill_(self.lr_factor)
 
     def _refresh(self) -> None:
         """Enter the current phase: the members train as one model while cooperating, the genes in force
@@ -410,10 +415,10 @@ class Clan:
         if self.done:
             raise RuntimeError(f"clan.step(): the clan's schedule is done ({self.total_steps} steps)")
         if not self.round_done:
-            raise RuntimeError(
-                f"clan.step() called at step {self.step_in_round} of {self.round_length} in round {self.round_index}: "
-                "the round is not done (check member.done)"
-            )
+            where = (f"step {self.time_step} of the cooperative stretch {self.stretch.start}-{self.stretch.end}"
+                     if self.clock.in_cooperative_stretch else
+                     f"step {self.step_in_round} of {self.round_length} in round {self.round_index}")
+            raise RuntimeError(f"clan.step() called at {where}: the round is not done (check member.done)")
         if self.clock.in_cooperative_stretch:
             return self._end_cooperative(val_losses)
         paired = self._losses(val_losses, paired_test=self.confidence is not None)
@@ -438,22 +443,13 @@ class Clan:
         return record
 
     def _round_fields(self) -> dict:
-        """What a round's record says of the plan and of the lr: its phase, steps and share of a genome's lr."""
-        fields = {}
-        stretch = self.stretch
-        if stretch is not None:
-            fields.update(kind="round", phase=self.settings.schedule[stretch.index].name, start_step=stretch.start,
-                          end_step=self.time_step, cooperative_steps=self.cooperative_steps)
-            if stretch.search is not None:
-                fields["search"] = stretch.search
-        if self.settings.competitive_share != 1.0:  # the export gives the competitive steps this share of the lr
-            fields["competitive_lr_scale"] = self.settings.competitive_share
-        return fields
+        """What a round's record says of the plan (:meth:`RoundClock.record_fields`) and of a genome's lr share."""
+        share = self.settings.competitive_share  # the export gives the competitive steps this share of the lr
+        return {**self.clock.record_fields(self.settings.schedule), **({"competitive_lr_scale": share} if share != 1.0
+                                                                       else {})}
 
     def _stretch_record(self, val_loss: float) -> dict:
-        return {"kind": "cooperative", "phase": self.settings.schedule[self.stretch.index].name,
-                "start_step": self.clock.record_start, "end_step": self.time_step, "hyper": self._stretch_hyper(),
-                "val_loss": val_loss}
+        return {**self.clock.record_fields(self.settings.schedule), "hyper": self._stretch_hyper(), "val_loss": val_loss}
 
     def _end_cooperative(self, val_losses) -> dict:
         """The end of a cooperative stretch: its record and keep-best, or a restore if it diverged."""
@@ -499,9 +495,12 @@ class Clan:
         Raises:
             DivergenceError: with ``on_divergence="raise"``, without a restore point (no model,
                 or not winner selection), or after ``max_restores`` restores in a row.
+            RuntimeError: in the middle of a round, or once the plan is done.
         """
         point, clock, stretch = self.restore_point, self.clock, self.stretch
         cooperative = clock.in_cooperative_stretch
+        if self.done or not (cooperative or self.round_done):
+            raise RuntimeError("Clan.restore: only at a round's end or inside a cooperative stretch of the plan")
         if cooperative:
             message = (f"phase {self.settings.schedule[stretch.index].name!r} (cooperative, steps {stretch.start}-"
                        f"{stretch.end}): the training loss or the weights became NaN or infinite by step "
@@ -589,10 +588,10 @@ class Clan:
             ValueError: for another format version, clan configuration or model, or a value no
                 clan can hold, naming the entry.
         """
-        load_clan_state(self, state)
+        upgraded = load_clan_state(self, state)
         stretch = self.stretch
-        if stretch is not None and self.time_step == stretch.start and self.step_in_round == 0:
-            self.clock.enter(self.clock.stretch)  # at a stretch's start: take it up again (idempotent)
+        if upgraded and stretch is not None and self.time_step == stretch.start and self.step_in_round == 0:
+            self.clock.enter(self.clock.stretch)  # saved before the stretch was taken up: take it up now
             self._enter_stretch()
         else:
             self._refresh()

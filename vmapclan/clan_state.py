@@ -145,14 +145,19 @@ def _checked(clan, state: Mapping, who: str) -> dict | None:
     return saved
 
 
-def load_clan_state(clan, state: Mapping) -> None:
+def load_clan_state(clan, state: Mapping) -> bool:
     """Check ``state`` with every part of ``clan``, then copy it in (:meth:`vmapclan.Clan.load_state_dict`).
+
+    Returns:
+        Whether the state came in an earlier format (upgraded): it may stand at the start of a
+        stretch it has not taken up yet.
 
     Raises:
         ValueError: naming the first entry a part refuses; nothing is copied then.
     """
     who = "Clan.load_state_dict"
     optimizer = clan.optimizer
+    upgraded = isinstance(state, Mapping) and state.get("format_version") != FORMAT_VERSION
     state = upgrade_state(state, None if optimizer is None else optimizer.adamw_state.skipped, who)
     saved = _checked(clan, state, who)
     pop = clan.population
@@ -174,3 +179,4 @@ def load_clan_state(clan, state: Mapping) -> None:
     clan.history = copy.deepcopy(state["history"])
     clan.restore_point.load_state_dict(state["last_good"] if pop is not None else None, state["restores"])
     clan.kept.load_state_dict(state["kept"])
+    return upgraded

@@ -20,7 +20,7 @@ trains one plain model with ``torch.optim.AdamW`` on the exported schedule, prin
 loss next to the clan's and writes ``replay.json`` (with its training loss of every step) beside
 the schedule. With ``--tensorboard`` (the optional ``tensorboard`` extra) ``train`` also writes
 TensorBoard scalars into ``RUN/tensorboard/train`` and ``replay`` its curve into
-``RUN/tensorboard/replay`` (see :mod:`vmapclan.board`); without TensorBoard installed the option
+``RUN/tensorboard/replay`` (see :mod:`vmapclan.tensorboard_logger`); without TensorBoard installed the option
 is bad input (exit 3), named in one line.
 
 The run directory is never overwritten by accident: ``--out`` naming a directory that holds a

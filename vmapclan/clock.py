@@ -130,6 +130,8 @@ class RoundClock:
 
     def phase_ahead(self, steps: int) -> str:
         """The phase of the step ``steps`` after the next one (past a round's end: in the rounds after it)."""
+        if self.held:  # inside Clan.cooperate(): every step cooperates, the round clock stands
+            return COOPERATIVE
         if not self.plan:
             return phase_at(self.round_step + steps, self.round_length, self.cooperative_steps)
         t = self.time_step + steps
@@ -185,6 +187,21 @@ class RoundClock:
         """Start the next round (after selection, or a divergence restore)."""
         self.round += 1
         self.round_step = 0
+
+    def record_fields(self, schedule) -> dict:
+        """What the record of the plan's stretch in force says of it: its kind, phase and steps (none without a plan).
+
+        A round's record also gives its cooperative steps and a search's spread; a cooperative
+        stretch's starts at :attr:`record_start`.
+        """
+        stretch = self.current
+        if stretch is None:
+            return {}
+        fields = {"kind": stretch.kind, "phase": schedule[stretch.index].name}
+        if stretch.kind == "cooperative":
+            return {**fields, "start_step": self.record_start, "end_step": self.time_step}
+        fields.update(start_step=stretch.start, end_step=self.time_step, cooperative_steps=self.cooperative_steps)
+        return {**fields, **({"search": stretch.search} if stretch.search is not None else {})}
 
     # -- state ----------------------------------------------------------------------------------
     FIELDS = ("round", "round_step", "global_step", "time_step", "stretch", "record_start")

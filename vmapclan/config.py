@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from .checks import int_in, number_in, positive_int, refuse
 from .rounds import round_problem
+from .settings import DEFAULTS, HORIZON_LR_SHAPE, HORIZON_WARMUP, WSD_DECAY
 from .schedule import SEARCH_SHARE, SEARCH_SPREAD, Phase, PhaseSchedule, check_lr_shape, default_schedule, lr_shape_at
 
 __all__ = ["ModelSpec", "DataSpec", "OptimizerSpec", "ClanSpec", "ScheduleSpec", "RunConfig", "default_schedule",
@@ -230,9 +231,9 @@ class OptimizerSpec(_Spec):
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    lr_schedule: str = "cosine"
-    warmup: float = 0.05
-    decay: float = 0.2
+    lr_schedule: str = HORIZON_LR_SHAPE
+    warmup: float = HORIZON_WARMUP
+    decay: float = WSD_DECAY
 
     def __post_init__(self) -> None:
         s = self.section
@@ -291,16 +292,16 @@ class ClanSpec(_Spec):
     """
 
     section: ClassVar[str] = "clan"
-    population_size: int = 8
-    round_length: int = 40
-    duty_cycle: float = 0.25
+    population_size: int = DEFAULTS.population_size
+    round_length: int = DEFAULTS.round_length
+    duty_cycle: float = DEFAULTS.duty_cycle
     selection: str = "winner"
     init: str = "copy"
     lr_grid: tuple[float, ...] = ()
     genes: dict = dataclasses.field(default_factory=dict)
     confidence: float = 0.0
-    keep_best: bool = True
-    competitive_lr: str = "sqrt"
+    keep_best: bool = DEFAULTS.keep_best
+    competitive_lr: str = DEFAULTS.competitive_lr
 
     def __post_init__(self) -> None:
         s = self.section

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 import time
 
 import optree
 import torch
 import torch.distributed as dist
+
+from .checks import number_in
 
 __all__ = ["ClanGroup", "DistributedError", "resolve_group", "check_clan_group", "init_from_env", "current_rank",
            "any_rank", "broadcast_object", "communication_bytes", "DEFAULT_TIMEOUT"]
@@ -70,8 +73,8 @@ def init_from_env(backend: str | None = None, timeout: float | None = None) -> b
                 timeout = float(text)
             except ValueError:
                 raise ValueError(f"VMAPCLAN_TIMEOUT must be a number of seconds, got {text!r}") from None
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"init_from_env: timeout must be a positive number of seconds, got {timeout!r}")
+        number_in(timeout, "init_from_env: timeout", 0, math.inf, low_open=True, high_open=True,
+                  expected="a positive number of seconds")
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

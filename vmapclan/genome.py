@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from .checks import int_in, is_number, number_in, refuse
+
 __all__ = ["Gene", "ADAMW_GENES", "GRAD_ACCUM_GENE", "autobind_genes", "gene_specs", "mutate", "offspring", "search_genome",
            "check_genome", "check_genome_state", "optimizer_settings", "group_ratios"]
 
@@ -61,8 +63,8 @@ class Gene:
             raise ValueError(f"Gene: dtype must be 'float' or 'int', got {self.dtype!r}")
         for name in ("low", "high"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"Gene: {name} must be a finite number, got {value!r}")
+            if not is_number(value):
+                refuse(f"Gene: {name}", "a finite number", value)
         if not self.low < self.high:
             raise ValueError(f"Gene: bounds must satisfy low < high, got low={self.low!r}, high={self.high!r}")
         if self.scale == "log" and self.low <= 0:
@@ -358,10 +360,8 @@ def search_genome(incumbent: Mapping[str, torch.Tensor], specs: Mapping[str, Gen
     if gene not in specs or specs[gene].dtype != "float":
         raise ValueError(f"search_genome: gene must be one of the float genes {sorted(n for n, g in specs.items() if g.dtype == 'float')}, "
                          f"got {gene!r}")
-    if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 2:
-        raise ValueError(f"search_genome: population_size must be an int >= 2, got {population_size!r}")
-    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not spread > 1:
-        raise ValueError(f"search_genome: spread must be a number above 1, got {spread!r}")
+    int_in(population_size, "search_genome: population_size", 2)
+    number_in(spread, "search_genome: spread", 1, math.inf, low_open=True, high_open=True, expected="a number above 1")
     n = population_size - 1
     below, above = n // 2, n - n // 2
     exponents = [0.0] + [-k / below for k in range(1, below + 1)] + [k / above for k in range(1, above + 1)]

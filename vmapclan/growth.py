@@ -78,6 +78,8 @@ def grow_population(old: PopulationModel, optimizer: BatchedAdamW, fn: Callable[
     grown = BatchedAdamW(new, optimizer.hyper, optimizer.num_grad_accum, max_grad_norm=optimizer.max_grad_norm,
                          update=optimizer.update, scales=scales)
     grown.lr_factor = optimizer.lr_factor
+    old_names, new_index = list(old.columns), {name: k for k, name in enumerate(new.columns)}
+    grown.freeze([new_index[old_names[k]] for k in optimizer.frozen])  # the same parameters stay frozen
     state, grown_state = optimizer.adamw_state, grown.adamw_state
     with torch.no_grad():
         grown_state.step.copy_(state.step)

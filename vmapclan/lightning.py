@@ -141,7 +141,7 @@ class _InFlight:
             if batch.phase != now:
                 raise RuntimeError(
                     f"LookaheadLoader: the batch for step {batch.step} was drawn for the {batch.phase} phase "
-                    f"but the step is {now}: the round settings changed (clan.reconfigure) while the Trainer "
+                    f"but the step is {now}: the round settings changed (clan.reconfigure, clan.cooperate) while the Trainer "
                     "held a prefetched batch; change them before fit, or between fits"
                 )
 
@@ -547,6 +547,8 @@ class ClanCallback(pl.Callback):
             record = self._clan.step(losses)
             pl_module.member = self._clan.round()
             self._log(trainer, record)
+            if self._clan.done:  # a clan with a horizon: its plan is over, and so is the fit
+                trainer.should_stop = True
 
     def _validate(self, pl_module: pl.LightningModule) -> torch.Tensor:
         clan = self._clan
@@ -559,6 +561,12 @@ class ClanCallback(pl.Callback):
 
     def _log(self, trainer: pl.Trainer, record: dict) -> None:
         if not trainer.loggers:
+            return
+        if record.get("kind") == "cooperative":  # a cooperative stretch of the plan: one model, no selection
+            metrics = {"clan/val_loss": record["val_loss"],
+                       **{f"clan/incumbent/{name}": float(v) for name, v in record["hyper"].items()}}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=record["end_step"])
             return
         winner = record["winner"]  # None when the whole population diverged and the clan restored
         metrics = {
@@ -574,7 +582,7 @@ class ClanCallback(pl.Callback):
                 for i, v in enumerate(values):
                     metrics[f"clan/member_{i}/{name}"] = float(v)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=record["step"])
+            logger.log_metrics(metrics, step=record.get("end_step", record["step"]))  # the time, with a plan
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """After ``fit``: give back to the clan's loader the batches fetched but never trained on."""

@@ -37,6 +37,7 @@ tried on a copy of the model when the run is built (:func:`vmapclan.plan.plan_ph
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import os
@@ -126,10 +127,12 @@ def _fused_options(fused, device: torch.device) -> tuple[bool, dict]:
 def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, device: torch.device) -> Clan:
     """The run's clan: the config's settings, the run's horizon and schedule, AdamW genes."""
     c, opt = config.clan, config.optimizer
+    # The phases' data and model planes are the machine's (plan.py): the clan follows the rest.
+    clan_plane = PhaseSchedule([dataclasses.replace(phase, data={}, model={}) for phase in schedule])
     return Clan(model, opt.build(model.parameters()), population_size=c.population_size, round_length=c.round_length,
                 duty_cycle=c.duty_cycle, autobind=["adamw"], genome_config=c.genes, selection=c.selection_arg,
                 init=c.init, seed=config.seed, device=device, confidence=c.confidence or None,
-                total_steps=config.total_steps, schedule=schedule, lr_schedule=opt.lr_schedule, warmup=opt.warmup,
+                total_steps=config.total_steps, schedule=clan_plane, lr_schedule=opt.lr_schedule, warmup=opt.warmup,
                 decay=opt.decay, competitive_lr=c.competitive_lr, keep_best=c.keep_best)
 
 

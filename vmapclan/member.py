@@ -56,7 +56,8 @@ class Member:
         return self._round
 
     def step(self) -> None:
-        """Advance the round clock by one step (call once per batch, after the optimizer)."""
+        """Count one step (call once per batch, after the optimizer): a round's moves the round clock, a
+        cooperative stretch's only the time (see :meth:`vmapclan.Clan.advance`)."""
         self._live().advance()
 
     def sync_context(self):

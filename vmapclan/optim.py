@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
+from .checks import number_in
 from .genome import ADAMW_GENES, GRAD_ACCUM_GENE, group_ratios, is_adamw
 from .gradients import release_gradients_
 
@@ -448,9 +450,9 @@ class BatchedAdamW(torch.optim.Optimizer):
 
     def __init__(self, population, hyper: AdamWHyper, num_grad_accum: torch.Tensor | None = None,
                  max_grad_norm: float | None = None, update: str = "auto", scales: GroupScales | None = None):
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
-                                          or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0):
-            raise ValueError(f"BatchedAdamW: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        if max_grad_norm is not None:
+            number_in(max_grad_norm, "BatchedAdamW: max_grad_norm", 0, math.inf, low_open=True, high_open=True,
+                      expected="a positive number or None")
         super().__init__(list(population.parameters()), defaults={})
         self.population = population
         self.hyper = hyper
@@ -468,12 +470,13 @@ class BatchedAdamW(torch.optim.Optimizer):
             raise ValueError(f"BatchedAdamW: scales cover {sum(scales.sizes)} values, the population's members "
                              f"{population.numel}")
         self.scales = scales
-        #: A factor on every member's lr at each update (a run's time-shaped base schedule), a
+        #: A factor on every member's lr at each update (the clan's time shape and competitive share), a
         #: 0-d tensor on the population's device, rewritten in place; ``None`` means 1.
         self.lr_factor: torch.Tensor | None = None
         #: The parameters (indices in ``flat``'s column order) that no update touches: see :meth:`freeze`.
         self.frozen: tuple[int, ...] = ()
         self._frozen_columns: list[slice] = []
+        self._indices: dict[tuple, torch.Tensor] = {}  # index tensors of skip_, by the parameters they name
         self.update = update
         # The population's rows of the optimizer state are its own, kept in step with member 0's by it.
         population.register_member_state("optimizer", self.adamw_state._asdict())
@@ -543,8 +546,12 @@ class BatchedAdamW(torch.optim.Optimizer):
         the update counted as sat out (:meth:`skip_`), so its bias correction resumes where it
         stopped. ``freeze(())`` unfreezes everything.
         """
-        self.frozen = tuple(dict.fromkeys(int(k) for k in params))
         columns = list(self.population.columns.values())
+        bad = [k for k in params if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < len(columns)]
+        if bad:
+            raise ValueError(f"BatchedAdamW.freeze: parameter indices must be ints in [0, {len(columns)}), "
+                             f"got {bad[0]!r}")
+        self.frozen = tuple(dict.fromkeys(params))
         self._frozen_columns = [columns[k] for k in self.frozen]
 
     def skip_(self, params: Sequence[int], steps: torch.Tensor) -> None:
@@ -561,7 +568,10 @@ class BatchedAdamW(torch.optim.Optimizer):
         if len(params) == 0:
             return
         skipped = self.adamw_state.skipped
-        index = torch.tensor(list(params), device=skipped.device)
+        key = tuple(params)
+        if key not in self._indices:  # made once, before any CUDA graph captures a step that reads it
+            self._indices[key] = torch.tensor(list(params), device=skipped.device)
+        index = self._indices[key]
         rows = skipped[:steps.shape[0]]
         rows.index_add_(1, index, steps.to(skipped.dtype).view(-1, 1).expand(-1, len(index)).contiguous())
         self.lagging = True

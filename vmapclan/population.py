@@ -343,7 +343,13 @@ class PopulationModel:
         They become part of :meth:`member_state`, so selection, the divergence restore point and
         the state dict move them with the weights, and :meth:`sync_rows` brings their rows up to
         date with member 0's.
+
+        Raises:
+            ValueError: if ``name`` is taken (a second optimizer over the same population).
         """
+        if name in self._registered or name in ("params", "grads", "buffers"):
+            raise ValueError(f"PopulationModel: the member state already has {name!r}; one optimizer per population "
+                             "(a population's optimizer moments move with its members)")
         self._registered[name] = tensors
 
     def member_state(self, *, sync: bool = True) -> dict:

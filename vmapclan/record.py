@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checks import is_int, is_number
+from .checks import is_int
 from .config import RunConfig
 from .replay import write_schedule
 from .schedule import PhaseSchedule
@@ -109,8 +109,9 @@ class RunLog:
         best_val = saved.get("best_val")
         if not isinstance(best_val, (int, float)) or isinstance(best_val, bool) or math.isnan(best_val):
             refuse("best_val", "a number", best_val)
-        if not is_number(saved.get("loss_sum")):
-            refuse("loss_sum", "a number", saved.get("loss_sum"))
+        loss_sum = saved.get("loss_sum")  # NaN when a member diverged in the log's window: resumed as it is
+        if not isinstance(loss_sum, (int, float)) or isinstance(loss_sum, bool) or math.isinf(loss_sum):
+            refuse("loss_sum", "a number", loss_sum)
         expected = 0 if step == self.total_steps else step % self.log_every
         if saved.get("loss_count") != expected:
             refuse("loss_count", f"{expected} (steps since the last training-loss record at step {step})",

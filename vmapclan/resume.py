@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .checks import is_int
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .task import Task, task_reference
@@ -136,7 +137,7 @@ def saved_step(state: Mapping) -> int | None:
         step = clock.get("step") if isinstance(clock, Mapping) else None
     else:
         step = state["clan"].get("time_step")
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+    return step if is_int(step) else None
 
 
 def upgrade_checkpoint(state: Mapping, clan, total_steps: int, who: str = "TrainingMachine.resume") -> dict:
@@ -166,7 +167,7 @@ def upgrade_checkpoint(state: Mapping, clan, total_steps: int, who: str = "Train
         raise ValueError(f"{who}: the checkpoint's machine/clock/total_steps must be {total_steps} (the config's), "
                          f"got {clock.get('total_steps')!r}")
     step = clock.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total_steps:
+    if not is_int(step) or not 0 <= step <= total_steps:
         raise ValueError(f"{who}: the checkpoint's machine/clock/step must be an int in [0, {total_steps}], "
                          f"got {step!r}")
     clan_state = dict(state["clan"])

@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .checks import is_int, is_number, number_in, one_of, refuse
+from .checks import int_in, is_int, is_number, number_in, one_of, refuse
 
 __all__ = ["TimeController", "Phase", "PhaseSchedule", "OPTIMIZER_KEYS", "DATA_KEYS", "MODEL_KEYS", "CLAN_KEYS",
            "phase_optimizer", "LR_SHAPES", "lr_shape_at", "check_lr_shape", "default_schedule", "SEARCH_SHARE",
@@ -84,8 +84,7 @@ class TimeController:
         Raises:
             ValueError: for a step outside ``[0, total_steps]``.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.total_steps:
-            raise ValueError(f"TimeController.time_at: step must be an int in [0, {self.total_steps}], got {step!r}")
+        int_in(step, "TimeController.time_at: step", 0, self.total_steps)
         return step / self.total_steps
 
     def step_at(self, t: float) -> int:
@@ -114,8 +113,7 @@ class TimeController:
         Raises:
             ValueError: for a negative count or one that passes ``total_steps``.
         """
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"TimeController.advance: steps must be a non-negative int, got {steps!r}")
+        int_in(steps, "TimeController.advance: steps", 0, expected="a non-negative int")
         if self.step + steps > self.total_steps:
             raise ValueError(
                 f"TimeController.advance: {steps} more steps from step {self.step} passes total_steps={self.total_steps}"
@@ -418,8 +416,7 @@ class PhaseSchedule:
         Raises:
             ValueError: for a step outside ``[0, total_steps)``.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < total_steps:
-            raise ValueError(f"PhaseSchedule.phase_at_step: step must be an int in [0, {total_steps}), got {step!r}")
+        int_in(step, "PhaseSchedule.phase_at_step: step", 0, total_steps - 1, expected=f"an int in [0, {total_steps})")
         return self.phase_at((step + 0.5) / total_steps)
 
     def step_ranges(self, total_steps: int) -> list[tuple[Phase, int, int]]:

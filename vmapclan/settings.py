@@ -31,9 +31,12 @@ from .clock import check_round_settings
 from .rounds import check_phases
 from .schedule import PhaseSchedule, check_lr_shape, default_schedule, lr_shape_at
 
-__all__ = ["ClanSettings", "DEFAULTS", "SELECTIONS", "COMPETITIVE_LRS", "check_independent_start"]
+__all__ = ["ClanSettings", "DEFAULTS", "SELECTIONS", "COMPETITIVE_LRS", "HORIZON_LR_SHAPE", "HORIZON_WARMUP", "WSD_DECAY",
+           "check_independent_start"]
 
 SELECTIONS = ("winner", "truncation", None)
+#: The lr's time shape with a horizon (and without a setting of one's own): a cosine after a 5% warmup.
+HORIZON_LR_SHAPE, HORIZON_WARMUP, WSD_DECAY = "cosine", 0.05, 0.2
 #: How a competitive step (batch ``B``) uses a genome's lr, named for a cooperative step (batch ``P x B``).
 COMPETITIVE_LRS = ("same", "sqrt")
 
@@ -70,7 +73,8 @@ class ClanSettings:
         max_grad_norm: Optional per-member gradient-norm clipping before each update.
         on_divergence: What ``clan.step`` does when every member's validation loss is NaN or
             infinite (with winner selection and a model): ``"restore"`` (default) goes back to the
-            weights, optimizer state and incumbent of the start of the last good round, halves
+            weights, optimizer state and incumbent of the start of the last good round (or the end of
+            the last good cooperative stretch), halves
             the incumbent's lr (within its bounds), records the event in the history and warns;
             ``"raise"`` raises :class:`~vmapclan.DivergenceError`.
         max_restores: Consecutive restores allowed before the error is raised anyway.
@@ -98,8 +102,9 @@ class ClanSettings:
         competitive_lr: ``"sqrt"`` (default): with winner selection a competitive step (batch B)
             trains at the genome's lr over sqrt(P), because the genome's lr is what a cooperative
             step (batch P x B) applies: a genome is scored the way it will be used (the
-            square-root scaling rule for Adam). ``"same"``: the genome's lr as is. (A sweep's or
-            PBT's members never cooperate: their genome's lr is the lr they train at.)
+            square-root scaling rule for Adam). ``"same"``: the genome's lr as is. Only with winner
+            selection, whose genomes are the ones cooperative steps train with; a sweep's or PBT's
+            members train at their genome's lr.
         keep_best: With winner selection (default ``True``): keep a copy of the incumbent with
             the lowest validation loss given to ``clan.step`` at a round's (or cooperative
             stretch's) end, and its step (:meth:`~vmapclan.Clan.kept_model`).
@@ -168,9 +173,9 @@ class ClanSettings:
             for name, set_ in given.items():
                 if set_:
                     raise ValueError(f"Clan: {name}={getattr(self, name)!r} needs total_steps (the horizon it spans)")
-        shape = self.lr_schedule or ("cosine" if horizon is not None else "constant")
-        warmup = self.warmup if self.warmup is not None else (0.05 if horizon is not None else 0.0)
-        decay = self.decay if self.decay is not None else 0.2
+        shape = self.lr_schedule or (HORIZON_LR_SHAPE if horizon is not None else "constant")
+        warmup = self.warmup if self.warmup is not None else (HORIZON_WARMUP if horizon is not None else 0.0)
+        decay = self.decay if self.decay is not None else WSD_DECAY
         check_lr_shape(shape, warmup, decay, "Clan: ")
         object.__setattr__(self, "lr_schedule", shape)
         object.__setattr__(self, "warmup", float(warmup))
@@ -185,9 +190,31 @@ class ClanSettings:
                 raise TypeError(f"Clan: schedule must be a PhaseSchedule or a list of phases, "
                                 f"got {type(schedule).__name__}")
             schedule = PhaseSchedule(list(schedule))
+        for i, phase in enumerate(schedule):
+            planes = {"data": phase.data, "model": phase.model}
+            for plane, settings in planes.items():
+                if settings:
+                    raise ValueError(f"Clan: schedule[{i}] ({phase.name!r}): {plane} settings {sorted(settings)} are "
+                                     "the training machine's (it loads the data and builds the model); a clan follows "
+                                     "a phase's clan and optimizer settings")
         check_phases(schedule, selection="none" if self.selection is None else self.selection, init=self.init,
                      round_length=self.round_length, duty_cycle=self.duty_cycle)
         object.__setattr__(self, "schedule", schedule)
+
+    def for_genes(self, genes) -> ClanSettings:
+        """These settings for a clan of ``genes``: without a float ``lr`` gene the default plan has no search.
+
+        Raises:
+            ValueError: for a schedule of one's own with a search (it spreads the lr gene) and no lr gene.
+        """
+        search = [p for p in self.schedule or () if p.search is not None]
+        lr = genes.get("lr")
+        if not search or (lr is not None and lr.dtype == "float"):
+            return self
+        if self.schedule == default_schedule(self.selection):  # the default: rounds over the whole horizon
+            return dataclasses.replace(self, schedule=PhaseSchedule.single("clan"))
+        raise ValueError(f"Clan: phase {search[0].name!r} is a search (clan.search), which spreads the lr gene; "
+                         "bind it (autobind=['adamw']) or give a schedule without a search")
 
     @property
     def competitive_share(self) -> float:
@@ -236,5 +263,5 @@ class ClanSettings:
         return out
 
 
-#: The default settings, read by the run config's sections so that a config and ``Clan`` agree.
+#: The default settings: ``Clan``'s keywords and the run config's ``[clan]`` section default to them.
 DEFAULTS = ClanSettings()

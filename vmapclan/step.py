@@ -40,6 +40,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import functional_call, grad_and_value, vmap
 
+from .checks import int_in
 from .gradients import member_mean, reduce_gradients_, release_gradients_, share_pending_sums_
 from .optim import UPDATES, adamw_update, resolve_update
 from .population import vectorized_forward
@@ -292,8 +293,7 @@ class FusedStep:
             raise ValueError("FusedStep: the clan has no model (a genome-only clan); there is nothing to train")
         if not callable(loss_fn):
             raise TypeError(f"FusedStep: loss_fn must be callable, got {type(loss_fn).__name__}")
-        if isinstance(num_inputs, bool) or not isinstance(num_inputs, int) or num_inputs < 0:
-            raise ValueError(f"FusedStep: num_inputs must be a non-negative int, got {num_inputs!r}")
+        int_in(num_inputs, "FusedStep: num_inputs", 0, expected="a non-negative int")
         population = clan.population
         if cuda_graph is True and clan.group is not None:
             raise ValueError("FusedStep: cuda_graph=True is not supported for a clan across ranks (its collectives are not "
@@ -657,7 +657,9 @@ class FusedStep:
     def _replay(self, cooperative: bool, kwargs: dict, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         # A graph replays one set of input addresses, shapes and dtypes: another keyword name,
         # shape or dtype needs its own capture (the names sorted: the call's order does not matter).
-        key = (cooperative, self._population.one_model, tuple((tuple(t.shape), t.dtype) for t in batch),
+        # What the update does is fixed at capture too: the frozen parameters and the per-parameter counts.
+        key = (cooperative, self._population.one_model, self._optimizer.frozen, self._optimizer.lagging,
+               tuple((tuple(t.shape), t.dtype) for t in batch),
                tuple((n, tuple(t.shape), t.dtype) for n, t in sorted(kwargs.items())))
         entry = self._graphs.get(key)
         if entry is None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .char_transformer import Block, CharTransformer
-from .checks import positive_int
+from .checks import int_in, number_in, positive_int
 from .config import DataSpec
 from .task import TASKS, Task, TaskData, data_batches, data_length, get_task, resolve_task, task_reference
 
@@ -185,12 +185,8 @@ class StdlibCharsTask(Task):
         settings = super().model_settings(model)
         _positive_ints(settings, ["d_model", "n_layers", "n_heads"])
         max_len = settings["max_len"]
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
-            raise ValueError(f"model.max_len must be an int >= 0, got {max_len!r}")
-        dropout = settings["dropout"]
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
-        settings["dropout"] = float(dropout)
+        int_in(max_len, "model.max_len", 0)
+        settings["dropout"] = number_in(settings["dropout"], "model.dropout", 0, 1, high_open=True)
         if settings["d_model"] % settings["n_heads"]:
             raise ValueError(f"model.n_heads must divide model.d_model, got n_heads={settings['n_heads']}, "
                              f"d_model={settings['d_model']}")
@@ -256,8 +252,7 @@ class StdlibCharsTask(Task):
             raise ValueError(f"model.grow: unknown setting {unknown[0]!r}; it reads {sorted(self.GROW_DEFAULTS)}")
         settings = {**self.GROW_DEFAULTS, **settings}
         blocks, init = settings["blocks"], settings["init"]
-        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-            raise ValueError(f"model.grow.blocks must be a positive int, got {blocks!r}")
+        positive_int(blocks, "model.grow.blocks")
         if init not in ("identity", "copy"):
             raise ValueError(f"model.grow.init must be 'identity' or 'copy', got {init!r}")
         if not isinstance(module, CharTransformer):

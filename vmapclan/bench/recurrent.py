@@ -1,4 +1,4 @@
-"""Recurrent models: a population with ``vmapclan.nn`` layers against a loop of plain torch models.
+"""Recurrent models: a population with ``vmapclan.recurrent`` layers against a loop of plain torch models.
 
 For a small LSTM and GRU sequence model (an embedding, one recurrent layer, a linear head over every
 position; next-token cross-entropy), in one process and on the same random data, it times one
@@ -6,7 +6,7 @@ training step (forward, backward, AdamW) of:
 
 - **loop**: P plain models built on ``torch.nn.LSTM`` / ``torch.nn.GRU`` (torch's fused kernels:
   oneDNN for the LSTM on CPU), each with its own ``torch.optim.AdamW``, stepped one after another;
-- **member loop**: the same model with its recurrent layer swapped by :func:`vmapclan.nn.vectorizable`
+- **member loop**: the same model with its recurrent layer swapped by :func:`vmapclan.recurrent.vectorizable`
   (same weights), as a clan of P members trained by the README's ``Member`` loop;
 - **fused**: that clan stepped by :class:`~vmapclan.FusedStep` with its defaults.
 
@@ -137,7 +137,7 @@ def format_recurrent(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m vmapclan.bench recurrent``."""
     parser = argparse.ArgumentParser(prog="python -m vmapclan.bench recurrent",
-                                     description="vmapclan.nn recurrent layers in a clan against a loop of "
+                                     description="vmapclan.recurrent layers in a clan against a loop of "
                                                  "plain torch models.")
     parser.add_argument("--models", nargs="+", choices=["lstm", "gru"], default=["lstm", "gru"])
     parser.add_argument("--population", type=int, default=8)
