@@ -373,11 +373,13 @@ def test_zero_grad_with_accumulation_keeps_pending_members():
     assert optimizer.adamw_state.accum_count.tolist() == [0, 0, 2]
 
     # Without accumulation zero_grad clears everything; set_to_none is ignored so the buffer is reused.
-    plain = BatchedAdamW(population, hyper)
-    grads_before = [leaf.grad for leaf in population.parameters()]
+    other = PopulationModel(tiny_model(), p, init="independent", generator=torch.Generator().manual_seed(0))
+    plain = BatchedAdamW(other, hyper)  # one optimizer per population: its moments are part of the member state
+    backward_into(other, x)
+    grads_before = [leaf.grad for leaf in other.parameters()]
     plain.zero_grad(set_to_none=True)
-    assert torch.equal(population.grad_flat, torch.zeros_like(second))
-    assert all(leaf.grad is g for leaf, g in zip(population.parameters(), grads_before))
+    assert torch.equal(other.grad_flat, torch.zeros_like(second))
+    assert all(leaf.grad is g for leaf, g in zip(other.parameters(), grads_before))
 
 
 def test_grad_set_to_none_does_not_leave_stale_gradients():
@@ -477,11 +479,13 @@ def test_load_state_dict_errors():
 
 
 def test_update_modes():
-    population = PopulationModel(tiny_model(), 2)
+    def population():  # one optimizer per population
+        return PopulationModel(tiny_model(), 2)
+
     hyper = make_hyper([1e-3, 1e-2], [0.0, 0.1], [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6])
-    assert BatchedAdamW(population, hyper).update == "batched"  # small members: the tensor-op update
-    assert BatchedAdamW(population, hyper, update="per-member").update == "per-member"
+    assert BatchedAdamW(population(), hyper).update == "batched"  # small members: the tensor-op update
+    assert BatchedAdamW(population(), hyper, update="per-member").update == "per-member"
     wide = PopulationModel(nn.Linear(64, 64), 2)  # 4160 values per member: PyTorch's fused kernel
     assert BatchedAdamW(wide, hyper).update == "per-member"
     with pytest.raises(ValueError, match=r"BatchedAdamW: update must be one of \('auto', 'batched', 'per-member'\), got 'fast'"):
-        BatchedAdamW(population, hyper, update="fast")
+        BatchedAdamW(population(), hyper, update="fast")
