@@ -143,6 +143,7 @@ class Clan:
         #: Gradient averaging, its checks and the one-model switch (:class:`~vmapclan.cooperation.Cooperation`).
         self.cooperation = Cooperation(self)
         self._constants = optimizer_settings(optimizer) if optimizer is not None else dict(_TORCH_ADAMW)
+        self._lr_written: float | None = None  # the lr factor last written into the optimizer
         self.population: PopulationModel | None = None
         self.optimizer: BatchedAdamW | None = None
         if model is not None:
@@ -208,8 +209,10 @@ class Clan:
                          "every member's lr at the next step: the time shape times the competitive share.")
 
     def _shape_lr(self) -> None:
-        if self.optimizer is not None and self.optimizer.lr_factor is not None:  # write the next step's factor
-            self.optimizer.lr_factor.fill_(self.lr_factor)
+        factor = self.optimizer.lr_factor if self.optimizer is not None else None
+        if factor is not None and (value := self.lr_factor) != self._lr_written:
+            factor.fill_(value)  # the next step's factor; written only when it changes (a write costs a kernel)
+            self._lr_written = value
 
     def _refresh(self) -> None:
         """Enter the current phase: the members train as one model while cooperating, the genes in force
