@@ -26,7 +26,7 @@ from .schedule import DATA_KEYS, Phase, PhaseSchedule
 from .task import Task, task_reference
 
 __all__ = ["PhasePlan", "plan_phases", "phase_data", "frozen_parameters", "data_key", "grow_function",
-           "check_growth_phases"]
+           "check_growth_phases", "growths_before"]
 
 
 def phase_data(task: Task, data: DataSpec, phase: Phase, where: str = "") -> DataSpec:
