@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from .checks import int_in, number_in, positive_int, refuse
-from .rounds import round_problem
+from .rounds import check_phases, round_problem
 from .settings import DEFAULTS, HORIZON_LR_SHAPE, HORIZON_WARMUP, WSD_DECAY
 from .schedule import SEARCH_SHARE, SEARCH_SPREAD, Phase, PhaseSchedule, check_lr_shape, default_schedule, lr_shape_at
 
@@ -463,34 +463,8 @@ class RunConfig:
         for key, kind in {**_SECTIONS, "schedule": ScheduleSpec}.items():
             if not isinstance(getattr(self, key), kind):
                 raise TypeError(f"config.{key} must be a {kind.__name__}, got {type(getattr(self, key)).__name__}")
-        competed = False
-        for i, phase in enumerate(self.schedule.to_schedule(self.clan.selection)):
-            where = f"schedule[{i}] ({phase.name!r})"
-            if not phase.competition and not competed and self.clan.init == "independent":
-                raise ValueError(
-                    f"{where}: clan.competition = false before any clan round needs clan.init = 'copy' "
-                    "(independently initialised members are not identical, so they cannot cooperate)"
-                )
-            if phase.search is not None and self.clan.selection != "winner":
-                raise ValueError(f"{where}: clan.search needs clan.selection = 'winner' (the best of the spread "
-                                 f"becomes the incumbent), got {self.clan.selection!r}")
-            duty = phase.duty_cycle(self.clan.duty_cycle)
-            if phase.competition and not competed and self.clan.init == "independent" and duty != 1:
-                raise ValueError(
-                    f"{where}: clan.init = 'independent' needs clan.duty_cycle = 1.0 in the first clan phase "
-                    f"(members differ until the first selection, so they cannot cooperate), got {duty}"
-                )
-            competed = competed or phase.competition
-            if not phase.competition and self.clan.selection != "winner":
-                raise ValueError(
-                    f"{where}: clan.competition = false needs clan.selection = 'winner' (members must be "
-                    f"identical to cooperate), got {self.clan.selection!r}"
-                )
-            if phase.competition and phase.search is None:
-                check_round(f"{where}.clan", phase.clan.get("round_length", self.clan.round_length), duty)
-                if self.clan.selection != "winner" and duty != 1:
-                    raise ValueError(f"{where}: clan.duty_cycle must be 1.0 for selection {self.clan.selection!r}, "
-                                     f"got {duty}")
+        check_phases(self.schedule.to_schedule(self.clan.selection), selection=self.clan.selection,
+                     init=self.clan.init, round_length=self.clan.round_length, duty_cycle=self.clan.duty_cycle)
 
     def replace(self, **changes) -> RunConfig:
         """A copy with top-level fields replaced; a section may be given as a dict of field changes.
