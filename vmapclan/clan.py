@@ -220,8 +220,9 @@ class Clan:
         if self.optimizer is None:
             return
         self.cooperation.train_as_one(self.clock.cooperating)
-        fixed = self._stretch_hyper() if self.clock.in_cooperative_stretch else self._constants
-        self.optimizer.set_genes(self.genes_in_force(), fixed)
+        stretch = self._stretch_hyper() if self.clock.in_cooperative_stretch else None  # read once: .item() syncs
+        genes = self.genepool.in_force(self.phase == COOPERATIVE, self.members, stretch)
+        self.optimizer.set_genes(genes, self._constants if stretch is None else stretch)
         self._shape_lr()
 
     def set_genome(self, name: str, values) -> None:
