@@ -405,8 +405,9 @@ class TrainingMachine:
         val = self._score(phase)
         if any_rank(self.clan.group, not bool(torch.isfinite(val).all()), "the divergence check"):
             return
-        self.log.best_val = min(self.log.best_val, val[0].item())
-        self.clan.keep(val[0].item())
+        incumbent = val[0].item()
+        self.log.saw_val([incumbent])
+        self.clan.keep(incumbent)
 
     # -- stretches ------------------------------------------------------------------------------
     def _run_stretch(self) -> None:

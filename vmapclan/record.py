@@ -67,9 +67,12 @@ class RunLog:
     def add(self, record: dict, event: str) -> None:
         """Add a history record (a round's or stretch's), and its metrics record as ``event``."""
         self.history.append(record)
-        finite = [v for v in record.get("val_losses", [record.get("val_loss", math.nan)]) if math.isfinite(v)]
-        self.best_val = min([self.best_val, *finite])
+        self.saw_val(record.get("val_losses", [record.get("val_loss", math.nan)]))
         self.record({"event": event, **record})
+
+    def saw_val(self, values) -> None:
+        """Lower :attr:`best_val` to the least finite validation loss of ``values``."""
+        self.best_val = min([self.best_val, *(v for v in values if math.isfinite(v))])
 
     def step(self, loss: torch.Tensor, step: int, phase: str, round_index: int) -> None:
         """After a step: its ``[P]`` losses into the running mean, a training-loss record every ``log_every``."""
