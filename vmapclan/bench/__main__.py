@@ -1,5 +1,5 @@
 """``python -m vmapclan.bench [speed options]``, ``python -m vmapclan.bench quality [options]``, ``... zoo [options]``
-``... recurrent [options]``, ``... cooperative [options]`` or ``... distributed [options]``."""
+``... recurrent [options]``, ``... cooperative [options]``, ``... distributed [options]`` or ``... run [options]``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to the quality benchmark (first argument ``quality``), the zoo (``zoo``), the recurrent
     layers (``recurrent``), the cooperative step (``cooperative``), one process against several
-    (``distributed``) or the speed benchmark.
+    (``distributed``), a whole run against one plain model (``run``) or the speed benchmark.
 
     Args:
         argv: Command-line arguments (default: ``sys.argv[1:]``).
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import main as distributed_main
 
         return distributed_main(argv[1:])
+    if argv and argv[0] == "run":
+        from .whole_run import main as whole_run_main
+
+        return whole_run_main(argv[1:])
     if argv and argv[0] == "speed":
         argv = argv[1:]
     from .speed import main as speed_main
