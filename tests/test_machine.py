@@ -85,7 +85,8 @@ def test_learns_and_reports(three_phase_run):
     assert steps == list(range(1, 121))
     assert {e["phase"] for e in events if e["event"] == "step"} == {"warmup", "clan", "anneal"}
     table = results.rounds_table()
-    assert "anneal" in table and "final: val loss" in table and len(table.splitlines()) == 2 + 6 + 1
+    assert "anneal" in table and "final: val loss" in table and len(table.splitlines()) == 2 + 6 + 2
+    assert table.splitlines()[-1].startswith("time: ") and "train" in table.splitlines()[-1]
 
 
 def test_cooperative_phase_keeps_members_identical_with_its_overrides():

@@ -7,8 +7,14 @@ weights, the history and the final record). The runs cover a cooperative warmup 
 the default schedule (search, then rounds or one data-parallel model), growth with a data
 change, a sweep, PBT, and freezing with the paired test. The comparisons are bitwise, with the
 one torch thread the tests run on (torch 2.13.0 on CPU: another build may round differently).
+
+Two things changed on purpose since: the final evaluation scores each model once (identical
+members as one plain model, different ones in the vmapped pass that picks the best), so the
+final record's losses round differently (compared to 1e-6 here); and a fresh run sets a test split aside from its validation data,
+which the fresh runs below turn off (``data.test_fraction = 0``, what a resumed old run gets).
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -33,9 +39,16 @@ def assert_same_outcome(results, outcome: dict) -> None:
     assert weights.keys() == outcome["best_model"].keys()
     for name, value in outcome["best_model"].items():
         assert torch.equal(weights[name], value), name
-    assert json.loads(json.dumps(results.history)) == json.loads(outcome["history"])
-    final = {k: v for k, v in results.final.items() if k != "seconds"}
-    assert json.loads(json.dumps(final)) == json.loads(outcome["final"])
+    history, old_history = json.loads(json.dumps(results.history)), json.loads(outcome["history"])
+    for ours, theirs in zip(history, old_history, strict=True):
+        if ours["kind"] == "cooperative":  # scored as one model now
+            assert ours.pop("val_loss") == pytest.approx(theirs.pop("val_loss"), rel=1e-6, nan_ok=True)
+    assert history == old_history
+    final = {k: v for k, v in results.final.items() if not k.startswith("seconds")}
+    old = json.loads(outcome["final"])
+    for key in ("member_val_losses", "val_loss", "val_accuracy", "last_val_loss"):
+        assert final.pop(key, None) == pytest.approx(old.pop(key, None), rel=1e-6), key
+    assert json.loads(json.dumps(final)) == old
 
 
 def test_the_fixtures_are_of_the_previous_format():
@@ -56,4 +69,5 @@ def test_an_old_checkpoint_resumes_to_its_runs_outcome(tmp_path, name):
 @pytest.mark.parametrize("run", RUNS)
 def test_the_run_gives_what_it_gave_before(run):
     config = RunConfig.from_toml(DATA / next(n for n in STOPPED if n.startswith(run + "-")) / "config.toml")
+    config = config.replace(data=dataclasses.replace(config.data, test_fraction=0.0))
     assert_same_outcome(TrainingMachine(config).train(), expected(run))

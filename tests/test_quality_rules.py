@@ -238,7 +238,7 @@ def test_blocks_of_validation_samples_pair_the_members():
     torch.manual_seed(0)
     model = task.build_model({"hidden": 4}, None)
     population = PopulationModel(model, 2, init="independent", generator=torch.Generator().manual_seed(0))
-    data = task.load(RunConfig().data, 0).val  # 24 samples
+    data = task.load(RunConfig.from_dict({"data": {"test_fraction": 0}}).data, 0).val  # 24 samples
     blocks = task.population_losses(population, data, blocks=5)
     assert blocks.shape == (2, 5)
     sizes = [len(p) for p in torch.arange(24).tensor_split(5)]

@@ -280,7 +280,7 @@ def test_a_tasks_own_data_setting_is_read_from_the_config_and_changed_by_a_phase
 def test_a_data_setting_no_task_reads_is_refused():
     with pytest.raises(ValueError, match=r"data: unknown setting 'modulo' for task 'test_tasks_api:ModuloTask'; it "
                                          r"reads \['batch_size', 'val_fraction', 'seq_len', 'max_chars', "
-                                         r"'eval_samples', 'modulus'\]"):
+                                         r"'eval_samples', 'test_fraction', 'modulus'\]"):
         TrainingMachine(modulo_config(modulo=3))
     with pytest.raises(ValueError, match=r"data: unknown setting 'augment' for task 'digits-mlp'"):
         TrainingMachine({"task": "digits-mlp", "data": {"augment": True}})

@@ -50,7 +50,7 @@ def run(tmp_path_factory):
 def test_the_run_writes_every_members_losses_genes_and_the_phase(run):
     found = scalars(run / "tensorboard" / "train")
     genes = ["lr", "weight_decay", "betas/0", "betas/1", "eps"]
-    expected = {"train/loss", "phase", "final/val_loss", "final/val_accuracy",
+    expected = {"train/loss", "phase", "final/val_loss", "final/val_accuracy", "final/test_loss", "final/test_accuracy",
                 *(f"{kind}/member_loss/{i}" for kind in ("train", "val") for i in range(P)),
                 *(f"genes/{g}/{i}" for g in genes for i in range(P))}
     assert set(found) == expected

@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
 import signal
 import sys
@@ -376,11 +377,12 @@ def _replay(args) -> int:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
-    print(f"{'':<34} {'val loss':>9} {'val acc':>8}")
-    if clan:
-        print(f"{'clan (best model, P members)':<34} {clan['val_loss']:>9.4f} {clan['val_accuracy']:>8.3f}")
-    print(f"{'replay (one model, torch AdamW)':<34} {result.final['val_loss']:>9.4f} "
-          f"{result.final['val_accuracy']:>8.3f}")
+    tested = "test_loss" in result.final
+    print(f"{'':<34} {'val loss':>9} {'val acc':>8}" + (f" {'test loss':>9} {'test acc':>8}" if tested else ""))
+    for name, final in (("clan (best model, P members)", clan), ("replay (one model, torch AdamW)", result.final)):
+        if final:
+            test = f" {final.get('test_loss', math.nan):>9.4f} {final.get('test_accuracy', math.nan):>8.3f}"
+            print(f"{name:<34} {final['val_loss']:>9.4f} {final['val_accuracy']:>8.3f}" + (test if tested else ""))
     out = args.out or args.schedule.parent
     out.mkdir(parents=True, exist_ok=True)
     report = {"schedule": str(args.schedule), "total_steps": config.total_steps, "seconds": seconds,

@@ -134,6 +134,25 @@ class ModelSpec(Mapping):
         return cls() if data is None else cls(data)
 
 
+def read_toml(path) -> dict:
+    """The plain table of a TOML file.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        ValueError: for invalid TOML.
+    """
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    with open(path, "rb") as f:
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: invalid TOML: {err}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec(_Spec):
     """Data settings.
@@ -145,7 +164,11 @@ class DataSpec(_Spec):
         seq_len: Characters per training window (stdlib-chars).
         max_chars: Cap on the characters read from the standard library (stdlib-chars).
         eval_samples: Validation samples each member is scored on at the end of a round
-            (0: all). The final metrics always use the whole validation set.
+            (0: all): the bound on what scoring costs, about ``P x eval_samples`` forward
+            passes a round. The final metrics always use the whole validation set.
+        test_fraction: For a task whose :meth:`~vmapclan.Task.split` gives no test split, the
+            share of the validation data set aside by seed as the test split, in [0, 1) (0:
+            none). Nothing in a run decides on the test split; the final record reports it.
         extra: The task's own data settings (:attr:`vmapclan.Task.data_defaults`, e.g. a split
             name or an augmentation switch), read as attributes (``data.augment``). In a
             table they sit next to the fields: ``from_dict`` takes every other key as one of
@@ -164,6 +187,7 @@ class DataSpec(_Spec):
     seq_len: int = 64
     max_chars: int = 600_000
     eval_samples: int = 512
+    test_fraction: float = 0.5
     extra: Mapping = dataclasses.field(default_factory=dict)
 
     def __getattr__(self, name: str):
@@ -205,6 +229,8 @@ class DataSpec(_Spec):
         _int(self.section, "seq_len", self.seq_len)
         _int(self.section, "max_chars", self.max_chars, low=1000)
         _int(self.section, "eval_samples", self.eval_samples, low=0)
+        object.__setattr__(self, "test_fraction", _float(self.section, "test_fraction", self.test_fraction, 0, 1,
+                                                         high_open=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -521,16 +547,22 @@ class RunConfig:
             FileNotFoundError: if there is no such file.
             ValueError: for invalid TOML or bad settings.
         """
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
+        return cls.from_dict(read_toml(path))
 
-        with open(path, "rb") as f:
-            try:
-                data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as err:
-                raise ValueError(f"{path}: invalid TOML: {err}") from None
+    @classmethod
+    def from_saved(cls, data: Mapping) -> RunConfig:
+        """A config the package wrote itself (a run's ``config.toml``, checkpoint or ``schedule.json``).
+
+        It holds every field of its time. A field added since takes the value that gives what
+        the run did then, not today's default: a saved ``[data]`` without ``test_fraction``
+        (written before runs set a test split aside) reads as ``test_fraction = 0``.
+
+        Raises:
+            ValueError, TypeError: as :meth:`from_dict`.
+        """
+        data_table = data.get("data") if isinstance(data, Mapping) else None
+        if isinstance(data_table, Mapping) and "test_fraction" not in data_table:
+            data = {**data, "data": {**data_table, "test_fraction": 0.0}}
         return cls.from_dict(data)
 
     def to_toml(self) -> str:

@@ -41,7 +41,6 @@ import dataclasses
 import inspect
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -51,7 +50,8 @@ from torch import nn
 from .checks import check_device, positive_int
 from .clan import Clan, DivergenceError
 from .config import RunConfig
-from .distributed import any_rank, broadcast_object, current_rank
+from .distributed import any_rank, current_rank
+from .evaluation import final_model, score_round
 from .plan import PhasePlan, grow_function, growths_before, plan_phases
 from .population import member_loss
 from .record import RunLog, TrainingResults
@@ -387,9 +387,13 @@ class TrainingMachine:
         return any_rank(self.clan.group, bool(diverged), "the divergence check")
 
     def _score(self, phase: PhasePlan, paired: bool = False) -> torch.Tensor:
-        """Every member's loss on the phase's per-round evaluation data (``[P, SCORE_BLOCKS]`` when ``paired``)."""
-        blocks = {"blocks": SCORE_BLOCKS} if paired else {}
-        return self.task.population_losses(self.clan.population, self._datasets[phase.data_key].eval, **blocks)
+        """Every member's loss on the phase's per-round evaluation data (``[P, SCORE_BLOCKS]`` when ``paired``).
+
+        Identical members (after a data-parallel stretch) are scored once, as one model.
+        """
+        with self.log.timing("evaluate"):
+            return score_round(self.task, self.clan, self._datasets[phase.data_key].eval,
+                               blocks=SCORE_BLOCKS if paired else None)
 
     def _add(self, record: dict, phase: PhasePlan, start: int) -> None:
         """Record a round's or stretch's ``record`` with the machine's fields: batch size, the data and model planes."""
@@ -418,9 +422,32 @@ class TrainingMachine:
         self._enter(phase)
         stream = self._stream(phase)
         cooperative = stretch.kind == "cooperative"
+        with self.log.timing("train"):
+            ended = self._run_steps(stretch, phase, stream)
+        if ended:
+            return
+        start = clan.clock.record_start if cooperative else stretch.start
+        val = self._score(phase, paired=not cooperative and clan.confidence is not None)
+        with self.log.timing("select"):
+            record = clan.step(val)
+        self._add(record, phase, start)
+        if record.get("event") == "diverged" and cooperative:
+            self._after_restore(phase)
+        if self.out_dir is not None and not cooperative and self.config.checkpoint_every and \
+                clan.round_index % self.config.checkpoint_every == 0:
+            self.checkpoint()
+
+    def _run_steps(self, stretch, phase: PhasePlan, stream) -> bool:
+        """The steps of ``stretch`` not yet run, with a cooperative stretch's divergence checks and restores.
+
+        Returns whether a restore at the stretch's last step ended it (its record is made).
+        """
+        clan = self.clan
+        cooperative = stretch.kind == "cooperative"
         member = clan.round()
         member.model.train()
         while not clan.round_done:
+            self.log.switch("train" if member.phase == "cooperative" else "compete")
             loss = self._step(member, next(stream))
             if cooperative:
                 self._losses_finite &= torch.isfinite(loss).all()
@@ -428,22 +455,16 @@ class TrainingMachine:
             if cooperative and (clan.time_step % DIVERGENCE_CHECK_EVERY == 0 or clan.round_done) \
                     and self._cooperative_diverged():
                 start = clan.clock.record_start
-                self._add(clan.restore(), phase, start)
+                with self.log.timing("select"):
+                    record = clan.restore()
+                self._add(record, phase, start)
                 if clan.stretch is not stretch:  # restored at its last step: the stretch is over
                     self._after_restore(phase)
-                    return
+                    return True
                 member = clan.round()
                 continue
             self._poll_stop()
-        start = clan.clock.record_start if cooperative else stretch.start
-        val = self._score(phase, paired=not cooperative and clan.confidence is not None)
-        record = clan.step(val)
-        self._add(record, phase, start)
-        if record.get("event") == "diverged" and cooperative:
-            self._after_restore(phase)
-        if self.out_dir is not None and not cooperative and self.config.checkpoint_every and \
-                clan.round_index % self.config.checkpoint_every == 0:
-            self.checkpoint()
+        return False
 
     # -- running --------------------------------------------------------------------------------
     def machine_state(self) -> dict:
@@ -526,10 +547,11 @@ class TrainingMachine:
                 f"TrainingMachine.checkpoint: at step {self.step} every member holds NaN or infinite values; "
                 f"not saved (the checkpoint of step {self.checkpoint_step} is kept)")
         path = self.out_dir / "checkpoint.pt"
-        if self.rank == 0:
-            save_run_checkpoint(path, self.clan, self.machine_state())
-        else:
-            self.clan.state_dict()  # its gathers of the members are collectives: every rank takes part
+        with self.log.timing("checkpoint"):
+            if self.rank == 0:
+                save_run_checkpoint(path, self.clan, self.machine_state())
+            else:
+                self.clan.state_dict()  # its gathers of the members are collectives: every rank takes part
         self.checkpoint_step = self.step
         return path
 
@@ -562,11 +584,11 @@ class TrainingMachine:
         if self._trained:
             raise RuntimeError("TrainingMachine.train: this machine has already run; make a new one")
         self._trained = True
-        start_time = time.perf_counter()
         writes = self.out_dir is not None and self.rank == 0
-        with run_lock(self.out_dir) if writes else contextlib.nullcontext():
-            self.prepare()
-            self._start()
+        with run_lock(self.out_dir) if writes else contextlib.nullcontext(), self.log.timing("other"):
+            with self.log.timing("setup"):
+                self.prepare()
+                self._start()
             try:
                 while not self.clan.done:
                     stretch = self.clan.stretch
@@ -582,59 +604,27 @@ class TrainingMachine:
                         self.checkpoint()
                     saved = self.checkpoint_step
                 raise TrainingStopped(self.step, saved) from None
-            final, best_model, schedule = self._final(time.perf_counter() - start_time)
+            with self.log.timing("evaluate"):
+                final, best_model, schedule = self._final()
         return TrainingResults(config=self.config, total_steps=self.total_steps, history=self.history,
                                metrics=self.metrics, final=final, best_model=best_model, schedule=schedule)
 
-    def _final(self, seconds: float) -> tuple[dict, nn.Module, PhaseSchedule]:
-        """The final record, the run's model (the best member's, or the kept incumbent when it is better) and its schedule."""
-        clan, val = self.clan, self._datasets[()].val
-        members = self.task.population_losses(clan.population, val)
-        if clan.group is not None:
-            members = clan.group.all_gather(members, "the final all-gather of the validation losses")
-        finite = torch.where(torch.isfinite(members), members, torch.full_like(members, math.inf))
-        best = int(torch.argmin(finite).item())
-        best_model = self._member_module(best).eval()
-        scores = self.task.evaluate(best_model, val)
-        if not math.isfinite(scores["loss"]) or not self._member_finite(best):
-            raise DivergenceError(f"TrainingMachine: the run ends without a finite model: the best member's "
-                                  f"validation loss is {scores['loss']}")
-        kept = {}
-        if clan.kept.step is not None and clan.kept.step < clan.time_step:
-            model = clan.kept_model().eval()
-            kept_scores = self.task.evaluate(model, val)
-            if kept_scores["loss"] < scores["loss"]:  # the incumbent kept earlier beats the last model
-                kept = {"kept_step": clan.kept.step, "last_val_loss": scores["loss"]}
-                best_model, scores = model, kept_scores
+    def _final(self) -> tuple[dict, nn.Module, PhaseSchedule]:
+        """The final record, the run's model (see :func:`~vmapclan.evaluation.final_model`) and its schedule."""
+        clan = self.clan
+        scores, best, best_model = final_model(self.task, clan, self._datasets[()])
         # A sweep's members never copy each other: the best one's own genes are its schedule.
         # With truncation the history does not say who copied whom, so each round's winner
         # stands in for the lineage (an approximation).
         schedule = export_schedule(self.history, self.total_steps,
                                    member=best if self.config.clan.selection == "none" else None)
-        final = {"event": "final", "step": clan.time_step, "val_loss": scores["loss"],
-                 "val_accuracy": scores["accuracy"], "member_val_losses": members.tolist(), "best_member": best,
-                 "rounds": sum(r["kind"] == "round" for r in self.history), "seconds": seconds,
-                 "member_steps": self.total_steps * clan.population_size, "world_size": clan.world_size, **kept}
+        seconds = self.log.elapsed()  # this evaluation's up to here
+        final = {"event": "final", "step": clan.time_step, **scores, "best_member": best,
+                 "rounds": sum(r["kind"] == "round" for r in self.history),
+                 "seconds": sum(seconds.values()), "seconds_in": seconds,
+                 "member_steps": self.total_steps * clan.population_size, "world_size": clan.world_size}
         self.log.record(final)
         return final, best_model, schedule
-
-    def _member_module(self, member: int) -> nn.Module:
-        """A plain module of the clan's member ``member`` (a global index: its rank sends it to the others)."""
-        clan = self.clan
-        if clan.group is None:
-            return clan.population.member_module(member)
-        owner, local = clan.group.owner(member), member - clan.member_offset
-        state = clan.population.member_module(local).state_dict() if clan.group.rank == owner else None
-        state = broadcast_object(clan.group, state, owner, "the broadcast of the best member")
-        module = clan.population.member_module(0)
-        module.load_state_dict(state)
-        return module
-
-    def _member_finite(self, member: int) -> bool:
-        """Whether the clan's member ``member`` (a global index) holds only finite values."""
-        local = member - self.clan.member_offset
-        mine = 0 <= local < self.clan.local_size and bool(self.clan.population.finite_members()[local])
-        return any_rank(self.clan.group, mine, "the finiteness check")
 
     def _config_toml(self) -> str:
         """``config.toml``: the config, and the number of processes that trained the run, as a comment.

@@ -374,6 +374,20 @@ class PopulationModel:
                 finite &= torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(1)
         return finite
 
+    def identical(self) -> bool:
+        """Whether every member holds member 0's weights and buffers, bit for bit (one host sync).
+
+        True after a data-parallel stretch (trained as one model) or a winner selection, when
+        scoring one member scores them all.
+        """
+        if self.population_size == 1:
+            return True
+        same = torch.ones((), dtype=torch.bool, device=self.device)
+        tensors = list(self.buffers.values()) + ([] if self.one_model else [self.flat])
+        for t in tensors:  # while training as one model, the other rows are member 0's by construction
+            same &= (t[1:] == t[:1]).all()  # a NaN is unequal to itself: a diverged population is scored whole
+        return bool(same)
+
     def sync_rows(self) -> None:
         """Bring every member's rows of the parameters, gradients and registered state up to date with member 0's.
 
@@ -768,7 +782,8 @@ def member_loss(fn, output, target, *, key: str | Callable | None = None, **kwar
 
 
 def score_members(population: PopulationModel, batches: Iterable, losses_of: Callable, *,
-                  size_of: Callable = len, who: str = "score_members", per_batch: bool = False) -> torch.Tensor | None:
+                  size_of: Callable = len, who: str = "score_members", per_batch: bool = False,
+                  width: int | None = None) -> torch.Tensor | None:
     """Every member's mean loss over ``batches``, for selection: a ``float64 [P]`` tensor.
 
     The one scoring loop of the package (the tasks' per-round evaluation and Lightning's
@@ -784,14 +799,18 @@ def score_members(population: PopulationModel, batches: Iterable, losses_of: Cal
         who: Names the caller in the error message.
         per_batch: Return each batch's losses instead, ``[P, number of batches]`` (paired
             values for :func:`vmapclan.selection.paired_winner`).
+        width: ``losses_of`` returns ``[P, width]`` instead: several means per member (a loss
+            and an accuracy), each averaged over samples; the result is ``[P, width]``.
 
     Returns:
-        ``[P]`` mean losses (or ``[P, batches]``), or ``None`` when ``batches`` was empty.
+        ``[P]`` mean losses (or ``[P, batches]``, or ``[P, width]``), or ``None`` when
+        ``batches`` was empty.
 
     Raises:
-        ValueError: if ``losses_of`` returns anything but a ``[P]`` tensor.
+        ValueError: if ``losses_of`` returns anything but a ``[P]`` (``[P, width]``) tensor.
     """
     p = population.population_size
+    shape = (p,) if width is None else (p, width)
     modes = [m.training for m in population.module.modules()]
     population.eval()
     total, count, columns = None, 0, []
@@ -799,9 +818,9 @@ def score_members(population: PopulationModel, batches: Iterable, losses_of: Cal
         with torch.no_grad():
             for index, batch in enumerate(batches):
                 losses = losses_of(batch, index)
-                if not isinstance(losses, torch.Tensor) or losses.shape != (p,):
+                if not isinstance(losses, torch.Tensor) or losses.shape != shape:
                     got = list(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                    raise ValueError(f"{who} must return every member's loss, shape [{p}], got {got}")
+                    raise ValueError(f"{who} must return every member's loss, shape {list(shape)}, got {got}")
                 if per_batch:
                     columns.append(losses.detach().to(torch.float64))
                     continue

@@ -8,11 +8,13 @@ run's checkpoint. :class:`TrainingResults` is what a run returns, and writes the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -24,7 +26,12 @@ from .config import RunConfig
 from .replay import write_schedule
 from .schedule import PhaseSchedule
 
-__all__ = ["RunLog", "TrainingResults"]
+__all__ = ["RunLog", "TrainingResults", "TIME_PARTS"]
+
+#: Where a run's wall time goes (:meth:`RunLog.timing`): building it, the data-parallel
+#: (cooperative) steps, the competitive steps (the search's included), scoring members and the
+#: final evaluation, selection, and writing checkpoints; ``"other"`` is the rest.
+TIME_PARTS = ("setup", "train", "compete", "evaluate", "select", "checkpoint", "other")
 
 
 class RunLog:
@@ -41,6 +48,8 @@ class RunLog:
         history: One record per round and cooperative stretch, in time order.
         metrics: Every record: training-loss logs, rounds and stretches, the final record.
         best_val: The lowest validation loss of any round or stretch so far.
+        seconds: Wall seconds spent in each of :data:`TIME_PARTS` (over every session of a
+            resumed run).
         callback: Called with every record (and ``{"event": "step", ...}`` after every step).
     """
 
@@ -54,6 +63,36 @@ class RunLog:
         self.callback: Callable[[dict], None] | None = None
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self._loss_count = 0
+        self.seconds = dict.fromkeys(TIME_PARTS, 0.0)
+        self._device = torch.device(device)
+        self._part, self._since = None, 0.0
+
+    @contextlib.contextmanager
+    def timing(self, part: str):
+        """Charge the wall time inside the block to ``part`` of :data:`TIME_PARTS` (an inner block's to its own).
+
+        On CUDA the device is synchronised at each switch, so queued work is charged to the part
+        that queued it.
+        """
+        outer = self._part
+        self._switch(part)
+        try:
+            yield
+        finally:
+            self._switch(outer)
+
+    def switch(self, part: str) -> None:
+        """Inside a :meth:`timing` block, charge the time from now on to ``part`` (until the block ends or the next switch)."""
+        if part != self._part:
+            self._switch(part)
+
+    def _switch(self, part: str | None) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        now = time.perf_counter()
+        if self._part is not None:
+            self.seconds[self._part] += now - self._since
+        self._part, self._since = part, now
 
     def record(self, record: dict) -> None:
         """Add a metrics record: to :attr:`metrics`, to ``metrics.jsonl`` and to the callback."""
@@ -93,9 +132,15 @@ class RunLog:
             (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
 
     def state_dict(self) -> dict:
-        """``{"history", "metrics", "best_val", "loss_sum", "loss_count"}`` as plain values."""
+        """``{"history", "metrics", "best_val", "loss_sum", "loss_count", "seconds"}`` as plain values."""
         return {"history": list(self.history), "metrics": list(self.metrics), "best_val": self.best_val,
-                "loss_sum": self._loss_sum.item(), "loss_count": self._loss_count}
+                "loss_sum": self._loss_sum.item(), "loss_count": self._loss_count, "seconds": self.elapsed()}
+
+    def elapsed(self) -> dict:
+        """:attr:`seconds` up to now (the part in force charged its time so far), a copy."""
+        if self._part is not None:
+            self._switch(self._part)
+        return dict(self.seconds)
 
     def check_state(self, saved: Mapping, step: int, who: str) -> None:
         """Refuse a saved log no run of these settings has at ``step``, naming the entry (``machine/...``)."""
@@ -115,6 +160,10 @@ class RunLog:
         loss_sum = saved.get("loss_sum")  # NaN when a member diverged in the log's window: resumed as it is
         if not isinstance(loss_sum, (int, float)) or isinstance(loss_sum, bool) or math.isinf(loss_sum):
             refuse("loss_sum", "a number", loss_sum)
+        seconds = saved.get("seconds", {})  # absent from checkpoints written before the run kept it
+        if not isinstance(seconds, Mapping) or not set(seconds) <= set(TIME_PARTS) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in seconds.values()):
+            refuse("seconds", f"a table of non-negative seconds with keys from {list(TIME_PARTS)}", seconds)
         expected = 0 if step == self.total_steps else step % self.log_every
         if saved.get("loss_count") != expected:
             refuse("loss_count", f"{expected} (steps since the last training-loss record at step {step})",
@@ -126,6 +175,7 @@ class RunLog:
         self.best_val = float(saved["best_val"])
         self._loss_sum.fill_(saved["loss_sum"])
         self._loss_count = saved["loss_count"]
+        self.seconds = {**dict.fromkeys(TIME_PARTS, 0.0), **saved.get("seconds", {})}
 
 
 @dataclasses.dataclass
@@ -141,8 +191,10 @@ class TrainingResults:
             ``batch_size``, ``val_loss``), in time order.
         metrics: Every metrics record (training-loss logs, rounds, the final record).
         final: ``val_loss`` and ``val_accuracy`` of the best model on the whole validation set,
-            ``member_val_losses`` (every member, whole validation set), ``best_member``,
-            ``seconds``, ``member_steps``; with ``clan.keep_best``, when the incumbent kept at an
+            ``test_loss`` and ``test_accuracy`` of the same model on the test split (where the
+            run has one), ``member_val_losses`` (every member, whole validation set),
+            ``best_member``, ``seconds`` (the run's wall time), ``seconds_in`` (where it went:
+            ``{part: seconds}`` over :data:`TIME_PARTS`), ``member_steps``; with ``clan.keep_best``, when the incumbent kept at an
             earlier step beats the last model, also ``kept_step`` (the step it was kept at) and
             ``last_val_loss`` (the last model's loss).
         best_model: A plain ``nn.Module`` with the best member's weights (or the kept incumbent's).
@@ -181,8 +233,14 @@ class TrainingResults:
             rows.append(f"{r['phase'][:12]:<12} {rnd:>5} {steps:>11} {r['end_step'] / self.total_steps:>6.3f} "
                         f"{winner:>6} {best:>9.4f} {hyper['lr']:>9.2e} {hyper['weight_decay']:>9.2e} "
                         f"{hyper['betas/0']:>6.3f} {hyper['betas/1']:>7.4f}")
-        rows.append(f"final: val loss {self.final['val_loss']:.4f}  val accuracy {self.final['val_accuracy']:.3f}  "
-                    f"({self.final['seconds']:.1f}s, {self.final['member_steps']} member-steps)")
+        final = self.final
+        test = f"  test loss {final['test_loss']:.4f}  test accuracy {final['test_accuracy']:.3f}" \
+            if "test_loss" in final else ""
+        rows.append(f"final: val loss {final['val_loss']:.4f}  val accuracy {final['val_accuracy']:.3f}{test}  "
+                    f"({final['seconds']:.1f}s, {final['member_steps']} member-steps)")
+        if "seconds_in" in final:
+            rows.append("time: " + ", ".join(f"{final['seconds_in'][part]:.1f}s {part}" for part in TIME_PARTS
+                                             if final["seconds_in"].get(part, 0) >= 0.05))
         return "\n".join(rows)
 
     def save(self, out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
@@ -211,7 +269,8 @@ class TrainingResults:
         files["history"].write_text(json.dumps(self.history, indent=1))
         files["schedule"] = out / "schedule.json"
         write_schedule(files["schedule"], self.schedule, self.config, self.total_steps,
-                       clan={key: self.final[key] for key in ("val_loss", "val_accuracy", "kept_step")
+                       clan={key: self.final[key] for key in ("val_loss", "val_accuracy", "test_loss", "test_accuracy",
+                                                    "kept_step")
                              if key in self.final})
         files["config"] = out / "config.toml"
         world = f"# world_size = {self.final['world_size']}  (processes that trained this run)\n" \

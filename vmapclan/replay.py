@@ -158,7 +158,8 @@ def write_schedule(path: str | os.PathLike, schedule: PhaseSchedule, config: Run
         schedule: The exported schedule.
         config: The run's config (the replay rebuilds the task, model and data from it).
         total_steps: Steps the schedule spans.
-        clan: ``{"val_loss", "val_accuracy"}`` of the clan's best model, shown next to the replay's.
+        clan: ``{"val_loss", "val_accuracy"}`` of the clan's best model (with ``test_loss``,
+            ``test_accuracy`` where the run has a test split), shown next to the replay's.
     """
     schedule.save(path, format_version=SCHEDULE_VERSION, total_steps=total_steps,
                   config=config.replace(total_steps=total_steps).to_dict(), clan=dict(clan or {}))
@@ -184,7 +185,7 @@ def read_schedule(path: str | os.PathLike) -> tuple[PhaseSchedule, RunConfig, di
     for key in ("config", "total_steps", "phases"):
         if key not in data:
             raise ValueError(f"{path}: missing field {key!r}")
-    config = RunConfig.from_dict(data["config"]).replace(total_steps=data["total_steps"])
+    config = RunConfig.from_saved(data["config"]).replace(total_steps=data["total_steps"])
     return PhaseSchedule.from_dict(data), config, dict(data.get("clan", {}))
 
 
@@ -213,7 +214,8 @@ class ReplayResult:
 
     Attributes:
         model: The trained plain model.
-        final: ``{"val_loss", "val_accuracy"}`` on the whole validation set.
+        final: ``{"val_loss", "val_accuracy"}`` on the whole validation set, and
+            ``test_loss``, ``test_accuracy`` on the test split where the run has one.
         trace: Per step (when asked for): the param group's ``lr``, ``weight_decay``, ``betas``,
             ``eps`` and the batch size used.
         losses: The training loss of every step.
@@ -283,9 +285,11 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
             callback(step + 1, phase.name)
     if kept is not None:
         run.model.load_state_dict(kept)
-    scores = run.task.evaluate(run.model, run.datasets[()].val)
-    return ReplayResult(model=run.model.eval(), final={"val_loss": scores["loss"], "val_accuracy": scores["accuracy"]},
-                        trace=steps_trace, losses=losses)
+    data = run.datasets[()]
+    final = {f"val_{k}": v for k, v in run.task.evaluate(run.model, data.val).items()}
+    if data.test is not None:
+        final.update({f"test_{k}": v for k, v in run.task.evaluate(run.model, data.test).items()})
+    return ReplayResult(model=run.model.eval(), final=final, trace=steps_trace, losses=losses)
 
 
 class _PlainRun:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .checks import is_int
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import RunConfig
+from .config import RunConfig, read_toml
 from .task import Task, task_reference
 
 __all__ = ["CHECKPOINT_VERSION", "save_run_checkpoint", "load_run_checkpoint", "read_run", "upgrade_checkpoint",
@@ -104,13 +104,13 @@ def read_run(run_dir: str | os.PathLike, task: Task | None = None) -> tuple[RunC
     if not isinstance(state["machine"].get("config"), Mapping):
         raise ValueError(f"TrainingMachine.resume: {run_dir / 'checkpoint.pt'} has no machine config")
     try:
-        config = RunConfig.from_dict(state["machine"]["config"])
+        config = RunConfig.from_saved(state["machine"]["config"])
     except (ValueError, TypeError) as err:
         raise ValueError(f"TrainingMachine.resume: the checkpoint's config is invalid: {err}") from None
     toml_path = run_dir / "config.toml"
     if toml_path.exists():
         try:
-            edited = RunConfig.from_toml(toml_path).to_dict()
+            edited = RunConfig.from_saved(read_toml(toml_path)).to_dict()
         except (ValueError, TypeError, OSError) as err:
             raise ValueError(f"TrainingMachine.resume: {toml_path} cannot be read: {err}") from None
         saved = config.to_dict()

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
+import optree
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
@@ -87,14 +88,22 @@ class TaskData:
 
     Attributes:
         train: Training data.
-        val: Validation data (final metrics).
+        val: Validation data: what selection, the search, keep-best and the final choice of
+            model read.
         eval: The first ``data.eval_samples`` of a fixed shuffle of ``val``, used to score
             members at the end of every round.
+        test: Test data, or ``None``: read once, for the final record, by nothing that decides.
     """
 
     train: tuple | Dataset
     val: tuple | Dataset
     eval: tuple | Dataset
+    test: tuple | Dataset | None = None
+
+
+def _take(data, index: torch.Tensor):
+    """The samples ``index`` of a split: tensors indexed, a ``Dataset`` as a ``Subset``."""
+    return tuple(t[index.to(t.device)] for t in data) if isinstance(data, tuple) else Subset(data, index.tolist())
 
 
 class Task(abc.ABC):
@@ -207,36 +216,53 @@ class Task(abc.ABC):
         """
 
     def load(self, data: DataSpec, seed: int) -> TaskData:
-        """The train, validation and per-round evaluation data (from :meth:`split`).
+        """The train, validation, per-round evaluation and test data (from :meth:`split`).
+
+        A split of two parts gets its test split from the validation data: a share
+        ``data.test_fraction`` of it, drawn by ``seed`` (none when the share is 0).
 
         Raises:
-            TypeError, ValueError: if :meth:`split` returns something else than ``(train, val)``.
+            TypeError, ValueError: if :meth:`split` returns something else than ``(train, val)``
+                or ``(train, val, test)``, an empty part, or validation data too small to
+                carve a test split from.
         """
         who = f"{type(self).__name__}.split"
         split = self.split(data, seed)
-        if not isinstance(split, (tuple, list)) or len(split) != 2:
-            raise TypeError(f"{who}: expected (train, val), got {type(split).__name__}")
-        train, val = (_as_data(part, f"{who} ({side})") for part, side in zip(split, ("train", "val")))
+        if not isinstance(split, (tuple, list)) or len(split) not in (2, 3):
+            raise TypeError(f"{who}: expected (train, val) or (train, val, test), got {type(split).__name__}"
+                            + (f" of {len(split)}" if isinstance(split, (tuple, list)) else ""))
+        parts = [_as_data(part, f"{who} ({side})") for part, side in zip(split, ("train", "val", "test"))]
+        if any(data_length(part) == 0 for part in parts):
+            raise ValueError(f"{who}: the {' and '.join(('train', 'validation', 'test')[:len(parts)])} data "
+                             f"must not be empty")
+        train, val, test = (*parts, None)[:3]
+        if test is None and data.test_fraction > 0:
+            size = data_length(val)
+            n_test = round(data.test_fraction * size)
+            if not 1 <= n_test < size:
+                raise ValueError(f"{who}: {size} validation samples are too few to set data.test_fraction = "
+                                 f"{data.test_fraction} of them aside as the test split; give the task a test "
+                                 f"split of its own, or set data.test_fraction = 0")
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 2))
+            val, test = _take(val, order[n_test:].sort().values), _take(val, order[:n_test].sort().values)
         size = data_length(val)
-        if size == 0 or data_length(train) == 0:
-            raise ValueError(f"{who}: the train and validation data must not be empty")
         n = size if data.eval_samples == 0 else min(data.eval_samples, size)
         pick = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 1))[:n]
-        evaluation = (val[0][pick], val[1][pick]) if isinstance(val, tuple) else Subset(val, pick.tolist())
-        return TaskData(train, val, evaluation)
+        return TaskData(train, val, _take(val, pick), test)
 
     @abc.abstractmethod
     def split(self, data: DataSpec, seed: int):
-        """The training and validation data for ``data`` and ``seed``.
+        """The training, validation and (optionally) test data for ``data`` and ``seed``.
 
         Args:
             data: The run's data settings (a phase's, when it changes one of :attr:`phase_data`).
             seed: The run's seed.
 
         Returns:
-            ``(train, val)``, each ``(inputs, targets)`` tensors, a ``TensorDataset`` (indexed
-            directly: the fast path) or any map-style ``Dataset`` of ``(input, target)`` samples
-            (batched with ``default_collate``).
+            ``(train, val)`` or ``(train, val, test)``, each ``(inputs, targets)`` tensors, a
+            ``TensorDataset`` (indexed directly: the fast path) or any map-style ``Dataset`` of
+            ``(input, target)`` samples (batched with ``default_collate``). Without a test
+            split the machine sets ``data.test_fraction`` of the validation data aside as one.
         """
 
     @abc.abstractmethod
@@ -326,6 +352,20 @@ class Task(abc.ABC):
 
         return score_members(population, chunks, losses_of, size_of=lambda chunk: len(chunk[0]),
                              who=f"{type(self).__name__}.loss", per_batch=blocks is not None)
+
+    def population_scores(self, population: PopulationModel, data) -> dict:
+        """``{"loss", "accuracy"}``: each member's on ``data``, ``[P]`` each, in one pass (eval mode, chunked)."""
+        def scores_of(chunk, _index):
+            xb, yb = population.share(chunk)
+            out = population(xb)
+            loss = member_loss(self.loss, out, yb)
+            # Member by member: a task's own accuracy may do what vmap cannot (an .item(), a branch).
+            accuracy = [self.accuracy(*optree.tree_map(lambda t, i=i: t[i], (out, yb))) for i in range(len(loss))]
+            return torch.stack([loss.double(), torch.stack(accuracy).double().to(loss.device)], 1)
+
+        scores = score_members(population, data_batches(data), scores_of, size_of=lambda chunk: len(chunk[0]),
+                               who=f"{type(self).__name__}.loss", width=2)
+        return {"loss": scores[:, 0], "accuracy": scores[:, 1]}
 
 
 

@@ -15,7 +15,8 @@ run's steps:
   settings it trained with);
 - ``phase``: the index of the phase in force in the schedule;
 - ``final/val_loss``, ``final/val_accuracy``: the best model's at the end (the replay's model's
-  in the replay's run).
+  in the replay's run); ``final/test_loss``, ``final/test_accuracy``: the same model's on the
+  test split, where the run has one.
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ class TensorBoardLogger:
         elif kind == "final":
             add("final/val_loss", event["val_loss"], event["step"])
             add("final/val_accuracy", event["val_accuracy"], event["step"])
+            for name in ("test_loss", "test_accuracy"):
+                if name in event:
+                    add(f"final/{name}", event[name], event["step"])
             self.writer.flush()
 
     def flush_losses(self) -> None:
@@ -129,7 +133,7 @@ def write_replay_curve(log_dir: str | os.PathLike, losses: Sequence[float], fina
     Args:
         log_dir: E.g. ``RUN/tensorboard/replay``.
         losses: :attr:`~vmapclan.replay.ReplayResult.losses`.
-        final: ``{"val_loss", "val_accuracy"}``.
+        final: ``{"val_loss", "val_accuracy"}``, and ``test_loss``, ``test_accuracy`` where the run has a test split.
 
     Raises:
         ImportError: if TensorBoard is not installed (naming the extra).
@@ -137,6 +141,7 @@ def write_replay_curve(log_dir: str | os.PathLike, losses: Sequence[float], fina
     writer = require_tensorboard()(log_dir=str(log_dir), purge_step=0)
     for step, value in enumerate(losses, 1):
         writer.add_scalar("train/loss", value, step)
-    for name in ("val_loss", "val_accuracy"):
-        writer.add_scalar(f"final/{name}", final[name], len(losses))
+    for name in ("val_loss", "val_accuracy", "test_loss", "test_accuracy"):
+        if name in final:
+            writer.add_scalar(f"final/{name}", final[name], len(losses))
     writer.close()
