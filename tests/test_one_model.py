@@ -318,7 +318,7 @@ def test_resume_in_the_middle_of_cooperation_is_bitwise(path, model):
 
 # -- 3. the form of FusedStep's one-model step ---------------------------------------------------
 FORMS = [("mlp", F.cross_entropy, "batch"), ("dropout", F.cross_entropy, "batch"),
-         ("batchnorm", F.cross_entropy, "members"), ("mlp", summed_cross_entropy, "members"),
+         ("batchnorm", F.cross_entropy, "members"), ("mlp", summed_cross_entropy, "batch"),
          ("centered", F.cross_entropy, "members"), ("tracker", F.cross_entropy, "members")]
 FORM_IDS = ["mlp", "dropout", "batchnorm", "summed-loss", "batch-coupling", "buffer-update"]
 
@@ -326,12 +326,13 @@ FORM_IDS = ["mlp", "dropout", "batchnorm", "summed-loss", "batch-coupling", "buf
 @pytest.mark.parametrize("backward", ["autograd", "vmap"])
 @pytest.mark.parametrize(("model", "loss_fn", "form"), FORMS, ids=FORM_IDS)
 def test_form_choice_and_its_steps_equal_the_p_fold_path(model, loss_fn, form, backward):
-    """The merged P x B batch is run only where it means the members' mean loss.
+    """The merged P x B forward is run only where it treats the samples as the members' forwards do.
 
-    A plain model with a mean loss, dropout included (the merged batch draws the members' masks),
-    runs as one batch; BatchNorm in training (per-member statistics), a loss summed over the batch
-    (P times larger on the merged one), a forward mixing its samples and one that writes a buffer
-    (the merged batch would write member 0's row alone) need the members form.
+    A plain model, dropout included (the merged batch draws the members' masks), runs as one batch,
+    whatever its loss (each member's loss is taken on its own rows: a summed loss means what it
+    means per member); BatchNorm in training (per-member statistics), a forward mixing its samples
+    and one that writes a buffer (the merged batch would write member 0's row alone) need the
+    members form.
     Either way the cooperative steps equal the P-fold path, so a wrong choice would show here too.
     """
     runs = {}
@@ -705,3 +706,51 @@ def test_the_loader_inside_cooperate_refuses_data_smaller_than_one_cooperative_s
                                                            r"one cooperative step needs \(32 = population_size x "
                                                            r"batch_size\)"):
         next(iter(loader))
+
+
+# -- 5. the objective: the mean of the members' losses, whatever the loss weighs ------------------
+class TinyLM(nn.Module):
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.embed, self.drop, self.head = nn.Embedding(11, 8), nn.Dropout(dropout), nn.Linear(8, 11)
+
+    def forward(self, tokens):
+        return self.head(self.drop(self.embed(tokens)))
+
+
+def lm_loss(logits, targets):
+    """Next-token cross-entropy over the positions that are not padding: a token-weighted mean."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
+
+
+def padded_lm_batch():
+    """``[P, B, T]`` tokens and targets; member i's targets are padding after ``T - 2 i`` positions."""
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 11, (P, B, 8), generator=g)
+    targets = torch.randint(0, 11, (P, B, 8), generator=g)
+    for i in range(P):
+        targets[i, :, 8 - 2 * i:] = -100
+    return tokens, targets
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("backward", ["autograd", "vmap"])
+def test_the_cooperative_step_minimises_the_mean_of_the_members_losses(dropout, backward):
+    """With padded targets the loss of the merged batch would weigh members by their tokens; the
+    step's loss is the mean of the members' own means (the Member loop's objective), with and
+    without dropout (from the same random state, the merged forward draws the reference's masks)."""
+    tokens, targets = padded_lm_batch()
+    torch.manual_seed(1)
+    net = TinyLM(dropout)
+    clan = models.adamw_clan(net, lr=1e-2, population_size=P, round_length=ROUND_LENGTH, duty_cycle=DUTY_CYCLE, seed=3)
+    reference = clan.population.member_module(0).train()
+    step = FusedStep(clan, lm_loss, backward=backward)
+    torch.manual_seed(7)
+    losses = step(tokens, targets)
+    assert step.one_model_form == "batch"
+    torch.manual_seed(7)
+    logits = reference(tokens.flatten(0, 1)).unflatten(0, (P, B))
+    members = torch.stack([lm_loss(logits[i], targets[i]) for i in range(P)])
+    merged = lm_loss(logits.flatten(0, 1), targets.flatten(0, 1))
+    assert abs(merged - members.mean()) > 1e-2  # the two objectives differ on this batch
+    torch.testing.assert_close(losses, members.mean().detach().expand(P), rtol=1e-6, atol=0)

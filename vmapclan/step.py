@@ -49,19 +49,26 @@ __all__ = ["FusedStep", "check_options", "resolve_backward", "capture_cuda_graph
            "COMPILE_MODES", "UPDATES", "ONE_MODEL_FORMS"]
 
 ONE_MODEL_FORMS = ("batch", "members")
-"""How a cooperative step runs the members as one model (chosen once, on the first such step).
+"""How a cooperative step runs the members as one model. Both compute the documented objective,
+the mean of the members' losses, each ``loss_fn`` of a member's own ``B`` samples; they differ
+in how the forward runs.
 
 - ``"batch"``: the plain module on the ``P x B`` samples as one batch (each batch tensor's member
-  and batch dimensions merged), and ``loss_fn`` on that whole batch: exactly one model trained
-  data-parallel. Chosen when it gives the same outputs and loss as ``"members"`` on the first
-  cooperative batch, under the same random state, and leaves the buffers alone: the usual case,
-  for any model whose samples do not interact in the forward and a ``loss_fn`` that means over
-  its batch (``F.cross_entropy``, ``F.mse_loss``).
-- ``"members"``: every member's forward and ``loss_fn`` on its own shard under vmap, with member
-  0's weights not batched (``in_dims=None``: one matmul over all ``P x B`` rows) and per-member
-  buffers; the mean of the members' losses is differentiated. For the rest: BatchNorm in
-  training mode (per-member batch statistics and running statistics), losses summed over the
-  batch or coupling its samples.
+  and batch dimensions merged), with the kernels a plain model gets; its output is cut back into
+  the members' ``[P, B, ...]`` rows and ``loss_fn`` runs on each member's rows (vmapped). A loss
+  that weighs its samples (targets padded with ``ignore_index``, a sum) means exactly what it
+  means in the ``Member`` loop. Used for any model whose forward treats its samples apart.
+- ``"members"``: every member's forward on its own shard under vmap, with member 0's weights not
+  batched (``in_dims=None``: one matmul over all ``P x B`` rows) and per-member buffers. Used
+  where the merged forward would differ: BatchNorm in training mode (per-member batch and running
+  statistics), a forward that writes a buffer, mixes its batch's samples, cannot take the merged
+  batch, or returns a tensor without the batch dimension first.
+
+The form is found on the first one-model step (again for each combination of training modes),
+by a probe on that batch that changes nothing: the merged forward in training mode must run,
+leave every buffer bit for bit as it was and return only batch-first tensors; and in eval mode
+(no dropout: the forward is deterministic) it must give the per-member forward's outputs, to
+rounding, which a forward that mixes samples does not come near.
 """
 
 LAYOUTS = ("views", "flat")
@@ -191,6 +198,25 @@ def _merged(tensors):
     if isinstance(tensors, dict):
         return {n: t.flatten(0, 1) for n, t in tensors.items()}
     return tuple(t.flatten(0, 1) for t in tensors)
+
+
+def _losses_of_rows(loss_fn: Callable, output, targets: tuple, p: int) -> torch.Tensor:
+    """Every member's ``loss_fn`` on its own rows of a merged ``[P x B, ...]`` forward's ``output``: ``[P]``.
+
+    The output's tensors are cut back to ``[P, B, ...]`` and vmapped over; anything else in it
+    (a ``transformers`` cache object) reaches every member's ``loss_fn`` as it is.
+    """
+    leaves, spec = pytree.tree_flatten(output)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+
+    def member(tensors, *member_targets):
+        full = list(leaves)
+        for i, t in zip(where, tensors):
+            full[i] = t
+        return loss_fn(pytree.tree_unflatten(full, spec), *member_targets)
+
+    rows = [leaves[i].unflatten(0, (p, -1)) for i in where]
+    return vmap(member, randomness="different")(rows, *targets)
 
 
 def _output_tensors(output) -> list[torch.Tensor]:
@@ -360,10 +386,14 @@ class FusedStep:
         """The functions of a one-model step (:data:`ONE_MODEL_FORMS`): each form's loss and its gradient."""
         population, module, k, loss_fn = self._population, self._population.module, self.num_inputs, self.loss_fn
 
-        def batch_loss(params, kwargs, *batch):  # params=None: the module's own, member 0's (no functional_call)
-            inputs, kwargs = _merged(batch[:k]), _merged(kwargs)
-            output = module(*inputs, **kwargs) if params is None else functional_call(module, params, inputs, kwargs)
-            return loss_fn(output, *_merged(batch[k:]))
+        def merged_output(params, kwargs, *inputs):  # params=None: the module's own, member 0's (no functional_call)
+            inputs, kwargs = _merged(inputs), _merged(kwargs)
+            return module(*inputs, **kwargs) if params is None else functional_call(module, params, inputs, kwargs)
+
+        def batch_loss(params, kwargs, *batch):  # the merged forward, then each member's loss on its own rows
+            output = merged_output(params, kwargs, *batch[:k])
+            return _member_losses(_losses_of_rows(loss_fn, output, batch[k:], population.population_size),
+                                  population.population_size).mean()
 
         # Member 0's weights not batched (in_dims None); the buffers, keyword and batch tensors are.
         def shared_losses(params, buffers, kwargs, *batch):  # every member's loss
@@ -380,7 +410,7 @@ class FusedStep:
             return vmap(one, in_dims=(None, 0, 0) + (0,) * len(batch), randomness="different")(
                 params, buffers, kwargs, *batch)
 
-        self._shared_outputs = shared_outputs
+        self._shared_outputs, self._merged_output = shared_outputs, merged_output
         self._one_model_losses = {"batch": batch_loss, "members": members_mean_loss}
         self._one_model_grads = {"batch": grad_and_value(batch_loss), "members": grad_and_value(members_mean_loss)}
         if compiled:
@@ -477,34 +507,42 @@ class FusedStep:
         return form
 
     def _batch_form_matches(self, kwargs: dict, batch: tuple[torch.Tensor, ...]) -> bool:
-        """Whether the ``"batch"`` form gives the ``"members"`` form's outputs and loss on ``kwargs`` and ``batch``.
+        """Whether the ``"batch"`` form's merged forward treats the samples as the members' forwards do.
 
-        Both run from the same random state (dropout then draws the same masks) on copies of
-        the buffers, so nothing of the run changes. A forward that updates a buffer (BatchNorm's
-        running statistics) needs the per-member form; so does one the merged batch cannot run.
+        In training mode the merged forward must run, leave the buffers as they were (BatchNorm's
+        running statistics would move) and return only tensors with the ``P x B`` samples first;
+        in eval mode its outputs must equal the per-member forward's to rounding (a forward that
+        mixes its samples, BatchNorm in training mode among them, does not). Both run on copies
+        of the buffers and from a forked random state, so nothing of the run changes.
         """
         pop, k = self._population, self.num_inputs
+        first = (*batch[:k], *kwargs.values())[0]
+        n = first.shape[0] * first.shape[1]  # the merged batch's samples
         devices = [pop.device] if pop.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            rng = torch.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state(pop.device) if devices else None
-            buffers = {n: b.clone() for n, b in pop.buffers.items()}
-            with vectorized_forward(pop.padding_rows):
-                outputs, losses = self._shared_outputs(self._module_views, buffers, kwargs, *batch)
-            if any(not torch.equal(b, pop.buffers[n]) for n, b in buffers.items()):
-                return False
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, pop.device)
-            try:  # a model that cannot take the merged batch (a fixed batch size, say) keeps the other form
-                merged = functional_call(pop.module, ({**self._module_views, **{n: b[0] for n, b in buffers.items()}}),
-                                         _merged(batch[:k]), _merged(kwargs))
-                loss = self.loss_fn(merged, *_merged(batch[k:]))
-            except (RuntimeError, ValueError, TypeError, IndexError):
-                return False
-        ours, theirs = _output_tensors(merged), outputs
-        return (len(ours) == len(theirs) and all(_close(a, b) for a, b in zip(ours, theirs))
-                and _close(loss, losses.mean()))
+        modes = [(m, m.training) for m in pop.module.modules()]
+        saved = {name: b.clone() for name, b in pop.module.named_buffers()}
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                try:  # a model that cannot take the merged batch (a fixed batch size, say) keeps the other form
+                    merged = self._merged_output(self._module_views, kwargs, *batch[:k])
+                except (RuntimeError, ValueError, TypeError, IndexError):
+                    return False
+                if any(not torch.equal(b, saved[name]) for name, b in pop.module.named_buffers()):
+                    return False
+                if any(t.dim() == 0 or t.shape[0] != n for t in _output_tensors(merged)):
+                    return False
+                pop.module.eval()
+                merged = _output_tensors(self._merged_output(self._module_views, kwargs, *batch[:k]))
+                buffers = {name: b.clone() for name, b in pop.buffers.items()}
+                with vectorized_forward(pop.padding_rows):
+                    outputs, _ = self._shared_outputs(self._module_views, buffers, kwargs, *batch)
+                return len(merged) == len(outputs) and all(_close(a, b) for a, b in zip(merged, outputs))
+        finally:
+            for module, training in modes:
+                module.training = training
+            with torch.no_grad():
+                for name, b in pop.module.named_buffers():
+                    b.copy_(saved[name])
 
     def _into_grad_flat(self, leaves: list, accumulating: bool) -> None:
         """Write (or, accumulating, add) the per-parameter gradients into ``grad_flat``; ``None`` is zero."""
