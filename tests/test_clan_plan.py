@@ -306,3 +306,27 @@ def test_freezing_checks_its_indices_and_outlives_a_growth():
     assert [names[k] for k in clan.optimizer.frozen] == ["0.bias"]
     with pytest.raises(ValueError, match=r"PopulationModel: the member state already has 'optimizer'"):
         BatchedAdamW(clan.population, clan.optimizer.hyper)
+
+
+def test_a_state_loads_only_into_a_clan_that_clips_and_steps_as_it_did():
+    """Gradient clipping and the optimizer values no gene holds change every update: a state
+    carries them, and a clan of other values refuses it by name (a state saved before it carried
+    them cannot say, and loads as it did then)."""
+    saved = linear_clan().state_dict()
+    with pytest.raises(ValueError, match=r"Clan.load_state_dict: the checkpoint's max_grad_norm is None, "
+                                         r"this clan's is 0.001"):
+        linear_clan(max_grad_norm=1e-3).load_state_dict(saved)
+    torch.manual_seed(0)
+    genes = {"mix": {"init": 0.5, "low": 0.1, "high": 1.0}}
+
+    def genome_clan(lr):
+        model = nn.Linear(3, 2)
+        return Clan(model, torch.optim.AdamW(model.parameters(), lr=lr), population_size=P, genome_config=genes)
+
+    state = genome_clan(1e-3).state_dict()
+    with pytest.raises(ValueError, match=r"Clan.load_state_dict: the checkpoint's optimizer lr \(no gene holds it\) "
+                                         r"is 0.001, this clan's is 0.5"):
+        genome_clan(0.5).load_state_dict(state)
+    genome_clan(1e-3).load_state_dict(state)
+    old = {**state, "config": {k: v for k, v in state["config"].items() if k not in ("max_grad_norm", "adamw")}}
+    genome_clan(0.5).load_state_dict(old)  # saved before the state carried them

@@ -137,12 +137,12 @@ class Clan:
         check_fits(self.local_size, model, len(genes), device)
         #: The genes, incumbent, genomes and their generator (:class:`~vmapclan.genepool.GenePool`).
         self.genepool = GenePool(genes, s.population_size, s.seed)  # draws the first generation's mutations
+        self._constants = optimizer_settings(optimizer) if optimizer is not None else dict(_TORCH_ADAMW)
         if self.group is not None:
             check_clan_group(self.group, selection=s.selection, init=s.init, model=model,
                              settings=repr((self.state_config(), s.to_dict())))
         #: Gradient averaging, its checks and the one-model switch (:class:`~vmapclan.cooperation.Cooperation`).
         self.cooperation = Cooperation(self)
-        self._constants = optimizer_settings(optimizer) if optimizer is not None else dict(_TORCH_ADAMW)
         self._lr_written: float | None = None  # the lr factor last written into the optimizer
         self.population: PopulationModel | None = None
         self.optimizer: BatchedAdamW | None = None
@@ -191,8 +191,14 @@ class Clan:
                        "once it is done).")
 
     def state_config(self) -> dict:
-        """The settings a saved state records and a clan loading it must share (the round settings excepted)."""
-        return self.settings.state_config(self.genes, self.round_length, self.duty_cycle)
+        """The settings a saved state records and a clan loading it must share (the round settings excepted).
+
+        Besides the clan's settings and genes: ``adamw``, the optimizer's values that no gene
+        holds (the lr of a clan without the lr gene), which every update applies.
+        """
+        adamw = {name: (list(v) if isinstance(v, tuple) else v) for name, v in sorted(self._constants.items())
+                 if name not in self.genes}
+        return {**self.settings.state_config(self.genes, self.round_length, self.duty_cycle), "adamw": adamw}
 
     # -- genes and the lr in force --------------------------------------------------------------
     def _stretch_hyper(self) -> dict[str, float]:

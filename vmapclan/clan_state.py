@@ -105,12 +105,25 @@ def clan_state_dict(clan) -> dict:
     return state
 
 
+#: Settings a state records since they were found to change a run silently; a state saved before
+#: (without them) cannot say what it trained with, and loads as it did then.
+_RECORDED_SINCE = ("max_grad_norm", "adamw")
+
+
 def _check_config(clan, theirs, who: str) -> None:
     if not isinstance(theirs, Mapping):
         raise ValueError(f"{who}: the checkpoint's config must be a table, got {type(theirs).__name__!r}")
     for key, mine in clan.state_config().items():
         if key in ("round_length", "duty_cycle"):
             continue  # round settings are state (see Clan.reconfigure), checked with the round clock
+        if key in _RECORDED_SINCE and key not in theirs:
+            continue
+        if key == "adamw" and isinstance(theirs.get(key), Mapping):  # name the setting that differs
+            differs = next((k for k in sorted({*mine, *theirs[key]}) if mine.get(k) != theirs[key].get(k)), None)
+            if differs is not None:
+                raise ValueError(f"{who}: the checkpoint's optimizer {differs} (no gene holds it) is "
+                                 f"{theirs[key].get(differs)!r}, this clan's is {mine.get(differs)!r}")
+            continue
         if mine != theirs.get(key):
             raise ValueError(f"{who}: the checkpoint's {key} is {theirs.get(key)!r}, this clan's is {mine!r}")
 

@@ -246,7 +246,8 @@ class ClanSettings:
         return timed or self.competitive_share != 1.0
 
     #: What a state's config holds of the settings besides the population, selection and genes.
-    STATE_KEYS = ("total_steps", "schedule", "lr_schedule", "warmup", "decay", "competitive_lr", "keep_best")
+    STATE_KEYS = ("total_steps", "schedule", "lr_schedule", "warmup", "decay", "competitive_lr", "keep_best",
+                  "max_grad_norm")
 
     def state_config(self, genes, round_length: int, duty_cycle: float) -> dict:
         """The settings a clan's saved state records, with ``genes`` and the round settings in force."""
