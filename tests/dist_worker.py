@@ -117,10 +117,11 @@ def main(argv=None) -> int:
     parser.add_argument("--victim", type=int, default=1)
     parser.add_argument("--at", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=20.0)
+    parser.add_argument("--own-group", action="store_true", help="the command makes the process group, as under torchrun")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
-    if "WORLD_SIZE" in os.environ:
+    if "WORLD_SIZE" in os.environ and not args.own_group:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
     if args.scenario == "command":
         from vmapclan.cli import main as command
@@ -128,7 +129,11 @@ def main(argv=None) -> int:
         config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.toml")
         run = os.path.join(args.out, "run")
         where = ["--resume", run] if args.resume else [config, "--steps", str(args.steps), "--out", run]
-        return command(["train", *where, "--no-plots", "--no-progress", "--timeout", str(args.timeout)])
+        code = command(["train", *where, "--no-plots", "--no-progress", "--timeout", str(args.timeout)])
+        if args.own_group:  # what the interpreter's exit would find
+            with open(os.path.join(args.out, f"group-{rank}.txt"), "w") as f:
+                f.write(f"{dist.is_initialized()}\n")
+        return code
     try:
         train(args, rank)
     except Exception as err:  # noqa: BLE001 - the test reads the message

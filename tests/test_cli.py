@@ -279,3 +279,21 @@ def test_step_options_reach_the_machine(argv, fused, monkeypatch, tmp_path, caps
     assert "recorded" in capsys.readouterr().err
     assert seen["fused"] == fused
     assert seen.get("checked", True) == fused
+
+
+def test_a_divergence_warning_is_one_line_without_code(tmp_path):
+    """The command shows each warning as one line: no file name, no source line under it."""
+    (tmp_path / "nan_task.py").write_text(
+        "import torch\nfrom vmapclan.tasks import DigitsTask\n\n"
+        "class NanTask(DigitsTask):\n"
+        "    def population_losses(self, population, data, target=None, *, blocks=None):\n"
+        "        return torch.full((population.population_size,), float('nan'))\n")
+    config = TINY[:TINY.index("[[schedule]]")].replace('task = "digits-mlp"', 'task = "nan_task:NanTask"')
+    (tmp_path / "c.toml").write_text(config)
+    done = subprocess.run([sys.executable, "-m", "vmapclan.cli", "train", "c.toml", "--out", "r", "--no-progress",
+                           "--steps", "60"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_DIVERGED, done.stderr
+    lines = done.stderr.strip().splitlines()
+    warned = [line for line in lines if line.startswith("vmapclan: warning: the whole population diverged in round")]
+    assert len(warned) == 3 and len(lines) == 4, lines  # three restores, then the one-line error
+    assert lines[-1].startswith("vmapclan: training diverged:")

@@ -58,6 +58,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "DEMO_CONFIG", "EXIT_OK", "EXIT_USAGE", "EXIT_INPUT", "EXIT_DIVERGED", "EXIT_WRITE",
@@ -222,6 +223,26 @@ def _run_dir_lock(out: Path):
 
 
 def _train(config, args) -> int:
+    import torch.distributed as dist
+
+    owned = dist.is_available() and not dist.is_initialized()
+    code = None
+    try:
+        code = _train_in_group(config, args)
+        return code
+    finally:
+        # A process group the command made ends with it: one left alive until the interpreter
+        # exits can abort the process there (a gloo thread still joinable: SIGABRT, exit 1 from
+        # torchrun after a run that succeeded). After a success every rank is here; after a
+        # failure a barrier could wait for a lost rank, so the group is only taken down.
+        if owned and dist.is_initialized():
+            if code == EXIT_OK:
+                with contextlib.suppress(RuntimeError):
+                    dist.barrier()
+            dist.destroy_process_group()
+
+
+def _train_in_group(config, args) -> int:
     from .distributed import DistributedError, init_from_env
     from .rundir import RunDirectoryBusy
 
@@ -396,8 +417,16 @@ def _replay(args) -> int:
     return EXIT_OK
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, ``vmapclan: warning: ...``, without the source line under it."""
+    text = str(message).removeprefix("vmapclan: ")
+    return f"vmapclan: warning: {text}" + ("" if category is RuntimeWarning else f" ({category.__name__})") + "\n"
+
+
 def main(argv=None) -> int:
     """Entry point of the ``vmapclan`` command.
+
+    Every warning it shows is one line (``vmapclan: warning: ...``).
 
     Args:
         argv: Arguments (default: ``sys.argv[1:]``).
@@ -406,6 +435,15 @@ def main(argv=None) -> int:
         The exit code: 0 success, 2 bad command line, 3 bad input, 4 training diverged, 5 the run
         directory cannot be written, 128 + N stopped by signal N (see the module docstring).
     """
+    shown = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = shown
+
+
+def _main(argv) -> int:
     parser = _parser()
     # A config's task "module:Class" is found from where the command runs, as with python -m.
     if os.getcwd() not in sys.path and "" not in sys.path:
