@@ -754,3 +754,29 @@ def test_the_cooperative_step_minimises_the_mean_of_the_members_losses(dropout, 
     merged = lm_loss(logits.flatten(0, 1), targets.flatten(0, 1))
     assert abs(merged - members.mean()) > 1e-2  # the two objectives differ on this batch
     torch.testing.assert_close(losses, members.mean().detach().expand(P), rtol=1e-6, atol=0)
+
+
+def test_a_loss_declared_a_sample_mean_is_taken_once_on_the_merged_batch():
+    """``sample_mean_loss=True``: the same objective for a plain mean (the same step to rounding),
+    computed once on the merged batch; it is a declaration, so a weighted loss declared so takes
+    the merged batch's token-weighted mean (which is why it is never the default)."""
+    x, y = shards()
+    runs = []
+    for declared in (False, True):
+        clan = make_clan()
+        step = FusedStep(clan, F.cross_entropy, sample_mean_loss=declared)
+        torch.manual_seed(11)
+        runs.append((step(x, y), member_state_now(clan), step.one_model_form))
+    (a, state_a, form_a), (b, state_b, form_b) = runs
+    assert form_a == form_b == "batch"
+    torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+    assert_same_state(state_a, state_b, TOL, "declared sample mean")
+    tokens, targets = padded_lm_batch()
+    torch.manual_seed(1)
+    clan = models.adamw_clan(TinyLM(0.0), lr=1e-2, population_size=P, round_length=ROUND_LENGTH,
+                             duty_cycle=DUTY_CYCLE, seed=3)
+    logits = clan.population.member_module(0)(tokens.flatten(0, 1))
+    losses = FusedStep(clan, lm_loss, sample_mean_loss=True)(tokens, targets)
+    torch.testing.assert_close(losses, lm_loss(logits, targets.flatten(0, 1)).detach().expand(P), rtol=1e-6, atol=0)
+    with pytest.raises(TypeError, match=r"FusedStep: sample_mean_loss must be a bool, got str"):
+        FusedStep(clan, lm_loss, sample_mean_loss="yes")

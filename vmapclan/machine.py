@@ -347,7 +347,8 @@ class TrainingMachine:
             if self.fused_step is None:
                 from .step import FusedStep
 
-                self.fused_step = FusedStep(self.clan, self.task.loss, **self._fused_options)
+                options = {"sample_mean_loss": self.task.sample_mean_loss, **self._fused_options}
+                self.fused_step = FusedStep(self.clan, self.task.loss, **options)
             return self.fused_step(*batch)
         x, y = batch
         loss = member_loss(self.task.loss, member.model(x), y)  # [P]

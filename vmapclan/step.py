@@ -57,7 +57,9 @@ in how the forward runs.
   and batch dimensions merged), with the kernels a plain model gets; its output is cut back into
   the members' ``[P, B, ...]`` rows and ``loss_fn`` runs on each member's rows (vmapped). A loss
   that weighs its samples (targets padded with ``ignore_index``, a sum) means exactly what it
-  means in the ``Member`` loop. Used for any model whose forward treats its samples apart.
+  means in the ``Member`` loop. With ``FusedStep(..., sample_mean_loss=True)`` (a loss declared
+  a plain mean over samples) ``loss_fn`` runs once on the merged batch instead: the same value.
+  Used for any model whose forward treats its samples apart.
 - ``"members"``: every member's forward on its own shard under vmap, with member 0's weights not
   batched (``in_dims=None``: one matmul over all ``P x B`` rows) and per-member buffers. Used
   where the merged forward would differ: BatchNorm in training mode (per-member batch and running
@@ -284,6 +286,14 @@ class FusedStep:
         cuda_graph: On CUDA, capture each phase's step into a CUDA graph on first use and replay
             it. Inputs are copied into static buffers; the shapes must stay the same (a new
             shape captures a new graph). Compatible with ``compile="optimizer"``.
+        sample_mean_loss: Declare that ``loss_fn`` is a mean over its batch's samples, each
+            weighted alike (``F.cross_entropy`` or ``F.mse_loss`` at their default reduction,
+            without ``ignore_index`` padding or class weights): the ``"batch"`` one-model form
+            then takes it once on the merged ``P x B`` batch, the same objective at less cost
+            (the per-member losses' vmap costs about 0.25 ms a step on CPU). Default ``False``:
+            each member's loss on its own rows, right for any loss. The step never guesses it
+            from the data: a loss that weighs samples can agree with the mean on one batch and
+            not on the next.
 
     Note:
         Use it instead of, not together with, the imperative loop within a step: without gradient
@@ -314,7 +324,7 @@ class FusedStep:
 
     def __init__(self, clan, loss_fn: Callable, *, num_inputs: int = 1, layout: str = "views",
                  backward: str = "auto", compile: str | None = None, update: str = "auto",
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, sample_mean_loss: bool = False):
         if clan.population is None:
             raise ValueError("FusedStep: the clan has no model (a genome-only clan); there is nothing to train")
         if not callable(loss_fn):
@@ -326,7 +336,10 @@ class FusedStep:
                              "captured in a CUDA graph); use cuda_graph=False")
         check_options(population.device, layout=layout, backward=backward, compile=compile, update=update,
                       cuda_graph=cuda_graph)
+        if not isinstance(sample_mean_loss, bool):
+            raise TypeError(f"FusedStep: sample_mean_loss must be a bool, got {type(sample_mean_loss).__name__}")
         self.clan, self.loss_fn, self.num_inputs = clan, loss_fn, num_inputs
+        self.sample_mean_loss = sample_mean_loss
         update = resolve_update(update, population.flat, compile=compile is not None)
         backward = resolve_backward(backward, layout=layout, compile=compile, update=update, cuda_graph=cuda_graph)
         self.layout, self.backward, self.compile, self.update = layout, backward, compile, update
@@ -392,6 +405,8 @@ class FusedStep:
 
         def batch_loss(params, kwargs, *batch):  # the merged forward, then each member's loss on its own rows
             output = merged_output(params, kwargs, *batch[:k])
+            if self.sample_mean_loss:  # declared: the merged batch's mean is the members' mean
+                return loss_fn(output, *_merged(batch[k:]))
             return _member_losses(_losses_of_rows(loss_fn, output, batch[k:], population.population_size),
                                   population.population_size).mean()
 

@@ -274,6 +274,12 @@ class Task(abc.ABC):
             data: The run's data settings.
         """
 
+    #: Whether :meth:`loss` is a plain mean over its batch's samples, each weighted alike (no
+    #: ``ignore_index`` padding, no class weights): the cooperative step then takes it once on the
+    #: merged ``P x B`` batch (``FusedStep(sample_mean_loss=True)``), which is cheaper. Declare it
+    #: only where it holds; by default every member's loss is taken on its own samples.
+    sample_mean_loss: bool = False
+
     @abc.abstractmethod
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One model's mean loss (a scalar); vmapped over members by :func:`vmapclan.member_loss`."""

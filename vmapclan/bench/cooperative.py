@@ -7,7 +7,11 @@ each model, in one process and on the same random data, timed in turns:
 - **plain**: one model at batch ``P x B``, ``torch.optim.AdamW`` with ``foreach`` and with
   ``fused``; the faster is the baseline of every ratio;
 - **fused**: :class:`~vmapclan.FusedStep` in the clan's cooperative phase (one model's work:
-  member 0's weights over the merged batch, one AdamW update of one row), with the form it chose;
+  member 0's weights over the merged batch, one AdamW update of one row), with the form it chose,
+  its loss declared a plain mean over samples (``sample_mean_loss=True``: taken once on the
+  merged batch, as the built-in tasks declare);
+- **fused, loss per member**: the same with each member's loss taken on its own rows (the
+  default, right for any loss: one vmap of the loss more);
 - **member loop**: the README's ``Member`` loop in the cooperative phase;
 - **fused, P copies** and **member loop, P copies**: the same steps with every member's copy
   forwarded and updated and the gradients averaged over the copies (what a cooperative step
@@ -95,7 +99,7 @@ def _round(spec: BenchModel, model, p: int, x, y) -> Callable[[], None]:
     from ..step import FusedStep
 
     clan = _clan(model, p, duty_cycle=0.15, round_length=ROUND_LENGTH)
-    step = FusedStep(clan, spec.loss)
+    step = FusedStep(clan, spec.loss, sample_mean_loss=True)
     common = (x[:1].expand_as(x), y[:1].expand_as(y))  # as the loader gives a competitive window
 
     def run_round():
@@ -128,12 +132,15 @@ def run_cooperative(names: list[str], reps: int = 5, warmup: int = 2, min_time: 
         torch.manual_seed(0)
         model = spec.build()
         x, y = spec.data(p, device, torch.Generator().manual_seed(1))
-        one_model = FusedStep(_clan(model, p, duty_cycle=1e-9), spec.loss)
+        one_model = FusedStep(_clan(model, p, duty_cycle=1e-9), spec.loss, sample_mean_loss=True)
+        per_member = FusedStep(_clan(model, p, duty_cycle=1e-9), spec.loss)
         p_copies = FusedStep(_clan(model, p, duty_cycle=1.0), spec.loss)
         makers = {
             "plain foreach": lambda: _plain_step(spec, model, x, y, "foreach"),
             "plain fused": lambda: _plain_step(spec, model, x, y, "fused"),
-            "fused": lambda: (lambda s=FusedStep(_clan(model, p, duty_cycle=1e-9), spec.loss): s(x, y)),
+            "fused": lambda: (lambda s=FusedStep(_clan(model, p, duty_cycle=1e-9), spec.loss, sample_mean_loss=True):
+                              s(x, y)),
+            "fused, loss per member": lambda: (lambda s=FusedStep(_clan(model, p, duty_cycle=1e-9), spec.loss): s(x, y)),
             "member loop": lambda: _member_loop(spec, _clan(model, p, duty_cycle=1e-9), x, y, advance=True),
             "fused, P copies": lambda: (lambda s=FusedStep(_clan(model, p, duty_cycle=1.0), spec.loss):
                                         s.train_step(x, y, cooperative=True)),
@@ -143,13 +150,14 @@ def run_cooperative(names: list[str], reps: int = 5, warmup: int = 2, min_time: 
             "plain foreach": makers["plain foreach"](),
             "plain fused": makers["plain fused"](),
             "fused": lambda: one_model(x, y),
+            "fused, loss per member": lambda: per_member(x, y),
             "member loop": makers["member loop"](),
             "fused, P copies": lambda: p_copies.train_step(x, y, cooperative=True),
             "member loop, P copies": makers["member loop, P copies"](),
         }
         seconds = _interleaved(steps, reps, warmup, min_time)
         plain = min(seconds["plain foreach"], seconds["plain fused"])
-        form = {"fused": one_model._form, "fused, P copies": "P copies"}
+        form = {"fused": one_model._form, "fused, loss per member": per_member._form, "fused, P copies": "P copies"}
         for label, t in seconds.items():
             peak = _peak_mib(makers[label], device)
             rows.append({"model": name, "P": p, "B": spec.batch_size, "variant": label, "ms": t * 1e3,
