@@ -277,3 +277,16 @@ def test_a_saved_time_record_is_checked():
                                          r"seconds with keys from \['setup', 'train', 'compete', 'evaluate', "
                                          r"'select', 'checkpoint', 'other'\], got \{'train': -1.0\}"):
         log.check_state({**state, "seconds": {"train": -1.0}}, 0, "who")
+
+
+def test_a_sweep_member_that_diverged_is_named_in_its_rounds_and_the_final_record():
+    config = {**CONFIG, "schedule": [{"name": "sweep", "start_t": 0.0, "end_t": 1.0}],
+              "clan": {"population_size": 4, "round_length": 20, "duty_cycle": 1.0, "selection": "none"}}
+    machine = TrainingMachine(config, task=PointsTask())
+    machine.prepare()
+    with torch.no_grad():
+        machine.clan.population.flat[2] = float("nan")
+    results = machine.train()
+    assert [r["diverged_members"] for r in results.rounds] == [[2], [2]]
+    assert results.final["diverged_members"] == [2] and results.final["best_member"] != 2
+    assert "diverged, not finite at the end: members [2]" in results.rounds_table()

@@ -259,3 +259,13 @@ def test_genome_only_selection_updates_genes_only():
     clan.step(torch.tensor([1.0, 0.5, 2.0]))
     assert clan.incumbent["x"] == used["x"][1] and clan.incumbent["k"] == used["k"][1]
     assert clan.genomes["x"][0] == used["x"][1] and clan.genomes["k"][0] == used["k"][1]
+
+
+def test_losses_equal_to_rounding_tie_to_the_lowest_index():
+    """Three members at one loss, computed by two world sizes whose last bits differ: the same winner."""
+    one = torch.tensor([0.0950, 0.0892820012, 0.1, 0.2, 0.3, 0.0892820019, 0.0892820005], dtype=torch.float64)
+    two = one.clone()
+    two[[1, 5, 6]] = torch.tensor([0.0892820019, 0.0892820003, 0.0892820011], dtype=torch.float64)
+    assert rank(one)[:3] == rank(two)[:3] == [1, 5, 6]
+    assert rank(torch.tensor([0.2 * (1 + 2e-6), 0.2]))[0] == 1  # beyond the tolerance: a real difference
+    assert rank(torch.tensor([0.0, 0.0, -1e-12], dtype=torch.float64)) == [2, 0, 1]

@@ -48,7 +48,8 @@ def final_model(task: Task, clan: Clan, data: TaskData) -> tuple[dict, int, nn.M
     Returns:
         ``(scores, best, model)``: ``scores`` holds ``val_loss``, ``val_accuracy``,
         ``member_val_losses`` (every member's), with a test split ``test_loss`` and
-        ``test_accuracy`` (of the model returned), and when the kept incumbent beats the last
+        ``test_accuracy`` (of the model returned), ``diverged_members`` (those whose
+        validation loss is not finite, when any), and when the kept incumbent beats the last
         model ``kept_step`` and ``last_val_loss``; ``best`` is the best member's global index.
 
     Raises:
@@ -72,6 +73,9 @@ def final_model(task: Task, clan: Clan, data: TaskData) -> tuple[dict, int, nn.M
         raise DivergenceError(f"TrainingMachine: the run ends without a finite model: the best member's "
                               f"validation loss is {scores['loss']}")
     out = {"val_loss": scores["loss"], "val_accuracy": scores["accuracy"], "member_val_losses": members.tolist()}
+    diverged = [i for i, v in enumerate(out["member_val_losses"]) if not math.isfinite(v)]
+    if diverged:  # a sweep's member that diverged stays so: the record says which
+        out["diverged_members"] = diverged
     if clan.kept.step is not None and clan.kept.step < clan.time_step:
         kept = clan.kept_model().eval()
         kept_scores = task.evaluate(kept, data.val)

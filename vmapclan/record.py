@@ -238,6 +238,8 @@ class TrainingResults:
             if "test_loss" in final else ""
         rows.append(f"final: val loss {final['val_loss']:.4f}  val accuracy {final['val_accuracy']:.3f}{test}  "
                     f"({final['seconds']:.1f}s, {final['member_steps']} member-steps)")
+        if final.get("diverged_members"):
+            rows.append(f"diverged, not finite at the end: members {final['diverged_members']}")
         if "seconds_in" in final:
             rows.append("time: " + ", ".join(f"{final['seconds_in'][part]:.1f}s {part}" for part in TIME_PARTS
                                              if final["seconds_in"].get(part, 0) >= 0.05))

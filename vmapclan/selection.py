@@ -17,7 +17,7 @@ import torch
 
 from .genome import Gene, mutate, offspring
 
-__all__ = ["Ranking", "rank", "member_means", "truncation_sources", "PairedChoice", "paired_winner",
+__all__ = ["TIE_TOLERANCE", "Ranking", "rank", "member_means", "truncation_sources", "PairedChoice", "paired_winner",
            "student_t_cdf", "Selection", "select", "check_val_losses"]
 
 
@@ -31,16 +31,34 @@ class Ranking(list):
         self.finite = finite
 
 
+#: Losses this close (relative) are a tie: the same members' losses computed by vmap over another
+#: number of members (another world size, another chunking) differ in their last bits, and a tie
+#: must go the same way whatever computed it.
+TIE_TOLERANCE = 1e-6
+
+
 def rank(losses: torch.Tensor) -> Ranking:
     """Members ordered best first: lowest loss, non-finite (NaN, +inf, -inf) last, ties to the lowest index.
+
+    Losses within :data:`TIE_TOLERANCE` (relative) of the best of a group are a tie: the group
+    goes in index order, so the ranking does not depend on float rounding.
 
     Example:
         >>> order = rank(torch.tensor([0.5, float("nan"), 0.2, 0.2]))
         >>> order, order.finite
         ([2, 3, 0, 1], 3)
+        >>> rank(torch.tensor([0.3, 0.2 + 1e-9, 0.2], dtype=torch.float64))  # a tie within rounding
+        [1, 2, 0]
     """
     values = losses.detach().to("cpu", torch.float64).tolist()
-    order = sorted(range(len(values)), key=lambda i: (not math.isfinite(values[i]), values[i] if math.isfinite(values[i]) else 0.0, i))
+    finite = sorted((v, i) for i, v in enumerate(values) if math.isfinite(v))
+    order = []
+    while finite:
+        head = finite[0][0]
+        ties = [i for v, i in finite if v - head <= TIE_TOLERANCE * abs(head)]  # a prefix: sorted by value
+        order += sorted(ties)
+        finite = finite[len(ties):]
+    order += [i for i, v in enumerate(values) if not math.isfinite(v)]
     return Ranking(order, sum(math.isfinite(v) for v in values))
 
 
@@ -236,7 +254,10 @@ def select(losses: torch.Tensor, genomes: Mapping[str, torch.Tensor], specs: Map
       the others mutate it (:func:`~vmapclan.genome.offspring`);
     - ``"truncation"``: the bottom quantile copies the top (:func:`truncation_sources`), and
       the members that copied mutate what they copied;
-    - ``None``: nobody copies anyone; the genomes stay.
+    - ``None``: nobody copies anyone; the genomes stay (a diverged member stays diverged).
+
+    Without selection the record lists the members whose loss is not finite as
+    ``diverged_members``, when any is (with selection they are replaced).
 
     Args:
         losses: ``[P]`` or ``[P, K]`` (float64, on the CPU).
@@ -278,6 +299,8 @@ def select(losses: torch.Tensor, genomes: Mapping[str, torch.Tensor], specs: Map
         genomes = dict(genomes)
     record = {"genomes": used, "val_losses": means.tolist(), "winner": winner,
               "incumbent": {n: v.item() for n, v in incumbent.items()}}
+    if selection is None and order.finite < p:  # said plainly: without selection it stays diverged to the end
+        record["diverged_members"] = sorted(order[order.finite:])
     if choice is not None:
         record.update(challenger=choice.challenger, gain=choice.gain, confidence=choice.confidence)
     return Selection(winner, sources, incumbent, genomes, record)
