@@ -166,7 +166,7 @@ def test_non_tensor_parts_of_an_output_are_dropped_or_kept_as_constants():
     assert loss.shape == (P,)
 
 
-def test_member_loss_takes_a_model_output_by_key_or_function_and_refuses_it_without():
+def test_member_loss_takes_a_model_output_whole_by_key_or_by_function():
     population = PopulationModel(gpt2(), P)
     ids, mask, y = batches(5)[0]
     out = population(input_ids=ids, attention_mask=mask)
@@ -174,9 +174,9 @@ def test_member_loss_takes_a_model_output_by_key_or_function_and_refuses_it_with
     by_function = member_loss(lm_loss, out, y, key=lambda o: o.logits)
     assert by_key.shape == (P,) and torch.equal(by_key, by_function)
     assert torch.equal(by_key, member_loss(lm_loss, dict(out)["logits"], y))
-    with pytest.raises(TypeError, match=r"member_loss: output is a CausalLMOutputWithCrossAttentions with keys "
-                                        r"\['logits'\]; pass key="):
-        member_loss(lm_loss, out, y)
+    # Whole, as FusedStep takes it: fn gets each member's ModelOutput.
+    whole = member_loss(lambda o, t: lm_loss(o.logits, t), out, y)
+    assert torch.equal(whole, by_key)
     with pytest.raises(KeyError, match=r"member_loss: key='loss' is not in the output "
                                        r"\(CausalLMOutputWithCrossAttentions with keys \['logits'\]\)"):
         member_loss(lm_loss, out, y, key="loss")

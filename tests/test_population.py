@@ -1,5 +1,6 @@
 """The stacked population: vmapped forwards equal per-member forwards, and stacking is a faithful copy."""
 
+import dataclasses
 import functools
 import copy
 
@@ -249,8 +250,31 @@ def test_member_loss_wrong_shapes_are_errors():
         member_loss(F.cross_entropy, logits, torch.randint(0, 4, (2, 6)))
     with pytest.raises(ValueError, match=r"member_loss: target must have the member dimension first .* got shape \[\]"):
         member_loss(F.mse_loss, logits, torch.tensor(0.0))
-    with pytest.raises(TypeError, match=r"member_loss: output must be a tensor with a member dimension, got float"):
+    with pytest.raises(TypeError, match=r"member_loss: output must hold a tensor with a member dimension, got float"):
         member_loss(F.mse_loss, 1.0, logits)
+
+
+def test_member_loss_passes_an_outputs_other_leaves_through():
+    """A tuple with a None, a dict with an int, a list: fn gets them as they are, the tensors per member."""
+    logits, y = torch.randn(P, 6, 4), torch.randint(0, 4, (P, 6))
+    want = member_loss(F.cross_entropy, logits, y)
+    seen = []
+
+    def fn(out, target):
+        seen.append(out)
+        return F.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out["logits"], target)
+
+    for output in ((logits, None), [logits], {"logits": logits, "n": 3}):
+        assert torch.equal(member_loss(fn, output, y), want)
+    assert seen[0][1] is None and seen[2]["n"] == 3
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    with pytest.raises(TypeError, match=r"member_loss: output must hold a tensor with a member dimension, got Out "
+                                        r"\(a dataclass: return a tensor, tuple or dict of tensors, or pass key=\)"):
+        member_loss(F.cross_entropy, Out(logits), y)
 
 
 def test_share_is_a_view_without_copy():

@@ -1,5 +1,7 @@
 """The public task protocol: a task of the user's own, per-phase freezing and per-phase data settings."""
 
+import dataclasses
+import math
 import tomllib
 
 import pytest
@@ -339,3 +341,78 @@ def test_bad_task_args_are_refused_in_one_line(tmp_path, capsys, changes, error,
         assert main(["train", str(path), "--out", str(tmp_path / "r"), "--no-progress"]) == EXIT_INPUT
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
+
+
+class OutputNet(nn.Module):
+    """Returns its logits in one of the forms models return (``kind``), or something no loss can use."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.lin = kind, nn.Linear(4, 2)
+
+    def forward(self, x):
+        z = self.lin(x)
+        return {"str": lambda: "oops", "dataclass": lambda: OutputBox(z), "list": lambda: [z],
+                "tuple-none": lambda: (z, None), "dict-int": lambda: {"logits": z, "n": 3},
+                "raises": lambda: z.view(3, -1, 7), "bad-loss": lambda: z, "vector-loss": lambda: z}[self.kind]()
+
+
+@dataclasses.dataclass
+class OutputBox:
+    logits: torch.Tensor
+
+
+class OutputTask(BlobsTask):
+    def __init__(self, kind="list"):
+        self.kind = kind
+
+    def build_model(self, model, data):
+        return OutputNet(self.kind)
+
+    def loss(self, output, target):
+        if self.kind == "bad-loss":
+            return F.cross_entropy(output, target.float().unsqueeze(1))
+        if self.kind == "vector-loss":
+            return F.cross_entropy(output, target, reduction="none")
+        logits = output[0] if isinstance(output, (list, tuple)) else output["logits"] if isinstance(output, dict) \
+            else output
+        return F.cross_entropy(logits, target)
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple-none", "dict-int"])
+def test_outputs_with_other_leaves_train_through_the_machine(kind):
+    results = TrainingMachine({"total_steps": 24, "data": {"batch_size": 4},
+                               "clan": {"population_size": 2, "round_length": 8}}, task=OutputTask(kind)).train()
+    assert results.final["val_loss"] < 1.0 and math.isnan(results.final["val_accuracy"])
+
+
+BROKEN = [
+    ("str", r"OutputTask: the model returned a str; expected a tensor, or a tuple, list or dict holding tensors"),
+    ("dataclass", r"OutputTask: the model returned an OutputBox \(a dataclass\); expected a tensor, or a tuple, "
+                  r"list or dict holding tensors"),
+    ("raises", r"OutputTask: the model fails on a batch of 32 training samples: RuntimeError: shape '\[3, -1, 7\]' "
+               r"is invalid for input of size 64"),
+    ("bad-loss", r"OutputTask.loss fails on the model's output \(a tensor of shape \[32, 2\]\): "),
+    ("vector-loss", r"OutputTask.loss must return one model's loss as a scalar float tensor, got a tensor of shape "
+                    r"\[32\]"),
+]
+
+
+@pytest.mark.parametrize("kind, message", BROKEN, ids=[k for k, _ in BROKEN])
+def test_a_model_or_loss_that_cannot_run_is_refused_when_the_run_is_built(kind, message):
+    machine = TrainingMachine({"total_steps": 24, "clan": {"population_size": 2, "round_length": 8}},
+                              task=OutputTask(kind))
+    with pytest.raises((ValueError, TypeError), match=message):
+        machine.prepare()
+
+
+@pytest.mark.parametrize("kind", ["str", "raises", "vector-loss"])
+def test_the_command_refuses_a_broken_model_in_one_line_and_leaves_no_run_directory(tmp_path, capsys, kind):
+    config = tmp_path / "c.toml"
+    config.write_text(f'task = "test_tasks_api:OutputTask"\ntotal_steps = 24\n[task_args]\nkind = "{kind}"\n'
+                      f'[clan]\npopulation_size = 2\nround_length = 8\n')
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(out), "--no-progress", "--no-plots"]) == EXIT_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vmapclan: error: OutputTask")
+    assert not out.exists()

@@ -60,7 +60,7 @@ from .resume import (CHECKPOINT_VERSION, load_run_checkpoint, read_run, save_run
                      upgrade_checkpoint)
 from .rundir import run_lock
 from .schedule import PhaseSchedule
-from .task import Task, data_length, resolve_task, task_reference
+from .task import Task, check_model_runs, data_length, resolve_task, task_reference
 
 __all__ = ["TrainingMachine", "TrainingResults", "TrainingStopped", "save_run_checkpoint", "load_run_checkpoint",
            "CHECKPOINT_VERSION", "DIVERGENCE_CHECK_EVERY", "SCORE_BLOCKS"]
@@ -261,6 +261,7 @@ class TrainingMachine:
             # so a resume (or a later default) cannot change the plan under a running run.
             self.config = cfg = cfg.replace(schedule=[phase.to_dict() for phase in self.schedule])
         model = self.task.build_model(self.model_settings, cfg.data)
+        check_model_runs(self.task, model, data.train, cfg.data.batch_size)
         self.phases = plan_phases(self.task, cfg, self.schedule, model, self.model_settings)
         for phase in self.phases:
             if phase.data_key not in self._datasets:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -724,12 +725,13 @@ def member_loss(fn, output, target, *, key: str | Callable | None = None, **kwar
 
     Args:
         fn: ``fn(output, target, **kwargs) -> scalar``.
-        output: ``[P, B, ...]`` (or a pytree of such tensors).
+        output: ``[P, B, ...]``, or a pytree of such tensors (a tuple, list, dict or
+            ``transformers`` ``ModelOutput``); its other leaves (a ``None``, an int, a cache
+            object) reach ``fn`` as they are, the same for every member.
         target: ``[P, B, ...]`` (or a pytree of such tensors).
-        key: What ``fn`` gets of a dict-like output such as a ``transformers`` ``ModelOutput``:
-            the name of the entry (``key="logits"``) or a function of the output
-            (``key=lambda out: out.logits``). Without it a ``dict`` goes to ``fn`` whole, and a
-            mapping type that is no pytree (a ``ModelOutput``) is refused.
+        key: What ``fn`` gets of the output: the name of an entry (``key="logits"``) or a
+            function of the output (``key=lambda out: out.logits``); without it ``fn`` gets the
+            whole output.
         **kwargs: Passed to ``fn`` unbatched (e.g. ``label_smoothing=0.1``).
 
     Returns:
@@ -737,7 +739,7 @@ def member_loss(fn, output, target, *, key: str | Callable | None = None, **kwar
 
     Raises:
         ValueError: if the member dimensions disagree or ``fn`` does not reduce to a scalar.
-        TypeError: for an output without tensors, or a mapping other than a ``dict`` without ``key``.
+        TypeError: for an output without a tensor torch's pytree reaches (a string, a dataclass).
 
     Example:
         >>> loss = member_loss(F.cross_entropy, member.model(x), y)  # doctest: +SKIP
@@ -754,24 +756,32 @@ def member_loss(fn, output, target, *, key: str | Callable | None = None, **kwar
             keys = list(output.keys()) if isinstance(output, Mapping) else None
             raise KeyError(f"member_loss: key={key!r} is not in the output ({type(output).__name__}"
                            f"{f' with keys {keys}' if keys is not None else ''})")
-    out_leaves = [t for t in optree.tree_leaves(output) if isinstance(t, torch.Tensor)]
-    tgt_leaves = [t for t in optree.tree_leaves(target) if isinstance(t, torch.Tensor)]
-    if not out_leaves and isinstance(output, Mapping):  # a mapping type the pytree does not open: a ModelOutput
-        raise TypeError(
-            f"member_loss: output is a {type(output).__name__} with keys {list(output.keys())}; pass key= to pick "
-            "the tensor fn takes (key='logits', or a function of the output), or dict(output) for fn to take it whole"
-        )
-    if not out_leaves:
-        raise TypeError(f"member_loss: output must be a tensor with a member dimension, got {type(output).__name__}")
-    p = out_leaves[0].shape[0] if out_leaves[0].dim() else None
-    for what, leaves in (("output", out_leaves), ("target", tgt_leaves)):
+    # torch's pytree opens what the population's forward returns, a ``transformers`` ModelOutput
+    # included; its non-tensor leaves (a None, an int, a cache) reach ``fn`` as they are.
+    out_leaves, out_spec = pytree.tree_flatten(output)
+    where = [i for i, leaf in enumerate(out_leaves) if isinstance(leaf, torch.Tensor)]
+    tgt_leaves = [t for t in pytree.tree_leaves(target) if isinstance(t, torch.Tensor)]
+    if not where:
+        raise TypeError(f"member_loss: output must hold a tensor with a member dimension, got "
+                        f"{type(output).__name__}" + (" (a dataclass: return a tensor, tuple or dict of tensors, or "
+                                                      "pass key=)" if dataclasses.is_dataclass(output) else ""))
+    first = out_leaves[where[0]]
+    p = first.shape[0] if first.dim() else None
+    for what, leaves in (("output", [out_leaves[i] for i in where]), ("target", tgt_leaves)):
         for t in leaves:
             if t.dim() == 0 or t.shape[0] != p:
                 raise ValueError(
                     f"member_loss: {what} must have the member dimension first ([{p}, ...]), "
                     f"got shape {list(t.shape)}"
                 )
-    loss = vmap(lambda o, t: fn(o, t, **kwargs), randomness="different")(output, target)
+
+    def one(tensors, t):
+        leaves = list(out_leaves)
+        for i, value in zip(where, tensors):
+            leaves[i] = value
+        return fn(pytree.tree_unflatten(leaves, out_spec), t, **kwargs)
+
+    loss = vmap(one, randomness="different")([out_leaves[i] for i in where], target)
     if not isinstance(loss, torch.Tensor) or loss.shape != (p,):
         shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import optree
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
 from .checks import is_int, refuse
@@ -309,8 +310,11 @@ class Task(abc.ABC):
         raise NotImplementedError(f"task {self.reference!r} does not grow its model (it defines no Task.grow)")
 
     def accuracy(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Share of correct predictions (a scalar); override it for a task where that means nothing."""
-        if not output.is_floating_point() or output.dim() == 0 or target.is_floating_point():
+        """Share of correct predictions (a scalar); override it for a task where that means nothing.
+
+        NaN for an output that is not one tensor of scores (a tuple or dict output: override it).
+        """
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.dim() == 0 or target.is_floating_point():
             return torch.full((), math.nan)
         return (output.argmax(-1) == target).float().mean()
 
@@ -374,6 +378,65 @@ class Task(abc.ABC):
         return {"loss": scores[:, 0], "accuracy": scores[:, 1]}
 
 
+
+
+def _describe(value) -> str:
+    """What a value is, in a few words: ``a str``, ``a tuple of (Tensor [8, 3], None)``, ``an Out (a dataclass)``."""
+    def short(v) -> str:
+        return f"Tensor {list(v.shape)}" if isinstance(v, torch.Tensor) else "None" if v is None else type(v).__name__
+
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"{article} {name} of ({', '.join(short(v) for v in value)})"
+    if isinstance(value, Mapping):
+        return f"{article} {name} of {{{', '.join(f'{k!r}: {short(v)}' for k, v in value.items())}}}"
+    return f"{article} {name}" + (" (a dataclass)" if dataclasses.is_dataclass(value) else "")
+
+
+def check_model_runs(task: Task, model: nn.Module, data, batch_size: int) -> None:
+    """Run ``model`` and ``task.loss`` once on a few training samples, to refuse a pair that cannot train.
+
+    In training mode, without gradients, from a forked random state and with the buffers put
+    back afterwards: the run goes on as if this had not happened. The machine calls it when it
+    builds a run, before it writes anything.
+
+    Raises:
+        ValueError: if the forward or the loss fails, naming the error's first line.
+        TypeError: if the model returns no tensor (a string, a dataclass), or the loss no scalar tensor.
+    """
+    name = type(task).__name__
+    n = min(batch_size, data_length(data))
+    x, y = next(data_batches(data, torch.arange(n)))
+    buffers = {key: b.clone() for key, b in model.named_buffers()}
+
+    def first_line(err: Exception) -> str:
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            try:
+                output = model(x)
+            except Exception as err:  # noqa: BLE001 - the user's model: any error is reported as it is
+                raise ValueError(f"{name}: the model fails on a batch of {n} training samples: "
+                                 f"{first_line(err)}") from None
+            if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(output)):
+                raise TypeError(f"{name}: the model returned {_describe(output)}; expected a tensor, or a tuple, "
+                                f"list or dict holding tensors")
+            try:
+                loss = task.loss(output, y)
+            except Exception as err:  # noqa: BLE001 - the user's loss: any error is reported as it is
+                raise ValueError(f"{name}.loss fails on the model's output ({_describe(output)}): "
+                                 f"{first_line(err)}") from None
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+                raise TypeError(f"{name}.loss must return one model's loss as a scalar float tensor, got "
+                                f"{_describe(loss)}")
+    finally:
+        with torch.no_grad():
+            for key, b in model.named_buffers():
+                b.copy_(buffers[key])
 
 
 def task_reference(task: Task) -> str:
