@@ -8,6 +8,8 @@ through the Member loop; every member must equal a plain copy trained alone by i
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,3 +205,61 @@ def test_a_branch_on_data_is_refused_naming_the_submodule():
     with pytest.raises(RuntimeError, match=r"member.model: gate \(Gate\) branches on a tensor's values in forward\(\) "
                                            r"at test_hf.py:\d+, which vmap cannot batch.*torch.where"):
         PopulationModel(Branches(), P)(torch.randn(P, 2, 3))
+
+
+# -- keyword inputs through the training machine and the command ---------------------------------
+class KeywordCharLM(__import__("vmapclan").Task):
+    """A tiny GPT-2 character LM whose samples are ``({"input_ids", "attention_mask"}, target)``.
+
+    Windows of the repeating text ``"abcd..."`` with random lengths: padding is masked out and
+    its targets are ``-100``, so the loss weighs each window by its real characters.
+    """
+
+    def split(self, data, seed):
+        g = torch.Generator().manual_seed(seed)
+
+        def part(n):
+            start = torch.randint(0, V, (n, 1), generator=g)
+            ids = (start + torch.arange(T + 1)) % (V - 1) + 1
+            lengths = torch.randint(3, T + 1, (n,), generator=g)
+            mask = (torch.arange(T) < lengths.unsqueeze(-1)).long()
+            target = ids[:, 1:].masked_fill(mask == 0, -100)
+            return {"input_ids": ids[:, :-1].masked_fill(mask == 0, 0), "attention_mask": mask}, target
+
+        return part(96), part(32), part(32)
+
+    def build_model(self, model, data):
+        config = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2,
+                                         bos_token_id=1, eos_token_id=1, use_cache=False)
+        return transformers.GPT2LMHeadModel(config)
+
+    def loss(self, output, target):
+        return F.cross_entropy(output.logits.flatten(0, -2), target.flatten(), ignore_index=-100)
+
+
+KEYWORD_RUN = {"total_steps": 40, "seed": 1, "optimizer": {"lr": 3e-3}, "data": {"batch_size": 4},
+               "clan": {"population_size": 2, "round_length": 10}}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "member-loop"])
+def test_keyword_inputs_train_through_the_machine(fused):
+    from vmapclan import TrainingMachine
+
+    results = TrainingMachine(KEYWORD_RUN, task=KeywordCharLM(), fused=fused).train()
+    first = [m for m in results.metrics if m["event"] == "train"][0]["loss"]
+    assert results.final["test_loss"] < first  # it learned the pattern
+    assert math.log(V) > results.final["val_loss"]
+
+
+def test_keyword_inputs_train_through_the_command_and_replay(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from vmapclan.cli import EXIT_OK, main
+
+    monkeypatch.setattr(sys.modules[__name__], "KeywordCharLM", KeywordCharLM, raising=False)
+    config = tmp_path / "c.toml"
+    config.write_text('task = "test_hf:KeywordCharLM"\ntotal_steps = 30\nseed = 1\n[data]\nbatch_size = 4\n'
+                      '[clan]\npopulation_size = 2\nround_length = 10\n')
+    assert main(["train", str(config), "--out", str(tmp_path / "r"), "--no-progress", "--no-plots"]) == EXIT_OK
+    assert main(["replay", str(tmp_path / "r" / "schedule.json"), "--no-progress"]) == EXIT_OK
+    assert "test loss" in capsys.readouterr().out

@@ -416,3 +416,67 @@ def test_the_command_refuses_a_broken_model_in_one_line_and_leaves_no_run_direct
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vmapclan: error: OutputTask")
     assert not out.exists()
+
+
+class GroupedNet(nn.Module):
+    """Two parameters the loss reaches with a zero gradient: only weight decay moves them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.kept = nn.Parameter(torch.ones(3))
+        self.decayed = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.lin(x) + 0.0 * (self.kept.sum() + self.decayed.sum())
+
+
+class GroupedTask(BlobsTask):
+    def build_model(self, model, data):
+        return GroupedNet()
+
+    def param_groups(self, model):
+        return [{"params": [model.lin.weight, model.decayed]},
+                {"params": [model.lin.bias, model.kept], "weight_decay": 0.0, "lr_scale": 0.5}]
+
+
+GROUPED = {"total_steps": 24, "optimizer": {"lr": 1e-2, "weight_decay": 0.5},
+           "clan": {"population_size": 2, "round_length": 8}}
+
+
+def test_a_tasks_param_groups_are_honoured_by_the_machine_and_the_replay(tmp_path):
+    results = TrainingMachine(GROUPED, task=GroupedTask(), out_dir=tmp_path / "r").train()
+    model = results.best_model
+    assert torch.equal(model.kept.detach(), torch.ones(3))  # the no-decay group: never decayed
+    assert (model.decayed.detach() < 1).all()  # the decay group: decayed
+    results.save(tmp_path / "r", plots=False)
+    from vmapclan.replay import read_schedule
+
+    schedule, config, _ = read_schedule(tmp_path / "r" / "schedule.json")
+    replayed = replay(schedule, config, task=GroupedTask(), trace=True)
+    assert torch.equal(replayed.model.kept.detach(), torch.ones(3)) and (replayed.model.decayed.detach() < 1).all()
+
+
+class BadGroups(GroupedTask):
+    def __init__(self, groups):
+        self.groups = groups
+
+    def param_groups(self, model):
+        return self.groups(model)
+
+
+@pytest.mark.parametrize("groups, message", [
+    (lambda m: [{"params": [m.lin.weight]}], r"BadGroups.param_groups: the trainable parameter 'kept' is in no "
+                                             r"group \(3 in all\)"),
+    (lambda m: [{"params": list(m.parameters())}, {"params": [m.kept]}],
+     r"BadGroups.param_groups: a parameter is in groups 0 and 1; give each to one group"),
+    (lambda m: [{"params": list(m.parameters()), "lr": 1e-3}],
+     r"BadGroups.param_groups: group 0 has unknown key 'lr' \(give the group's lr as lr_scale, a factor of the "
+     r"run's lr\); a group takes \['params', 'weight_decay', 'lr_scale'\]"),
+    (lambda m: [{"params": list(m.parameters()), "weight_decay": -1.0}],
+     r"BadGroups.param_groups: group 0 weight_decay must be a number in \[0, inf\), got -1.0"),
+    (lambda m: list(m.parameters()), r"BadGroups.param_groups: expected a non-empty list of dicts with 'params'"),
+])
+def test_bad_param_groups_are_refused_by_name(groups, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        TrainingMachine(GROUPED, task=BadGroups(groups)).prepare()

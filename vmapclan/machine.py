@@ -60,7 +60,7 @@ from .resume import (CHECKPOINT_VERSION, load_run_checkpoint, read_run, save_run
                      upgrade_checkpoint)
 from .rundir import run_lock
 from .schedule import PhaseSchedule
-from .task import Task, check_model_runs, data_length, resolve_task, task_reference
+from .task import Task, build_optimizer, call_model, check_model_runs, data_length, resolve_task, task_reference
 
 __all__ = ["TrainingMachine", "TrainingResults", "TrainingStopped", "save_run_checkpoint", "load_run_checkpoint",
            "CHECKPOINT_VERSION", "DIVERGENCE_CHECK_EVERY", "SCORE_BLOCKS"]
@@ -124,12 +124,13 @@ def _fused_options(fused, device: torch.device) -> tuple[bool, dict]:
     return True, dict(fused)
 
 
-def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, device: torch.device) -> Clan:
-    """The run's clan: the config's settings, the run's horizon and schedule, AdamW genes."""
+def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, device: torch.device,
+             task: Task) -> Clan:
+    """The run's clan: the config's settings, the run's horizon and schedule, AdamW genes (over the task's param groups)."""
     c, opt = config.clan, config.optimizer
     # The phases' data and model planes are the machine's (plan.py): the clan follows the rest.
     clan_plane = PhaseSchedule([dataclasses.replace(phase, data={}, model={}) for phase in schedule])
-    return Clan(model, opt.build(model.parameters()), population_size=c.population_size, round_length=c.round_length,
+    return Clan(model, build_optimizer(task, model, opt), population_size=c.population_size, round_length=c.round_length,
                 duty_cycle=c.duty_cycle, autobind=["adamw"], genome_config=c.genes, selection=c.selection_arg,
                 init=c.init, seed=config.seed, device=device, confidence=c.confidence or None,
                 total_steps=config.total_steps, schedule=clan_plane, lr_schedule=opt.lr_schedule, warmup=opt.warmup,
@@ -266,7 +267,7 @@ class TrainingMachine:
         for phase in self.phases:
             if phase.data_key not in self._datasets:
                 self._datasets[phase.data_key] = self.task.load(phase.data, cfg.seed)
-        self.clan = _clan_of(cfg, self.schedule, model, self.device)
+        self.clan = _clan_of(cfg, self.schedule, model, self.device, self.task)
         if self.clan.group is not None:  # the clan compared its own settings; the rest of the run must agree too
             self.clan.group.check_same(self.config.to_toml(), "the run's config", who="TrainingMachine")
         if cfg.clan.lr_grid:
@@ -344,15 +345,17 @@ class TrainingMachine:
     # -- the step -------------------------------------------------------------------------------
     def _step(self, member, batch) -> torch.Tensor:
         """One step of the clan (fused when enabled), the clock included; returns the ``[P]`` losses."""
+        x, y = batch
+        keywords = isinstance(x, Mapping)  # a dict of keyword inputs goes to the model as keywords
         if self.fused:
             if self.fused_step is None:
                 from .step import FusedStep
 
-                options = {"sample_mean_loss": self.task.sample_mean_loss, **self._fused_options}
+                options = {"sample_mean_loss": self.task.sample_mean_loss, "num_inputs": 0 if keywords else 1,
+                           **self._fused_options}
                 self.fused_step = FusedStep(self.clan, self.task.loss, **options)
-            return self.fused_step(*batch)
-        x, y = batch
-        loss = member_loss(self.task.loss, member.model(x), y)  # [P]
+            return self.fused_step(y, **x) if keywords else self.fused_step(x, y)
+        loss = member_loss(self.task.loss, call_model(member.model, x), y)  # [P]
         with member.sync_context():
             loss.sum().backward()
         member.optimizer.step()

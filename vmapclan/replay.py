@@ -31,7 +31,7 @@ from .plan import data_key, frozen_parameters, phase_data
 from .rounds import competitive_steps
 from .schedule import Phase, PhaseSchedule, TimeController, phase_optimizer
 from .config import RunConfig
-from .task import check_model_runs, data_batches, data_length, resolve_task
+from .task import build_optimizer, call_model, check_model_runs, data_batches, data_length, resolve_task
 
 __all__ = ["export_schedule", "write_schedule", "read_schedule", "replay", "ReplayResult", "SCHEDULE_VERSION"]
 
@@ -201,7 +201,7 @@ def _grow_plain(task, model: nn.Module, optimizer: torch.optim.Optimizer, config
         raise ValueError(f"replay: phase {phase.name!r}: model.grow: {err}") from None
     check_growth(template, grown, f"replay: phase {phase.name!r}: model.grow")
     grown.train(template.training)
-    fresh = config.optimizer.build(grown.parameters())
+    fresh = build_optimizer(task, grown, config.optimizer)
     for name, parameter in grown.named_parameters():
         if name in before and before[name] in optimizer.state:
             fresh.state[parameter] = optimizer.state[before[name]]
@@ -302,7 +302,7 @@ class _PlainRun:
         self.datasets = {(): task.load(config.data, config.seed)}
         self.model = task.build_model(self.model_settings, config.data)
         check_model_runs(task, self.model, self.datasets[()].train, config.data.batch_size)
-        self.optimizer = config.optimizer.build(self.model.parameters())
+        self.optimizer = build_optimizer(task, self.model, config.optimizer)
         # The genes stand for the first (decaying) group's settings; every group follows in proportion.
         self.configured, self.ratios = optimizer_settings(self.optimizer), group_ratios(self.optimizer)
         self.parameters = dict(self.model.named_parameters())
@@ -350,7 +350,7 @@ class _PlainRun:
             group["lr"], group["weight_decay"] = lr * lr_ratio, settings["weight_decay"] * wd_ratio
             group["eps"], group["betas"] = settings["eps"], (settings["betas/0"], settings["betas/1"])
         x, y, batch_size = self._batch(train, phase)
-        loss = self.task.loss(self.model(x), y)
+        loss = self.task.loss(call_model(self.model, x), y)
         loss.backward()
         for name in frozen:  # AdamW skips a parameter without a gradient: no update, no decay
             self.parameters[name].grad = None
@@ -360,4 +360,6 @@ class _PlainRun:
         return loss.item(), {"step": step, "phase": phase.name, "lr": first["lr"],
                              "weight_decay": first["weight_decay"], "betas": first["betas"], "eps": first["eps"],
                              "batch_size": batch_size, "data": {k: v for k, v in phase.data.items() if k != "batch_size"},
-                             "freeze": frozen, "input_shape": tuple(x.shape)}
+                             "freeze": frozen,
+                             "input_shape": ({k: tuple(t.shape) for k, t in x.items()} if isinstance(x, Mapping)
+                                             else tuple(x.shape))}

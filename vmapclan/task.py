@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
-from .checks import is_int, refuse
+from .checks import is_int, number_in, refuse
 from .config import DataSpec
 from .population import PopulationModel, member_loss, score_members
 
@@ -37,6 +37,9 @@ def _as_data(data, who: str):
     """A split's data in the form the machine reads: a tuple of tensors (the fast path) or a map-style Dataset."""
     if isinstance(data, TensorDataset):
         data = data.tensors
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Mapping) and \
+            data[0] and all(isinstance(t, torch.Tensor) for t in (*data[0].values(), data[1])):
+        return KeywordTensors(*data)  # keyword inputs: the Dataset path batches each of them
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         if len(data) != 2 or len(data[0]) != len(data[1]):
             raise ValueError(f"{who}: expected (inputs, targets) tensors of one length, got "
@@ -46,6 +49,41 @@ def _as_data(data, who: str):
         return data
     raise TypeError(f"{who}: expected a map-style torch Dataset (with __len__) or (inputs, targets) tensors, "
                     f"got {type(data).__name__}")
+
+
+def call_model(model, inputs):
+    """``model(**inputs)`` for a dict of keyword inputs (``input_ids``, ``attention_mask``), else ``model(inputs)``.
+
+    Example:
+        >>> call_model(lambda a, b: a + b, {"a": 1, "b": 2})
+        3
+    """
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def batch_size_of(inputs) -> int:
+    """The samples in a batch of inputs: a tensor's first dimension, or a dict's first tensor's."""
+    return next(t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)).shape[0]
+
+
+class KeywordTensors(Dataset):
+    """``(inputs, targets)`` tensors whose inputs are a dict of keyword tensors, as a map-style Dataset.
+
+    Every sample is ``({name: tensor[i]}, targets[i])``; batches come through ``default_collate``.
+    """
+
+    def __init__(self, inputs: Mapping, targets: torch.Tensor):
+        lengths = {len(t) for t in inputs.values()} | {len(targets)}
+        if len(lengths) != 1:
+            raise ValueError(f"KeywordTensors: every input and the targets need one length, got "
+                             f"{ {k: len(t) for k, t in inputs.items()} } and {len(targets)} targets")
+        self.inputs, self.targets = dict(inputs), targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return {k: t[i] for k, t in self.inputs.items()}, self.targets[i]
 
 
 def data_length(data) -> int:
@@ -285,6 +323,23 @@ class Task(abc.ABC):
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One model's mean loss (a scalar); vmapped over members by :func:`vmapclan.member_loss`."""
 
+    def param_groups(self, model: nn.Module) -> list[dict] | None:
+        """AdamW's param groups for ``model``, or ``None`` (the default) for one group of every parameter.
+
+        Return torch-style groups: ``{"params": [...]}`` with, optionally, the group's own
+        ``weight_decay`` (``0.0`` for biases and norms, as transformer recipes do) and an
+        ``lr_scale`` (the group's lr as a factor of the run's). Every trainable parameter
+        belongs to one group. The genes scale every group in proportion: a group keeps its
+        ratio to the first decaying group's weight decay and to the first group's lr.
+
+        Example:
+            >>> def param_groups(self, model):  # doctest: +SKIP
+            ...     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+            ...     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+            ...     return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+        """
+        return None
+
     def grow(self, module: nn.Module, settings) -> nn.Module:
         """The model grown at the start of a phase with ``model = { grow = settings }``; by default none.
 
@@ -332,10 +387,11 @@ class Task(abc.ABC):
         loss = correct = 0.0
         n = data_length(data)
         for xb, yb in data_batches(data):
-            xb, yb = xb.to(device), yb.to(device)
-            out = model(xb)
-            loss += self.loss(out, yb).item() * len(xb)
-            correct += self.accuracy(out, yb).item() * len(xb)
+            xb, yb = optree.tree_map(lambda t: t.to(device), (xb, yb))
+            out = call_model(model, xb)
+            size = batch_size_of(xb)
+            loss += self.loss(out, yb).item() * size
+            correct += self.accuracy(out, yb).item() * size
         model.train(was_training)
         return {"loss": loss / n, "accuracy": correct / n}
 
@@ -358,22 +414,22 @@ class Task(abc.ABC):
 
         def losses_of(chunk, _index):
             xb, yb = population.share(chunk)
-            return member_loss(self.loss, population(xb), yb)
+            return member_loss(self.loss, call_model(population, xb), yb)
 
-        return score_members(population, chunks, losses_of, size_of=lambda chunk: len(chunk[0]),
+        return score_members(population, chunks, losses_of, size_of=lambda chunk: batch_size_of(chunk[0]),
                              who=f"{type(self).__name__}.loss", per_batch=blocks is not None)
 
     def population_scores(self, population: PopulationModel, data) -> dict:
         """``{"loss", "accuracy"}``: each member's on ``data``, ``[P]`` each, in one pass (eval mode, chunked)."""
         def scores_of(chunk, _index):
             xb, yb = population.share(chunk)
-            out = population(xb)
+            out = call_model(population, xb)
             loss = member_loss(self.loss, out, yb)
             # Member by member: a task's own accuracy may do what vmap cannot (an .item(), a branch).
             accuracy = [self.accuracy(*optree.tree_map(lambda t, i=i: t[i], (out, yb))) for i in range(len(loss))]
             return torch.stack([loss.double(), torch.stack(accuracy).double().to(loss.device)], 1)
 
-        scores = score_members(population, data_batches(data), scores_of, size_of=lambda chunk: len(chunk[0]),
+        scores = score_members(population, data_batches(data), scores_of, size_of=lambda chunk: batch_size_of(chunk[0]),
                                who=f"{type(self).__name__}.loss", width=2)
         return {"loss": scores[:, 0], "accuracy": scores[:, 1]}
 
@@ -394,6 +450,54 @@ def _describe(value) -> str:
     if isinstance(value, Mapping):
         return f"{article} {name} of {{{', '.join(f'{k!r}: {short(v)}' for k, v in value.items())}}}"
     return f"{article} {name}" + (" (a dataclass)" if dataclasses.is_dataclass(value) else "")
+
+
+_GROUP_KEYS = ("params", "weight_decay", "lr_scale")
+
+
+def build_optimizer(task: Task, model: nn.Module, spec) -> torch.optim.AdamW:
+    """The run's ``torch.optim.AdamW`` for ``model``: ``spec``'s settings over the task's :meth:`~Task.param_groups`.
+
+    Args:
+        task: The task (its ``param_groups``, ``None`` for one group).
+        model: The model.
+        spec: The run's :class:`~vmapclan.OptimizerSpec`.
+
+    Raises:
+        TypeError, ValueError: for groups that are not a list of dicts of :data:`_GROUP_KEYS`,
+            a bad value, or a trainable parameter in no group or in two.
+    """
+    groups = task.param_groups(model)
+    if groups is None:
+        return spec.build(model.parameters())
+    who = f"{type(task).__name__}.param_groups"
+    if not isinstance(groups, (list, tuple)) or not groups or not all(isinstance(g, Mapping) for g in groups):
+        raise TypeError(f"{who}: expected a non-empty list of dicts with 'params', got {_describe(groups)}")
+    torch_groups, seen = [], {}
+    for k, group in enumerate(groups):
+        unknown = sorted(set(group) - set(_GROUP_KEYS))
+        if unknown:
+            hint = " (give the group's lr as lr_scale, a factor of the run's lr)" if "lr" in unknown else ""
+            raise ValueError(f"{who}: group {k} has unknown key {unknown[0]!r}{hint}; a group takes {list(_GROUP_KEYS)}")
+        params = list(group.get("params", []))
+        if not params or not all(isinstance(p, torch.Tensor) for p in params):
+            raise TypeError(f"{who}: group {k} needs 'params', a non-empty list of the model's parameters")
+        for p in params:
+            if id(p) in seen:
+                raise ValueError(f"{who}: a parameter is in groups {seen[id(p)]} and {k}; give each to one group")
+            seen[id(p)] = k
+        entry = {"params": params}
+        if "weight_decay" in group:
+            entry["weight_decay"] = number_in(group["weight_decay"], f"{who}: group {k} weight_decay", 0, math.inf,
+                                              high_open=True)
+        if "lr_scale" in group:
+            entry["lr"] = spec.lr * number_in(group["lr_scale"], f"{who}: group {k} lr_scale", 0, math.inf,
+                                              low_open=True, high_open=True)
+        torch_groups.append(entry)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise ValueError(f"{who}: the trainable parameter {missing[0]!r} is in no group ({len(missing)} in all)")
+    return torch.optim.AdamW(torch_groups, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps)
 
 
 def check_model_runs(task: Task, model: nn.Module, data, batch_size: int) -> None:
@@ -418,7 +522,7 @@ def check_model_runs(task: Task, model: nn.Module, data, batch_size: int) -> Non
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             try:
-                output = model(x)
+                output = call_model(model, x)
             except Exception as err:  # noqa: BLE001 - the user's model: any error is reported as it is
                 raise ValueError(f"{name}: the model fails on a batch of {n} training samples: "
                                  f"{first_line(err)}") from None
