@@ -191,14 +191,8 @@ class Clan:
                        "once it is done).")
 
     def state_config(self) -> dict:
-        """The settings a saved state records and a clan loading it must share (the round settings excepted).
-
-        Besides the clan's settings and genes: ``adamw``, the optimizer's values that no gene
-        holds (the lr of a clan without the lr gene), which every update applies.
-        """
-        adamw = {name: (list(v) if isinstance(v, tuple) else v) for name, v in sorted(self._constants.items())
-                 if name not in self.genes}
-        return {**self.settings.state_config(self.genes, self.round_length, self.duty_cycle), "adamw": adamw}
+        """The settings a saved state records and a clan loading it must share (the round settings excepted)."""
+        return self.settings.state_config(self.genes, self.round_length, self.duty_cycle, self._constants)
 
     # -- genes and the lr in force --------------------------------------------------------------
     def _stretch_hyper(self) -> dict[str, float]:

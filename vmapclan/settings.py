@@ -249,13 +249,20 @@ class ClanSettings:
     STATE_KEYS = ("total_steps", "schedule", "lr_schedule", "warmup", "decay", "competitive_lr", "keep_best",
                   "max_grad_norm")
 
-    def state_config(self, genes, round_length: int, duty_cycle: float) -> dict:
-        """The settings a clan's saved state records, with ``genes`` and the round settings in force."""
-        return {"population_size": self.population_size, "round_length": round_length, "duty_cycle": duty_cycle,
-                "selection": self.selection, "confidence": self.confidence,
-                "truncation_fraction": self.truncation_fraction,
-                "genes": {n: dataclasses.asdict(g) for n, g in genes.items()},
-                **{k: v for k, v in self.to_dict().items() if k in self.STATE_KEYS}}
+    def state_config(self, genes, round_length: int, duty_cycle: float, adamw: Mapping | None = None) -> dict:
+        """The settings a clan's saved state records, with ``genes`` and the round settings in force.
+
+        With ``adamw`` (the optimizer's settings), also ``"adamw"``: the values of it no gene
+        holds (the lr of a clan without the lr gene), which every update applies.
+        """
+        out = {"population_size": self.population_size, "round_length": round_length, "duty_cycle": duty_cycle,
+               "selection": self.selection, "confidence": self.confidence,
+               "truncation_fraction": self.truncation_fraction,
+               "genes": {n: dataclasses.asdict(g) for n, g in genes.items()},
+               **{k: v for k, v in self.to_dict().items() if k in self.STATE_KEYS}}
+        if adamw is not None:
+            out["adamw"] = {n: list(v) if isinstance(v, tuple) else v for n, v in sorted(adamw.items()) if n not in genes}
+        return out
 
     def to_dict(self) -> dict:
         """The settings as plain values (the schedule as its phases' dicts): what a clan's state records."""

@@ -503,8 +503,11 @@ def build_optimizer(task: Task, model: nn.Module, spec) -> torch.optim.AdamW:
 def check_model_runs(task: Task, model: nn.Module, data, batch_size: int) -> None:
     """Run ``model`` and ``task.loss`` once on a few training samples, to refuse a pair that cannot train.
 
-    In training mode, without gradients, from a forked random state and with the buffers put
-    back afterwards: the run goes on as if this had not happened. The machine calls it when it
+    The forward runs on a copy of nothing: the buffers it writes (BatchNorm's statistics) are
+    restored, and no gradient is kept.
+
+    In training mode with gradients on, as it trains (no backward runs), from a forked random
+    state and with the buffers put back afterwards: the run goes on as if this had not happened. The machine calls it when it
     builds a run, before it writes anything.
 
     Raises:
@@ -520,7 +523,7 @@ def check_model_runs(task: Task, model: nn.Module, data, batch_size: int) -> Non
         return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
 
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
             try:
                 output = call_model(model, x)
             except Exception as err:  # noqa: BLE001 - the user's model: any error is reported as it is
