@@ -79,10 +79,26 @@ def test_steps_option_overrides_the_config(config_file, tmp_path, capsys):
     assert tomllib.loads((out / "config.toml").read_text())["total_steps"] == 12
 
 
-def test_progress_bar_shows_phase_round_and_best_val(config_file, tmp_path, capsys):
+def test_progress_bar_shows_the_round_its_validation_loss_the_training_loss_and_the_lr(config_file, tmp_path,
+                                                                                        capsys):
     assert main(["train", str(config_file), "--out", str(tmp_path / "r"), "--no-plots"]) == EXIT_OK
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "40/40" in last and "phase=clan round=2 val=" in last
+    for field in ("val", "loss", "lr"):  # each a number by the end
+        value = last.split(f" {field}=")[1].split()[0].rstrip("]")
+        assert float(value) > 0, field
+
+
+def test_the_python_machine_shows_the_same_bar(capsys):
+    from vmapclan import TrainingMachine
+
+    seen = []
+    TrainingMachine(RunConfig.from_dict(tomllib.loads(TINY)), progress=True, callback=seen.append).train()
     err = capsys.readouterr().err
-    assert "phase=clan" in err and "round=" in err and "best_val=" in err and "40/40" in err
+    assert "40/40" in err and "phase=clan" in err and " lr=" in err
+    assert any(e["event"] == "round" for e in seen)  # the caller's callback still gets every record
+    with pytest.raises(TypeError, match=r"TrainingMachine: progress must be a bool, got str"):
+        TrainingMachine(RunConfig.from_dict(tomllib.loads(TINY)), progress="yes")
 
 
 @pytest.mark.parametrize("argv, code, message", [

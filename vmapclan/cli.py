@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="RUN_DIR",
                        help="continue the run in RUN_DIR from its last checkpoint (same numbers as without the stop)")
     run_options(train)
-    demo = sub.add_parser("demo", help="the digits demo (about a minute on 2 CPU cores)")
+    demo = sub.add_parser("demo", help="the digits demo (about 10 seconds on 2 CPU cores)")
     # The demo's MLP is small: one thread is as fast as two, and on shared cores it avoids the
     # stalls of oversubscribed threads (measured: 25 s with one thread against 168 s with two).
     run_options(demo, threads=1)
@@ -135,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _progress(total: int, enabled: bool, desc: str):
+    """A plain tqdm bar for the replay (``None`` when not enabled or tqdm is missing)."""
     if not enabled:
         return None
     try:
@@ -280,29 +281,21 @@ def _train_in_group(config, args) -> int:
 
 def _watchers(machine, args, out: Path, writer: bool, resumed: bool):
     """``(progress bar, TensorBoard writer, the callback that feeds both)``; each ``None`` where not asked for."""
-    bar = _progress(machine.total_steps, not args.no_progress and writer, machine.config.task)
-    shown = {}
+    from .progress import ProgressBar
 
-    def on_event(event):
-        if bar is None or event["event"] != "step":
-            return
-        bar.update(event["step"] - bar.n)
-        state = (event["phase"], event["round"], event["best_val"])
-        if state != shown.get("state"):  # postfix only when it changes: cheap per step
-            shown["state"] = state
-            best = f"{event['best_val']:.4f}" if event["best_val"] < float("inf") else "-"
-            bar.set_postfix_str(f"phase={event['phase']} round={event['round']} best_val={best}")
-
+    bar = ProgressBar(machine.total_steps, machine.config.task, start=machine.step) \
+        if not args.no_progress and writer else None
     board = None
     if args.tensorboard and writer:  # rank 0 writes the run directory
         from .tensorboard_logger import TensorBoardLogger
 
         board = TensorBoardLogger(out / "tensorboard" / "train", [p.name for p in machine.schedule],
                                   machine.clan.population_size, purge_step=machine.step + 1 if resumed else None)
+    watchers = [w for w in (bar, board) if w is not None]
 
-        def on_event(event, show=on_event):
-            show(event)
-            board(event)
+    def on_event(event):
+        for watch in watchers:
+            watch(event)
 
     return bar, board, on_event
 

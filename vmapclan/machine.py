@@ -157,6 +157,9 @@ class TrainingMachine:
             batched update per step; the same numbers as the imperative loop): ``True``, ``False``
             (the imperative loop), or a dict of ``FusedStep`` options, e.g. ``{"cuda_graph": True,
             "compile": "optimizer"}`` on CUDA.
+        progress: Show the command's progress bar (:class:`~vmapclan.progress.ProgressBar`, in a
+            terminal or a notebook; needs tqdm) while :meth:`train` runs: the step, the phase and
+            round, the last round's best validation loss, the training loss and the lr in force.
         task: A :class:`~vmapclan.Task` to train instead of the one ``config.task`` names;
             ``config.task`` becomes its reference (``"module:ClassName"``), which a resume and
             the replay import, so a task class that resumes from the command lives in an
@@ -175,7 +178,7 @@ class TrainingMachine:
     def __init__(self, config: RunConfig | Mapping, total_steps: int | None = None, *,
                  out_dir: str | os.PathLike | None = None, callback: Callable[[dict], None] | None = None,
                  device: torch.device | str | None = None, fused: bool | Mapping = True,
-                 task: Task | None = None):
+                 task: Task | None = None, progress: bool = False):
         if isinstance(config, Mapping):
             config = RunConfig.from_dict(config)
         if not isinstance(config, RunConfig):
@@ -205,6 +208,9 @@ class TrainingMachine:
         self.log = RunLog(self.total_steps, config.log_every or max(1, self.total_steps // 100), self.device,
                           self.out_dir, writes=self.rank == 0)
         self.log.callback = callback
+        if not isinstance(progress, bool):
+            raise TypeError(f"TrainingMachine: progress must be a bool, got {type(progress).__name__}")
+        self.progress = progress
         self.fused, self._fused_options = _fused_options(fused, self.device)
         #: The :class:`~vmapclan.FusedStep` in use (made at the first fused step, again after a growth).
         self.fused_step = None
@@ -403,7 +409,10 @@ class TrainingMachine:
     def _add(self, record: dict, phase: PhasePlan, start: int) -> None:
         """Record a round's or stretch's ``record`` with the machine's fields: batch size, the data and model planes."""
         cooperative = record.get("kind") == "cooperative"
-        record = {**record, "batch_size": phase.batch_size * (self.clan.population_size if cooperative else 1)}
+        # One step counter: the run's time (start_step, end_step). The clan's own "step" counts its
+        # member.step() calls, micro-batches included, and would disagree with it.
+        record = {k: v for k, v in record.items() if k != "step"}
+        record["batch_size"] = phase.batch_size * (self.clan.population_size if cooperative else 1)
         if not cooperative:
             record["population_size"] = self.clan.population_size
         record.update(phase.record_fields(growth=start == phase.first_step))
@@ -453,10 +462,12 @@ class TrainingMachine:
         member.model.train()
         while not clan.round_done:
             self.log.switch("train" if member.phase == "cooperative" else "compete")
+            logged = self.log.logs(clan.time_step + 1)  # the lr this step takes, for its record: no host sync
+            lr = clan.lr_in_force[0] if logged and clan.optimizer is not None else None
             loss = self._step(member, next(stream))
             if cooperative:
                 self._losses_finite &= torch.isfinite(loss).all()
-            self.log.step(loss, clan.time_step, phase.phase.name, clan.round_index)
+            self.log.step(loss, clan.time_step, phase.phase.name, clan.round_index, lr=lr)
             if cooperative and (clan.time_step % DIVERGENCE_CHECK_EVERY == 0 or clan.round_done) \
                     and self._cooperative_diverged():
                 start = clan.clock.record_start
@@ -590,7 +601,8 @@ class TrainingMachine:
             raise RuntimeError("TrainingMachine.train: this machine has already run; make a new one")
         self._trained = True
         writes = self.out_dir is not None and self.rank == 0
-        with run_lock(self.out_dir) if writes else contextlib.nullcontext(), self.log.timing("other"):
+        with run_lock(self.out_dir) if writes else contextlib.nullcontext(), self.log.timing("other"), \
+                self._progress_bar():
             with self.log.timing("setup"):
                 self.prepare()
                 self._start()
@@ -613,6 +625,28 @@ class TrainingMachine:
                 final, best_model, schedule = self._final()
         return TrainingResults(config=self.config, total_steps=self.total_steps, history=self.history,
                                metrics=self.metrics, final=final, best_model=best_model, schedule=schedule)
+
+    @contextlib.contextmanager
+    def _progress_bar(self):
+        """With ``progress``, a bar fed by the run's events next to the callback, closed at the end."""
+        if not self.progress or self.rank != 0:
+            yield
+            return
+        from .progress import ProgressBar
+
+        bar, callback = ProgressBar(self.total_steps, self.config.task, start=self.step), self.log.callback
+
+        def both(event):
+            bar(event)
+            if callback is not None:
+                callback(event)
+
+        self.log.callback = both
+        try:
+            yield
+        finally:
+            self.log.callback = callback
+            bar.close()
 
     def _final(self) -> tuple[dict, nn.Module, PhaseSchedule]:
         """The final record, the run's model (see :func:`~vmapclan.evaluation.final_model`) and its schedule."""

@@ -113,13 +113,24 @@ class RunLog:
         """Lower :attr:`best_val` to the least finite validation loss of ``values``."""
         self.best_val = min([self.best_val, *(v for v in values if math.isfinite(v))])
 
-    def step(self, loss: torch.Tensor, step: int, phase: str, round_index: int) -> None:
-        """After a step: its ``[P]`` losses into the running mean, a training-loss record every ``log_every``."""
+    def logs(self, step: int) -> bool:
+        """Whether step ``step`` makes a training-loss record."""
+        return step % self.log_every == 0 or step >= self.total_steps
+
+    def step(self, loss: torch.Tensor, step: int, phase: str, round_index: int,
+             lr: torch.Tensor | None = None) -> None:
+        """After a step: its ``[P]`` losses into the running mean, a training-loss record every ``log_every``.
+
+        ``lr``: member 0's lr in force at the step (a scalar tensor), recorded with the loss.
+        """
         self._loss_sum += loss.mean().double()  # summed on device: no host sync per step
         self._loss_count += 1
-        if step % self.log_every == 0 or step >= self.total_steps:
-            self.record({"event": "train", "step": step, "t": step / self.total_steps, "phase": phase,
-                         "loss": self._loss_sum.item() / self._loss_count})
+        if self.logs(step):
+            record = {"event": "train", "step": step, "t": step / self.total_steps, "phase": phase,
+                      "loss": self._loss_sum.item() / self._loss_count}
+            if lr is not None:
+                record["lr"] = lr.item()
+            self.record(record)
             self._loss_sum.zero_()
             self._loss_count = 0
         if self.callback is not None:
@@ -185,8 +196,9 @@ class TrainingResults:
     Attributes:
         config: The run's config.
         total_steps: Steps run.
-        history: One record per round (``kind="round"``: the clan's record plus ``phase``,
-            ``start_step``, ``end_step``, ``cooperative_steps``, ``batch_size``) and per cooperative
+        history: One record per round (``kind="round"``: the clan's record, without its
+            ``step`` (the run's one step counter is the time: ``start_step`` and ``end_step``),
+            plus ``phase``, ``cooperative_steps``, ``batch_size``) and per cooperative
             stretch (``kind="cooperative"``: ``phase``, ``start_step``, ``end_step``, ``hyper``,
             ``batch_size``, ``val_loss``), in time order.
         metrics: Every metrics record (training-loss logs, rounds, the final record).
