@@ -207,9 +207,6 @@ class Clan:
 
     lr_factor = property(lambda self: self.settings.lr_factor(self.time_step, self.cooperating), doc="The factor on "
                          "every member's lr at the next step: the time shape times the competitive share.")
-    lr_in_force = property(lambda self: self.optimizer.hyper.lr * (1.0 if self.optimizer.lr_factor is None else
-                                                                   self.optimizer.lr_factor),
-                           doc="This rank's members' lr of the next update (first param group), ``[local_size]``.")
 
     def _shape_lr(self) -> None:
         factor = self.optimizer.lr_factor if self.optimizer is not None else None

@@ -463,7 +463,7 @@ class TrainingMachine:
         while not clan.round_done:
             self.log.switch("train" if member.phase == "cooperative" else "compete")
             logged = self.log.logs(clan.time_step + 1)  # the lr this step takes, for its record: no host sync
-            lr = clan.lr_in_force[0] if logged and clan.optimizer is not None else None
+            lr = clan.optimizer.lr_in_force[0] if logged else None
             loss = self._step(member, next(stream))
             if cooperative:
                 self._losses_finite &= torch.isfinite(loss).all()

@@ -521,6 +521,14 @@ class BatchedAdamW(torch.optim.Optimizer):
             optimizer.lr_factor = torch.ones((), dtype=torch.float64, device=device)
         return optimizer
 
+    @property
+    def lr_in_force(self) -> torch.Tensor:
+        """Every member's lr of the next update (the first param group's): the lr gene times :attr:`lr_factor`, ``[P]``.
+
+        On the device: reading it is one host sync.
+        """
+        return self.hyper.lr if self.lr_factor is None else self.hyper.lr * self.lr_factor
+
     def set_genes(self, genes: dict[str, torch.Tensor], fixed: dict[str, float]) -> None:
         """Write the genes in force into the ``[P]`` hyperparameters, in place.
 
