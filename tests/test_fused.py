@@ -309,11 +309,22 @@ def test_fused_step_inside_sync_context_leaves_the_context_in_force():
     ({"compile": "optimizer"}, "autograd"),
     ({"layout": "flat"}, "vmap"),
     ({"update": "per-member"}, "autograd"),
+    ({"numel": (1 << 16) - 1}, "autograd"),
+    ({"numel": 1 << 16}, "vmap"),  # large members apart: the vmap backward's gradients are what the update reads
+    ({"numel": None}, "autograd"),  # the one-model step
 ])
 def test_auto_backward_rule(options, expected):
     settings = {"layout": "views", "compile": None, "update": "batched", "cuda_graph": False, **options}
     assert resolve_backward("auto", **settings) == expected
     assert resolve_backward("vmap", **settings) == "vmap"
+
+
+def test_large_members_apart_take_the_vmap_backward_and_one_model_autograd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256))  # 82k values a member
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-3), population_size=2, autobind=["adamw"])
+    step = FusedStep(clan, F.mse_loss)
+    assert step.backward == "vmap" and step._one_model_backward == "autograd"
 
 
 def test_fused_step_needs_the_member_dimension():

@@ -46,7 +46,7 @@ from .optim import UPDATES, adamw_update, resolve_update
 from .population import vectorized_forward
 
 __all__ = ["FusedStep", "check_options", "resolve_backward", "capture_cuda_graph", "LAYOUTS", "BACKWARDS",
-           "COMPILE_MODES", "UPDATES", "ONE_MODEL_FORMS"]
+           "COMPILE_MODES", "UPDATES", "ONE_MODEL_FORMS", "VMAP_BACKWARD_MIN_NUMEL"]
 
 ONE_MODEL_FORMS = ("batch", "members")
 """How a cooperative step runs the members as one model. Both compute the documented objective,
@@ -87,7 +87,9 @@ BACKWARDS = ("auto", "vmap", "autograd")
 
 - ``"auto"``: ``"autograd"`` (less per-op cost in the backward: measured faster eagerly for the
   models whose step is bound by host time, on CPU and CUDA, and on every model of the test zoo
-  on CPU), except ``"vmap"`` where ``"autograd"`` cannot go (``compile="step"``,
+  on CPU), except for members trained apart with :data:`VMAP_BACKWARD_MIN_NUMEL` values or more
+  each (there the vmap backward's gradients come out as the update reads them, and autograd's
+  cost a pass more over all of them), and ``"vmap"`` where ``"autograd"`` cannot go (``compile="step"``,
   ``layout="flat"``) and under a CUDA graph (where host time is gone and vmap measured up to 10%
   faster). For a model of a few large matmuls (the MLPs of the benchmark, on CPU and on CUDA)
   ``"vmap"`` is faster; for one of many small ops (an LSTM, GPT-2) it is much slower. The
@@ -141,16 +143,25 @@ def check_options(device: torch.device | str, *, layout: str = "views", backward
         )
 
 
-def resolve_backward(backward: str, *, layout: str, compile: str | None, update: str, cuda_graph: bool) -> str:
+#: Values per member from which ``backward="auto"`` trains members apart with the vmap backward:
+#: measured on CPU (1 thread), the MLPs' competitive step took 0.7x (1.1M values a member) to 0.9x
+#: (85k) the autograd backward's time, and 1.2x at 26k, where the host's per-op cost dominates.
+VMAP_BACKWARD_MIN_NUMEL = 1 << 16
+
+
+def resolve_backward(backward: str, *, layout: str, compile: str | None, update: str, cuda_graph: bool,
+                     numel: int | None = None) -> str:
     """The backward ``"auto"`` stands for with these (checked) options; an explicit one is returned as is.
 
     See :data:`BACKWARDS` for the rule and why. ``update`` is the resolved update, not ``"auto"``
-    (no choice depends on it today; it is taken so that callers need not know).
+    (no choice depends on it today; it is taken so that callers need not know). ``numel``: the
+    values of one member, for members trained apart (``None``: the one-model step's backward).
     """
     if backward != "auto":
         return backward
     vmap_only = cuda_graph or compile == "step" or layout != "views"
-    return "vmap" if vmap_only else "autograd"
+    large = numel is not None and numel >= VMAP_BACKWARD_MIN_NUMEL
+    return "vmap" if vmap_only or large else "autograd"
 
 
 def capture_cuda_graph(step: Callable[[], object], device: torch.device, *, warmup: int = 2,
@@ -341,7 +352,11 @@ class FusedStep:
         self.clan, self.loss_fn, self.num_inputs = clan, loss_fn, num_inputs
         self.sample_mean_loss = sample_mean_loss
         update = resolve_update(update, population.flat, compile=compile is not None)
-        backward = resolve_backward(backward, layout=layout, compile=compile, update=update, cuda_graph=cuda_graph)
+        options = {"layout": layout, "compile": compile, "update": update, "cuda_graph": cuda_graph}
+        # The one-model step runs one model's backward, where autograd's lower per-op cost wins
+        # whatever the size; members trained apart take the vmap backward from a size on.
+        self._one_model_backward = resolve_backward(backward, **options)
+        backward = resolve_backward(backward, **options, numel=population.numel)
         self.layout, self.backward, self.compile, self.update = layout, backward, compile, update
         self.cuda_graph = cuda_graph
         self._population = population
@@ -451,8 +466,9 @@ class FusedStep:
         grads, losses = self._gradients(kwargs, *batch)
         if grads is None:  # the autograd backward accumulated into grad_flat (its hooks noted what it reached)
             grads = pop.grad_flat
-        elif isinstance(grads, list):  # the vmap backward's, one per parameter
-            leaves = [g if n in self._used else None for n, g in zip(self._names, grads)]  # None: AdamW skips it
+        elif isinstance(grads, list):  # one per parameter, None for one the loss does not reach: AdamW skips it
+            leaves = grads if self.backward == "autograd" else [g if n in self._used else None
+                                                                 for n, g in zip(self._names, grads)]
             if self.update == "per-member" and not accumulating:
                 # The kernel reads each gradient where the backward left it: no copy into grad_flat.
                 leaves = [None if g is None else member_mean(g, self.clan.group) if cooperative else g for g in leaves]
@@ -481,7 +497,7 @@ class FusedStep:
         accumulating = opt.num_grad_accum is not None
         form = self._form  # chosen by train_step for this call, before it picked the forward's context
         group = self.clan.group
-        if self.backward == "autograd":
+        if self._one_model_backward == "autograd":
             if not accumulating:
                 release_gradients_(pop)  # start from zero, whatever an imperative backward left there
             elif group is not None:
@@ -603,23 +619,30 @@ class FusedStep:
     def _module_params(self) -> dict[str, torch.Tensor]:
         return self._population.module_params
 
-    def _autograd_gradients(self, kwargs: dict, *batch: torch.Tensor) -> tuple[None, torch.Tensor]:
-        """The losses ``[P]`` of the vmapped forward, and their gradients accumulated into ``grad_flat``.
+    def _autograd_gradients(self, kwargs: dict, *batch: torch.Tensor) -> tuple[list | None, torch.Tensor]:
+        """The losses ``[P]`` of the vmapped forward, and their gradients by one ordinary autograd backward.
 
-        The imperative loop's own backward (AccumulateGrad into each parameter's ``.grad``, a view
-        of ``grad_flat``), so this step does the loop's work without its Python calls.
+        The imperative loop's own backward, so this step does the loop's work without its Python
+        calls. With gradient accumulation it accumulates into each parameter's ``.grad``, a view
+        of ``grad_flat`` (returns ``None`` for the gradients: they are there). Without, it returns
+        them as a list (``None`` where the loss does not reach), as the backward made them: adding
+        them into ``grad_flat``'s strided views cost a pass over all of it (a fifth of the step on
+        a large model), and most updates read them where they are.
         """
         pop = self._population
-        if self._optimizer.num_grad_accum is None:
-            # Without accumulation the step starts from zero, whatever an imperative backward
-            # left there (the vmap backward overwrites grad_flat instead).
-            release_gradients_(pop)
+        accumulating = self._optimizer.num_grad_accum is not None
+        if not accumulating:
+            release_gradients_(pop)  # the step starts from zero, whatever an imperative backward left there
         # The update averages a cooperative step's gradients itself (reduce_gradients_), so the
         # backward runs in a context that averages nothing but satisfies the clan's check.
         with self.clan.sync_context(cooperative=False), torch.enable_grad():
             losses = _member_losses(self._losses(pop.params, pop.buffers, kwargs, *batch), pop.population_size)
-            torch.autograd.backward(losses.sum(), inputs=self._leaves)
-        return None, losses
+            if accumulating:
+                torch.autograd.backward(losses.sum(), inputs=self._leaves)
+                return None, losses
+            grads = torch.autograd.grad(losses.sum(), self._leaves, allow_unused=True)
+        pop.grad_seen.update(n for n, g in zip(self._names, grads) if g is not None)
+        return list(grads), losses
 
     def __call__(self, *batch: torch.Tensor, **model_kwargs: torch.Tensor) -> torch.Tensor:
         """Train every member one step on ``batch`` in the clan's current phase and advance the round clock.
