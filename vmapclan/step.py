@@ -466,9 +466,8 @@ class FusedStep:
         grads, losses = self._gradients(kwargs, *batch)
         if grads is None:  # the autograd backward accumulated into grad_flat (its hooks noted what it reached)
             grads = pop.grad_flat
-        elif isinstance(grads, list):  # one per parameter, None for one the loss does not reach: AdamW skips it
-            leaves = grads if self.backward == "autograd" else [g if n in self._used else None
-                                                                 for n, g in zip(self._names, grads)]
+        elif isinstance(grads, list):  # the vmap backward's, one per parameter
+            leaves = [g if n in self._used else None for n, g in zip(self._names, grads)]  # None: AdamW skips it
             if self.update == "per-member" and not accumulating:
                 # The kernel reads each gradient where the backward left it: no copy into grad_flat.
                 leaves = [None if g is None else member_mean(g, self.clan.group) if cooperative else g for g in leaves]
@@ -619,30 +618,26 @@ class FusedStep:
     def _module_params(self) -> dict[str, torch.Tensor]:
         return self._population.module_params
 
-    def _autograd_gradients(self, kwargs: dict, *batch: torch.Tensor) -> tuple[list | None, torch.Tensor]:
-        """The losses ``[P]`` of the vmapped forward, and their gradients by one ordinary autograd backward.
+    def _autograd_gradients(self, kwargs: dict, *batch: torch.Tensor) -> tuple[None, torch.Tensor]:
+        """The losses ``[P]`` of the vmapped forward, and their gradients accumulated into ``grad_flat``.
 
-        The imperative loop's own backward, so this step does the loop's work without its Python
-        calls. With gradient accumulation it accumulates into each parameter's ``.grad``, a view
-        of ``grad_flat`` (returns ``None`` for the gradients: they are there). Without, it returns
-        them as a list (``None`` where the loss does not reach), as the backward made them: adding
-        them into ``grad_flat``'s strided views cost a pass over all of it (a fifth of the step on
-        a large model), and most updates read them where they are.
+        The imperative loop's own backward (AccumulateGrad into each parameter's ``.grad``, a view
+        of ``grad_flat``), so this step does the loop's work without its Python calls. For small
+        members the flat rows it leaves are what the update reads fastest; for large ones the
+        pass that adds the gradients into the strided views costs more than the vmap backward
+        (see :data:`VMAP_BACKWARD_MIN_NUMEL`).
         """
         pop = self._population
-        accumulating = self._optimizer.num_grad_accum is not None
-        if not accumulating:
-            release_gradients_(pop)  # the step starts from zero, whatever an imperative backward left there
+        if self._optimizer.num_grad_accum is None:
+            # Without accumulation the step starts from zero, whatever an imperative backward
+            # left there (the vmap backward overwrites grad_flat instead).
+            release_gradients_(pop)
         # The update averages a cooperative step's gradients itself (reduce_gradients_), so the
         # backward runs in a context that averages nothing but satisfies the clan's check.
         with self.clan.sync_context(cooperative=False), torch.enable_grad():
             losses = _member_losses(self._losses(pop.params, pop.buffers, kwargs, *batch), pop.population_size)
-            if accumulating:
-                torch.autograd.backward(losses.sum(), inputs=self._leaves)
-                return None, losses
-            grads = torch.autograd.grad(losses.sum(), self._leaves, allow_unused=True)
-        pop.grad_seen.update(n for n, g in zip(self._names, grads) if g is not None)
-        return list(grads), losses
+            torch.autograd.backward(losses.sum(), inputs=self._leaves)
+        return None, losses
 
     def __call__(self, *batch: torch.Tensor, **model_kwargs: torch.Tensor) -> torch.Tensor:
         """Train every member one step on ``batch`` in the clan's current phase and advance the round clock.
