@@ -401,3 +401,38 @@ def test_a_checkpoint_whose_training_loss_mean_is_nan_resumes(tmp_path):
     save_checkpoint(state, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match=r"the checkpoint's machine/loss_sum must be a number, got inf"):
         TrainingMachine.resume(tmp_path).prepare()
+
+
+SWEEP = {"task": "digits-mlp", "total_steps": 20, "seed": 4, "model": {"hidden": 8},
+         "optimizer": {"lr": 1e-3, "weight_decay": 1e-2},
+         "clan": {"population_size": 4, "round_length": 10, "duty_cycle": 1.0, "selection": "none",
+                  "sweep": {"lr": {"range": [1e-4, 1e-2]}, "weight_decay": {"range": [1e-5, 1e-1], "scale": "log"}}}}
+
+
+def test_a_config_sweep_draws_the_named_genes_and_holds_the_rest():
+    machine = TrainingMachine(SWEEP)
+    results = machine.train()
+    first = results.rounds[0]["genomes"]
+    assert all(1e-4 <= v <= 1e-2 for v in first["lr"]) and len(set(first["lr"])) == 4
+    assert all(1e-5 <= v <= 1e-1 for v in first["weight_decay"]) and len(set(first["weight_decay"])) == 4
+    assert first["betas/0"] == [0.9] * 4 and first["betas/1"] == [0.999] * 4 and first["eps"] == [1e-8] * 4
+    assert (machine.clan.genes["weight_decay"].low, machine.clan.genes["weight_decay"].high) == (1e-5, 1e-1)
+    assert results.rounds[1]["genomes"] == first  # a sweep's genes never mutate
+    again = TrainingMachine(SWEEP).train().rounds[0]["genomes"]
+    assert again == first  # drawn by the seed
+
+
+@pytest.mark.parametrize("sweep, clan, message", [
+    ({"lr": {"range": [1e-4, 1e-2]}}, {"selection": "winner", "duty_cycle": 0.25},
+     r"clan.sweep needs clan.selection = 'none' \(a sweep\) or 'truncation' \(PBT\)"),
+    ({"lr": {"range": [1e-2, 1e-4]}}, {}, r"clan.sweep.lr.range must have low < high, got \[0.01, 0.0001\]"),
+    ({"lr": {"range": [0.0, 1e-2]}}, {}, r"clan.sweep.lr.range must be a number in \(0, inf\), got 0.0"),
+    ({"lr": {"range": [1e-4, 1e-2], "scale": "cubic"}}, {}, r"clan.sweep.lr.scale must be 'log' or 'linear', "
+                                                          r"got 'cubic'"),
+    ({"lr": {"ranges": [1e-4, 1e-2]}}, {}, r"clan.sweep.lr: unknown key 'ranges'"),
+    ({"momentum": {"range": [0.1, 0.9]}}, {}, r"clan.sweep: no gene 'momentum'; the run's genes are \['betas/0'"),
+])
+def test_a_bad_config_sweep_is_refused_by_name(sweep, clan, message):
+    config = {**SWEEP, "clan": {**SWEEP["clan"], **clan, "sweep": sweep}}
+    with pytest.raises(ValueError, match=message):
+        TrainingMachine(config).prepare()

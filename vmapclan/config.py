@@ -299,6 +299,11 @@ class ClanSpec(_Spec):
         init: ``"copy"`` (members start identical) or ``"independent"``.
         lr_grid: For a sweep (``selection = "none"``): one fixed learning rate per member, which
             then never mutates. Empty: no grid.
+        sweep: For a sweep or PBT (``selection = "none"`` or ``"truncation"``): the genes to draw
+            a value per member for, ``{gene: {"range": [low, high], "scale": "log" | "linear"}}``
+            (log by default), drawn by the run's seed; every gene not named starts at the
+            optimizer's value for every member. The gene's bounds follow the range (widened to
+            hold the optimizer's value). Empty: the members start from the usual mutations.
         genes: Overrides of the autobound AdamW genes, ``{name: {field: value}}`` (see
             :class:`vmapclan.Gene`), e.g. ``{"lr": {"low": 1e-4, "high": 1e-1}}``.
         confidence: With winner selection: a challenger wins a round only when its gain over
@@ -324,6 +329,7 @@ class ClanSpec(_Spec):
     selection: str = "winner"
     init: str = "copy"
     lr_grid: tuple[float, ...] = ()
+    sweep: dict = dataclasses.field(default_factory=dict)
     genes: dict = dataclasses.field(default_factory=dict)
     confidence: float = 0.0
     keep_best: bool = DEFAULTS.keep_best
@@ -358,6 +364,7 @@ class ClanSpec(_Spec):
             raise ValueError(
                 f"clan.lr_grid must hold population_size={self.population_size} values, got {len(grid)}"
             )
+        object.__setattr__(self, "sweep", _sweep_table(self.sweep, self.selection, grid))
         if not isinstance(self.genes, Mapping) or not all(isinstance(v, Mapping) for v in self.genes.values()):
             _fail(s, "genes", "a table {gene name: {field: value}}", self.genes)
         object.__setattr__(self, "genes", {k: dict(v) for k, v in self.genes.items()})
@@ -374,6 +381,35 @@ class ClanSpec(_Spec):
     def selection_arg(self) -> str | None:
         """The ``selection`` argument of :class:`vmapclan.Clan` (``"none"`` becomes ``None``)."""
         return None if self.selection == "none" else self.selection
+
+
+def _sweep_table(sweep, selection: str, grid: tuple) -> dict:
+    """``[clan] sweep`` checked: ``{gene: {"range": [low, high], "scale": ...}}`` with ``low < high``, log ones positive."""
+    if not isinstance(sweep, Mapping) or not all(isinstance(v, Mapping) for v in sweep.values()):
+        _fail("clan", "sweep", "a table {gene: {range = [low, high], scale = 'log' or 'linear'}}", sweep)
+    if sweep and selection == "winner":
+        raise ValueError("clan.sweep needs clan.selection = 'none' (a sweep) or 'truncation' (PBT): winner "
+                         "selection starts every member from the incumbent")
+    if sweep and grid:
+        raise ValueError("clan.sweep and clan.lr_grid both set the members' genes: give one of them")
+    out = {}
+    for name, entry in sweep.items():
+        where = f"clan.sweep.{name}"
+        unknown = sorted(set(entry) - {"range", "scale"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key {unknown[0]!r}; a gene's sweep takes 'range' and 'scale'")
+        scale = entry.get("scale", "log")
+        if scale not in ("log", "linear"):
+            raise ValueError(f"{where}.scale must be 'log' or 'linear', got {scale!r}")
+        bounds = entry.get("range")
+        if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+            raise ValueError(f"{where}.range must be [low, high], got {bounds!r}")
+        low, high = (number_in(v, f"{where}.range", 0 if scale == "log" else -math.inf, math.inf,
+                               low_open=True, high_open=True) for v in bounds)
+        if not low < high:
+            raise ValueError(f"{where}.range must have low < high, got {list(bounds)}")
+        out[name] = {"range": [low, high], "scale": scale}
+    return out
 
 
 def check_round(where: str, round_length: int, duty_cycle: float) -> None:

@@ -52,6 +52,7 @@ from .clan import Clan, DivergenceError
 from .config import RunConfig
 from .distributed import any_rank, current_rank
 from .evaluation import final_model, score_round
+from .genome import ADAMW_GENES
 from .plan import PhasePlan, grow_function, growths_before, plan_phases
 from .population import member_loss
 from .record import RunLog, TrainingResults
@@ -130,11 +131,41 @@ def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, devic
     c, opt = config.clan, config.optimizer
     # The phases' data and model planes are the machine's (plan.py): the clan follows the rest.
     clan_plane = PhaseSchedule([dataclasses.replace(phase, data={}, model={}) for phase in schedule])
-    return Clan(model, build_optimizer(task, model, opt), population_size=c.population_size, round_length=c.round_length,
-                duty_cycle=c.duty_cycle, autobind=["adamw"], genome_config=c.genes, selection=c.selection_arg,
+    optimizer = build_optimizer(task, model, opt)
+    genes = {name: dict(fields) for name, fields in c.genes.items()}
+    for name, entry in c.sweep.items():  # a sweep's gene bounds follow its range (and hold the optimizer's value)
+        if name not in ADAMW_GENES and name not in c.genes:
+            raise ValueError(f"clan.sweep: no gene {name!r}; the run's genes are {sorted({*ADAMW_GENES, *c.genes})}")
+        low, high = entry["range"]
+        start = _start_value(optimizer, name)
+        genes[name] = {**genes.get(name, {}), "low": min(low, start) if start is not None else low,
+                       "high": max(high, start) if start is not None else high, "scale": entry["scale"]}
+    return Clan(model, optimizer, population_size=c.population_size, round_length=c.round_length,
+                duty_cycle=c.duty_cycle, autobind=["adamw"], genome_config=genes, selection=c.selection_arg,
                 init=c.init, seed=config.seed, device=device, confidence=c.confidence or None,
                 total_steps=config.total_steps, schedule=clan_plane, lr_schedule=opt.lr_schedule, warmup=opt.warmup,
                 decay=opt.decay, competitive_lr=c.competitive_lr, keep_best=c.keep_best)
+
+
+def _start_value(optimizer, gene: str) -> float | None:
+    """The optimizer's value of an AdamW gene (``None`` for another gene)."""
+    from .genome import optimizer_settings
+
+    value = optimizer_settings(optimizer).get(gene)
+    return None if value is None else float(value)
+
+
+def _sweep_values(sweep: Mapping, size: int, seed: int) -> dict[str, list[float]]:
+    """Each swept gene's ``size`` values, drawn log-uniform or uniform from its range by ``seed``."""
+    generator = torch.Generator().manual_seed(seed + 7)  # its own stream: the run's other draws are unchanged
+    out = {}
+    for name, entry in sweep.items():
+        low, high = entry["range"]
+        u = torch.rand(size, generator=generator, dtype=torch.float64)
+        values = torch.exp(math.log(low) + u * (math.log(high) - math.log(low))) if entry["scale"] == "log" \
+            else low + u * (high - low)
+        out[name] = values.tolist()
+    return out
 
 
 class TrainingMachine:
@@ -276,14 +307,23 @@ class TrainingMachine:
         self.clan = _clan_of(cfg, self.schedule, model, self.device, self.task)
         if self.clan.group is not None:  # the clan compared its own settings; the rest of the run must agree too
             self.clan.group.check_same(self.config.to_toml(), "the run's config", who="TrainingMachine")
-        if cfg.clan.lr_grid:
-            # A sweep over lr only: every other gene is held at the incumbent for every member.
+        if cfg.clan.lr_grid or cfg.clan.sweep:
+            # The members' start: the named genes drawn (or the lr grid); every other gene is held
+            # at the incumbent for every member.
+            where = "clan.lr_grid" if cfg.clan.lr_grid else "clan.sweep"
+            drawn = {"lr": list(cfg.clan.lr_grid)} if cfg.clan.lr_grid else \
+                _sweep_values(cfg.clan.sweep, cfg.clan.population_size, cfg.seed)
+            unknown = sorted(set(drawn) - set(self.clan.incumbent))
+            if unknown:
+                raise ValueError(f"{where}: no gene {unknown[0]!r}; the run's genes are {sorted(self.clan.incumbent)}")
             for name, value in self.clan.incumbent.items():
-                values = cfg.clan.lr_grid if name == "lr" else [value.item()] * cfg.clan.population_size
+                values = drawn.get(name, [value.item()] * cfg.clan.population_size)
+                if self.clan.genes[name].dtype == "int":
+                    values = [round(v) for v in values]
                 try:
                     self.clan.set_genome(name, values)
                 except ValueError as err:
-                    raise ValueError(f"clan.lr_grid: {err}") from None
+                    raise ValueError(f"{where}: {err}") from None
 
     @property
     def data(self):
