@@ -16,7 +16,7 @@ import torch
 import vmapclan.machine as machine_module
 from vmapclan import TrainingMachine
 from vmapclan.checkpoint import load_checkpoint
-from vmapclan.cli import EXIT_DIVERGED, EXIT_OK, main
+from vmapclan.cli import EXIT_DIVERGED, EXIT_INPUT, EXIT_OK, main
 
 STEPS = 60
 CONFIG = f"""
@@ -114,3 +114,53 @@ def test_a_fault_in_any_phase_ends_in_the_documented_outcome(tmp_path, capsys, m
         assert lines[-1].startswith("vmapclan: training diverged:")
         state = load_checkpoint(out / "checkpoint.pt")  # the last good checkpoint: kept, and finite
         assert torch.isfinite(state["clan"]["model"]["params"]).all()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A short run's directory (its checkpoint at the end)."""
+    root = tmp_path_factory.mktemp("finished")
+    (root / "c.toml").write_text(CONFIG.replace(f"total_steps = {STEPS}", "total_steps = 24"))
+    assert main(["train", str(root / "c.toml"), "--out", str(root / "run"), "--no-progress", "--no-plots"]) == EXIT_OK
+    return root / "run"
+
+
+class Payload:
+    """A pickle that would run code when loaded: a foreign checkpoint must never be unpickled."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def corruptions(good: bytes):
+    g = torch.Generator().manual_seed(0)
+    for k, at in enumerate(torch.randint(0, len(good), (8,), generator=g).tolist()):
+        yield f"flip-{k}", good[:at] + bytes([good[at] ^ 0x5A]) + good[at + 1:]
+    for k, cut in enumerate(torch.randint(0, len(good), (4,), generator=g).tolist()):
+        yield f"truncated-{k}", good[:cut]
+    import io
+    import pickle
+
+    yield "foreign-pickle", pickle.dumps(Payload())
+    buffer = io.BytesIO()
+    torch.save({"format_version": 3, "clan": {}, "machine": {}}, buffer)
+    yield "torch-save-without-header", buffer.getvalue()
+    yield "empty", b""
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_nothing_else_changes(finished_run, tmp_path, capsys):
+    import shutil
+
+    good = (finished_run / "checkpoint.pt").read_bytes()
+    for name, data in corruptions(good):
+        run = tmp_path / name
+        shutil.copytree(finished_run, run)
+        (run / "checkpoint.pt").write_bytes(data)
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        code = main(["train", "--resume", str(run), "--no-progress", "--no-plots"])
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert code == EXIT_INPUT and len(lines) == 1 and lines[0].startswith("vmapclan: error: "), (name, lines)
+        assert "unpickled!" not in captured.out
+        after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        assert after == before, name  # no data lost, nothing written
