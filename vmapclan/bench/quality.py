@@ -282,36 +282,12 @@ def schedulefree_run(base: dict, seed: int, lr: float) -> dict:
         ImportError: if the ``schedulefree`` package is not installed.
     """
     schedulefree = _schedulefree()
-    from .. import RunConfig
-    from ..task import data_batches, data_length
+    from .plain import train_plain
 
-    cfg = RunConfig.from_dict({**base, "seed": seed})
-    task = _task_of(base)
-    cfg = cfg.replace(data=task.data_settings(cfg.data))
-    torch.manual_seed(cfg.seed)  # the model's init, as the machine seeds it
-    data = task.load(cfg.data, cfg.seed)
-    model = task.build_model(task.model_settings(cfg.model), cfg.data)
-    optimizer = schedulefree.AdamWScheduleFree(model.parameters(), lr=lr)
-    batch = cfg.clan.population_size * cfg.data.batch_size
-    n, generator = data_length(data.train), torch.Generator().manual_seed(cfg.seed)
-    if batch > n:
-        raise ValueError(f"quality: schedulefree's batch P x B = {batch} is more than the {n} training samples")
-    order, position = torch.randperm(n, generator=generator), 0
-    model.train()
-    optimizer.train()
-    diverged = False
-    for _ in range(cfg.total_steps):
-        if position + batch > n:
-            order, position = torch.randperm(n, generator=generator), 0
-        x, y = next(data_batches(data.train, order[position:position + batch]))
-        position += batch
-        loss = task.loss(model(x), y)
-        if not torch.isfinite(loss):
-            diverged = True
-            break
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        optimizer.step()
+    def adamw_schedulefree(model, _config):
+        return schedulefree.AdamWScheduleFree(model.parameters(), lr=lr)
+
+    task, data, model, optimizer, diverged = train_plain({**base, "seed": seed}, adamw_schedulefree, task=_task_of(base))
     optimizer.eval()  # the averaged weights: the ones schedule-free training returns
     out = {"lr": lr, "diverged": diverged}
     for split in ("val", "test"):

@@ -53,34 +53,14 @@ def _clan_run(config: dict) -> dict:
 
 
 def _plain_run(config: dict) -> dict:
-    """One model at batch ``P x B`` for the run's steps, then one evaluation on the validation split."""
-    from .. import RunConfig
-    from ..task import data_batches, data_length, resolve_task
+    """One model at batch ``P x B`` for the run's steps, then one evaluation on the validation (and test) split."""
+    from .plain import train_plain
 
     start = time.perf_counter()
-    cfg = RunConfig.from_dict(config)
-    task = resolve_task(cfg.task, cfg.task_args)
-    cfg = cfg.replace(data=task.data_settings(cfg.data))
-    torch.manual_seed(cfg.seed)
-    data = task.load(cfg.data, cfg.seed)
-    model = task.build_model(task.model_settings(cfg.model), cfg.data)
-    optimizer = cfg.optimizer.build(model.parameters())
-    batch = cfg.clan.population_size * cfg.data.batch_size
-    n, generator = data_length(data.train), torch.Generator().manual_seed(cfg.seed)
-    order, position = torch.randperm(n, generator=generator), 0
-    model.train()
-    for _ in range(cfg.total_steps):
-        if position + batch > n:
-            order, position = torch.randperm(n, generator=generator), 0
-        x, y = next(data_batches(data.train, order[position:position + batch]))
-        position += batch
-        loss = task.loss(model(x), y)
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        optimizer.step()
-    val = task.evaluate(model, data.val)["loss"]
-    if data.test is not None:
-        task.evaluate(model, data.test)
+    run = train_plain(config)
+    val = run.task.evaluate(run.model, run.data.val)["loss"]
+    if run.data.test is not None:
+        run.task.evaluate(run.model, run.data.test)
     return {"seconds": time.perf_counter() - start, "val_loss": val}
 
 
