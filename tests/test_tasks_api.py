@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from vmapclan import RunConfig, Task, TrainingMachine, replay
 from vmapclan.cli import EXIT_INPUT, EXIT_OK, main
-from vmapclan.tasks import resolve_task
+from vmapclan.tasks import get_task, resolve_task
 
 from runs import assert_resumes_exactly
 
@@ -480,3 +480,20 @@ class BadGroups(GroupedTask):
 def test_bad_param_groups_are_refused_by_name(groups, message):
     with pytest.raises((ValueError, TypeError), match=message):
         TrainingMachine(GROUPED, task=BadGroups(groups)).prepare()
+
+
+def test_config_toml_holds_only_the_data_settings_the_task_reads(tmp_path):
+    results = TrainingMachine({"total_steps": 16, "data": {"batch_size": 4},
+                               "clan": {"population_size": 2, "round_length": 8}}, task=BlobsTask(),
+                              out_dir=tmp_path / "r").train()
+    results.save(tmp_path / "r", plots=False)
+    for text in ((tmp_path / "r" / "config.toml").read_text(),):
+        data = tomllib.loads(text)["data"]
+        assert set(data) == {"batch_size", "eval_samples", "test_fraction"}  # BlobsTask reads none of the rest
+    # Set away from its default, a field is written whoever reads it (a resume must not change it).
+    config = {"total_steps": 16, "data": {"batch_size": 4, "seq_len": 12}, "clan": {"population_size": 2,
+                                                                                 "round_length": 8}}
+    TrainingMachine(config, task=BlobsTask(), out_dir=tmp_path / "s").train()
+    assert tomllib.loads((tmp_path / "s" / "config.toml").read_text())["data"]["seq_len"] == 12
+    assert "seq_len" in tomllib.loads(RunConfig.from_dict({"task": "stdlib-chars"}).to_toml(
+        get_task("stdlib-chars").unread_data()))["data"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from .checks import int_in, number_in, positive_int, refuse
@@ -601,8 +601,17 @@ class RunConfig:
             data = {**data, "data": {**data_table, "test_fraction": 0.0}}
         return cls.from_dict(data)
 
-    def to_toml(self) -> str:
-        """The config as TOML text (what :meth:`from_toml` reads)."""
+    def to_toml(self, unread: Sequence[str] = ()) -> str:
+        """The config as TOML text (what :meth:`from_toml` reads).
+
+        Args:
+            unread: ``[data]`` fields the run's task does not read
+                (:meth:`vmapclan.Task.unread_data`): left out where they hold their default,
+                which reading the text back gives them again.
+        """
         import tomli_w
 
-        return tomli_w.dumps(self.to_dict())
+        out = self.to_dict()
+        defaults = DataSpec().to_dict()
+        out["data"] = {k: v for k, v in out["data"].items() if not (k in unread and v == defaults.get(k))}
+        return tomli_w.dumps(out)

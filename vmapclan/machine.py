@@ -664,7 +664,8 @@ class TrainingMachine:
             with self.log.timing("evaluate"):
                 final, best_model, schedule = self._final()
         return TrainingResults(config=self.config, total_steps=self.total_steps, history=self.history,
-                               metrics=self.metrics, final=final, best_model=best_model, schedule=schedule)
+                               metrics=self.metrics, final=final, best_model=best_model, schedule=schedule,
+                               unread_data=self.task.unread_data())
 
     @contextlib.contextmanager
     def _progress_bar(self):
@@ -711,4 +712,5 @@ class TrainingMachine:
         A comment, because the config does not depend on it: a resume may run on another number
         of ranks (each takes its members from the checkpoint).
         """
-        return f"# world_size = {self.clan.world_size}  (processes that trained this run)\n" + self.config.to_toml()
+        return f"# world_size = {self.clan.world_size}  (processes that trained this run)\n" + \
+            self.config.to_toml(self.task.unread_data())

@@ -211,6 +211,8 @@ class TrainingResults:
             ``last_val_loss`` (the last model's loss).
         best_model: A plain ``nn.Module`` with the best member's weights (or the kept incumbent's).
         schedule: The exported :class:`PhaseSchedule` the best model's lineage trained with.
+        unread_data: The ``[data]`` fields the task does not read, which ``config.toml`` leaves
+            out where they hold their default.
     """
 
     config: RunConfig
@@ -220,6 +222,7 @@ class TrainingResults:
     final: dict
     best_model: nn.Module
     schedule: PhaseSchedule
+    unread_data: tuple[str, ...] = ()
 
     @property
     def rounds(self) -> list[dict]:
@@ -289,7 +292,7 @@ class TrainingResults:
         files["config"] = out / "config.toml"
         world = f"# world_size = {self.final['world_size']}  (processes that trained this run)\n" \
             if "world_size" in self.final else ""
-        files["config"].write_text(world + self.config.replace(total_steps=self.total_steps).to_toml())
+        files["config"].write_text(world + self.config.replace(total_steps=self.total_steps).to_toml(self.unread_data))
         files["best_model"] = out / "best_model.pt"
         buffer = io.BytesIO()
         torch.save(self.best_model.state_dict(), buffer)  # in memory: a full disk fails below with ENOSPC, not in torch

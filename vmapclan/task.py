@@ -313,6 +313,16 @@ class Task(abc.ABC):
             data: The run's data settings.
         """
 
+    #: The :class:`~vmapclan.DataSpec` fields :meth:`split` (or :meth:`build_model`) reads, besides
+    #: the machine's own (``batch_size``, ``eval_samples``, ``test_fraction``): ``val_fraction``,
+    #: ``seq_len``, ``max_chars``. A run's ``config.toml`` leaves out the others where they hold
+    #: their default (:meth:`unread_data`).
+    data_reads: tuple[str, ...] = ()
+
+    def unread_data(self) -> tuple[str, ...]:
+        """The :class:`~vmapclan.DataSpec` fields this task does not read (see :attr:`data_reads`)."""
+        return tuple(f for f in ("val_fraction", "seq_len", "max_chars") if f not in self.data_reads)
+
     #: Whether :meth:`loss` is a plain mean over its batch's samples, each weighted alike (no
     #: ``ignore_index`` padding, no class weights): the cooperative step then takes it once on the
     #: merged ``P x B`` batch (``FusedStep(sample_mean_loss=True)``), which is cheaper. Declare it

@@ -48,6 +48,7 @@ class DigitsTask(Task):
     name = "digits-mlp"
     model_defaults = {"hidden": 128}
     sample_mean_loss = True  # cross-entropy, each sample alike
+    data_reads = ("val_fraction",)
 
     def model_settings(self, model) -> dict:
         """The settings with defaults; ``hidden`` must be a positive int."""
@@ -179,6 +180,7 @@ class StdlibCharsTask(Task):
 
     name = "stdlib-chars"
     sample_mean_loss = True  # cross-entropy over every position of equal-length windows
+    data_reads = ("val_fraction", "seq_len", "max_chars")
     model_defaults = {"d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0, "max_len": 0}
     phase_data = ("seq_len",)
 
