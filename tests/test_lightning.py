@@ -19,6 +19,7 @@ from torch import nn
 
 from vmapclan import Clan, Gene, member_loss
 from vmapclan.lightning import ClanCallback, ClanModule, LookaheadLoader
+from vmapclan.task import KeywordTensors
 from vmapclan.tasks import load_digits
 
 from plain_loop import train_step, validation_losses
@@ -512,3 +513,49 @@ def test_a_clan_with_a_plan_fits_as_the_plain_loop_and_stops_at_its_horizon(tmp_
     assert_same_weights(module.clan, plain)
     logged = (pathlib.Path(logger.log_dir) / "metrics.csv").read_text()
     assert "clan/val_loss" in logged and "clan/winner" in logged
+
+
+class KeywordNet(nn.Module):
+    """A linear model called with keyword inputs (``features=``, ``scale=``), as Hugging Face models are."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, features, scale):
+        return self.lin(features * scale)
+
+
+class KeywordTiny(ClanModule):
+    """Tiny's run with samples ``({"features", "scale"}, target)``: the loader batches each input per member."""
+
+    def training_step(self, batch, batch_idx):
+        inputs, y = batch
+        return member_loss(F.cross_entropy, self.member.model(**inputs), y).sum()
+
+    def member_validation_step(self, batch, batch_idx):
+        inputs, y = self.member.share(batch)
+        return member_loss(F.cross_entropy, self.member.model(**inputs), y)
+
+    def train_dataloader(self):
+        return self.clan_loader(KEYWORD_DATA, batch_size=2)
+
+
+KEYWORD_DATA = KeywordTensors({"features": DATA[0], "scale": torch.ones(20, 1)}, DATA[1])
+
+
+def test_keyword_inputs_train_through_the_trainer_as_positional_ones_do():
+    def keyword_clan():
+        torch.manual_seed(0)
+        model = KeywordNet()
+        return Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-2), population_size=3, round_length=2,
+                    duty_cycle=0.5, autobind=["adamw"], seed=0)
+
+    module, plain = KeywordTiny(keyword_clan()), Tiny()
+    keyword_val = ({"features": DATA[0], "scale": torch.ones(20, 1)}, DATA[1])
+    for m, val in ((module, keyword_val), (plain, DATA)):
+        trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[ClanCallback([val])])
+        trainer.fit(m)
+    assert [r["winner"] for r in module.clan.history] == [r["winner"] for r in plain.clan.history]
+    assert torch.allclose(module.clan.population.flat, plain.clan.population.flat, atol=1e-6)
