@@ -141,9 +141,9 @@ def test_killed_and_resumed_on_other_ranks_ends_identical(tmp_path, single):
 def test_killed_rank_fails_the_others_naming_it(tmp_path):
     """Rank 1 dies (SIGKILL) in the cooperative phase: ranks 0 and 2 fail with a message naming rank 1.
 
-    Rank 0 hosts the rendezvous store the others ask who stopped answering. It names rank 1
-    always; rank 2 does when it asks before rank 0 has exited, and otherwise says the store is
-    gone too (a race of the two survivors' exits, seen under load).
+    Rank 0 hosts the rendezvous store the others ask who stopped answering: it stays until a
+    rank that saw the failure later has read it (before, rank 2 sometimes found the store gone
+    under load and could not name rank 1).
     """
     codes = run_ranks(3, tmp_path, "kill", limit=90, victim=1, at=1, timeout=15)
     assert codes[1] == -9
@@ -151,10 +151,9 @@ def test_killed_rank_fails_the_others_naming_it(tmp_path):
     prefix = "DistributedError: vmapclan: the cooperative gradient all-reduce failed on rank {} of 3 within the timeout " \
              "of 15 s: "
     named = "rank 1 stopped answering (died or hung)"
-    assert (tmp_path / "error-0.txt").read_text().startswith(prefix.format(0) + named)
-    message = (tmp_path / "error-2.txt").read_text()
-    assert message.startswith(prefix.format(2) + named) or message.startswith(
-        prefix.format(2) + "another rank stopped answering, and the rendezvous store is unreachable too"), message
+    for rank in (0, 2):
+        message = (tmp_path / f"error-{rank}.txt").read_text()
+        assert message.startswith(prefix.format(rank) + named), message
 
 
 def test_hung_rank_fails_the_others_within_the_timeout(tmp_path):

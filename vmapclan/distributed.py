@@ -145,6 +145,10 @@ def _timeout_of(group) -> float | None:
         return None
 
 
+#: Seconds a rank whose collective failed waits for the others to report the same failure.
+_REPORT_WAIT = 3.0
+
+
 class ClanGroup:
     """The ranks a clan spans, and the few collectives it runs over them (see the module docstring).
 
@@ -187,12 +191,16 @@ class ClanGroup:
             store.set(_FAILED_KEY.format(self.rank), what)
             # The ranks still alive fail at about the same time (the lost connection or the same
             # timeout): give them a moment to say so; whoever stays silent is the one that stopped.
-            deadline = time.monotonic() + 3.0
+            deadline = time.monotonic() + _REPORT_WAIT
             while True:
                 missing = [r for r in range(self.world_size) if not store.check([_FAILED_KEY.format(r)])]
                 if not missing or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
+            if self.rank == 0 and missing:
+                # Under torchrun's env:// rendezvous rank 0 hosts the store: stay as long again, so
+                # that a rank which saw the failure later can still read who reported it.
+                time.sleep(_REPORT_WAIT)
         except Exception:  # noqa: BLE001 - the store lives on a rank or agent that may be gone too
             missing = None
         if missing:
