@@ -43,6 +43,17 @@ def _float(section: str, name: str, value, low: float, high: float, *, low_open:
     return number_in(value, f"{section}.{name}", low, high, low_open=low_open, high_open=high_open)
 
 
+def _fields_of(cls, data, where: str) -> list[str]:
+    """``cls``'s field names, after refusing ``data`` that is not a table or names another field."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{where}: expected a table of settings, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r}; expected some of {names}")
+    return names
+
+
 class _Spec:
     """Shared ``to_dict`` / ``from_dict`` for the flat specs."""
 
@@ -66,12 +77,7 @@ class _Spec:
         """
         if data is None:
             return cls()
-        if not isinstance(data, Mapping):
-            raise TypeError(f"{cls.section}: expected a table of settings, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in names]
-        if unknown:
-            raise ValueError(f"{cls.section}: unknown field {unknown[0]!r}; expected some of {names}")
+        _fields_of(cls, data, cls.section)
         return cls(**data)
 
 
@@ -563,12 +569,7 @@ class RunConfig:
             TypeError: if ``data`` is not a dict.
             ValueError: for unknown or bad fields, naming them.
         """
-        if not isinstance(data, Mapping):
-            raise TypeError(f"config: expected a table of settings, got {type(data).__name__}")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in fields]
-        if unknown:
-            raise ValueError(f"config: unknown field {unknown[0]!r}; expected some of {fields}")
+        _fields_of(cls, data, "config")
         kwargs = {k: v for k, v in data.items() if k not in _SECTIONS and k != "schedule"}
         for key, kind in _SECTIONS.items():
             kwargs[key] = kind.from_dict(data.get(key))
