@@ -30,6 +30,7 @@ without one; default 0.5): it must be above 0 here.
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 
@@ -406,7 +407,16 @@ class _TeacherTask(Task):
         return tuple(zip(x.tensor_split(cuts), y.tensor_split(cuts)))
 
     def _draw(self, features: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """``n`` fresh inputs and their targets (:meth:`_targets` of the teacher's output), from the task's own stream."""
+        g = torch.Generator().manual_seed(60_000 + 1000 * self.stream + seed)
+        x = torch.randn(n, features, generator=g)
+        with torch.no_grad():
+            out = _teacher(features, self.teacher_hidden, self.outputs)(x)
+        return x, self._targets(x, out, g)
+
+    @abc.abstractmethod
+    def _targets(self, x: torch.Tensor, out: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The targets of inputs ``x`` from the teacher's output ``out`` on them, their noise drawn from ``g``."""
 
     def build_model(self, model, data):
         """The student MLP features - hidden - hidden - outputs."""
@@ -422,16 +432,13 @@ class TeacherRegressionTask(_TeacherTask):
     stream = 1
     noise = 0.3
 
-    def _draw(self, features, n, seed):
-        g = torch.Generator().manual_seed(60_000 + 1000 * self.stream + seed)
-        x = torch.randn(n, features, generator=g)
-        with torch.no_grad():
-            y = _teacher(features, self.teacher_hidden, 1)(x)
+    def _targets(self, x, out, g):
         # Unit variance by the teacher's own scale on a fixed reference draw, the same for every seed.
-        ref = _teacher(features, self.teacher_hidden, 1)(torch.randn(8192, features,
-                                                                     generator=torch.Generator().manual_seed(7)))
-        y = (y - ref.mean()) / ref.std()
-        return x, y + self.noise * torch.randn(y.shape, generator=g)
+        reference = torch.randn(8192, x.shape[1], generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            ref = _teacher(x.shape[1], self.teacher_hidden, self.outputs)(reference)
+        y = (out - ref.mean()) / ref.std()
+        return y + self.noise * torch.randn(y.shape, generator=g)
 
     def loss(self, output, target):
         """Mean squared error."""
@@ -449,12 +456,8 @@ class TeacherClassificationTask(_TeacherTask):
     outputs = 10
     temperature = 3.0
 
-    def _draw(self, features, n, seed):
-        g = torch.Generator().manual_seed(60_000 + 1000 * self.stream + seed)
-        x = torch.randn(n, features, generator=g)
-        with torch.no_grad():
-            logits = self.temperature * _teacher(features, self.teacher_hidden, self.outputs)(x)
-        return x, torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+    def _targets(self, x, out, g):
+        return torch.multinomial((self.temperature * out).softmax(-1), 1, generator=g).squeeze(1)
 
     def loss(self, output, target):
         """Cross-entropy."""
