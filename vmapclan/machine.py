@@ -52,7 +52,7 @@ from .clan import Clan, DivergenceError
 from .config import RunConfig
 from .distributed import any_rank, current_rank
 from .evaluation import final_model, score_round
-from .genome import ADAMW_GENES
+from .genome import ADAMW_GENES, optimizer_settings
 from .plan import PhasePlan, grow_function, growths_before, plan_phases
 from .population import member_loss
 from .record import RunLog, TrainingResults
@@ -133,26 +133,19 @@ def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, devic
     clan_plane = PhaseSchedule([dataclasses.replace(phase, data={}, model={}) for phase in schedule])
     optimizer = build_optimizer(task, model, opt)
     genes = {name: dict(fields) for name, fields in c.genes.items()}
+    starts = optimizer_settings(optimizer)  # the AdamW genes' values
     for name, entry in c.sweep.items():  # a sweep's gene bounds follow its range (and hold the optimizer's value)
         if name not in ADAMW_GENES and name not in c.genes:
             raise ValueError(f"clan.sweep: no gene {name!r}; the run's genes are {sorted({*ADAMW_GENES, *c.genes})}")
         low, high = entry["range"]
-        start = _start_value(optimizer, name)
-        genes[name] = {**genes.get(name, {}), "low": min(low, start) if start is not None else low,
-                       "high": max(high, start) if start is not None else high, "scale": entry["scale"]}
+        start = float(starts.get(name, low))  # a gene of the user's own: the range alone
+        genes[name] = {**genes.get(name, {}), "low": min(low, start), "high": max(high, start),
+                       "scale": entry["scale"]}
     return Clan(model, optimizer, population_size=c.population_size, round_length=c.round_length,
                 duty_cycle=c.duty_cycle, autobind=["adamw"], genome_config=genes, selection=c.selection_arg,
                 init=c.init, seed=config.seed, device=device, confidence=c.confidence or None,
                 total_steps=config.total_steps, schedule=clan_plane, lr_schedule=opt.lr_schedule, warmup=opt.warmup,
                 decay=opt.decay, competitive_lr=c.competitive_lr, keep_best=c.keep_best)
-
-
-def _start_value(optimizer, gene: str) -> float | None:
-    """The optimizer's value of an AdamW gene (``None`` for another gene)."""
-    from .genome import optimizer_settings
-
-    value = optimizer_settings(optimizer).get(gene)
-    return None if value is None else float(value)
 
 
 def _sweep_values(sweep: Mapping, size: int, seed: int) -> dict[str, list[float]]:
