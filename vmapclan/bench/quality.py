@@ -523,19 +523,25 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else "inf"
 
 
-def _markdown_validation(results: dict) -> str:
-    """The table of results without a test split: the final validation loss."""
+def _seed_tables(results: dict, what: str, cell) -> list[str]:
+    """Per task, a table of every method's ``cell(run)`` on each seed, captioned ``what``."""
     lines = []
     for task, res in results.items():
         runs = res["runs"]
         methods = list(runs)
         seeds = [r["seed"] for r in runs[methods[0]]]
-        lines.append(f"**{task}** (final validation loss; lower is better)\n")
+        lines.append(f"**{task}** ({what}; lower is better)\n")
         lines.append("| seed | " + " | ".join(methods) + " |")
         lines.append("|---|" + "---|" * len(methods))
         for i, seed in enumerate(seeds):
-            lines.append(f"| {seed} | " + " | ".join(f"{runs[m][i]['val_loss']:.4f}" for m in methods) + " |")
+            lines.append(f"| {seed} | " + " | ".join(cell(runs[m][i]) for m in methods) + " |")
         lines.append("")
+    return lines
+
+
+def _markdown_validation(results: dict) -> str:
+    """The table of results without a test split: the final validation loss."""
+    lines = _seed_tables(results, "final validation loss", lambda run: f"{run['val_loss']:.4f}")
     lines.append("| task | method | mean ± sd | method - clan (mean ± sd, paired) | clan better on | s per run |")
     lines.append("|---|---|---|---|---|---|")
     for task, res in results.items():
@@ -552,17 +558,7 @@ def _markdown_group(results: dict, title: str, holdout: bool) -> list[str]:
     if not group:
         return []
     lines = [f"### {title}", ""]
-    for task, res in group.items():
-        runs = res["runs"]
-        methods = list(runs)
-        seeds = [r["seed"] for r in runs[methods[0]]]
-        lines.append(f"**{task}** (test loss of the returned model; lower is better)\n")
-        lines.append("| seed | " + " | ".join(methods) + " |")
-        lines.append("|---|" + "---|" * len(methods))
-        for i, seed in enumerate(seeds):
-            lines.append(f"| {seed} | " + " | ".join(_fmt(runs[m][i].get("test_loss", math.nan)) for m in methods)
-                         + " |")
-        lines.append("")
+    lines += _seed_tables(group, "test loss of the returned model", lambda run: _fmt(run.get("test_loss", math.nan)))
     lines.append("| task | method | test loss (mean ± sd) | val loss (mean ± sd) | "
                  "method - clan, test (mean ± sd, paired) | clan better on (test) | s per run |")
     lines.append("|---|---|---|---|---|---|---|")
