@@ -321,7 +321,8 @@ class Task(abc.ABC):
 
     def unread_data(self) -> tuple[str, ...]:
         """The :class:`~vmapclan.DataSpec` fields this task does not read (see :attr:`data_reads`)."""
-        return tuple(f for f in ("val_fraction", "seq_len", "max_chars") if f not in self.data_reads)
+        machine = ("batch_size", "eval_samples", "test_fraction", "extra")  # read for every task (extra: its own)
+        return tuple(f.name for f in dataclasses.fields(DataSpec) if f.name not in machine + tuple(self.data_reads))
 
     #: Whether :meth:`loss` is a plain mean over its batch's samples, each weighted alike (no
     #: ``ignore_index`` padding, no class weights): the cooperative step then takes it once on the
