@@ -302,13 +302,10 @@ class TrainingMachine:
             self.clan.group.check_same(self.config.to_toml(), "the run's config", who="TrainingMachine")
         if cfg.clan.lr_grid or cfg.clan.sweep:
             # The members' start: the named genes drawn (or the lr grid); every other gene is held
-            # at the incumbent for every member.
+            # at the incumbent for every member. _clan_of checked the swept names (the grid is the lr's).
             where = "clan.lr_grid" if cfg.clan.lr_grid else "clan.sweep"
             drawn = {"lr": list(cfg.clan.lr_grid)} if cfg.clan.lr_grid else \
                 _sweep_values(cfg.clan.sweep, cfg.clan.population_size, cfg.seed)
-            unknown = sorted(set(drawn) - set(self.clan.incumbent))
-            if unknown:
-                raise ValueError(f"{where}: no gene {unknown[0]!r}; the run's genes are {sorted(self.clan.incumbent)}")
             for name, value in self.clan.incumbent.items():
                 values = drawn.get(name, [value.item()] * cfg.clan.population_size)
                 if self.clan.genes[name].dtype == "int":
