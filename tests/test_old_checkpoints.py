@@ -10,7 +10,9 @@ one torch thread the tests run on (torch 2.13.0 on CPU: another build may round 
 
 Two things changed on purpose since: the final evaluation scores each model once (identical
 members as one plain model, different ones in the vmapped pass that picks the best), so the
-final record's losses round differently (compared to 1e-6 here); and a fresh run sets a test split aside from its validation data,
+final record's losses round differently (compared to 1e-6 here); on CPU the members of a
+round are scored one after another rather than in one vmapped pass, so a round's losses, gain
+and confidence round differently too (to 1e-6 here; every selection and weight stays bitwise); and a fresh run sets a test split aside from its validation data,
 which the fresh runs below turn off (``data.test_fraction = 0``, what a resumed old run gets);
 and the run's history records keep one step counter (``start_step``/``end_step``, not the
 clan's ``step``).
@@ -46,6 +48,14 @@ def assert_same_outcome(results, outcome: dict) -> None:
         ours.pop("step", None), theirs.pop("step", None)  # the run's records keep one step counter now
         if ours["kind"] == "cooperative":  # scored as one model now
             assert ours.pop("val_loss") == pytest.approx(theirs.pop("val_loss"), rel=1e-6, nan_ok=True)
+        if "val_losses" in theirs:  # a round's members are scored one after another now
+            scale = max(abs(v) for v in theirs["val_losses"])
+            assert ours.pop("val_losses") == pytest.approx(theirs.pop("val_losses"), rel=1e-6, nan_ok=True)
+            # The gain is a difference of two such losses, so its rounding is the losses' (not its own
+            # size's); the confidence is a t-test's on paired differences of that size.
+            for key, tolerance in (("gain", 1e-6 * scale), ("confidence", 1e-3)):
+                if key in theirs:
+                    assert ours.pop(key) == pytest.approx(theirs.pop(key), abs=tolerance, nan_ok=True), key
     assert history == old_history
     final = {k: v for k, v in results.final.items() if not k.startswith("seconds")}
     old = json.loads(outcome["final"])

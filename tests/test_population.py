@@ -91,6 +91,39 @@ class Scaled(nn.Module):
         return out**power
 
 
+class _Outputs(nn.Module):
+    """An MLP whose output mixes a tensor, a dict of tensors, a constant and another object."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x, *, scale=None):
+        y = self.net(x) * (1.0 if scale is None else scale)
+        return y, {"sum": y.sum(-1), "n": 3}, object()
+
+
+@pytest.mark.parametrize("one_model", [False, True])
+def test_without_gradients_on_cpu_the_members_run_one_after_another_to_the_vmapped_result(monkeypatch, one_model):
+    pop = independent(_Outputs())
+    pop.one_model = one_model
+    x, scale = torch.randn(P, 7, 5, dtype=torch.float64), torch.rand(P, 1, dtype=torch.float64)
+    batched = pop(x, scale=scale)  # gradients on: the vmapped forward
+
+    def no_vmap(*args, **kwargs):
+        raise AssertionError("the forward without gradients on CPU must not vmap")
+
+    monkeypatch.setattr("vmapclan.population.vmap", no_vmap)
+    with torch.no_grad():
+        looped = pop(x, scale=scale)
+    torch.testing.assert_close(looped[0], batched[0].detach(), atol=1e-10, rtol=1e-7)
+    torch.testing.assert_close(looped[1]["sum"], batched[1]["sum"].detach(), atol=1e-10, rtol=1e-7)
+    assert looped[1]["n"] == 3 and looped[2] is None  # a constant kept, another object dropped, as vmapped
+    assert looped[0].shape == (P, 7, 3)
+    with pytest.raises(AssertionError, match="must not vmap"):
+        pop(x, scale=scale)  # with gradients the forward stays vmapped
+
+
 def test_keyword_tensors_are_batched():
     pop = independent(Scaled())
     x = torch.randn(P, 5, 4, dtype=torch.float64)
