@@ -1,8 +1,9 @@
 """What a run scores, and when: members only where they differ, each model once.
 
-At a round's end the members differ (each trained its own genome) and are scored in one vmapped
-pass over the round's evaluation samples; after a data-parallel stretch, or a winner selection,
-they are identical, and one of them is scored as a plain model. The final evaluation scores the
+At a round's end the members differ (each trained its own genome) and are scored in one pass
+over the round's evaluation samples (vmapped on CUDA, member after member on CPU); after a
+data-parallel stretch, or a winner selection, they are identical, and one of them is scored as
+a plain model. The final evaluation scores the
 members once on the whole validation split, picks the best (or the incumbent kept earlier, when
 it scores better) and scores that model, and only it, on the test split.
 """
