@@ -12,8 +12,9 @@ Two things changed on purpose since: the final evaluation scores each model once
 members as one plain model, different ones in the vmapped pass that picks the best), so the
 final record's losses round differently (compared to 1e-6 here); on CPU the members of a
 round are scored one after another rather than in one vmapped pass, so a round's losses, gain
-and confidence round differently too (to 1e-6 here; every selection and weight stays bitwise); and a fresh run sets a test split aside from its validation data,
-which the fresh runs below turn off (``data.test_fraction = 0``, what a resumed old run gets);
+and confidence round differently too (to 1e-6 here; every selection and weight stays
+bitwise); and a fresh run sets a test split aside from its validation data, which the fresh runs
+below turn off (``data.test_fraction = 0``, what a resumed old run gets);
 and the run's history records keep one step counter (``start_step``/``end_step``, not the
 clan's ``step``).
 """

@@ -3,9 +3,9 @@
 At a round's end the members differ (each trained its own genome) and are scored in one pass
 over the round's evaluation samples (vmapped on CUDA, member after member on CPU); after a
 data-parallel stretch, or a winner selection, they are identical, and one of them is scored as
-a plain model. The final evaluation scores the
-members once on the whole validation split, picks the best (or the incumbent kept earlier, when
-it scores better) and scores that model, and only it, on the test split.
+a plain model. The final evaluation scores the members once on the whole validation split,
+picks the best (or the incumbent kept earlier, when it scores better) and scores that model, and
+only it, on the test split.
 """
 
 from __future__ import annotations
