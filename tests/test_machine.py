@@ -294,6 +294,23 @@ def test_the_default_schedule_runs_clan_rounds_when_the_data_repeats():
         [("round", "clan", 46, 60)]
 
 
+def test_the_default_schedule_competes_every_step_when_one_batch_is_a_large_share_of_the_data():
+    # 4 members x 96 images read 384 of digits' ~1350 training images a cooperative step: more
+    # than a quarter, so the rounds after the search are all competition (each member at batch B).
+    config = tiny(total_steps=40, schedule=[], data={"batch_size": 96},
+                  clan={"population_size": 4, "round_length": 10, "duty_cycle": 0.25})
+    machine = TrainingMachine(config)
+    results = machine.train()
+    assert [(p["name"], p.get("clan")) for p in machine.config.schedule.phases][1] == ("compete", {"duty_cycle": 1.0})
+    assert [(r["kind"], r["phase"], r["start_step"], r["end_step"]) for r in results.history] == \
+        [("round", "search", 0, 4)] + [("round", "compete", s, s + 10) for s in (4, 14)] + [("round", "compete", 24, 40)]
+    assert all(r["cooperative_steps"] == 0 for r in results.rounds)
+    # Just under the share (3 x 96 = 288 images), the rounds keep their cooperative steps.
+    below = TrainingMachine(config.replace(clan={"population_size": 3}))
+    below.prepare()
+    assert [p.name for p in below.schedule] == ["search", "clan"]
+
+
 def test_stdlib_corpus_is_deterministic_and_split_by_file():
     files = stdlib_files()
     assert files == sorted(files) and all(f.endswith(".py") and "site-packages" not in f for f in files)

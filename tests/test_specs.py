@@ -50,6 +50,12 @@ def test_defaults_and_replace():
         [("search", {"search": 30.0}), ("train", {"competition": False})]
     assert [p.name for p in config.schedule.to_schedule("winner", passes=1.01)] == ["search", "clan"]
     assert [p.name for p in config.schedule.to_schedule("truncation", passes=0.5)] == ["clan"]
+    # Scarce data (one cooperative batch at least a quarter of the training set): all competition.
+    assert [(p.name, p.clan) for p in config.schedule.to_schedule("winner", 100.0, 0.25)][1] == \
+        ("compete", {"duty_cycle": 1.0})
+    assert [p.name for p in config.schedule.to_schedule("winner", 100.0, 0.2499)] == ["search", "clan"]
+    assert [p.name for p in config.schedule.to_schedule("winner", 1.0, 0.5)] == ["search", "train"]
+    assert [p.name for p in config.schedule.to_schedule("truncation", 100.0, 0.5)] == ["clan"]
     assert config.optimizer.lr_schedule == "cosine" and config.optimizer.warmup == 0.05
     assert config.clan.competitive_lr == "sqrt" and config.clan.keep_best
     changed = config.replace(total_steps=50, clan={"population_size": 4},

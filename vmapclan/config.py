@@ -458,10 +458,12 @@ class ScheduleSpec:
             except (ValueError, TypeError) as err:
                 raise type(err)(f"schedule: {err}") from None
 
-    def to_schedule(self, selection: str = "winner", passes: float | None = None) -> PhaseSchedule:
-        """The :class:`vmapclan.PhaseSchedule`; when empty, :func:`default_schedule` for ``selection`` and ``passes``."""
+    def to_schedule(self, selection: str = "winner", passes: float | None = None,
+                    batch_share: float | None = None) -> PhaseSchedule:
+        """The :class:`vmapclan.PhaseSchedule`; when empty, :func:`default_schedule` for ``selection``,
+        ``passes`` and ``batch_share``."""
         if not self.phases:
-            return default_schedule(selection, passes)
+            return default_schedule(selection, passes, batch_share)
         return PhaseSchedule([Phase.from_dict(p) for p in self.phases])
 
     def to_dict(self) -> list[dict]:

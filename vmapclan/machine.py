@@ -286,8 +286,8 @@ class TrainingMachine:
         data = self.task.load(cfg.data, cfg.seed)
         self._datasets[()] = data
         if not cfg.schedule.phases:
-            passes = cfg.total_steps * cfg.clan.population_size * cfg.data.batch_size / data_length(data.train)
-            self.schedule = cfg.schedule.to_schedule(cfg.clan.selection, passes)
+            batch_share = cfg.clan.population_size * cfg.data.batch_size / data_length(data.train)
+            self.schedule = cfg.schedule.to_schedule(cfg.clan.selection, cfg.total_steps * batch_share, batch_share)
             # The run's config names the phases it got: config.toml and the checkpoint hold them,
             # so a resume (or a later default) cannot change the plan under a running run.
             self.config = cfg = cfg.replace(schedule=[phase.to_dict() for phase in self.schedule])

@@ -25,10 +25,13 @@ from .checks import int_in, is_int, is_number, number_in, one_of, refuse
 
 __all__ = ["TimeController", "Phase", "PhaseSchedule", "OPTIMIZER_KEYS", "DATA_KEYS", "MODEL_KEYS", "CLAN_KEYS",
            "phase_optimizer", "LR_SHAPES", "lr_shape_at", "check_lr_shape", "default_schedule", "SEARCH_SHARE",
-           "SEARCH_SPREAD"]
+           "SEARCH_SPREAD", "SCARCE_BATCH_SHARE"]
 
 #: The default schedule's search phase: its share of the run's time, and how far it spreads the lr.
 SEARCH_SHARE, SEARCH_SPREAD = 0.1, 30.0
+#: The default schedule's scarce-data rule: when one cooperative step's batch (P x B) is at least
+#: this share of the training set, the rounds after the search are all competition.
+SCARCE_BATCH_SHARE = 0.25
 
 #: Optimizer settings a phase may override: the AdamW genes, plus ``lr_scale`` (a factor on the
 #: incumbent's learning rate, see :func:`phase_optimizer`).
@@ -545,7 +548,8 @@ def lr_shape_at(step: int, total_steps: int, shape: str = "constant", warmup: fl
     return 1.0
 
 
-def default_schedule(selection: str = "winner", passes: float | None = None) -> PhaseSchedule:
+def default_schedule(selection: str = "winner", passes: float | None = None,
+                     batch_share: float | None = None) -> PhaseSchedule:
     """The phases of a clan with a horizon and no schedule of its own (and of a run whose config names none).
 
     With winner selection, two phases:
@@ -555,11 +559,21 @@ def default_schedule(selection: str = "winner", passes: float | None = None) -> 
       configured one (``clan.search``); the best becomes the incumbent. Mutations by small
       factors, round after round, cannot move the lr that far, and greedy selection on short
       rounds drifts it down.
-    - then, when the run sees each training sample at most once (``passes <= 1``: the data is
-      abundant, nothing can be overfitted, and the rounds' short-horizon selection costs more
-      than it finds), ``train``: one data-parallel model to the end at the searched lr
-      (``clan.competition = false``); otherwise (``passes > 1`` or unknown) ``clan``: clan rounds,
-      whose selection and kept best incumbent guard against overfitting the repeated data.
+    - then, by the data's size:
+
+      - when the run sees each training sample at most once (``passes <= 1``: the data is
+        abundant, nothing can be overfitted, and the rounds' short-horizon selection costs more
+        than it finds), ``train``: one data-parallel model to the end at the searched lr
+        (``clan.competition = false``);
+      - when one cooperative step's batch would hold at least :data:`SCARCE_BATCH_SHARE` of the
+        training set (``batch_share = P x B / training samples``: scarce data), ``compete``:
+        rounds of all competition (``clan.duty_cycle = 1``), each member at batch B. A batch
+        that large leaves little of the gradient noise that keeps a small-data model from
+        fitting its training set too closely: on the bench's four such tasks (``batch_share``
+        0.38-0.6) cooperation's batch P x B lost up to a quarter of test loss, while on tasks at
+        0.2 and below it won;
+      - otherwise (or when not known) ``clan``: clan rounds, whose selection and kept best
+        incumbent guard against overfitting the repeated data.
 
     With truncation or no selection (PBT, a sweep): one phase of clan rounds, ``clan``. A run of
     fewer than 5 steps gives the search no step (a phase shorter than half a step is skipped).
@@ -569,13 +583,21 @@ def default_schedule(selection: str = "winner", passes: float | None = None) -> 
         passes: Passes over the training data the run would make if every step were
             cooperative (``total_steps * population_size * batch_size / training samples``);
             ``None`` when not known yet.
+        batch_share: The share of the training data one cooperative step reads
+            (``population_size * batch_size / training samples``); ``None`` when not known.
 
     Example:
         >>> [(p.name, p.clan) for p in default_schedule("winner", passes=0.5)]
         [('search', {'search': 30.0}), ('train', {'competition': False})]
+        >>> [(p.name, p.clan) for p in default_schedule("winner", passes=170.0, batch_share=0.43)][1]
+        ('compete', {'duty_cycle': 1.0})
     """
     if selection != "winner":
         return PhaseSchedule.single("clan")
-    main = (Phase("train", SEARCH_SHARE, 1.0, clan={"competition": False}) if passes is not None and passes <= 1
-            else Phase("clan", SEARCH_SHARE, 1.0))
+    if passes is not None and passes <= 1:
+        main = Phase("train", SEARCH_SHARE, 1.0, clan={"competition": False})
+    elif batch_share is not None and batch_share >= SCARCE_BATCH_SHARE:
+        main = Phase("compete", SEARCH_SHARE, 1.0, clan={"duty_cycle": 1.0})
+    else:
+        main = Phase("clan", SEARCH_SHARE, 1.0)
     return PhaseSchedule([Phase("search", 0.0, SEARCH_SHARE, clan={"search": SEARCH_SPREAD}), main])
