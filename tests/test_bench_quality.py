@@ -166,8 +166,8 @@ def test_bad_names_are_refused_before_anything_runs(capsys):
         quality.run_quality(["wine-mlp", "mnist"], [0], "tiny")
     with pytest.raises(ValueError, match="quality: unknown method 'adam'; expected one of"):
         quality.run_quality(["wine-mlp"], [0], "tiny", methods=["clan", "adam"])
-    with pytest.raises(ValueError, match="quality: unknown holdout task 'iris'"):
-        quality.run_quality(["wine-mlp"], [0], "tiny", holdout=["iris"])
+    with pytest.raises(ValueError, match="quality: unknown holdout task 'mnist'"):
+        quality.run_quality(["wine-mlp"], [0], "tiny", holdout=["mnist"])
     with pytest.raises(ValueError, match=r"quality: seeds must be distinct, got \[0, 0\]"):
         quality.run_quality(["wine-mlp"], [0, 0], "tiny")
     with pytest.raises(ValueError, match="quality: unknown method 'adam'"):

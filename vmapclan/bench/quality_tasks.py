@@ -12,6 +12,8 @@ wine), or is drawn from a fixed random generator.
 - ``diabetes-mlp``: scikit-learn's diabetes regression (442 samples, 10 features), mean squared error.
 - ``breast-cancer-mlp``: scikit-learn's breast cancer data (569 samples, 30 features, 2 classes).
 - ``wine-mlp``: scikit-learn's wine data (178 samples, 13 features, 3 classes): very little data.
+- ``iris-mlp``: scikit-learn's iris data (150 samples, 4 features, 3 classes): the least data,
+  added after the defaults were chosen, to check them on.
 - ``digits-cnn``: the digits as 1x8x8 images through a small convolutional network.
 - ``sequence-gru``: a recurrent model (:class:`vmapclan.recurrent.GRU`, which batches under vmap)
   on synthetic token sequences whose target needs memory: ``(x[t] + x[t-3]) mod 8``, with 20% of
@@ -43,7 +45,7 @@ from ..task import Task
 from ..tasks import StdlibCharsTask, _digits, digits_mlp, stdlib_corpus
 
 __all__ = ["BENCH_TASKS", "bench_task", "three_way", "DigitsHoldoutTask", "StdlibCharsHoldoutTask", "DiabetesTask",
-           "BreastCancerTask", "WineTask", "DigitsCNNTask", "SequenceTask", "TeacherRegressionTask",
+           "BreastCancerTask", "WineTask", "IrisTask", "DigitsCNNTask", "SequenceTask", "TeacherRegressionTask",
            "TeacherClassificationTask", "DigitsFinetuneTask", "TEACHER_SEED"]
 
 #: Seed of the teachers' weights: the same teacher for every run seed (a seed draws the samples).
@@ -248,6 +250,15 @@ class WineTask(_TabularTask):
     """
 
     loader = "load_wine"
+
+
+class IrisTask(_TabularTask):
+    """scikit-learn's iris data: 150 samples, 4 features, 3 classes.
+
+    Model settings: ``hidden`` (32).
+    """
+
+    loader = "load_iris"
 
 
 class _DigitsCNN(nn.Module):
@@ -548,6 +559,7 @@ BENCH_TASKS: dict[str, type[Task]] = {
     "diabetes-mlp": DiabetesTask,
     "breast-cancer-mlp": BreastCancerTask,
     "wine-mlp": WineTask,
+    "iris-mlp": IrisTask,
     "digits-cnn": DigitsCNNTask,
     "sequence-gru": SequenceTask,
     "teacher-regression": TeacherRegressionTask,
