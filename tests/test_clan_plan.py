@@ -11,6 +11,7 @@
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -330,3 +331,27 @@ def test_a_state_loads_only_into_a_clan_that_clips_and_steps_as_it_did():
     genome_clan(1e-3).load_state_dict(state)
     old = {**state, "config": {k: v for k, v in state["config"].items() if k not in ("max_grad_norm", "adamw")}}
     genome_clan(0.5).load_state_dict(old)  # saved before the state carried them
+
+
+def test_a_loader_warns_when_the_data_would_get_another_default_plan():
+    def clan(**kw):
+        model = nn.Linear(4, 2)
+        return Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-2), population_size=4, autobind=["adamw"], **kw)
+
+    data = (torch.randn(100, 4), torch.randint(0, 2, (100,)))
+    # 4 x 8 = 32 of 100 samples a cooperative step: scarce data, whose default plan competes.
+    with pytest.warns(UserWarning, match=r"clan.loader: for 100 training samples at batch_size=8 \(one cooperative "
+                      r"batch is 0.32 of them\), the default plan is \['search', 'compete'\], but this clan .* follows "
+                      r"\['search', 'clan'\]; build it with schedule=vmapclan.default_schedule\('winner', 32, 0.32\)"):
+        clan(total_steps=100).loader(data, 8)
+    assert ClanSettings(population_size=4, total_steps=100).data_plan(100, 8) == default_schedule("winner", 32, 0.32)
+    # Each sample read at most once: the plan's one data-parallel model.
+    with pytest.warns(UserWarning, match=r"the default plan is \['search', 'train'\]"):
+        clan(total_steps=3).loader(data, 8)
+    # No warning where the data gets the plan the clan follows, a schedule of the user's, or no horizon.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clan(total_steps=100).loader(data, 4)  # 16 of 100: rounds
+        clan(total_steps=100, schedule=default_schedule("winner", 32, 0.32)).loader(data, 8)
+        clan(total_steps=100, schedule=[Phase("only", 0.0, 1.0)]).loader(data, 8)
+        clan().loader(data, 8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 
 import einops
@@ -130,6 +131,16 @@ class ClanLoader:
                 f"clan.loader: the dataset has {len(dataset)} samples, fewer than one step needs "
                 f"({smallest} = {'population_size x ' if clan.cooperative_steps else ''}batch_size)"
             )
+        plan = clan.settings.data_plan(len(dataset), batch_size) if clan.time_step == 0 else None
+        if plan is not None:  # the user's loop would miss the plan the machine gives this data
+            share = p * batch_size / len(dataset)
+            warnings.warn(
+                f"clan.loader: for {len(dataset)} training samples at batch_size={batch_size} (one cooperative batch "
+                f"is {share:.3g} of them), the default plan is {[ph.name for ph in plan]}, but this clan was built "
+                f"without its data's size and follows {[ph.name for ph in clan.settings.schedule]}; build it with "
+                f"schedule=vmapclan.default_schedule({clan.selection!r}, {clan.settings.total_steps * share:.6g}, "
+                f"{share:.6g}) to follow the plan for this data, or with a schedule of your own",
+                stacklevel=3)
 
     @property
     def state(self) -> LoaderState:

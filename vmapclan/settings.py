@@ -216,6 +216,20 @@ class ClanSettings:
         raise ValueError(f"Clan: phase {search[0].name!r} is a search (clan.search), which spreads the lr gene; "
                          "bind it (autobind=['adamw']) or give a schedule without a search")
 
+    def data_plan(self, train_samples: int, batch_size: int) -> PhaseSchedule | None:
+        """The default plan for this data, when it differs from the one these settings follow; else ``None``.
+
+        A clan built without a schedule follows :func:`~vmapclan.schedule.default_schedule`
+        for data of unknown size (clan rounds); the training machine chooses by the data's size
+        (``passes`` and ``batch_share`` of ``train_samples`` at ``batch_size``). ``None`` as well
+        without a horizon, or with a schedule that is not that default.
+        """
+        if self.total_steps is None or self.schedule != default_schedule(self.selection):
+            return None
+        share = self.population_size * batch_size / train_samples
+        plan = default_schedule(self.selection, self.total_steps * share, share)
+        return None if plan == self.schedule else plan
+
     @property
     def competitive_share(self) -> float:
         """The factor on a genome's lr in a competitive step: ``1 / sqrt(P)`` for ``"sqrt"`` with winner selection, else 1."""
