@@ -336,22 +336,39 @@ def test_a_state_loads_only_into_a_clan_that_clips_and_steps_as_it_did():
 def test_a_loader_warns_when_the_data_would_get_another_default_plan():
     def clan(**kw):
         model = nn.Linear(4, 2)
-        return Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-2), population_size=4, autobind=["adamw"], **kw)
+        return Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-2), population_size=4,
+                    **{"autobind": ["adamw"], **kw})
 
     data = (torch.randn(100, 4), torch.randint(0, 2, (100,)))
     # 4 x 8 = 32 of 100 samples a cooperative step: scarce data, whose default plan competes.
+    # The check comes with the first batch (a loader made before load_state_dict serves a resume).
+    loader = clan(total_steps=100).loader(data, 8)
     with pytest.warns(UserWarning, match=r"clan.loader: for 100 training samples at batch_size=8 \(one cooperative "
                       r"batch is 0.32 of them\), the default plan is \['search', 'compete'\], but this clan .* follows "
-                      r"\['search', 'clan'\]; build it with schedule=vmapclan.default_schedule\('winner', 32, 0.32\)"):
-        clan(total_steps=100).loader(data, 8)
+                      r"\['search', 'clan'\]; build it with schedule=vmapclan.default_schedule\('winner', 32.0, 0.32\)"):
+        next(iter(loader))
     assert ClanSettings(population_size=4, total_steps=100).data_plan(100, 8) == default_schedule("winner", 32, 0.32)
     # Each sample read at most once: the plan's one data-parallel model.
     with pytest.warns(UserWarning, match=r"the default plan is \['search', 'train'\]"):
-        clan(total_steps=3).loader(data, 8)
-    # No warning where the data gets the plan the clan follows, a schedule of the user's, or no horizon.
+        next(iter(clan(total_steps=3).loader(data, 8)))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        clan(total_steps=100).loader(data, 4)  # 16 of 100: rounds
-        clan(total_steps=100, schedule=default_schedule("winner", 32, 0.32)).loader(data, 8)
-        clan(total_steps=100, schedule=[Phase("only", 0.0, 1.0)]).loader(data, 8)
-        clan().loader(data, 8)
+        warnings.filterwarnings("error", message="clan.loader")
+        next(iter(loader))  # once per loader
+        # No warning where the data gets the plan the clan follows, with a schedule given (even
+        # the default itself), for a clan that only competes anyway, or without a horizon.
+        next(iter(clan(total_steps=100).loader(data, 4)))  # 16 of 100: rounds
+        for schedule in (default_schedule("winner", 32, 0.32), default_schedule("winner"), [Phase("only", 0.0, 1.0)]):
+            next(iter(clan(total_steps=100, schedule=schedule).loader(data, 8)))
+        next(iter(clan(total_steps=100, duty_cycle=1.0).loader(data, 8)))
+        next(iter(clan().loader(data, 8)))
+        # A resumed clan keeps the plan of its checkpoint: no advice to change it.
+        trained = clan(total_steps=100)
+        trained.advance()
+        resumed = clan(total_steps=100)
+        later = resumed.loader(data, 8)
+        resumed.load_state_dict(trained.state_dict())
+        next(iter(later))
+    assert ClanSettings(population_size=4, total_steps=100, selection="truncation", duty_cycle=1.0).data_plan(100, 8) is None
+    assert clan(total_steps=100, autobind=[]).settings.data_plan(100, 8) is None  # no lr gene: no search to plan
+    with pytest.raises(ValueError, match="ClanSettings.data_plan: train_samples must be a positive int, got 0"):
+        ClanSettings(population_size=4, total_steps=100).data_plan(0, 8)

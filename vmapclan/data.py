@@ -131,23 +131,35 @@ class ClanLoader:
                 f"clan.loader: the dataset has {len(dataset)} samples, fewer than one step needs "
                 f"({smallest} = {'population_size x ' if clan.cooperative_steps else ''}batch_size)"
             )
-        plan = clan.settings.data_plan(len(dataset), batch_size) if clan.time_step == 0 else None
-        if plan is not None:  # the user's loop would miss the plan the machine gives this data
-            share = p * batch_size / len(dataset)
-            warnings.warn(
-                f"clan.loader: for {len(dataset)} training samples at batch_size={batch_size} (one cooperative batch "
-                f"is {share:.3g} of them), the default plan is {[ph.name for ph in plan]}, but this clan was built "
-                f"without its data's size and follows {[ph.name for ph in clan.settings.schedule]}; build it with "
-                f"schedule=vmapclan.default_schedule({clan.selection!r}, {clan.settings.total_steps * share:.6g}, "
-                f"{share:.6g}) to follow the plan for this data, or with a schedule of your own",
-                stacklevel=3)
+        self._plan_checked = False
 
     @property
     def state(self) -> LoaderState:
         """The clan's loader state (shared by every loader of the clan)."""
         return self.clan.loader_state
 
+    def _check_plan(self) -> None:
+        """Warn, once, before the clan's first step, when its data would get another default plan.
+
+        Checked on the first iteration, not when the loader is made: a loader made before
+        ``clan.load_state_dict`` serves a resumed clan, whose plan is the checkpoint's.
+        """
+        self._plan_checked = True
+        n, clan = len(self.dataset), self.clan
+        plan = clan.settings.data_plan(n, self.batch_size) if clan.time_step == 0 else None
+        if plan is None:
+            return
+        share = clan.population_size * self.batch_size / n
+        warnings.warn(
+            f"clan.loader: for {n} training samples at batch_size={self.batch_size} (one cooperative batch is "
+            f"{share:.3g} of them), the default plan is {[ph.name for ph in plan]}, but this clan was built without "
+            f"its data's size and follows {[ph.name for ph in clan.settings.schedule]}; build it with "
+            f"schedule=vmapclan.default_schedule({clan.selection!r}, {clan.settings.total_steps * share!r}, "
+            f"{share!r}) to follow the plan for this data, or with a schedule of your own", stacklevel=3)
+
     def __iter__(self):
+        if not self._plan_checked:
+            self._check_plan()
         state = self.state
         n, p, b = len(self.dataset), self.clan.population_size, self.batch_size
         local, first = self.clan.local_size, self.clan.member_offset  # this rank's members (all, in one process)

@@ -131,6 +131,8 @@ class ClanSettings:
     decay: float | None = None
     competitive_lr: str = "sqrt"
     keep_best: bool = True
+    #: Whether ``schedule`` was left to the default (no schedule given): only then can the data's size change it.
+    _defaulted: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         positive_int(self.population_size, "Clan: population_size")
@@ -185,6 +187,7 @@ class ClanSettings:
         schedule = self.schedule
         if schedule is None:
             schedule = default_schedule(self.selection)
+            object.__setattr__(self, "_defaulted", True)
         elif not isinstance(schedule, PhaseSchedule):
             if isinstance(schedule, (str, bytes, Mapping)) or not isinstance(schedule, Sequence):
                 raise TypeError(f"Clan: schedule must be a PhaseSchedule or a list of phases, "
@@ -222,13 +225,21 @@ class ClanSettings:
         A clan built without a schedule follows :func:`~vmapclan.schedule.default_schedule`
         for data of unknown size (clan rounds); the training machine chooses by the data's size
         (``passes`` and ``batch_share`` of ``train_samples`` at ``batch_size``). ``None`` as well
-        without a horizon, or with a schedule that is not that default.
+        without a horizon, with a schedule given (even one equal to that default), or when the
+        data's plan only competes and so does this clan (``duty_cycle = 1``).
+
+        Raises:
+            ValueError, TypeError: unless both counts are positive ints.
         """
-        if self.total_steps is None or self.schedule != default_schedule(self.selection):
+        positive_int(train_samples, "ClanSettings.data_plan: train_samples")
+        positive_int(batch_size, "ClanSettings.data_plan: batch_size")
+        if self.total_steps is None or not self._defaulted:
             return None
         share = self.population_size * batch_size / train_samples
         plan = default_schedule(self.selection, self.total_steps * share, share)
-        return None if plan == self.schedule else plan
+        if plan == self.schedule or (plan[-1].name == "compete" and self.duty_cycle == 1):
+            return None
+        return plan
 
     @property
     def competitive_share(self) -> float:

@@ -121,7 +121,7 @@ def task_configs(task: str, size: str = "small") -> dict:
         return config((40, 1000, 2000), {"hidden": 16 if tiny else 32},
                       {"batch_size": 8, "eval_samples": 0, "val_fraction": 0.4})
     if task == "wine-mlp":
-        # 178 samples: 107 to train on, 36 for validation, 35 for the test.
+        # 178 samples: 107 to train on, 35 for validation, 36 for the test.
         return config((40, 1000, 2000), {"hidden": 16 if tiny else 32},
                       {"batch_size": 8, "eval_samples": 0, "val_fraction": 0.4})
     if task == "digits-cnn":
