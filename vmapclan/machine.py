@@ -60,7 +60,7 @@ from .replay import export_schedule
 from .resume import (CHECKPOINT_VERSION, load_run_checkpoint, read_run, save_run_checkpoint, saved_step,
                      upgrade_checkpoint)
 from .rundir import run_lock
-from .schedule import PhaseSchedule
+from .schedule import PhaseSchedule, data_schedule
 from .task import Task, build_optimizer, call_model, check_model_runs, data_length, resolve_task, task_reference
 
 __all__ = ["TrainingMachine", "TrainingResults", "TrainingStopped", "save_run_checkpoint", "load_run_checkpoint",
@@ -286,8 +286,8 @@ class TrainingMachine:
         data = self.task.load(cfg.data, cfg.seed)
         self._datasets[()] = data
         if not cfg.schedule.phases:
-            batch_share = cfg.clan.population_size * cfg.data.batch_size / data_length(data.train)
-            self.schedule = cfg.schedule.to_schedule(cfg.clan.selection, cfg.total_steps * batch_share, batch_share)
+            self.schedule = data_schedule(cfg.clan.selection, cfg.total_steps, cfg.clan.population_size,
+                                          cfg.data.batch_size, data_length(data.train))
             # The run's config names the phases it got: config.toml and the checkpoint hold them,
             # so a resume (or a later default) cannot change the plan under a running run.
             self.config = cfg = cfg.replace(schedule=[phase.to_dict() for phase in self.schedule])

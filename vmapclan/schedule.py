@@ -25,7 +25,7 @@ from .checks import int_in, is_int, is_number, number_in, one_of, refuse
 
 __all__ = ["TimeController", "Phase", "PhaseSchedule", "OPTIMIZER_KEYS", "DATA_KEYS", "MODEL_KEYS", "CLAN_KEYS",
            "phase_optimizer", "LR_SHAPES", "lr_shape_at", "check_lr_shape", "default_schedule", "SEARCH_SHARE",
-           "SEARCH_SPREAD", "SCARCE_BATCH_SHARE"]
+           "SEARCH_SPREAD", "SCARCE_BATCH_SHARE", "data_schedule"]
 
 #: The default schedule's search phase: its share of the run's time, and how far it spreads the lr.
 SEARCH_SHARE, SEARCH_SPREAD = 0.1, 30.0
@@ -602,3 +602,18 @@ def default_schedule(selection: str = "winner", passes: float | None = None,
     else:
         main = Phase("clan", SEARCH_SHARE, 1.0)
     return PhaseSchedule([Phase("search", 0.0, SEARCH_SHARE, clan={"search": SEARCH_SPREAD}), main])
+
+
+def data_schedule(selection: str, total_steps: int, population_size: int, batch_size: int,
+                  train_samples: int) -> PhaseSchedule:
+    """:func:`default_schedule` for a run of ``total_steps`` over ``train_samples`` at ``batch_size`` per member.
+
+    The one place that turns the data's size into ``passes`` and ``batch_share``: the training
+    machine plans with it, and :meth:`vmapclan.ClanSettings.data_plan` compares a clan's plan to it.
+
+    Example:
+        >>> [p.name for p in data_schedule("winner", 400, 8, 8, 150)]  # 64 of 150 samples a step
+        ['search', 'compete']
+    """
+    share = population_size * batch_size / train_samples
+    return default_schedule(selection, total_steps * share, share)

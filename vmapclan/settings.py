@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from .checks import is_int, number_in, one_of, positive_int, refuse
 from .clock import check_round_settings
 from .rounds import check_phases
-from .schedule import PhaseSchedule, check_lr_shape, default_schedule, lr_shape_at
+from .schedule import PhaseSchedule, check_lr_shape, data_schedule, default_schedule, lr_shape_at
 
 __all__ = ["ClanSettings", "DEFAULTS", "SELECTIONS", "COMPETITIVE_LRS", "HORIZON_LR_SHAPE", "HORIZON_WARMUP", "WSD_DECAY",
            "check_independent_start"]
@@ -235,8 +235,7 @@ class ClanSettings:
         positive_int(batch_size, "ClanSettings.data_plan: batch_size")
         if self.total_steps is None or not self._defaulted:
             return None
-        share = self.population_size * batch_size / train_samples
-        plan = default_schedule(self.selection, self.total_steps * share, share)
+        plan = data_schedule(self.selection, self.total_steps, self.population_size, batch_size, train_samples)
         if plan == self.schedule or (plan[-1].name == "compete" and self.duty_cycle == 1):
             return None
         return plan
