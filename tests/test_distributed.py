@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import re
 import socket
+import warnings
 
 import optree
 import pytest
@@ -295,6 +296,25 @@ def test_local_shapes_of_a_rank(monkeypatch):
         while not member.done:
             member.step()
         clan.step(torch.zeros(4))  # the whole clan's losses where this rank's are due
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_warns_of_the_data_plan(monkeypatch, rank):
+    """Every rank follows the same plan on the same data: one warning for the run, not one a rank."""
+    def group(p):
+        fake = FakeGroup(p)
+        fake.rank, fake.offset = rank, rank * fake.local_size
+        return fake
+
+    monkeypatch.setattr(clan_module, "resolve_group", lambda group_, p: group(p))
+    model = nn.Linear(3, 2)
+    clan = Clan(model, torch.optim.AdamW(model.parameters()), population_size=4, total_steps=100, autobind=["adamw"])
+    loader = clan.loader((torch.randn(100, 3),), batch_size=8)  # 32 of 100 samples a cooperative step: scarce
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        next(iter(loader))
+    assert [str(w.message).split(" (")[0] for w in caught if "clan.loader" in str(w.message)] == (
+        ["clan.loader: for 100 training samples at batch_size=8"] if rank == 0 else [])
 
 
 def test_init_from_env_checks_its_timeout(monkeypatch):

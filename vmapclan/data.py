@@ -142,11 +142,13 @@ class ClanLoader:
         """Warn, once, before the clan's first step, when its data would get another default plan.
 
         Checked on the first iteration, not when the loader is made: a loader made before
-        ``clan.load_state_dict`` serves a resumed clan, whose plan is the checkpoint's.
+        ``clan.load_state_dict`` serves a resumed clan, whose plan is the checkpoint's. Across
+        ranks only rank 0 warns: every rank holds the same plan and data.
         """
         self._plan_checked = True
         n, clan = len(self.dataset), self.clan
-        plan = clan.settings.data_plan(n, self.batch_size) if clan.time_step == 0 else None
+        first = clan.time_step == 0 and (clan.group is None or clan.group.rank == 0)
+        plan = clan.settings.data_plan(n, self.batch_size) if first else None
         if plan is None:
             return
         share = clan.population_size * self.batch_size / n
