@@ -521,6 +521,40 @@ def test_a_backward_into_the_stacked_parameters_while_one_model_raises():
     assert (apart.population.grad_flat.abs().amax(1) > 0).all()
 
 
+def l2(weights):
+    return 1e-2 * sum((w ** 2).sum() for w in weights.values())
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["one model", "apart"])
+def test_a_weight_term_gives_every_member_its_own_term_in_either_phase(together):
+    """``member.model.weight_term(fn)`` added to ``loss.sum()``: each member's gradient is that of
+    its own loss plus ``fn`` of its own weights, while the members train as one model (member 0's
+    term times P, averaged with the losses) and while they train apart (vmapped over the rows).
+    Against a plain copy of the model, per shard, in float64. The term taken from member 0's
+    module instead would be P times too weak together and reach member 0 alone apart."""
+    x, y = shards()
+    clan = make_clan(duty_cycle=DUTY_CYCLE if together else 1.0)
+    assert clan.population.one_model == together
+    reference = clan.population.member_module(0)
+    member = clan.round()
+    loss = member_loss(F.cross_entropy, member.model(x), y).sum() + member.model.weight_term(l2)
+    with member.sync_context():
+        loss.backward()
+    names = [n for n, _ in reference.named_parameters()]
+    for p in range(P):
+        want = torch.autograd.grad(F.cross_entropy(reference(x[p]), y[p]) + l2(dict(reference.named_parameters())),
+                                   list(reference.parameters()))
+        if together:  # one model: the members' mean, in member 0's gradient
+            mean = want if p == 0 else [m + w for m, w in zip(mean, want)]
+            continue
+        for name, g in zip(names, want):
+            torch.testing.assert_close(member.model.params[name].grad[p], g, rtol=1e-12, atol=1e-14)
+    if together:
+        got = dict(member.model.module.named_parameters())
+        for name, g in zip(names, mean):
+            torch.testing.assert_close(got[name].grad, g / P, rtol=1e-12, atol=1e-14)
+
+
 def test_fused_train_step_apart_while_one_model_raises():
     """Training copies of one model apart would make them differ while rows 1.. are not even
     current: refused, in the cooperative phase and in ``cooperate()``, before anything changes."""

@@ -64,8 +64,8 @@ class Cooperation:
             raise RuntimeError(
                 "a backward reached the stacked [P, ...] parameters while the members train as one model (the "
                 "cooperative phase), e.g. through a penalty on member.model.parameters(); compute the loss from "
-                "member.model's output, and take a term on the weights from member 0's model, "
-                "member.model.module.parameters()"
+                "member.model's output, and a term on the weights with member.model.weight_term(fn), which "
+                "gives every member its own term in either phase"
             )
         self._check_backward_synced(leaf)
 

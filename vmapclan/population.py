@@ -484,6 +484,24 @@ class PopulationModel:
         """``(name, [P, *shape])`` for each trainable parameter (every member's rows up to date)."""
         return iter(self.params.items())
 
+    def weight_term(self, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        """The sum over the members of ``fn(weights)``: a term on the weights (a penalty) to add to ``loss.sum()``.
+
+        ``fn`` takes one member's trainable parameters, ``{name: tensor}`` in the module's own
+        shapes, and returns a scalar; it must be vmappable. Every member then trains on its own
+        loss plus its own term, in either phase: while the members train as one model, the term
+        is member 0's times P (each member holds those weights, and the cooperative average
+        divides member 0's gradient by P); otherwise ``fn`` is vmapped over the stacked rows.
+
+        Example:
+            >>> pop = PopulationModel(nn.Linear(2, 1), population_size=3)
+            >>> pop.weight_term(lambda w: (w["weight"] ** 2).sum()).shape
+            torch.Size([])
+        """
+        if self.one_model:
+            return fn(dict(self.module_params)) * self.population_size
+        return vmap(fn)(dict(self.params)).sum()
+
     def share(self, data):
         """Give ``data`` (a tensor or pytree of tensors) a member dimension as a view.
 
