@@ -354,7 +354,8 @@ class OutputNet(nn.Module):
         z = self.lin(x)
         return {"str": lambda: "oops", "dataclass": lambda: OutputBox(z), "list": lambda: [z],
                 "tuple-none": lambda: (z, None), "dict-int": lambda: {"logits": z, "n": 3},
-                "raises": lambda: z.view(3, -1, 7), "bad-loss": lambda: z, "vector-loss": lambda: z}[self.kind]()
+                "raises": lambda: z.view(3, -1, 7), "bad-loss": lambda: z, "vector-loss": lambda: z,
+                "narrow-val": lambda: z}[self.kind]()
 
 
 @dataclasses.dataclass
@@ -366,7 +367,17 @@ class OutputTask(BlobsTask):
     def __init__(self, kind="list"):
         self.kind = kind
 
+    def split(self, data, seed):
+        train, val = super().split(data, seed)
+        if self.kind == "narrow-val":  # 3 features where the model takes 4: it fails at the first scoring
+            val = (torch.randn(32, 3), torch.randint(0, 2, (32,)))
+        return train, val
+
     def build_model(self, model, data):
+        if self.kind == "none-model":
+            return None  # a build_model without its return
+        if self.kind == "bad-width":
+            return nn.Linear(4, str(model["width"]))  # the type error is torch's, deep inside
         return OutputNet(self.kind)
 
     def loss(self, output, target):
@@ -392,7 +403,12 @@ BROKEN = [
                   r"list or dict holding tensors"),
     ("raises", r"OutputTask: the model fails on a batch of 32 training samples: RuntimeError: shape '\[3, -1, 7\]' "
                r"is invalid for input of size 64"),
-    ("bad-loss", r"OutputTask.loss fails on the model's output \(a tensor of shape \[32, 2\]\): "),
+    ("bad-loss", r"OutputTask.loss fails on the model's output \(a tensor of shape \[32, 2\]\) for training "
+                 r"samples: "),
+    ("narrow-val", r"OutputTask: the model fails on a batch of 16 validation samples: RuntimeError: mat1 and mat2 "
+                   r"shapes cannot be multiplied \(16x3 and 4x2\)"),
+    ("none-model", r"OutputTask.build_model must return an nn.Module, got None"),
+    ("bad-width", r"OutputTask.build_model fails for the model settings \{'width': 8\}: TypeError: "),
     ("vector-loss", r"OutputTask.loss must return one model's loss as a scalar float tensor, got a tensor of shape "
                     r"\[32\]"),
 ]
@@ -406,7 +422,7 @@ def test_a_model_or_loss_that_cannot_run_is_refused_when_the_run_is_built(kind, 
         machine.prepare()
 
 
-@pytest.mark.parametrize("kind", ["str", "raises", "vector-loss"])
+@pytest.mark.parametrize("kind", ["str", "raises", "vector-loss", "narrow-val", "none-model", "bad-width"])
 def test_the_command_refuses_a_broken_model_in_one_line_and_leaves_no_run_directory(tmp_path, capsys, kind):
     config = tmp_path / "c.toml"
     config.write_text(f'task = "test_tasks_api:OutputTask"\ntotal_steps = 24\n[task_args]\nkind = "{kind}"\n'

@@ -61,7 +61,7 @@ from .resume import (CHECKPOINT_VERSION, load_run_checkpoint, read_run, save_run
                      upgrade_checkpoint)
 from .rundir import run_lock
 from .schedule import PhaseSchedule, data_schedule
-from .task import Task, build_optimizer, call_model, check_model_runs, data_length, resolve_task, task_reference
+from .task import Task, build_optimizer, built_model, call_model, data_length, resolve_task, task_reference
 
 __all__ = ["TrainingMachine", "TrainingResults", "TrainingStopped", "save_run_checkpoint", "load_run_checkpoint",
            "CHECKPOINT_VERSION", "DIVERGENCE_CHECK_EVERY", "SCORE_BLOCKS"]
@@ -291,8 +291,7 @@ class TrainingMachine:
             # The run's config names the phases it got: config.toml and the checkpoint hold them,
             # so a resume (or a later default) cannot change the plan under a running run.
             self.config = cfg = cfg.replace(schedule=[phase.to_dict() for phase in self.schedule])
-        model = self.task.build_model(self.model_settings, cfg.data)
-        check_model_runs(self.task, model, data.train, cfg.data.batch_size)
+        model = built_model(self.task, self.model_settings, cfg.data, data)
         self.phases = plan_phases(self.task, cfg, self.schedule, model, self.model_settings)
         for phase in self.phases:
             if phase.data_key not in self._datasets:

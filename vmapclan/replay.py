@@ -31,7 +31,7 @@ from .plan import data_key, frozen_parameters, phase_data
 from .rounds import competitive_steps
 from .schedule import Phase, PhaseSchedule, TimeController, phase_optimizer
 from .config import RunConfig
-from .task import build_optimizer, call_model, check_model_runs, data_batches, data_length, resolve_task
+from .task import build_optimizer, built_model, call_model, data_batches, data_length, resolve_task
 
 __all__ = ["export_schedule", "write_schedule", "read_schedule", "replay", "ReplayResult", "SCHEDULE_VERSION"]
 
@@ -300,8 +300,7 @@ class _PlainRun:
         self.config = config = config.replace(data=task.data_settings(config.data))  # the task's own, with defaults
         torch.manual_seed(config.seed)  # as TrainingMachine: the same initial weights
         self.datasets = {(): task.load(config.data, config.seed)}
-        self.model = task.build_model(self.model_settings, config.data)
-        check_model_runs(task, self.model, self.datasets[()].train, config.data.batch_size)
+        self.model = built_model(task, self.model_settings, config.data, self.datasets[()])
         self.optimizer = build_optimizer(task, self.model, config.optimizer)
         # The genes stand for the first (decaying) group's settings; every group follows in proportion.
         self.configured, self.ratios = optimizer_settings(self.optimizer), group_ratios(self.optimizer)

@@ -454,6 +454,8 @@ def _describe(value) -> str:
 
     name = type(value).__name__
     article = "an" if name[:1].lower() in "aeiou" else "a"
+    if value is None:
+        return "None"
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {list(value.shape)}"
     if isinstance(value, (tuple, list)):
@@ -511,15 +513,50 @@ def build_optimizer(task: Task, model: nn.Module, spec) -> torch.optim.AdamW:
     return torch.optim.AdamW(torch_groups, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps)
 
 
-def check_model_runs(task: Task, model: nn.Module, data, batch_size: int) -> None:
-    """Run ``model`` and ``task.loss`` once on a few training samples, to refuse a pair that cannot train.
+def built_model(task: Task, settings: dict, spec: DataSpec, data: TaskData) -> nn.Module:
+    """``task.build_model(settings, spec)``, refused unless it is an ``nn.Module`` that runs on every split.
 
-    The forward runs on a copy of nothing: the buffers it writes (BatchNorm's statistics) are
-    restored, and no gradient is kept.
+    Each of the training, validation and test splits (the last when there is one) runs once
+    through :func:`check_model_runs`: a split the model cannot take is refused before the run
+    writes anything, not at the first round's scoring or at the final record. These checks
+    decide nothing, so the test split still changes no decision.
+
+    Raises:
+        ValueError: the task's own refusal of a setting, as it raised it; any other error of
+            ``build_model`` (a wrong type deep in torch, say), naming the hook and the settings;
+            or a split the model or the loss fails on.
+        TypeError: if ``build_model`` returns no ``nn.Module``, or as :func:`check_model_runs`.
+    """
+    name = type(task).__name__
+    try:
+        model = task.build_model(settings, spec)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's hook: any error is reported as it is
+        raise ValueError(f"{name}.build_model fails for the model settings {settings}: {_first_line(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}.build_model must return an nn.Module, got {_describe(model)}")
+    for split, samples in (("training", data.train), ("validation", data.val), ("test", data.test)):
+        if samples is not None:
+            check_model_runs(task, model, samples, spec.batch_size, split)
+    return model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def check_model_runs(task: Task, model: nn.Module, data, batch_size: int, split: str = "training") -> None:
+    """Run ``model`` and ``task.loss`` once on a few samples of ``data``, to refuse a pair that cannot train.
 
     In training mode with gradients on, as it trains (no backward runs), from a forked random
-    state and with the buffers put back afterwards: the run goes on as if this had not happened. The machine calls it when it
-    builds a run, before it writes anything.
+    state and with the buffers it writes (BatchNorm's statistics) put back afterwards: the run
+    goes on as if this had not happened. The machine calls it (through :func:`built_model`)
+    when it builds a run, before it writes anything.
+
+    Args:
+        split: The split's name in the messages.
 
     Raises:
         ValueError: if the forward or the loss fails, naming the error's first line.
@@ -529,25 +566,21 @@ def check_model_runs(task: Task, model: nn.Module, data, batch_size: int) -> Non
     n = min(batch_size, data_length(data))
     x, y = next(data_batches(data, torch.arange(n)))
     buffers = {key: b.clone() for key, b in model.named_buffers()}
-
-    def first_line(err: Exception) -> str:
-        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             try:
                 output = call_model(model, x)
             except Exception as err:  # noqa: BLE001 - the user's model: any error is reported as it is
-                raise ValueError(f"{name}: the model fails on a batch of {n} training samples: "
-                                 f"{first_line(err)}") from None
+                raise ValueError(f"{name}: the model fails on a batch of {n} {split} samples: "
+                                 f"{_first_line(err)}") from None
             if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(output)):
                 raise TypeError(f"{name}: the model returned {_describe(output)}; expected a tensor, or a tuple, "
                                 f"list or dict holding tensors")
             try:
                 loss = task.loss(output, y)
             except Exception as err:  # noqa: BLE001 - the user's loss: any error is reported as it is
-                raise ValueError(f"{name}.loss fails on the model's output ({_describe(output)}): "
-                                 f"{first_line(err)}") from None
+                raise ValueError(f"{name}.loss fails on the model's output ({_describe(output)}) for {split} "
+                                 f"samples: {_first_line(err)}") from None
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
                 raise TypeError(f"{name}.loss must return one model's loss as a scalar float tensor, got "
                                 f"{_describe(loss)}")
