@@ -90,6 +90,9 @@ def test_shipped_configs_are_valid(path):
      r"clan.lr_grid\[0\] must be a number in \(0, inf\), got -1.0"),
     ({"clan": {"init": "random", "duty_cycle": 1.0}}, ValueError, "clan.init must be 'copy' or 'independent', got 'random'"),
     ({"clan": {"genes": {"lr": 3}}}, ValueError, r"clan.genes must be a table \{gene name: \{field: value\}\}"),
+    ({"clan": {"genes": {"lrr": {"low": 1e-4}}}}, ValueError,
+     r"clan.genes: no gene 'lrr'; a run's genes are the AdamW genes \['lr', 'weight_decay', 'betas/0', 'betas/1', "
+     r"'eps'\], whose fields clan.genes overrides"),
     ({"clan": 5}, TypeError, "clan: expected a table of settings, got int"),
     ({"optimizer": {"lr": 0}}, ValueError, r"optimizer.lr must be a number in \(0, inf\), got 0"),
     ({"optimizer": {"betas": [0.9]}}, ValueError, r"optimizer.betas must be a pair \[beta1, beta2\], got \[0.9\]"),

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from .checks import int_in, number_in, positive_int, refuse
+from .genome import ADAMW_GENES
 from .rounds import check_phases, round_problem
 from .settings import DEFAULTS, HORIZON_LR_SHAPE, HORIZON_WARMUP, WSD_DECAY
 from .schedule import SEARCH_SHARE, SEARCH_SPREAD, Phase, PhaseSchedule, check_lr_shape, default_schedule, lr_shape_at
@@ -374,6 +375,11 @@ class ClanSpec(_Spec):
         if not isinstance(self.genes, Mapping) or not all(isinstance(v, Mapping) for v in self.genes.values()):
             _fail(s, "genes", "a table {gene name: {field: value}}", self.genes)
         object.__setattr__(self, "genes", {k: dict(v) for k, v in self.genes.items()})
+        # A run's genes are the AdamW genes: a gene of another name would evolve, read by nothing.
+        unknown = sorted(set(self.genes) - set(ADAMW_GENES))
+        if unknown:
+            raise ValueError(f"clan.genes: no gene {unknown[0]!r}; a run's genes are the AdamW genes "
+                             f"{list(ADAMW_GENES)}, whose fields clan.genes overrides")
         object.__setattr__(self, "confidence", _float(s, "confidence", self.confidence, 0, 1, high_open=True))
         if not isinstance(self.keep_best, bool):
             _fail(s, "keep_best", "true or false", self.keep_best)

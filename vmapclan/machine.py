@@ -135,10 +135,10 @@ def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, devic
     genes = {name: dict(fields) for name, fields in c.genes.items()}
     starts = optimizer_settings(optimizer)  # the AdamW genes' values
     for name, entry in c.sweep.items():  # a sweep's gene bounds follow its range (and hold the optimizer's value)
-        if name not in ADAMW_GENES and name not in c.genes:
-            raise ValueError(f"clan.sweep: no gene {name!r}; the run's genes are {sorted({*ADAMW_GENES, *c.genes})}")
+        if name not in ADAMW_GENES:
+            raise ValueError(f"clan.sweep: no gene {name!r}; the run's genes are {sorted(ADAMW_GENES)}")
         low, high = entry["range"]
-        start = float(starts.get(name, low))  # a gene of the user's own: the range alone
+        start = float(starts[name])
         genes[name] = {**genes.get(name, {}), "low": min(low, start), "high": max(high, start),
                        "scale": entry["scale"]}
     return Clan(model, optimizer, population_size=c.population_size, round_length=c.round_length,
