@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from vmapclan import Clan, Gene
@@ -149,6 +150,15 @@ def test_dataset_smaller_than_one_step_is_an_error():
     with pytest.raises(ValueError, match=r"the dataset has 3 samples, fewer than one step needs \(4 = batch_size\)"):
         always_competing.loader(ids_dataset(B - 1), B)
     always_competing.loader(ids_dataset(B), B)  # exactly one step is enough
+    # The plan, not the round in force, decides: with a horizon the default plan starts with an
+    # all-competitive search and cooperates after it, so one batch of B is not enough.
+    model = nn.Linear(4, 2)
+    planned = Clan(model, torch.optim.AdamW(model.parameters()), population_size=P, total_steps=100,
+                   autobind=["adamw"])
+    assert planned.cooperative_steps == 0 and any(stretch.cooperates for stretch in planned.plan)
+    with pytest.raises(ValueError, match=r"the dataset has 11 samples, fewer than one step needs "
+                                         r"\(12 = population_size x batch_size\)"):
+        planned.loader(ids_dataset(P * B - 1), B)
 
 
 def test_bad_loader_arguments_are_errors():

@@ -125,11 +125,14 @@ class ClanLoader:
         self.clan, self.dataset, self.batch_size = clan, dataset, batch_size
         self.device = torch.device(device) if device is not None else clan.device
         p = clan.population_size
-        smallest = batch_size * (p if clan.cooperative_steps > 0 else 1)
+        # Over the whole plan, not the round in force: a plan that searches first cooperates later.
+        later = [stretch for stretch in clan.plan if stretch.end > clan.time_step]
+        cooperates = any(stretch.cooperates for stretch in later) if later else clan.cooperative_steps > 0
+        smallest = batch_size * (p if cooperates else 1)
         if len(dataset) < smallest:
             raise ValueError(
                 f"clan.loader: the dataset has {len(dataset)} samples, fewer than one step needs "
-                f"({smallest} = {'population_size x ' if clan.cooperative_steps else ''}batch_size)"
+                f"({smallest} = {'population_size x ' if cooperates else ''}batch_size)"
             )
         self._plan_checked = False
 

@@ -325,7 +325,7 @@ class TrainingMachine:
         for stretch in self.clan.plan:
             phase = self.phases[stretch.index]
             n = data_length(self._datasets[phase.data_key].train)
-            cooperates = stretch.kind == "cooperative" or stretch.duty_cycle != 1
+            cooperates = stretch.cooperates
             need = p * phase.batch_size if cooperates else phase.batch_size
             if need > n:
                 what = (f"population_size x batch_size = {p} x {phase.batch_size} = {need} samples" if cooperates

@@ -104,6 +104,11 @@ class Stretch(NamedTuple):
     phase_end: bool = False
     first: bool = False
 
+    @property
+    def cooperates(self) -> bool:
+        """Whether some of its steps cooperate, each taking ``P x B`` samples: a cooperative stretch, or a round that is not all competition."""
+        return self.kind == "cooperative" or self.duty_cycle != 1
+
 
 def plan_stretches(schedule, total_steps: int, round_length: int, duty_cycle: float) -> tuple[Stretch, ...]:
     """The stretches that tile ``[0, total_steps)`` under ``schedule``: the one plan of a clan's rounds.
