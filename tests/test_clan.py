@@ -3,6 +3,7 @@
 import functools
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -392,6 +393,12 @@ def test_unknown_genes_and_bad_genome_values_are_errors():
         clan.set_genome("lr", [2.0, 1e-3, 1e-3])
     with pytest.raises(ValueError, match=r"gene 'lr': expected shape \[3\], got \[2\]"):
         clan.set_genome("lr", [1e-3, 1e-3])
+    # A bound written as a float32 tensor (torch's default dtype) is a rounding above 0.1: it means the
+    # bound. A float32 value a step further out is still refused.
+    clan.set_genome("lr", torch.tensor([1e-4, 1e-2, 1.0]))
+    assert clan.genomes["lr"].tolist() == [1e-4, torch.tensor(1e-2).item(), 1.0] and torch.tensor(1e-4).item() != 1e-4
+    with pytest.raises(ValueError, match=r"gene 'lr': values \[1.000000\d*\d, .*leave the bounds \[0.0001, 1.0\]"):
+        clan.set_genome("lr", torch.tensor([1.0, 1e-3, 1e-3]).nextafter(torch.tensor(2.0)).nextafter(torch.tensor(2.0)))
 
 
 def test_set_genome_takes_effect_in_the_competitive_phase():
@@ -578,3 +585,22 @@ def test_training_step_never_syncs_with_the_host(monkeypatch, kind):
             clan.step(loss.detach())
             member = clan.round()
     assert len(clan.history) == 3
+
+
+def test_an_optimizer_that_has_stepped_gives_its_settings_not_its_state_and_a_warning():
+    """A warmed-up torch AdamW (a fine-tune resumed, say): the clan takes its lr and betas, and says
+    that its moments and step counts stay behind."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    with pytest.warns(UserWarning, match=r"Clan: the optimizer has stepped already, and its state \(moments, step "
+                                         r"counts\) is not carried over: the clan's AdamW starts afresh"):
+        clan = Clan(model, optimizer, population_size=2, autobind=["adamw"], round_length=4, duty_cycle=0.5)
+    state = clan.optimizer.adamw_state
+    assert state.step.eq(0).all() and state.exp_avg.eq(0).all() and clan.incumbent["lr"].item() == 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = nn.Linear(3, 2)
+        Clan(fresh, torch.optim.AdamW(fresh.parameters()), population_size=2, autobind=["adamw"], round_length=4,
+             duty_cycle=0.5)

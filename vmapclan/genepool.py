@@ -64,8 +64,15 @@ class GenePool:
         """
         if name not in self.genes:
             raise ValueError(f"Clan.set_genome: unknown gene {name!r}; the genes are {sorted(self.genes)}")
-        values = torch.as_tensor(values, dtype=self.genes[name].torch_dtype).flatten()
-        check_genome({name: values}, {name: self.genes[name]}, self.population_size)
+        spec = self.genes[name]
+        given = values.dtype if isinstance(values, torch.Tensor) else None
+        values = torch.as_tensor(values, dtype=spec.torch_dtype).flatten()
+        if given is not None and given.is_floating_point and given != values.dtype:
+            # A bound written in float32 (torch's default dtype) lands a rounding off it: it means the bound.
+            slack = torch.finfo(given).eps
+            values = torch.where((values > spec.high) & (values <= spec.high + abs(spec.high) * slack), spec.high, values)
+            values = torch.where((values < spec.low) & (values >= spec.low - abs(spec.low) * slack), spec.low, values)
+        check_genome({name: values}, {name: spec}, self.population_size)
         self.genomes[name] = values.clone()
 
     def search(self, spread: float) -> None:

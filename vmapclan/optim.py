@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -698,7 +699,8 @@ def optimizer_ratios(optimizer, model) -> list[tuple[float, float]] | None:
 
     The batched AdamW stands for ``torch.optim.AdamW`` (or ``torch.optim.Adam`` without weight
     decay) with any number of param groups: their lr and weight decay relative to the first
-    group's become per-column multipliers (:func:`group_scales`).
+    group's become per-column multipliers (:func:`group_scales`). An optimizer that has stepped
+    already gets a warning: the clan takes its settings, not its state.
 
     Raises:
         TypeError: for another optimizer.
@@ -744,4 +746,8 @@ def optimizer_ratios(optimizer, model) -> list[tuple[float, float]] | None:
     strangers = [i for i in group_of if i not in trainable and i not in frozen]
     if strangers:
         raise ValueError(f"Clan: the optimizer holds {len(strangers)} tensors that are not parameters of the model")
+    if any(optimizer.state.get(p) for group in optimizer.param_groups for p in group["params"]):
+        warnings.warn("Clan: the optimizer has stepped already, and its state (moments, step counts) is not carried "
+                      "over: the clan's AdamW starts afresh from the model's weights and the optimizer's settings",
+                      stacklevel=3)
     return [ratios[group_of[i]] for i in trainable]
