@@ -107,6 +107,10 @@ def test_the_python_machine_shows_the_same_bar(capsys):
     (["train"], EXIT_USAGE, "train needs a CONFIG (a TOML file) or --resume RUN_DIR"),
     (["train", "x.toml", "--steps", "many"], EXIT_USAGE, "argument --steps: invalid int value: 'many'"),
     (["demo", "--threads", "0"], EXIT_USAGE, "--threads must be a positive int, got 0"),
+    (["train", "x.toml", "--steps", "-3"], EXIT_USAGE, "--steps must be a positive int, got -3"),
+    (["replay", "schedule.json", "--out", "x.json"], EXIT_USAGE,
+     "vmapclan: error: replay --out is a directory (it gets replay.json, and tensorboard/ with --tensorboard), "
+     "got 'x.json'"),
     (["train", "missing.toml"], EXIT_INPUT, "vmapclan: error: no such file: missing.toml"),
     (["replay", "missing.json"], EXIT_INPUT, "vmapclan: error: no such file: missing.json"),
     (["demo", "--device", "abacus"], EXIT_INPUT, "device type at start of device string: abacus"),
@@ -129,7 +133,7 @@ def test_bad_config_names_the_field(tmp_path, capsys):
     assert main(["train", str(path)]) == EXIT_INPUT
     assert "invalid TOML" in capsys.readouterr().err
     path.write_text(TINY)
-    assert main(["train", str(path), "--steps", "0"]) == EXIT_INPUT
+    assert main(["train", str(path), "--steps", "0"]) == EXIT_USAGE
     assert "--steps must be a positive int, got 0" in capsys.readouterr().err
     schedule = tmp_path / "schedule.json"
     schedule.write_text('{"format_version": 1, "phases": []}')
@@ -190,8 +194,9 @@ def test_demo_runs_at_a_small_size(tmp_path, capsys, monkeypatch):
 
 def test_help_and_module_entry_point():
     assert main(["--help"]) == EXIT_OK
-    done = subprocess.run([sys.executable, "-m", "vmapclan.cli", "train", "nope.toml"], capture_output=True, text=True)
-    assert done.returncode == EXIT_INPUT and "no such file: nope.toml" in done.stderr
+    for module in ("vmapclan.cli", "vmapclan"):  # python -m vmapclan is the command too
+        done = subprocess.run([sys.executable, "-m", module, "train", "nope.toml"], capture_output=True, text=True)
+        assert done.returncode == EXIT_INPUT and "no such file: nope.toml" in done.stderr
 
 
 def test_quality_benchmark_tiny(tmp_path, capsys):

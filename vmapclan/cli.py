@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     run_options(demo, threads=1)
     replay = sub.add_parser("replay", help="train one plain model on an exported schedule.json")
     replay.add_argument("schedule", type=Path, help="schedule.json from a run directory")
-    replay.add_argument("--out", type=Path, help="where to write replay.json (default: beside the schedule)")
+    replay.add_argument("--out", type=Path, help="the directory to write replay.json in (default: the schedule's)")
     replay.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.add_argument("--tensorboard", action="store_true",
@@ -370,6 +370,10 @@ def _replay(args) -> int:
     from .replay import read_schedule, replay
     from .tasks import resolve_task
 
+    if args.out is not None and (args.out.suffix == ".json" or args.out.is_file()):
+        print(f"vmapclan: error: replay --out is a directory (it gets replay.json, and tensorboard/ with "
+              f"--tensorboard), got {str(args.out)!r}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         schedule, config, clan = read_schedule(args.schedule)
         task = resolve_task(config.task, config.task_args)
@@ -466,10 +470,12 @@ def _main(argv) -> int:
             return EXIT_USAGE
         except RuntimeError:
             pass
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            print(f"vmapclan: error: --threads must be a positive int, got {args.threads}", file=sys.stderr)
+    for option in ("threads", "steps"):  # bad command lines, like argparse's own refusals
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            print(f"vmapclan: error: --{option} must be a positive int, got {value}", file=sys.stderr)
             return EXIT_USAGE
+    if getattr(args, "threads", None) is not None:
         import torch
 
         torch.set_num_threads(args.threads)
@@ -498,8 +504,6 @@ def _main(argv) -> int:
                 raise _InputError(f"no such file: {args.config}") from None
             except (ValueError, TypeError) as err:
                 raise _InputError(f"{args.config}: {err}") from None
-        if args.steps is not None and args.steps < 1:
-            raise _InputError(f"--steps must be a positive int, got {args.steps}")
         return _train(config, args)
     except _InputError as err:
         print(f"vmapclan: error: {err}", file=sys.stderr)

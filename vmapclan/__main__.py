@@ -1,0 +1,7 @@
+"""``python -m vmapclan``: the ``vmapclan`` command (:func:`vmapclan.cli.main`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
