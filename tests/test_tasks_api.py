@@ -306,6 +306,46 @@ class SizedBlobsTask(BlobsTask):
         return Blobs(self.n, seed), Blobs(32, seed + 100)
 
 
+def test_a_task_records_what_it_was_built_with():
+    class Wider(SizedBlobsTask):
+        def __init__(self, width=8, **extra):
+            super().__init__(n=200)  # the parent's call does not overwrite the record
+            self.width, self.extra = width, extra
+
+    class Listed(BlobsTask):
+        def __init__(self, *sizes):
+            self.sizes = sizes
+
+    assert SizedBlobsTask(64).init_arguments == {"n": 64} and SizedBlobsTask().init_arguments == {}
+    assert Wider(width=4, seed=1).init_arguments == {"width": 4, "seed": 1} and Wider().n == 200
+    assert BlobsTask().init_arguments == {} and Listed().init_arguments == {}
+    assert Listed(1, 2).init_arguments is None  # arguments of a *args have no keyword to name them
+
+
+def test_a_task_object_s_arguments_become_the_run_s_task_args(tmp_path):
+    """``TrainingMachine(config, task=obj)`` writes what ``obj`` was built with into the run's
+    config, so that a resume from the command rebuilds it, not the class with its defaults."""
+    out = tmp_path / "run"
+    machine = TrainingMachine(blobs_config(total_steps=48), task=SizedBlobsTask(n=64), out_dir=out)
+    machine.callback = lambda event: machine.request_stop() if event.get("step", 0) >= 24 else None
+    with pytest.raises(Exception, match="stopped at step"):
+        machine.train()
+    assert tomllib.loads((out / "config.toml").read_text())["task_args"] == {"n": 64}
+    assert main(["train", "--resume", str(out), "--no-progress", "--no-plots"]) == EXIT_OK
+    whole = TrainingMachine(blobs_config(total_steps=48), task=SizedBlobsTask(n=64)).train()
+    resumed = torch.load(out / "best_model.pt")
+    assert all(torch.equal(t, resumed[k]) for k, t in whole.best_model.state_dict().items())
+    # task_args that name other values than the object was built with would rebuild another task.
+    with pytest.raises(ValueError, match=r"TrainingMachine: config.task_args \{'n': 32\} differ from the arguments "
+                                         r"the task was built with, \{'n': 64\}, in 'n'"):
+        TrainingMachine(blobs_config(task_args={"n": 32}), task=SizedBlobsTask(n=64))
+    assert TrainingMachine(blobs_config(task_args={"n": 64}), task=SizedBlobsTask(n=64)).config.task_args == {"n": 64}
+    # Arguments no TOML table holds: the run goes on, with a warning where it can be resumed.
+    with pytest.warns(UserWarning, match=r"TrainingMachine: SizedBlobsTask was built with arguments that "
+                                         r"config.task_args cannot hold"):
+        TrainingMachine(blobs_config(), task=SizedBlobsTask(n=torch.tensor(64)), out_dir=tmp_path / "other")
+
+
 def test_task_args_build_the_class_from_the_config_and_the_command(tmp_path):
     config = blobs_config(task="test_tasks_api:SizedBlobsTask", task_args={"n": 64})
     machine = TrainingMachine(config, out_dir=tmp_path / "python")

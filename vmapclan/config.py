@@ -503,7 +503,8 @@ class RunConfig:
             Every step costs P member-steps, cooperative or competitive.
         task_args: Keyword arguments for a task of your own (``task = "module:Class"`` is built
             as ``Class(**task_args)``): the ``[task_args]`` table, values anything TOML holds.
-            Empty for a built-in task.
+            Empty for a built-in task. ``TrainingMachine(config, task=obj)`` fills it with the
+            arguments ``obj`` was built with (:attr:`vmapclan.Task.init_arguments`).
         seed: Seeds the model's init, the data split, the clan's mutations and the loader.
         log_every: Steps between training-loss records (0: about 100 records per run).
         checkpoint_every: Rounds between checkpoints when the machine has an ``out_dir``

@@ -41,6 +41,7 @@ import dataclasses
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -123,6 +124,36 @@ def _fused_options(fused, device: torch.device) -> tuple[bool, dict]:
         raise ValueError(f"TrainingMachine: unknown FusedStep options {unknown}; the options are {allowed}")
     check_options(device, **fused)
     return True, dict(fused)
+
+
+def _task_args(task: Task, config: RunConfig, out_dir) -> dict:
+    """The run's ``task_args`` for a task given as an object: the arguments it was built with, so
+    that the run's config rebuilds it (a resume from the command, a replay).
+
+    Raises:
+        ValueError: if ``config.task_args`` names another value than the task was built with.
+    """
+    built, given = task.init_arguments, dict(config.task_args)
+    if built is None or not _toml_value(built):
+        if out_dir is not None and not given:
+            warnings.warn(f"TrainingMachine: {type(task).__name__} was built with arguments that config.task_args "
+                          f"cannot hold; a resume from the command or a replay builds it from config.task_args, "
+                          f"which is empty", stacklevel=3)
+        return given
+    differ = sorted(k for k in built if k not in given or given[k] != built[k]) if given else []
+    if differ:
+        raise ValueError(f"TrainingMachine: config.task_args {given} differ from the arguments the task was built "
+                         f"with, {built}, in {differ[0]!r}; give the same (or no task_args: the task's are taken)")
+    return {**built, **given}
+
+
+def _toml_value(value) -> bool:
+    """Whether a TOML table can hold ``value`` (and it reads back the same)."""
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _toml_value(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_toml_value(v) for v in value)
+    return isinstance(value, (str, bool, int, float))
 
 
 def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, device: torch.device,
@@ -212,7 +243,7 @@ class TrainingMachine:
         if task is not None:
             if not isinstance(task, Task):
                 raise TypeError(f"TrainingMachine: task must be a vmapclan.Task, got {type(task).__name__}")
-            config = config.replace(task=task_reference(task))
+            config = config.replace(task=task_reference(task), task_args=_task_args(task, config, out_dir))
         self.task = resolve_task(config.task, config.task_args) if task is None else task
         self.model_settings = self.task.model_settings(config.model)
         config = config.replace(data=self.task.data_settings(config.data))  # the task's own, with defaults

@@ -11,6 +11,8 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
+import functools
+import inspect
 import math
 from collections.abc import Mapping
 
@@ -121,6 +123,36 @@ def data_batches(data, index: torch.Tensor | None = None, chunk: int = _EVAL_CHU
             yield x, y
 
 
+def _recording(init):
+    """``init``, recording the arguments of the outermost call as the task's ``_init_arguments``.
+
+    A subclass's ``super().__init__(...)`` runs inside it and leaves the record as it is.
+    """
+    signature = inspect.signature(init)
+    _self, *params = signature.parameters.values()
+
+    @functools.wraps(init)
+    def recorded(self, *args, **kwargs):
+        if "_init_arguments" not in self.__dict__:
+            try:
+                bound = signature.bind(self, *args, **kwargs).arguments
+            except TypeError:
+                bound = None  # init itself refuses these arguments, in its own words
+            record = {}
+            for param in params:
+                if bound is None or (param.kind is param.VAR_POSITIONAL and bound.get(param.name)):
+                    record = None
+                    break
+                if param.kind is param.VAR_KEYWORD:
+                    record.update(bound.get(param.name, {}))
+                elif param.name in bound:
+                    record[param.name] = bound[param.name]
+            self.__dict__["_init_arguments"] = record
+        init(self, *args, **kwargs)
+
+    return recorded
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskData:
     """A task's data, each split ``(x, y)`` tensors (the fast path) or a map-style ``Dataset``.
@@ -187,6 +219,21 @@ class Task(abc.ABC):
     model_defaults: dict | None = None
     data_defaults: dict = {}
     phase_data: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # record what it is built with: a run's config.task_args rebuilds it
+            cls.__init__ = _recording(cls.__dict__["__init__"])
+
+    @property
+    def init_arguments(self) -> dict | None:
+        """The keyword arguments this task was built with (``{}`` for none), or ``None`` where they
+        cannot be named as keywords (arguments passed to a ``*args``).
+
+        The training machine writes them as the run's ``config.task_args``, so that a resume
+        from the command or a replay rebuilds the same task.
+        """
+        return self.__dict__.get("_init_arguments", {})
 
     @property
     def reference(self) -> str:
