@@ -458,3 +458,15 @@ def test_a_bad_config_sweep_is_refused_by_name(sweep, clan, message):
     config = {**SWEEP, "clan": {**SWEEP["clan"], **clan, "sweep": sweep}}
     with pytest.raises(ValueError, match=message):
         TrainingMachine(config).prepare()
+
+
+@pytest.mark.parametrize("genes, message", [
+    ({"lr": {"low": 0.01, "high": 0.1}}, r"clan.genes.lr: Gene: init 0.001 is outside the bounds \[0.01, 0.1\]"),
+    ({"lr": {"lo": 0.01}}, r"clan.genes.lr: Gene.__init__\(\) got an unexpected keyword argument 'lo'"),
+    ({"betas/0": {"scale": "cubic"}}, r"clan.genes.betas/0: Gene: scale must be 'log', 'linear' or 'log1m', "
+                                      r"got 'cubic'"),
+])
+def test_a_bad_gene_override_is_refused_by_its_config_name(genes, message):
+    config = {"task": "digits-mlp", "total_steps": 20, "clan": {"population_size": 2, "genes": genes}}
+    with pytest.raises(ValueError, match=message):
+        TrainingMachine(config).prepare()

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import tomllib
+import warnings
 
 import pytest
 import tomli_w
@@ -553,3 +554,22 @@ def test_config_toml_holds_only_the_data_settings_the_task_reads(tmp_path):
     assert tomllib.loads((tmp_path / "s" / "config.toml").read_text())["data"]["seq_len"] == 12
     assert "seq_len" in tomllib.loads(RunConfig.from_dict({"task": "stdlib-chars"}).to_toml(
         get_task("stdlib-chars").unread_data()))["data"]
+
+
+def test_a_data_setting_the_task_does_not_read_is_warned_of():
+    """``[data]`` fields the task does not name in ``data_reads`` are dropped from the run's config;
+    one set to another value than its default was meant for something, and is named."""
+    data = {**BASE["data"], "val_fraction": 0.5}
+    with pytest.warns(UserWarning, match=r"TrainingMachine: data.val_fraction = 0.5 is set, but task "
+                                         r"'test_tasks_api:BlobsTask' does not read it \(a task names the data fields "
+                                         r"it reads in Task.data_reads\)"):
+        TrainingMachine(blobs_config(data=data))
+
+    class Reading(BlobsTask):
+        data_reads = ("val_fraction",)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainingMachine(blobs_config(), task=Reading())
+        TrainingMachine(blobs_config(data=data), task=Reading())
+        TrainingMachine(blobs_config(data={**BASE["data"], "val_fraction": 0.2}))  # the default: nothing meant

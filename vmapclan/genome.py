@@ -185,7 +185,7 @@ def gene_specs(autobind, optimizer, genome_config) -> dict[str, Gene]:
             base = genes.get(name)
             try:
                 spec = dataclasses.replace(base, **spec) if base is not None else Gene(**spec)
-            except TypeError as err:
+            except (TypeError, ValueError) as err:  # an unknown field, or bounds that leave out the start
                 raise ValueError(f"Clan: genome_config[{name!r}]: {err}") from None
         elif not isinstance(spec, Gene):
             raise TypeError(f"Clan: genome_config[{name!r}] must be a Gene or a dict, got {type(spec).__name__}")

@@ -50,7 +50,7 @@ from torch import nn
 
 from .checks import check_device, positive_int
 from .clan import Clan, DivergenceError
-from .config import RunConfig
+from .config import DataSpec, RunConfig
 from .distributed import any_rank, current_rank
 from .evaluation import final_model, score_round
 from .genome import ADAMW_GENES, optimizer_settings
@@ -126,6 +126,15 @@ def _fused_options(fused, device: torch.device) -> tuple[bool, dict]:
     return True, dict(fused)
 
 
+def _warn_unread_data(task: Task, data: DataSpec) -> None:
+    """Warn of a ``[data]`` field set to another value than its default that ``task`` does not read."""
+    defaults = DataSpec()
+    for name in task.unread_data():
+        if getattr(data, name) != getattr(defaults, name):
+            warnings.warn(f"TrainingMachine: data.{name} = {getattr(data, name)!r} is set, but task {task.reference!r} "
+                          f"does not read it (a task names the data fields it reads in Task.data_reads)", stacklevel=3)
+
+
 def _task_args(task: Task, config: RunConfig, out_dir) -> dict:
     """The run's ``task_args`` for a task given as an object: the arguments it was built with, so
     that the run's config rebuilds it (a resume from the command, a replay).
@@ -172,11 +181,18 @@ def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, devic
         start = float(starts[name])
         genes[name] = {**genes.get(name, {}), "low": min(low, start), "high": max(high, start),
                        "scale": entry["scale"]}
-    return Clan(model, optimizer, population_size=c.population_size, round_length=c.round_length,
-                duty_cycle=c.duty_cycle, autobind=["adamw"], genome_config=genes, selection=c.selection_arg,
-                init=c.init, seed=config.seed, device=device, confidence=c.confidence or None,
-                total_steps=config.total_steps, schedule=clan_plane, lr_schedule=opt.lr_schedule, warmup=opt.warmup,
-                decay=opt.decay, competitive_lr=c.competitive_lr, keep_best=c.keep_best)
+    try:
+        return Clan(model, optimizer, population_size=c.population_size, round_length=c.round_length,
+                    duty_cycle=c.duty_cycle, autobind=["adamw"], genome_config=genes, selection=c.selection_arg,
+                    init=c.init, seed=config.seed, device=device, confidence=c.confidence or None,
+                    total_steps=config.total_steps, schedule=clan_plane, lr_schedule=opt.lr_schedule,
+                    warmup=opt.warmup, decay=opt.decay, competitive_lr=c.competitive_lr, keep_best=c.keep_best)
+    except ValueError as err:  # the clan's genome_config is the config's clan.genes: name it so
+        text = str(err)
+        if not text.startswith("Clan: genome_config["):
+            raise
+        name, _, rest = text.removeprefix("Clan: genome_config[").partition("]: ")
+        raise ValueError(f"clan.genes.{name.strip(chr(39))}: {rest}") from None
 
 
 def _sweep_values(sweep: Mapping, size: int, seed: int) -> dict[str, list[float]]:
@@ -247,6 +263,7 @@ class TrainingMachine:
         self.task = resolve_task(config.task, config.task_args) if task is None else task
         self.model_settings = self.task.model_settings(config.model)
         config = config.replace(data=self.task.data_settings(config.data))  # the task's own, with defaults
+        _warn_unread_data(self.task, config.data)
         self.config = config
         self.total_steps = config.total_steps
         # Without phases in the config, the default schedule's last phase depends on the data's

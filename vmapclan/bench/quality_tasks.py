@@ -128,6 +128,8 @@ class DigitsHoldoutTask(_BenchTask):
     Model settings: ``hidden`` (128), the width of the MLP's two hidden layers.
     """
 
+    data_reads = ("val_fraction",)  # three_way splits by it
+
     model_defaults = {"hidden": 128}
     positive = ("hidden",)
 
@@ -193,6 +195,8 @@ class DiabetesTask(_BenchTask):
     Model settings: ``hidden`` (64), the width of a two-hidden-layer MLP.
     """
 
+    data_reads = ("val_fraction",)  # three_way splits by it
+
     model_defaults = {"hidden": 64}
     positive = ("hidden",)
 
@@ -216,6 +220,8 @@ class DiabetesTask(_BenchTask):
 
 class _TabularTask(_BenchTask):
     """A scikit-learn classification data set, features standardised on the training part, an MLP."""
+
+    data_reads = ("val_fraction",)  # three_way splits by it
 
     loader: str = ""
     model_defaults = {"hidden": 32}
@@ -281,6 +287,8 @@ class DigitsCNNTask(_BenchTask):
     Model settings: ``channels`` (8), the first convolution's channels (the second has twice as many).
     """
 
+    data_reads = ("val_fraction",)  # three_way splits by it
+
     model_defaults = {"channels": 8}
     positive = ("channels",)
 
@@ -327,6 +335,8 @@ class SequenceTask(Task):
     all, split by ``data.val_fraction`` and ``data.test_fraction``); ``data.seq_len`` is the
     sequences' length.
     """
+
+    data_reads = ("val_fraction", "seq_len")  # three_way splits by the first; the second is the length
 
     model_defaults = {"cell": "gru", "embedding": 16, "hidden": 48}
     data_defaults = {"vocab": 8, "lag": 3, "noise": 0.2, "samples": 3000}
