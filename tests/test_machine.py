@@ -243,8 +243,9 @@ def test_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="other.pt has format version 99, expected 3"):
         load_run_checkpoint(tmp_path / "other.pt")
     torch.save({"format_version": 1}, tmp_path / "old.pt")  # what format 1 wrote: no header, no hash
-    with pytest.raises(ValueError, match=r"old.pt has checkpoint format 1 \(no content hash\), this vmapclan reads "
-                                         r"format 2; start a new run"):
+    with pytest.raises(ValueError, match=r"old.pt is a bare torch.save file: checkpoint format 1 \(no content hash\), "
+                                         r"or no checkpoint at all; this vmapclan reads format 2, which save_checkpoint "
+                                         r"writes \(a format 1 run cannot resume: start a new run\)"):
         load_run_checkpoint(tmp_path / "old.pt")
 
 

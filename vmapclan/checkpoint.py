@@ -136,8 +136,9 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     data = _read_regular_file(path)
     if not data.startswith(_MAGIC):
         if data[:4] == b"PK\x03\x04":  # a bare torch.save zip: what format 1 wrote
-            raise ValueError(f"load_checkpoint: {path} has checkpoint format 1 (no content hash), this vmapclan "
-                             f"reads format {FILE_FORMAT_VERSION}; start a new run")
+            raise ValueError(f"load_checkpoint: {path} is a bare torch.save file: checkpoint format 1 (no content "
+                             f"hash), or no checkpoint at all; this vmapclan reads format {FILE_FORMAT_VERSION}, "
+                             f"which save_checkpoint writes (a format 1 run cannot resume: start a new run)")
         raise ValueError(f"load_checkpoint: {path} is not a vmapclan checkpoint (no header)")
     end = data.find(b"\n", 0, _MAX_HEADER)
     match = _HEADER.fullmatch(data[:end + 1]) if end >= 0 else None
