@@ -79,6 +79,7 @@ class RingsTask(Task):
 
     model_defaults = {"width": 32, "depth": 2}
     data_defaults = {"n_rings": 3, "samples": 2000}
+    data_reads = ("val_fraction",)  # the machine's data field its split reads
 
     def __init__(self, noise: float = 0.15):
         self.noise = noise

@@ -454,9 +454,13 @@ def test_a_config_sweep_draws_the_named_genes_and_holds_the_rest():
                                                           r"got 'cubic'"),
     ({"lr": {"ranges": [1e-4, 1e-2]}}, {}, r"clan.sweep.lr: unknown key 'ranges'"),
     ({"momentum": {"range": [0.1, 0.9]}}, {}, r"clan.sweep: no gene 'momentum'; the run's genes are \['betas/0'"),
+    ({"weight_decay": {"range": [1e-4, 1e-1]}}, {"optimizer_wd": 0.0},
+     r"clan.sweep.weight_decay \(with the optimizer's 0.0\): Gene: a log-scale gene needs low > 0, got low=0.0"),
 ])
 def test_a_bad_config_sweep_is_refused_by_name(sweep, clan, message):
-    config = {**SWEEP, "clan": {**SWEEP["clan"], **clan, "sweep": sweep}}
+    clan = dict(clan)
+    optimizer = {"weight_decay": clan.pop("optimizer_wd")} if "optimizer_wd" in clan else {}
+    config = {**SWEEP, "clan": {**SWEEP["clan"], **clan, "sweep": sweep}, "optimizer": {**SWEEP.get("optimizer", {}), **optimizer}}
     with pytest.raises(ValueError, match=message):
         TrainingMachine(config).prepare()
 

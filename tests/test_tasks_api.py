@@ -5,6 +5,7 @@ import math
 import tomllib
 import warnings
 
+import numpy as np
 import pytest
 import tomli_w
 import torch
@@ -317,10 +318,25 @@ def test_a_task_records_what_it_was_built_with():
         def __init__(self, *sizes):
             self.sizes = sizes
 
+    @dataclasses.dataclass
+    class Declared(SizedBlobsTask):  # a dataclass's __init__ comes after the class is made
+        n: int = 96
+        noise: float = 0.1
+
     assert SizedBlobsTask(64).init_arguments == {"n": 64} and SizedBlobsTask().init_arguments == {}
+    assert SizedBlobsTask(96).init_arguments == {}  # the default itself: nothing to rebuild
     assert Wider(width=4, seed=1).init_arguments == {"width": 4, "seed": 1} and Wider().n == 200
     assert BlobsTask().init_arguments == {} and Listed().init_arguments == {}
-    assert Listed(1, 2).init_arguments is None  # arguments of a *args have no keyword to name them
+    assert Declared(64).init_arguments == {"n": 64} and Declared(noise=0.2).init_arguments == {"noise": 0.2}
+    # What Class(**task_args) cannot rebuild: a *args, a value no TOML table holds (kept out of
+    # the record, so the task still pickles).
+    for task in (Listed(1, 2), SizedBlobsTask(torch.tensor(64)), SizedBlobsTask(np.float64(64)),
+                 SizedBlobsTask(n=lambda: 64)):
+        assert task.init_arguments is None and task.built_with({"n": 3})
+    # built_with fills in the defaults both ways.
+    assert SizedBlobsTask(64).built_with({"n": 64}) and not SizedBlobsTask(64).built_with({})
+    assert SizedBlobsTask().built_with({"n": 96}) and not SizedBlobsTask().built_with({"n": 64})
+    assert not SizedBlobsTask().built_with({"m": 1}) and Declared(noise=0.2).built_with({"noise": 0.2, "n": 96})
 
 
 def test_a_task_object_s_arguments_become_the_run_s_task_args(tmp_path):
@@ -337,9 +353,12 @@ def test_a_task_object_s_arguments_become_the_run_s_task_args(tmp_path):
     resumed = torch.load(out / "best_model.pt")
     assert all(torch.equal(t, resumed[k]) for k, t in whole.best_model.state_dict().items())
     # task_args that name other values than the object was built with would rebuild another task.
-    with pytest.raises(ValueError, match=r"TrainingMachine: config.task_args \{'n': 32\} differ from the arguments "
-                                         r"the task was built with, \{'n': 64\}, in 'n'"):
+    with pytest.raises(ValueError, match=r"TrainingMachine: config.task_args \{'n': 32\} would build SizedBlobsTask "
+                                         r"with other arguments than it was built with, \{'n': 64\}"):
         TrainingMachine(blobs_config(task_args={"n": 32}), task=SizedBlobsTask(n=64))
+    with pytest.raises(ValueError, match=r"config.task_args \{'n': 64\} would build SizedBlobsTask with other "
+                                         r"arguments than it was built with, its defaults"):
+        TrainingMachine(blobs_config(task_args={"n": 64}), task=SizedBlobsTask())
     assert TrainingMachine(blobs_config(task_args={"n": 64}), task=SizedBlobsTask(n=64)).config.task_args == {"n": 64}
     # Arguments no TOML table holds: the run goes on, with a warning where it can be resumed.
     with pytest.warns(UserWarning, match=r"TrainingMachine: SizedBlobsTask was built with arguments that "
@@ -554,6 +573,55 @@ def test_config_toml_holds_only_the_data_settings_the_task_reads(tmp_path):
     assert tomllib.loads((tmp_path / "s" / "config.toml").read_text())["data"]["seq_len"] == 12
     assert "seq_len" in tomllib.loads(RunConfig.from_dict({"task": "stdlib-chars"}).to_toml(
         get_task("stdlib-chars").unread_data()))["data"]
+
+
+def test_a_run_without_task_args_resumes_with_none_again_and_again(tmp_path):
+    """A run written before tasks recorded their arguments has no task_args. Resumed with its task
+    object, it keeps none (its config.toml says none), so a second resume is not refused."""
+    old = SizedBlobsTask(n=64)
+    del old.__dict__["_init_record"]  # as a task object of before the record
+    out = tmp_path / "run"
+
+    def stopping_at(step, machine):
+        machine.callback = lambda event: machine.request_stop() if event.get("step", 0) >= step else None
+        with pytest.raises(Exception, match="stopped at step"):
+            machine.train()
+
+    stopping_at(12, TrainingMachine(blobs_config(total_steps=48), task=old, out_dir=out))
+    assert "task_args" not in tomllib.loads((out / "config.toml").read_text())
+    stopping_at(30, TrainingMachine.resume(out, task=SizedBlobsTask(n=64)))
+    resumed = TrainingMachine.resume(out, task=SizedBlobsTask(n=64))
+    assert resumed.config.task_args == {}
+    resumed.train()
+
+
+def test_a_loader_of_one_phase_is_checked_against_that_phase_s_stretches():
+    """A phase that only competes at a large batch, then one that cooperates at a small one: each
+    of the machine's loaders serves its own phase, and neither is held to the other's step."""
+    config = blobs_config(total_steps=40, data={"batch_size": 8, "eval_samples": 8},
+                          clan={"population_size": 4, "round_length": 10, "duty_cycle": 0.5},
+                          schedule=[{"name": "compete", "start_t": 0.0, "end_t": 0.5, "clan": {"duty_cycle": 1.0},
+                                     "data": {"batch_size": 64}},
+                                    {"name": "coop", "start_t": 0.5, "end_t": 1.0, "clan": {"competition": False}}])
+    results = TrainingMachine(config, task=SizedBlobsTask(n=80)).train()  # 64 > 4 x 8 = 32 < 80 < 4 x 64
+    assert [r["phase"] for r in results.history][-1] == "coop"
+
+
+def test_the_build_checks_score_the_validation_and_test_splits_as_scoring_does():
+    """The check that the model runs on each split runs the validation and test samples in eval
+    mode, as scoring does: a BatchNorm model with a split of one sample trains (in training mode
+    BatchNorm refuses a batch of one), and the model comes back in training mode."""
+    class Normed(BlobsTask):
+        def split(self, data, seed):
+            return Blobs(96, seed), Blobs(2, seed + 100)  # one validation and one test sample
+
+        def build_model(self, model, data):
+            return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+    machine = TrainingMachine(blobs_config(), task=Normed())
+    machine.prepare()
+    assert machine.clan.population.training
+    assert math.isfinite(machine.train().final["test_loss"])
 
 
 def test_a_data_setting_the_task_does_not_read_is_warned_of():

@@ -370,7 +370,7 @@ def _replay(args) -> int:
     from .replay import read_schedule, replay
     from .tasks import resolve_task
 
-    if args.out is not None and (args.out.suffix == ".json" or args.out.is_file()):
+    if args.out is not None and not args.out.is_dir() and (args.out.suffix == ".json" or args.out.exists()):
         print(f"vmapclan: error: replay --out is a directory (it gets replay.json, and tensorboard/ with "
               f"--tensorboard), got {str(args.out)!r}", file=sys.stderr)
         return EXIT_USAGE

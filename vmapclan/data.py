@@ -108,12 +108,17 @@ class ClanLoader:
     ``clan.state_dict()``), so a loader made after ``clan.load_state_dict`` continues where the
     saved one stopped, and breaking out of a loop and iterating again continues the epoch.
 
+    The dataset must hold one step of every stretch of the clan's plan still to come (``P x B``
+    samples where one cooperates), or of the stretches given as ``stretches`` (a loader of one
+    phase's data, as the training machine makes).
+
     ``TensorDataset`` (or a tuple of tensors) is indexed directly; any map-style ``Dataset`` works
     through ``default_collate``. Non-tensor fields (strings) come as ``default_collate`` gives
     them, a flat list of the step's samples in batch order, without the member dimension.
     """
 
-    def __init__(self, clan, dataset, batch_size: int, *, device: torch.device | str | None = None):
+    def __init__(self, clan, dataset, batch_size: int, *, device: torch.device | str | None = None,
+                 stretches=None):
         if isinstance(dataset, (tuple, list)) and dataset and all(isinstance(t, torch.Tensor) for t in dataset):
             dataset = TensorDataset(*dataset)
         if not (isinstance(dataset, Dataset) or hasattr(dataset, "__getitem__")) or not hasattr(dataset, "__len__"):
@@ -125,8 +130,8 @@ class ClanLoader:
         self.clan, self.dataset, self.batch_size = clan, dataset, batch_size
         self.device = torch.device(device) if device is not None else clan.device
         p = clan.population_size
-        # Over the whole plan, not the round in force: a plan that searches first cooperates later.
-        later = [stretch for stretch in clan.plan if stretch.end > clan.time_step]
+        # Over the plan, not the round in force: a plan that searches first cooperates later.
+        later = [stretch for stretch in (clan.plan if stretches is None else stretches) if stretch.end > clan.time_step]
         cooperates = any(stretch.cooperates for stretch in later) if later else clan.cooperative_steps > 0
         smallest = batch_size * (p if cooperates else 1)
         if len(dataset) < smallest:

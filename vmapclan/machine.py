@@ -50,6 +50,7 @@ from torch import nn
 
 from .checks import check_device, positive_int
 from .clan import Clan, DivergenceError
+from .data import ClanLoader
 from .config import DataSpec, RunConfig
 from .distributed import any_rank, current_rank
 from .evaluation import final_model, score_round
@@ -140,29 +141,20 @@ def _task_args(task: Task, config: RunConfig, out_dir) -> dict:
     that the run's config rebuilds it (a resume from the command, a replay).
 
     Raises:
-        ValueError: if ``config.task_args`` names another value than the task was built with.
+        ValueError: if ``config.task_args`` would build the task with other arguments.
     """
     built, given = task.init_arguments, dict(config.task_args)
-    if built is None or not _toml_value(built):
-        if out_dir is not None and not given:
-            warnings.warn(f"TrainingMachine: {type(task).__name__} was built with arguments that config.task_args "
-                          f"cannot hold; a resume from the command or a replay builds it from config.task_args, "
-                          f"which is empty", stacklevel=3)
+    if given:
+        if not task.built_with(given):
+            raise ValueError(f"TrainingMachine: config.task_args {given} would build {type(task).__name__} with other "
+                             f"arguments than it was built with, {built or 'its defaults'}; give the same (or no "
+                             f"task_args: the task's own are taken)")
         return given
-    differ = sorted(k for k in built if k not in given or given[k] != built[k]) if given else []
-    if differ:
-        raise ValueError(f"TrainingMachine: config.task_args {given} differ from the arguments the task was built "
-                         f"with, {built}, in {differ[0]!r}; give the same (or no task_args: the task's are taken)")
-    return {**built, **given}
-
-
-def _toml_value(value) -> bool:
-    """Whether a TOML table can hold ``value`` (and it reads back the same)."""
-    if isinstance(value, Mapping):
-        return all(isinstance(k, str) and _toml_value(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_toml_value(v) for v in value)
-    return isinstance(value, (str, bool, int, float))
+    if built is None and out_dir is not None:
+        warnings.warn(f"TrainingMachine: {type(task).__name__} was built with arguments that config.task_args "
+                      f"cannot hold; a resume from the command or a replay builds it from config.task_args, "
+                      f"which is empty", stacklevel=3)
+    return built or {}
 
 
 def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, device: torch.device,
@@ -192,7 +184,9 @@ def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, devic
         if not text.startswith("Clan: genome_config["):
             raise
         name, _, rest = text.removeprefix("Clan: genome_config[").partition("]: ")
-        raise ValueError(f"clan.genes.{name.strip(chr(39))}: {rest}") from None
+        name = name.strip("'")
+        where = f"clan.sweep.{name} (with the optimizer's {starts.get(name)})" if name in c.sweep else f"clan.genes.{name}"
+        raise ValueError(f"{where}: {rest}") from None
 
 
 def _sweep_values(sweep: Mapping, size: int, seed: int) -> dict[str, list[float]]:
@@ -233,8 +227,9 @@ class TrainingMachine:
             round, the last round's best validation loss, the training loss and the lr in force.
         task: A :class:`~vmapclan.Task` to train instead of the one ``config.task`` names;
             ``config.task`` becomes its reference (``"module:ClassName"``), which a resume and
-            the replay import, so a task class that resumes from the command lives in an
-            importable module and builds without arguments.
+            the replay import, and ``config.task_args`` the arguments it was built with
+            (:attr:`~vmapclan.Task.init_arguments`; given ``task_args`` must build the same), so
+            a task class that resumes from the command lives in an importable module.
 
     Raises:
         ValueError, TypeError: for a bad config (naming the field), a task that cannot be
@@ -392,7 +387,9 @@ class TrainingMachine:
         key = (phase.batch_size, phase.data_key)
         if key not in self._streams:
             data = self._datasets[phase.data_key]
-            loader = self.clan.loader(data.train, batch_size=phase.batch_size)
+            # Its size is checked against the stretches it serves (_check_data checked them all).
+            serves = [s for s in self.clan.plan if (self.phases[s.index].batch_size, self.phases[s.index].data_key) == key]
+            loader = ClanLoader(self.clan, data.train, phase.batch_size, stretches=serves)
 
             def endless():
                 empty = 0
@@ -589,6 +586,9 @@ class TrainingMachine:
         """
         config, state = read_run(run_dir, task)
         machine = cls(config, out_dir=run_dir, callback=callback, device=device, fused=fused, task=task)
+        # The run keeps the task_args it started with: a run written before tasks recorded their
+        # arguments has none, and its config.toml says so.
+        machine.config = machine.config.replace(task_args=config.task_args)
         machine._resume_state = state
         return machine
 

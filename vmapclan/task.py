@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
-import functools
 import inspect
 import math
 from collections.abc import Mapping
@@ -123,34 +122,45 @@ def data_batches(data, index: torch.Tensor | None = None, chunk: int = _EVAL_CHU
             yield x, y
 
 
-def _recording(init):
-    """``init``, recording the arguments of the outermost call as the task's ``_init_arguments``.
+_UNSET = object()
 
-    A subclass's ``super().__init__(...)`` runs inside it and leaves the record as it is.
-    """
-    signature = inspect.signature(init)
-    _self, *params = signature.parameters.values()
 
-    @functools.wraps(init)
-    def recorded(self, *args, **kwargs):
-        if "_init_arguments" not in self.__dict__:
-            try:
-                bound = signature.bind(self, *args, **kwargs).arguments
-            except TypeError:
-                bound = None  # init itself refuses these arguments, in its own words
-            record = {}
-            for param in params:
-                if bound is None or (param.kind is param.VAR_POSITIONAL and bound.get(param.name)):
-                    record = None
-                    break
-                if param.kind is param.VAR_KEYWORD:
-                    record.update(bound.get(param.name, {}))
-                elif param.name in bound:
-                    record[param.name] = bound[param.name]
-            self.__dict__["_init_arguments"] = record
-        init(self, *args, **kwargs)
+def _init_record(cls, args: tuple, kwargs: dict):
+    """``(given, defaults)``: the keyword arguments of ``cls(*args, **kwargs)`` and its signature's
+    defaults, or ``False`` where ``cls(**given)`` cannot rebuild it (see :attr:`Task.init_arguments`)."""
+    try:
+        signature = inspect.signature(cls)
+        bound = signature.bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):  # no signature to read, or arguments __init__ refuses in its own words
+        return False
+    given, defaults = {}, {}
+    for param in signature.parameters.values():
+        default = param.default
+        if default is not param.empty and (default is None or _toml_value(default)):
+            defaults[param.name] = default  # others stay out: the record holds only plain values
+        if param.kind is param.VAR_KEYWORD:
+            given.update(bound.get(param.name, {}))
+        elif param.name in bound and param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
+            return False
+        elif param.name in bound and not (param.name in defaults and _same(bound[param.name], default)):
+            given[param.name] = bound[param.name]  # a default passed as it is needs no task_args
+    if not all(_toml_value(v) for v in given.values()):
+        return False  # kept out of the record too: a task stays picklable and holds nothing more
+    return given, defaults
 
-    return recorded
+
+def _same(a, b) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def _toml_value(value) -> bool:
+    """Whether a TOML table holds ``value`` as it is and reads it back the same (builtin types only:
+    a numpy float would land in a checkpoint that loads with ``weights_only``)."""
+    if type(value) is dict:
+        return all(type(k) is str and _toml_value(v) for k, v in value.items())
+    if type(value) is list:
+        return all(_toml_value(v) for v in value)
+    return type(value) in (str, bool, int, float)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,20 +230,34 @@ class Task(abc.ABC):
     data_defaults: dict = {}
     phase_data: tuple[str, ...] = ()
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:  # record what it is built with: a run's config.task_args rebuilds it
-            cls.__init__ = _recording(cls.__dict__["__init__"])
+    def __new__(cls, *args, **kwargs):
+        # What the task is built with, bound to its class's signature (a dataclass's, an inherited
+        # or a wrapped __init__ alike): a run's config.task_args rebuilds it from the record.
+        task = super().__new__(cls)
+        task.__dict__["_init_record"] = _init_record(cls, args, kwargs)
+        return task
 
     @property
     def init_arguments(self) -> dict | None:
-        """The keyword arguments this task was built with (``{}`` for none), or ``None`` where they
-        cannot be named as keywords (arguments passed to a ``*args``).
+        """The arguments this task was built with, by keyword (``{}`` for none), or ``None`` where
+        ``Class(**task_args)`` cannot rebuild it: an argument that no TOML table holds (a tensor,
+        a function), or one passed to a ``*args`` or a positional-only parameter.
 
         The training machine writes them as the run's ``config.task_args``, so that a resume
         from the command or a replay rebuilds the same task.
         """
-        return self.__dict__.get("_init_arguments", {})
+        record = self.__dict__.get("_init_record")
+        return {} if record is None else None if record is False else dict(record[0])
+
+    def built_with(self, args: Mapping) -> bool:
+        """Whether ``Class(**args)`` builds this task with the arguments it was built with (the
+        defaults filling in for what ``args`` leaves out); ``True`` where they are not known."""
+        record = self.__dict__.get("_init_record")
+        if not record:
+            return True
+        given, defaults = record
+        full = {**defaults, **given}
+        return set(args) <= set(full) and all(_same(args.get(k, defaults.get(k, _UNSET)), v) for k, v in full.items())
 
     @property
     def reference(self) -> str:
@@ -580,12 +604,12 @@ def built_model(task: Task, settings: dict, spec: DataSpec, data: TaskData) -> n
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - the user's hook: any error is reported as it is
-        raise ValueError(f"{name}.build_model fails for the model settings {settings}: {_first_line(err)}") from None
+        raise ValueError(f"{name}.build_model fails for the model settings {settings}: {_first_line(err)}") from err
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}.build_model must return an nn.Module, got {_describe(model)}")
     for split, samples in (("training", data.train), ("validation", data.val), ("test", data.test)):
         if samples is not None:
-            check_model_runs(task, model, samples, spec.batch_size, split)
+            check_model_runs(task, model, samples, spec.batch_size, split, training=split == "training")
     return model
 
 
@@ -594,16 +618,19 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def check_model_runs(task: Task, model: nn.Module, data, batch_size: int, split: str = "training") -> None:
+def check_model_runs(task: Task, model: nn.Module, data, batch_size: int, split: str = "training", *,
+                     training: bool = True) -> None:
     """Run ``model`` and ``task.loss`` once on a few samples of ``data``, to refuse a pair that cannot train.
 
-    In training mode with gradients on, as it trains (no backward runs), from a forked random
-    state and with the buffers it writes (BatchNorm's statistics) put back afterwards: the run
+    With ``training``, in training mode with gradients on, as it trains (no backward runs);
+    else in eval mode without gradients, as it is scored. From a forked random state, with the
+    buffers it writes (BatchNorm's statistics) and the module's mode put back afterwards: the run
     goes on as if this had not happened. The machine calls it (through :func:`built_model`)
     when it builds a run, before it writes anything.
 
     Args:
         split: The split's name in the messages.
+        training: Run it as training does (the training split) or as scoring does.
 
     Raises:
         ValueError: if the forward or the loss fails, naming the error's first line.
@@ -613,8 +640,10 @@ def check_model_runs(task: Task, model: nn.Module, data, batch_size: int, split:
     n = min(batch_size, data_length(data))
     x, y = next(data_batches(data, torch.arange(n)))
     buffers = {key: b.clone() for key, b in model.named_buffers()}
+    was_training = model.training
+    model.train(training)
     try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        with torch.random.fork_rng(devices=[]), torch.set_grad_enabled(training):
             try:
                 output = call_model(model, x)
             except Exception as err:  # noqa: BLE001 - the user's model: any error is reported as it is
@@ -632,6 +661,7 @@ def check_model_runs(task: Task, model: nn.Module, data, batch_size: int, split:
                 raise TypeError(f"{name}.loss must return one model's loss as a scalar float tensor, got "
                                 f"{_describe(loss)}")
     finally:
+        model.train(was_training)
         with torch.no_grad():
             for key, b in model.named_buffers():
                 b.copy_(buffers[key])
