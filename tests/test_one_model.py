@@ -150,6 +150,8 @@ def make_stepper(clan, path, loss_fn=F.cross_entropy):
     """``step(x, y) -> [P] losses``: the Member loop of plain_loop.py, or FusedStep (default, or backward='vmap')."""
     if path == "loop":
         return lambda x, y: train_step(clan.round(), loss_fn, x, y).detach()
+    if path == "loop-weight-term":
+        return lambda x, y: penalised_step(clan.round(), loss_fn, x, y)
     return FusedStep(clan, loss_fn, **({"backward": "vmap"} if path == "fused-vmap" else {}))
 
 
@@ -523,6 +525,29 @@ def test_a_backward_into_the_stacked_parameters_while_one_model_raises():
 
 def l2(weights):
     return 1e-2 * sum((w ** 2).sum() for w in weights.values())
+
+
+def penalised_step(member, loss_fn, x, y) -> torch.Tensor:
+    """The plain loop's step with ``l2`` of every member's weights added by ``member.model.weight_term``."""
+    losses = member_loss(loss_fn, member.model(x), y)
+    with member.sync_context():
+        (losses.sum() + member.model.weight_term(l2)).backward()
+    member.optimizer.step()
+    member.optimizer.zero_grad()
+    member.step()
+    return losses.detach()
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
+def test_a_weight_term_trains_one_model_as_the_p_fold_path(accumulate):
+    """The loop with a weight term: one model (member 0's term times P) equals the P-fold path (the
+    term vmapped over the rows), step by step, through phase changes, selections, a restored
+    round, a resume and gradient accumulation."""
+    reference = train("mlp", "loop-weight-term", accumulate, p_fold=True)
+    run = train("mlp", "loop-weight-term", accumulate, split=SPLIT)
+    assert_same_runs(run, reference, TOL)
+    plain = train("mlp", "loop", accumulate, p_fold=True)
+    assert not torch.equal(plain[0].population.flat, reference[0].population.flat)  # the term did train
 
 
 @pytest.mark.parametrize("together", [True, False], ids=["one model", "apart"])
