@@ -92,7 +92,7 @@ def test_gene_configs(fields, seed):
         clan = Clan(genome_config={"g": config}, population_size=4, round_length=2, duty_cycle=1.0, seed=seed)
     except ValueError as err:
         event("refused")
-        assert str(err).startswith("Gene: ")
+        assert str(err).startswith("Clan: genome_config['g']: Gene: ")  # the gene named
         return
     event("accepted")
     spec = clan.genes["g"]
