@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vmapclan import Clan, FusedStep
+from vmapclan import Clan, FusedStep, member_loss
 
 from plain_loop import train_step, validation_losses
 
@@ -51,6 +51,16 @@ def build(seed: int = 0) -> Clan:
                 autobind=["adamw", "gradient_accumulation"], genome_config={"num_grad_accum": {"init": 2}}, seed=seed)
 
 
+def penalised_step(member, x, y) -> None:
+    """The plain loop's step with a weight penalty from ``member.model.weight_term``."""
+    losses = member_loss(F.cross_entropy, member.model(x), y)
+    with member.sync_context():
+        (losses.sum() + member.model.weight_term(lambda w: 1e-2 * sum((t ** 2).sum() for t in w.values()))).backward()
+    member.optimizer.step()
+    member.optimizer.zero_grad()
+    member.step()
+
+
 def train(args, rank: int) -> None:
     clan = build(seed=1 if args.scenario == "mismatch" and rank == 1 else 0)
     if args.resume:
@@ -69,6 +79,8 @@ def train(args, rank: int) -> None:
                 time.sleep(3600)  # the test kills it once the others have given up
             if fused is not None:
                 fused(xb, yb)
+            elif args.weight_term:
+                penalised_step(member, xb, yb)
             else:
                 train_step(member, F.cross_entropy, xb, yb)
             if member.done:
@@ -114,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backward", default="auto", help="FusedStep's backward")
     parser.add_argument("--stop-at", type=int)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--weight-term", action="store_true", help="train with a weight penalty (weight_term)")
     parser.add_argument("--victim", type=int, default=1)
     parser.add_argument("--at", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=20.0)

@@ -118,6 +118,18 @@ def test_ranks_equal_one_process(tmp_path, single, world):
         torch.testing.assert_close(value, single["best"][name], rtol=1e-5, atol=1e-5)
 
 
+def test_a_weight_term_across_ranks_equals_one_process(tmp_path, single):
+    """A weight penalty from ``member.model.weight_term`` on 2 ranks (each a sub-population of 3,
+    cooperating as one model, accumulating) trains as one process does, and it does train."""
+    reference = tmp_path / "one"
+    reference.mkdir()
+    assert run_ranks(0, reference, "train", weight_term=True) == [0]
+    assert run_ranks(2, tmp_path, "train", weight_term=True) == [0, 0]
+    assert_same_run(result(tmp_path), result(reference))
+    penalised, plain = result(reference)["best"], single["best"]
+    assert not all(torch.equal(t, plain[name]) for name, t in penalised.items())  # the term did train
+
+
 @pytest.mark.parametrize("backward", ["autograd", "vmap"])
 def test_fused_step_across_ranks_equals_one_process(tmp_path, backward):
     """FusedStep's one-model cooperative step does its all-reduce too, with either backward (2 ranks against 1 process)."""
