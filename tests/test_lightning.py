@@ -367,6 +367,17 @@ def test_empty_validation_loader_is_an_error_at_the_first_selection():
     assert module.clan.global_step == 2 and module.clan.history == []  # the first round ran, no selection
 
 
+def test_a_fit_without_the_clan_callback_is_an_error():
+    """Without a ClanCallback the optimizer would step while the clan never moves: refused at the start."""
+    module = Tiny()
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"ClanModule: the Trainer has no ClanCallback, so the clan would never step "
+                                         r"\(no rounds, selection or lr shape\); pass callbacks=\[ClanCallback"):
+        trainer.fit(module)
+    assert module.clan.global_step == 0
+
+
 def test_base_member_validation_step_is_abstract():
     with pytest.raises(NotImplementedError, match=r"ClanModule must implement member_validation_step\(batch, batch_idx\)"):
         ClanModule(small_clan()).member_validation_step(DATA, 0)

@@ -73,6 +73,34 @@ def test_resume_after_a_stop_at_any_step_gives_the_same_run(uninterrupted, tmp_p
     assert strip(lines) == strip(expected)
 
 
+def test_a_long_cooperative_stretch_is_checkpointed_as_often_as_rounds_and_resumes(tmp_path):
+    """One data-parallel model over most of the run (the default plan on abundant data) saves a
+    checkpoint every ``checkpoint_every x round_length`` steps, at a divergence check: a crash loses
+    no more of it, and the run resumes from there to the uninterrupted run's end."""
+    config = {**CONFIG, "total_steps": 100, "schedule": [
+        {"name": "train", "start_t": 0.0, "end_t": 0.9, "clan": {"competition": False}},
+        {"name": "clan", "start_t": 0.9, "end_t": 1.0}]}
+    config["clan"] = {**CONFIG["clan"], "round_length": 20}  # 1 x 20 steps: saved at steps 25, 50, 75
+    reference = TrainingMachine(RunConfig.from_dict(config)).train()
+    machine = TrainingMachine(RunConfig.from_dict(config), out_dir=tmp_path)
+    saved = []
+    checkpoint = machine.checkpoint
+    machine.checkpoint = lambda: (saved.append(machine.step), checkpoint())[1]
+
+    def crash(event):
+        if event["event"] == "step" and event["step"] == 62:
+            raise Stop
+
+    machine.log.callback = crash
+    with pytest.raises(Stop):
+        machine.train()
+    assert saved == [0, 25, 50]
+    results = TrainingMachine.resume(tmp_path).train()
+    assert comparable(results) == comparable(reference)
+    for name, tensor in reference.best_model.state_dict().items():
+        assert torch.equal(results.best_model.state_dict()[name], tensor), name
+
+
 def test_resume_of_a_finished_run_changes_nothing(uninterrupted):
     reference, reference_dir = uninterrupted
     again = TrainingMachine.resume(reference_dir).train()

@@ -507,8 +507,10 @@ class RunConfig:
             arguments ``obj`` was built with (:attr:`vmapclan.Task.init_arguments`).
         seed: Seeds the model's init, the data split, the clan's mutations and the loader.
         log_every: Steps between training-loss records (0: about 100 records per run).
-        checkpoint_every: Rounds between checkpoints when the machine has an ``out_dir``
-            (0: only at phase ends).
+        checkpoint_every: Rounds between checkpoints when the machine has an ``out_dir``; in a
+            cooperative stretch, every ``checkpoint_every x clan.round_length`` steps (at its
+            next divergence check, which comes every 25 steps). 0: only at phase ends (and on a
+            stop).
         model, data, optimizer, clan, schedule: The sections.
 
     Raises:

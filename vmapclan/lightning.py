@@ -314,6 +314,17 @@ class ClanModule(pl.LightningModule):
         self.clan = _check_clan(clan, "ClanModule")
         self.member = clan.round()
 
+    def on_fit_start(self) -> None:
+        """Refuse a fit without a :class:`ClanCallback`: without one the clan's clock never moves
+        (no rounds, no selection, no lr shape over its horizon), while the optimizer still steps.
+
+        Raises:
+            ValueError: if none of the Trainer's callbacks is a :class:`ClanCallback`.
+        """
+        if not any(isinstance(callback, ClanCallback) for callback in self.trainer.callbacks):
+            raise ValueError("ClanModule: the Trainer has no ClanCallback, so the clan would never step (no rounds, "
+                             "selection or lr shape); pass callbacks=[ClanCallback(val_loader)] to the Trainer")
+
     def configure_optimizers(self):
         """The clan's batched AdamW (per-member hyperparameters, over the stacked members).
 

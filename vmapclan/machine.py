@@ -210,7 +210,8 @@ class TrainingMachine:
         total_steps: Steps to run (default: ``config.total_steps``).
         out_dir: If given, ``config.toml`` is written at the start, ``metrics.jsonl`` is appended
             as training goes and checkpoints (``checkpoint.pt``) are written at phase ends, every
-            ``config.checkpoint_every`` rounds and on a stop; the run holds the directory's lock
+            ``config.checkpoint_every`` rounds (or as many steps of a cooperative stretch) and on
+            a stop; the run holds the directory's lock
             (see :func:`vmapclan.rundir.run_lock`) while it trains. The rest of the run directory
             is written by :meth:`TrainingResults.save`.
         callback: Called with event dicts as training goes: ``{"event": "step", "step", "phase",
@@ -553,8 +554,21 @@ class TrainingMachine:
                     return True
                 member = clan.round()
                 continue
+            if cooperative and self._checkpoint_due():
+                self.checkpoint()
             self._poll_stop()
         return False
+
+    def _checkpoint_due(self) -> bool:
+        """Whether a cooperative stretch saves a checkpoint at this step: ``checkpoint_every`` rounds'
+        steps since the last one, at a divergence check (it just passed), before the stretch's end.
+
+        A long stretch (one data-parallel model over most of a run on abundant data) is then
+        saved as often as rounds are; a kill loses no more of it.
+        """
+        clan, every = self.clan, self.config.checkpoint_every * self.config.clan.round_length
+        return self.out_dir is not None and every > 0 and not clan.round_done and \
+            clan.time_step % DIVERGENCE_CHECK_EVERY == 0 and clan.time_step - (self.checkpoint_step or 0) >= every
 
     # -- running --------------------------------------------------------------------------------
     def machine_state(self) -> dict:
