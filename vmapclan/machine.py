@@ -57,6 +57,7 @@ from .evaluation import final_model, score_round
 from .genome import ADAMW_GENES, optimizer_settings
 from .plan import PhasePlan, grow_function, growths_before, plan_phases
 from .population import member_loss
+from .progress import showing_progress
 from .record import RunLog, TrainingResults
 from .replay import export_schedule
 from .resume import (CHECKPOINT_VERSION, load_run_checkpoint, read_run, save_run_checkpoint, saved_step,
@@ -692,8 +693,9 @@ class TrainingMachine:
             raise RuntimeError("TrainingMachine.train: this machine has already run; make a new one")
         self._trained = True
         writes = self.out_dir is not None and self.rank == 0
-        with run_lock(self.out_dir) if writes else contextlib.nullcontext(), self.log.timing("other"), \
-                self._progress_bar():
+        bar = showing_progress(self.log, self.total_steps, self.config.task, start=self.step) \
+            if self.progress and self.rank == 0 else contextlib.nullcontext()
+        with run_lock(self.out_dir) if writes else contextlib.nullcontext(), self.log.timing("other"), bar:
             with self.log.timing("setup"):
                 self.prepare()
                 self._start()
@@ -717,28 +719,6 @@ class TrainingMachine:
         return TrainingResults(config=self.config, total_steps=self.total_steps, history=self.history,
                                metrics=self.metrics, final=final, best_model=best_model, schedule=schedule,
                                unread_data=self.task.unread_data())
-
-    @contextlib.contextmanager
-    def _progress_bar(self):
-        """With ``progress``, a bar fed by the run's events next to the callback, closed at the end."""
-        if not self.progress or self.rank != 0:
-            yield
-            return
-        from .progress import ProgressBar
-
-        bar, callback = ProgressBar(self.total_steps, self.config.task, start=self.step), self.log.callback
-
-        def both(event):
-            bar(event)
-            if callback is not None:
-                callback(event)
-
-        self.log.callback = both
-        try:
-            yield
-        finally:
-            self.log.callback = callback
-            bar.close()
 
     def _final(self) -> tuple[dict, nn.Module, PhaseSchedule]:
         """The final record, the run's model (see :func:`~vmapclan.evaluation.final_model`) and its schedule."""

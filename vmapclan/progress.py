@@ -10,9 +10,10 @@ bar and the run is the same.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
-__all__ = ["ProgressBar"]
+__all__ = ["ProgressBar", "showing_progress"]
 
 
 class ProgressBar:
@@ -69,3 +70,22 @@ class ProgressBar:
 
 def _num(value: float, spec: str = ".4f") -> str:
     return "-" if not math.isfinite(value) else format(value, spec)
+
+
+@contextlib.contextmanager
+def showing_progress(log, total_steps: int, name: str, *, start: int = 0):
+    """For the block's length, a :class:`ProgressBar` fed by the events of ``log`` (a run's
+    :class:`~vmapclan.record.RunLog`) next to its callback; closed, and the callback put back, at the end."""
+    bar, callback = ProgressBar(total_steps, name, start=start), log.callback
+
+    def both(event):
+        bar(event)
+        if callback is not None:
+            callback(event)
+
+    log.callback = both
+    try:
+        yield
+    finally:
+        log.callback = callback
+        bar.close()
