@@ -509,8 +509,8 @@ class RunConfig:
         log_every: Steps between training-loss records (0: about 100 records per run).
         checkpoint_every: Rounds between checkpoints when the machine has an ``out_dir``; in a
             cooperative stretch, every ``checkpoint_every x clan.round_length`` steps (at its
-            next divergence check, which comes every 25 steps). 0: only at phase ends (and on a
-            stop).
+            next divergence check, which comes every 25 steps). Default 10; 0: only at phase
+            ends (and on a stop).
         model, data, optimizer, clan, schedule: The sections.
 
     Raises:
@@ -522,7 +522,7 @@ class RunConfig:
     total_steps: int = 1000
     seed: int = 0
     log_every: int = 0
-    checkpoint_every: int = 0
+    checkpoint_every: int = 10
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     data: DataSpec = dataclasses.field(default_factory=DataSpec)
     optimizer: OptimizerSpec = dataclasses.field(default_factory=OptimizerSpec)
