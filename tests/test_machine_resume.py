@@ -96,6 +96,15 @@ def test_a_long_cooperative_stretch_is_checkpointed_as_often_as_rounds_and_resum
         machine.train()
     assert saved == [0, 25, 50]
     results = TrainingMachine.resume(tmp_path).train()
+    # A stop requested at a step whose checkpoint is due saves that step once.
+    stopped = TrainingMachine(RunConfig.from_dict(config), out_dir=tmp_path / "stopped")
+    saved.clear()
+    checkpoint_of_stopped = stopped.checkpoint
+    stopped.checkpoint = lambda: (saved.append(stopped.step), checkpoint_of_stopped())[1]
+    stopped.log.callback = lambda event: stopped.request_stop() if event.get("step") == 25 else None
+    with pytest.raises(Exception, match="stopped at step 25"):
+        stopped.train()
+    assert saved == [0, 25]
     assert comparable(results) == comparable(reference)
     for name, tensor in reference.best_model.state_dict().items():
         assert torch.equal(results.best_model.state_dict()[name], tensor), name

@@ -567,7 +567,8 @@ class TrainingMachine:
         A long stretch (one data-parallel model over most of a run on abundant data) is then
         saved as often as rounds are; a kill loses no more of it.
         """
-        clan, every = self.clan, self.config.checkpoint_every * self.config.clan.round_length
+        clan = self.clan
+        every = self.config.checkpoint_every * clan.round_length  # the rounds' length in force (the phase's)
         return self.out_dir is not None and every > 0 and not clan.round_done and \
             clan.time_step % DIVERGENCE_CHECK_EVERY == 0 and clan.time_step - (self.checkpoint_step or 0) >= every
 
@@ -709,9 +710,10 @@ class TrainingMachine:
                 saved = None
                 if self.out_dir is not None:
                     # A cooperative stretch that saw a non-finite loss since its last check is diverged.
-                    if not any_rank(self.clan.group, not bool(self._losses_finite), "the divergence check") \
+                    if self.checkpoint_step != self.step and \
+                            not any_rank(self.clan.group, not bool(self._losses_finite), "the divergence check") \
                             and self._any_finite():
-                        self.checkpoint()
+                        self.checkpoint()  # unless this very step was just saved
                     saved = self.checkpoint_step
                 raise TrainingStopped(self.step, saved) from None
             with self.log.timing("evaluate"):
