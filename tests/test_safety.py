@@ -200,6 +200,11 @@ def test_resume_refuses_an_edited_config(tmp_path, capsys):
     assert main(["train", "--resume", str(out), *ARGS]) == EXIT_INPUT
     assert ("config.toml sets clan.population_size = 4, the checkpoint's run has 3; a resumed run keeps its "
             "settings: undo the edit, or start a new run") in capsys.readouterr().err
+    assert "hidden = 16\n" in text
+    (out / "config.toml").write_text(text.replace("hidden = 16\n", ""))  # a setting taken out
+    assert main(["train", "--resume", str(out), *ARGS]) == EXIT_INPUT
+    assert "config.toml has no model.hidden, the checkpoint's run has 16; a resumed run keeps" in \
+        capsys.readouterr().err
     (out / "config.toml").write_text(text)
     assert main(["train", "--resume", str(out), *ARGS]) == EXIT_OK
 

@@ -116,10 +116,12 @@ def read_run(run_dir: str | os.PathLike, task: Task | None = None) -> tuple[RunC
         saved = config.to_dict()
         field = first_difference(saved, edited)
         if field is not None:
+            edit, kept = _lookup(edited, field), _lookup(saved, field)  # None: the setting is not there
+            says = f"sets {field} = {edit!r}" if edit is not None else f"has no {field}"
             raise ValueError(
-                f"TrainingMachine.resume: {toml_path} sets {field} = {_lookup(edited, field)!r}, the checkpoint's "
-                f"run has {_lookup(saved, field)!r}; a resumed run keeps its settings: undo the edit, or start "
-                f"a new run")
+                f"TrainingMachine.resume: {toml_path} {says}, the checkpoint's run has "
+                f"{'none' if kept is None else repr(kept)}; a resumed run keeps its settings: undo the edit, or "
+                f"start a new run")
     if not config.schedule.phases:
         # Written before a run's config named the phases it got: the default then was one phase
         # of clan rounds over the whole run, and the run continues under it.
