@@ -50,11 +50,11 @@ from torch import nn
 
 from .checks import check_device, positive_int
 from .clan import Clan, DivergenceError
-from .data import ClanLoader
 from .config import DataSpec, RunConfig
+from .data import ClanLoader
 from .distributed import any_rank, current_rank
 from .evaluation import final_model, score_round
-from .genome import ADAMW_GENES, optimizer_settings
+from .genome import ADAMW_GENES, autobind_genes, optimizer_settings
 from .plan import PhasePlan, grow_function, growths_before, plan_phases
 from .population import member_loss
 from .progress import showing_progress
@@ -165,29 +165,30 @@ def _clan_of(config: RunConfig, schedule: PhaseSchedule, model: nn.Module, devic
     # The phases' data and model planes are the machine's (plan.py): the clan follows the rest.
     clan_plane = PhaseSchedule([dataclasses.replace(phase, data={}, model={}) for phase in schedule])
     optimizer = build_optimizer(task, model, opt)
-    genes = {name: dict(fields) for name, fields in c.genes.items()}
+    fields = {name: dict(changes) for name, changes in c.genes.items()}
     starts = optimizer_settings(optimizer)  # the AdamW genes' values
     for name, entry in c.sweep.items():  # a sweep's gene bounds follow its range (and hold the optimizer's value)
         if name not in ADAMW_GENES:
             raise ValueError(f"clan.sweep: no gene {name!r}; the run's genes are {sorted(ADAMW_GENES)}")
         low, high = entry["range"]
         start = float(starts[name])
-        genes[name] = {**genes.get(name, {}), "low": min(low, start), "high": max(high, start),
-                       "scale": entry["scale"]}
-    try:
-        return Clan(model, optimizer, population_size=c.population_size, round_length=c.round_length,
-                    duty_cycle=c.duty_cycle, autobind=["adamw"], genome_config=genes, selection=c.selection_arg,
-                    init=c.init, seed=config.seed, device=device, confidence=c.confidence or None,
-                    total_steps=config.total_steps, schedule=clan_plane, lr_schedule=opt.lr_schedule,
-                    warmup=opt.warmup, decay=opt.decay, competitive_lr=c.competitive_lr, keep_best=c.keep_best)
-    except ValueError as err:  # the clan's genome_config is the config's clan.genes: name it so
-        text = str(err)
-        if not text.startswith("Clan: genome_config["):
-            raise
-        name, _, rest = text.removeprefix("Clan: genome_config[").partition("]: ")
-        name = name.strip("'")
-        where = f"clan.sweep.{name} (with the optimizer's {starts.get(name)})" if name in c.sweep else f"clan.genes.{name}"
-        raise ValueError(f"{where}: {rest}") from None
+        fields[name] = {**fields.get(name, {}), "low": min(low, start), "high": max(high, start),
+                        "scale": entry["scale"]}
+    # The config's fields over the AdamW genes the clan binds, built here so that a bad one is
+    # named by the config's own key (every name is an AdamW gene: the config and the loop above
+    # refuse the others).
+    bound, genes = autobind_genes(["adamw"], optimizer), {}
+    for name, changes in fields.items():
+        try:
+            genes[name] = dataclasses.replace(bound[name], **changes)
+        except (TypeError, ValueError) as err:
+            where = f"clan.sweep.{name} (with the optimizer's {starts[name]})" if name in c.sweep else f"clan.genes.{name}"
+            raise ValueError(f"{where}: {err}") from None
+    return Clan(model, optimizer, population_size=c.population_size, round_length=c.round_length,
+                duty_cycle=c.duty_cycle, autobind=["adamw"], genome_config=genes, selection=c.selection_arg,
+                init=c.init, seed=config.seed, device=device, confidence=c.confidence or None,
+                total_steps=config.total_steps, schedule=clan_plane, lr_schedule=opt.lr_schedule, warmup=opt.warmup,
+                decay=opt.decay, competitive_lr=c.competitive_lr, keep_best=c.keep_best)
 
 
 def _sweep_values(sweep: Mapping, size: int, seed: int) -> dict[str, list[float]]:
