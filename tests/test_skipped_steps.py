@@ -6,6 +6,7 @@ parameter sat out, so that the bias correction resumes where it stopped.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -146,3 +147,56 @@ def test_a_checkpoint_without_skipped_counts_loads_as_none_sat_out():
     del saved["skipped"]
     clan.optimizer.load_state_dict(saved)
     assert not clan.optimizer.adamw_state.skipped.any()
+
+
+@pytest.mark.parametrize("update", ["batched", "per-member"])
+def test_the_vmap_backward_finds_the_parameters_the_loss_reaches_again_in_each_phase(update):
+    """``torch.func`` gives an unreached parameter zeros, not ``None``: the vmap backward finds the
+    parameters the loss reaches once per phase, so a branch that a phase switches off is skipped as
+    ``torch.optim.AdamW`` skips it, and one switched on again trains again."""
+    from vmapclan import Phase
+
+    steps = 12
+    start, expected = reference(steps)  # 'a' unreached on steps 3-7
+    model = copy.deepcopy(start)
+    phases = [Phase("on", 0.0, 0.25), Phase("off", 0.25, 0.66), Phase("on-again", 0.66, 1.0)]
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), **SETTINGS), population_size=2, total_steps=steps,
+                schedule=phases, round_length=1, duty_cycle=1.0, selection=None, autobind=["adamw"],
+                lr_schedule="constant", warmup=0.0, competitive_lr="same")  # torch's lr on every step
+    step = FusedStep(clan, F.mse_loss, backward="vmap", update=update)
+    member = clan.round()
+    for i, (x, y) in enumerate(batches(steps)):
+        assert clan.stretch.index == (0 if i < 3 else 1 if i < 8 else 2)
+        clan.population.module.skip_a = i in SKIPPED
+        step(member.share(x), member.share(y))
+        clan.step(torch.tensor([1.0, 2.0]))
+        member = clan.round()
+    got = clan.population.member_module(0)
+    for name, tensor in expected.named_parameters():
+        torch.testing.assert_close(got.get_parameter(name), tensor, rtol=1e-12, atol=1e-12, msg=name)
+    assert clan.optimizer.adamw_state.skipped[:, :2].tolist() == [[5.0, 5.0]] * 2
+
+
+def test_with_the_accumulation_gene_a_backward_that_skips_a_parameter_gives_a_warning():
+    """With accumulation counts the host cannot tell where a member's window begins without a
+    synchronisation, so the record of reached parameters runs on, and a window that no micro-batch
+    reached is not skipped as ``torch.optim.AdamW`` would: the run says so, once."""
+    model = TwoLayers().double()
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), **SETTINGS), population_size=2, round_length=8,
+                duty_cycle=1.0, selection=None, autobind=["adamw", "gradient_accumulation"])
+    clan.set_genome("num_grad_accum", torch.tensor([2, 2]))
+    member = clan.round()
+    data = batches(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every parameter reached: nothing to say
+        for x, y in data[:3]:
+            train_step(member, F.mse_loss, member.share(x), member.share(y))
+    clan.population.module.skip_a = True
+    with pytest.warns(UserWarning, match=r"gradient accumulation: a backward did not reach a\.bias, a\.weight; with "
+                                         r"accumulation counts, a parameter .* unlike torch\.optim\.AdamW"):
+        x, y = data[3]
+        train_step(member, F.mse_loss, member.share(x), member.share(y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        for x, y in data[4:]:
+            train_step(member, F.mse_loss, member.share(x), member.share(y))

@@ -13,6 +13,8 @@ machine, Lightning) runs the same three steps, written here once:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 __all__ = ["member_mean", "reduce_gradients_", "release_gradients_", "share_pending_sums_"]
@@ -77,11 +79,21 @@ def release_gradients_(population, accum_count: torch.Tensor | None = None) -> N
         accum_count: ``long [P]`` micro-batches pending per member, or ``None`` without accumulation.
     """
     grads = population.grad_flat[:1] if population.one_model else population.grad_flat
+    reached, population.grad_reached = population.grad_reached, set()
     if accum_count is None:
         grads.zero_()
         population.grad_seen.clear()
-    else:
-        grads.masked_fill_((accum_count[:grads.shape[0]] == 0).view(-1, 1), 0)
+        return
+    grads.masked_fill_((accum_count[:grads.shape[0]] == 0).view(-1, 1), 0)
+    # With accumulation the record runs on: the host cannot tell, without a synchronisation,
+    # where each member's window of micro-batches begins. Say so when it matters.
+    if reached and len(reached) < len(population.columns) and not population.warned_partial_accumulation:
+        population.warned_partial_accumulation = True
+        missed = sorted(set(population.columns) - reached)
+        warnings.warn(f"gradient accumulation: a backward did not reach {', '.join(missed[:3])}"
+                      f"{' ...' if len(missed) > 3 else ''}; with accumulation counts, a parameter that some "
+                      "earlier backward reached is updated (weight decay, moments) even in a window where none "
+                      "did, unlike torch.optim.AdamW, which skips it", stacklevel=3)
 
 
 def share_pending_sums_(grad_row: torch.Tensor, group) -> None:

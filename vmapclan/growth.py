@@ -93,7 +93,7 @@ def grow_population(old: PopulationModel, optimizer: BatchedAdamW, fn: Callable[
                                (state.exp_avg_sq, grown_state.exp_avg_sq)):
             for before_columns, after_columns in pairs:
                 target[:, after_columns].copy_(source[:, before_columns])
-    new.grad_seen = set(old.grad_seen)
+    new.grad_seen, new.grad_reached = set(old.grad_seen), set(old.grad_reached)
     new.train(old.training)
     new.one_model = old.one_model
     return new, grown

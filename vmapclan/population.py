@@ -271,8 +271,11 @@ class PopulationModel:
         self._params: dict[str, torch.Tensor] = {}
         self.columns: dict[str, slice] = {}  # each parameter's columns of flat and grad_flat
         # Names of the parameters that received a gradient since the gradients were last released
-        # (see unused_columns); autograd's post-accumulate hooks fill it in.
+        # (see unused_columns), and by the backwards since the last update (one micro-batch's):
+        # autograd's post-accumulate hooks fill them in (note_grads).
         self.grad_seen: set[str] = set()
+        self.grad_reached: set[str] = set()
+        self.warned_partial_accumulation = False  # the warning of release_gradients_, given once
         offset = 0
         for name, shape in self.shapes.items():
             n = shape.numel()
@@ -281,7 +284,7 @@ class PopulationModel:
                     self.flat[i, offset:offset + n].copy_(m.get_parameter(name).reshape(-1))
             leaf = self.flat[:, offset:offset + n].view(p, *shape).detach().requires_grad_()
             leaf.grad = self.grad_flat[:, offset:offset + n].view(p, *shape)
-            leaf.register_post_accumulate_grad_hook(lambda _, name=name: self.grad_seen.add(name))
+            leaf.register_post_accumulate_grad_hook(lambda _, name=name: self.note_grads((name,)))
             self._params[name] = leaf
             self.columns[name] = slice(offset, offset + n)
             offset += n
@@ -451,8 +454,13 @@ class PopulationModel:
                                  f"expected {target.dtype} {list(target.shape)}")
         return tree
 
+    def note_grads(self, names) -> None:
+        """Record that a backward reached the parameters ``names`` (see :meth:`unused_columns`)."""
+        self.grad_seen.update(names)
+        self.grad_reached.update(names)
+
     def _noted_one_model_grad(self, name: str) -> None:
-        self.grad_seen.add(name)
+        self.note_grads((name,))
         self.rows_stale = True  # member 0's gradient moved; the other rows did not
 
     # -- nn.Module-like surface -------------------------------------------------------------

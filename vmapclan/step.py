@@ -97,7 +97,12 @@ BACKWARDS = ("auto", "vmap", "autograd")
 - ``"vmap"``: ``torch.func.grad_and_value`` of the per-member loss, vmapped: the backward runs
   under vmap too, and each step's gradients come back as new ``[P, *shape]`` tensors. With the
   per-member update and no accumulation the kernel reads them where they are (each member's
-  row made dense), with no copy into ``grad_flat``.
+  row made dense), with no copy into ``grad_flat``. ``torch.func`` gives a parameter the loss
+  does not reach a zero gradient, where autograd gives none and AdamW skips it; so the
+  parameters the loss reaches are found by one autograd backward on the first step of each
+  phase and combination of training modes, and taken as fixed until the next. A model whose
+  Python code reaches other parameters from one step to the next within a phase (a layer
+  skipped on some steps by a flag) needs ``"autograd"``.
 - ``"autograd"``: the vmapped forward gives the ``[P]`` losses, and one ordinary autograd
   backward over the stacked parameters accumulates the gradients in place into ``grad_flat``
   (as the imperative loop does): fewer per-op costs in the backward and no second gradient
@@ -372,7 +377,8 @@ class FusedStep:
         self._views = {n: v.view(p, *s) for n, v, s in
                        zip(self._names, self._flat.split(self._sizes, 1), self._shapes)}
         self._grad_rows = list(population.grad_flat.split(self._sizes, 1))
-        self._used: set[str] | None = None  # parameters the loss reaches (found on the first vmap step)
+        self._used: set[str] | None = None  # parameters the loss reaches, for the phase and modes in force
+        self._used_by: dict[tuple, set[str]] = {}  # found by _find_used for each (phase, training modes)
 
         module, k = population.module, num_inputs
         names, shapes, sizes = self._names, self._shapes, self._sizes
@@ -473,11 +479,11 @@ class FusedStep:
                 leaves = [None if g is None else member_mean(g, self.clan.group) if cooperative else g for g in leaves]
                 opt.apply_(leaves, self._adamw, sizes=self._sizes)
                 return losses.detach()
-            pop.grad_seen.update(n for n, g in zip(self._names, leaves) if g is not None)
+            pop.note_grads(n for n, g in zip(self._names, leaves) if g is not None)
             self._into_grad_flat(leaves, accumulating)
             grads = pop.grad_flat
         else:  # the flat layout's [P, N] gradients
-            pop.grad_seen.update(self._used)
+            pop.note_grads(self._used)
         opt.apply_(reduce_gradients_(grads, pop.grad_flat, cooperative=cooperative, accumulating=accumulating,
                                      group=self.clan.group), self._adamw)
         if accumulating or grads is pop.grad_flat:
@@ -519,7 +525,7 @@ class FusedStep:
             if group is not None:  # this rank's mean -> the mean over every rank's members
                 group.all_reduce_(flat, "the cooperative gradient all-reduce").div_(group.world_size)
             row.add_(flat) if accumulating else row.copy_(flat)
-            pop.grad_seen.update(self._used)
+            pop.note_grads(self._used)
         row = pop.grad_flat[:1]  # already the members' mean, and with accumulation the pending sum
         opt.apply_(reduce_gradients_(row, row, cooperative=False, accumulating=accumulating), self._one_model_adamw)
         release_gradients_(pop, opt.adamw_state.accum_count if accumulating else None)
@@ -587,14 +593,23 @@ class FusedStep:
         torch.cat([row.new_zeros(row.shape) if g is None else g.reshape(row.shape) for row, g in zip(rows, leaves)],
                   dim=1, out=self._population.grad_flat)
 
+    def _used_key(self) -> tuple:
+        """What the parameters a loss reaches may change with: the plan's phase and the modules' training modes."""
+        stretch = self.clan.stretch
+        return (None if stretch is None else stretch.index, tuple(m.training for m in self._population.module.modules()))
+
     def _find_used(self, kwargs: dict, batch: tuple[torch.Tensor, ...]) -> None:
-        """Find which parameters the loss reaches, once: ``torch.func.grad`` gives the others zeros.
+        """Find which parameters the loss reaches: ``torch.func.grad`` gives the others zeros.
 
         Autograd leaves a parameter that the loss never reaches without gradient, and AdamW
-        skips it; ``torch.func.grad`` returns zeros for it instead. So on the first call one
-        autograd backward of the vmapped loss (buffers and random state untouched) finds the
-        parameters that get a gradient; later calls reuse the answer.
+        skips it; ``torch.func.grad`` returns zeros for it instead. So on the first call of each
+        phase and combination of training modes (a phase may switch a branch of the model on or
+        off, and so may ``model.eval()``) one autograd backward of the vmapped loss (buffers and
+        random state untouched) finds the parameters that get a gradient; later calls reuse the
+        answer (see :data:`BACKWARDS`).
         """
+        key = self._used_key()
+        self._used = self._used_by.get(key)
         if self._used is not None:
             return
         pop = self._population
@@ -604,7 +619,7 @@ class FusedStep:
             buffers = {n: b.clone() for n, b in pop.buffers.items()}  # BatchNorm would update its statistics
             losses = self._losses(pop.params, buffers, kwargs, *batch)
             grads = torch.autograd.grad(losses.sum(), self._leaves, allow_unused=True)
-        self._used = {n for n, g in zip(self._names, grads) if g is not None}
+        self._used = self._used_by[key] = {n for n, g in zip(self._names, grads) if g is not None}
 
     def _vmap_gradients(self, kwargs: dict, *batch: torch.Tensor) -> tuple:
         """Every member's gradients (``[P, N]`` for the flat layout, else one ``[P, ...]`` per parameter) and losses."""
@@ -729,7 +744,10 @@ class FusedStep:
         # A graph replays one set of input addresses, shapes and dtypes: another keyword name,
         # shape or dtype needs its own capture (the names sorted: the call's order does not matter).
         # What the update does is fixed at capture too: the frozen parameters and the per-parameter counts.
+        # The modules' training modes too (dropout and BatchNorm are captured as they ran), and the
+        # phase, which the parameters the loss reaches are found for (see _find_used).
         key = (cooperative, self._population.one_model, self._optimizer.frozen, self._optimizer.lagging,
+               self._used_key(),
                tuple((tuple(t.shape), t.dtype) for t in batch),
                tuple((n, tuple(t.shape), t.dtype) for n, t in sorted(kwargs.items())))
         entry = self._graphs.get(key)
