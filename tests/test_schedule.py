@@ -153,3 +153,16 @@ def test_from_dict_errors():
         Phase.from_dict({"name": "a", "start_t": 0})
     with pytest.raises(TypeError, match="Phase.from_dict: expected a dict, got str"):
         Phase.from_dict("warmup")
+
+
+@pytest.mark.parametrize("edge, total", [(0.275, 100), (0.035, 100), (0.5166666666666667, 30), (0.3, 10), (0.5, 7)])
+def test_a_step_belongs_to_the_phase_whose_range_holds_it_also_where_an_edge_falls_on_a_half_step(edge, total):
+    """The plan (its stretches) and the replay read one rule: an edge on a half step in float time
+    (0.275 x 100 - 0.5 rounds to 27.000000000000004) gives the same phase to each step in both."""
+    from vmapclan.rounds import plan_stretches
+
+    schedule = PhaseSchedule([Phase("warm", 0.0, edge, clan={"competition": False}), Phase("clan", edge, 1.0)])
+    planned = {step: schedule.phases[s.index].name for s in plan_stretches(schedule, total, 10, 0.25)
+               for step in range(s.start, s.end)}
+    assert sorted(planned) == list(range(total))
+    assert [schedule.phase_at_step(step, total).name for step in range(total)] == [planned[s] for s in range(total)]

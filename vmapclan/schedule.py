@@ -414,13 +414,15 @@ class PhaseSchedule:
         return self.phases[self.index_at(t)]
 
     def phase_at_step(self, step: int, total_steps: int) -> Phase:
-        """The phase that step ``step`` of ``total_steps`` belongs to (the one holding its midpoint).
+        """The phase that step ``step`` of ``total_steps`` belongs to: the one whose :meth:`step_ranges` holds it.
 
         Raises:
             ValueError: for a step outside ``[0, total_steps)``.
         """
         int_in(step, "PhaseSchedule.phase_at_step: step", 0, total_steps - 1, expected=f"an int in [0, {total_steps})")
-        return self.phase_at((step + 0.5) / total_steps)
+        # The ranges, not the step's midpoint in float time: the two disagree where an edge falls
+        # on a half step and rounds one way in t * total_steps and the other in (step + 0.5) / total_steps.
+        return next(phase for phase, first, end in self.step_ranges(total_steps) if first <= step < end)
 
     def step_ranges(self, total_steps: int) -> list[tuple[Phase, int, int]]:
         """``(phase, first_step, end_step)`` for every phase over a run of ``total_steps``.
