@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vmapclan import Clan, DivergenceError, FusedStep, Gene, member_loss
-from vmapclan.schedule import Phase, PhaseSchedule
+from vmapclan import BatchedAdamW, Clan, DivergenceError, FusedStep, Gene, PopulationModel, TimeController, member_loss
+from vmapclan.schedule import Phase, PhaseSchedule, lr_shape_at
 from vmapclan.config import DataSpec
 from vmapclan.tasks import get_task
 
@@ -146,6 +146,12 @@ def run_get_gene_unknown():
     clan().round().get_gene("learning_rate")
 
 
+def _adamw():
+    population = PopulationModel(nn.Linear(2, 1), 2)
+    return BatchedAdamW.for_population(population, {"lr": 1e-3, "weight_decay": 0.0, "betas/0": 0.9, "betas/1": 0.999,
+                                                    "eps": 1e-8})
+
+
 CATALOGUE = [
     # (what the user did, how to do it, exception, message)
     ("data without the member dim", run_member_model_without_member_dim, ValueError,
@@ -259,6 +265,21 @@ CATALOGUE = [
      r"data.max_chars=1000 is too small for data.seq_len=500 \(\d+ training and \d+ validation characters\)"),
     ("an unknown task", lambda: get_task("mnist"), ValueError,
      r"task 'mnist' is neither a built-in task \['digits-mlp', 'stdlib-chars'\] nor 'package.module:ClassName'"),
+    ("a population size that is not an int", lambda: PopulationModel(nn.Linear(2, 1), 2.7), ValueError,
+     r"PopulationModel: population_size must be a positive int, got 2.7"),
+    ("a population of none", lambda: PopulationModel(nn.Linear(2, 1), 0), ValueError,
+     r"PopulationModel: population_size must be a positive int, got 0"),
+    ("a clock state past its run", lambda: TimeController(10).load_state_dict({"total_steps": 10, "step": 50}),
+     ValueError, r"TimeController.load_state_dict: step must be an int in \[0, 10\], got 50"),
+    ("an lr shape misspelt", lambda: lr_shape_at(9, 10, "cosin"), ValueError,
+     r"lr_shape_at: shape must be one of \['constant', 'cosine', 'wsd'\], got 'cosin'"),
+    ("an lr shape read past the run", lambda: lr_shape_at(15, 10, "cosine"), ValueError,
+     r"lr_shape_at: step must be an int in \[0, 10\), got 15"),
+    ("optimizer moments given as a list", lambda: _adamw().load_state_dict({**_adamw().state_dict(), "exp_avg": [[0.0]]}),
+     TypeError, r"BatchedAdamW.load_state_dict: 'exp_avg' must be a tensor, got list"),
+    ("a negative step count in an optimizer state",
+     lambda: _adamw().load_state_dict({**_adamw().state_dict(), "step": torch.full((2,), -5.0, dtype=torch.float64)}),
+     ValueError, r"BatchedAdamW.load_state_dict: 'step' holds a negative count"),
     ("a step past the end of the run", lambda: PhaseSchedule.single("all").phase_at_step(10, 10), ValueError,
      r"PhaseSchedule.phase_at_step: step must be an int in \[0, 10\), got 10"),
     ("a negative step", lambda: PhaseSchedule.single("all").phase_at_step(-1, 10), ValueError,

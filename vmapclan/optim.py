@@ -685,10 +685,14 @@ class BatchedAdamW(torch.optim.Optimizer):
             if name not in state_dict:
                 raise ValueError(f"BatchedAdamW.load_state_dict: missing {name!r}")
             src = state_dict[name]
+            if not isinstance(src, torch.Tensor):
+                raise TypeError(f"BatchedAdamW.load_state_dict: {name!r} must be a tensor, got {type(src).__name__}")
             if src.shape != t.shape:
                 raise ValueError(
                     f"BatchedAdamW.load_state_dict: {name!r} has shape {list(src.shape)}, expected {list(t.shape)}"
                 )
+            if name in ("step", "skipped", "accum_count") and bool((src < 0).any()):
+                raise ValueError(f"BatchedAdamW.load_state_dict: {name!r} holds a negative count")
         for name, t in current.items():
             t.copy_(state_dict[name])
         self.lagging = bool(self.adamw_state.skipped.any())

@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
+from .checks import positive_int
 from .recurrent import unsupported_recurrent
 
 __all__ = ["PopulationModel", "member_loss", "score_members", "additive_attention_mask", "check_growth",
@@ -235,7 +236,7 @@ class PopulationModel:
         if init not in ("copy", "independent"):
             raise ValueError(f"PopulationModel: init must be 'copy' or 'independent', got {init!r}")
         _check_module(module)
-        self.population_size = p = int(population_size)
+        self.population_size = p = positive_int(population_size, "PopulationModel: population_size")
         self.module = copy.deepcopy(module)
         _eager_attention(self.module)
         trainable = [(n, t) for n, t in self.module.named_parameters() if t.requires_grad]

@@ -138,7 +138,7 @@ class TimeController:
                 f"TimeController.load_state_dict: saved total_steps={state.get('total_steps')!r}, "
                 f"this clock has {self.total_steps}"
             )
-        self.step = int(state["step"])
+        self.step = int_in(state.get("step"), "TimeController.load_state_dict: step", 0, self.total_steps)
 
 
 def _check_overrides(where: str, kind: str, overrides, allowed: Sequence[str]) -> dict:
@@ -519,8 +519,7 @@ def lr_shape_at(step: int, total_steps: int, shape: str = "constant", warmup: fl
 
     The applied learning rate of every member is its ``lr`` (the gene, or a cooperative
     phase's setting) times this factor, so the clan evolves the level and the shape gives the
-    form over time. The factor is read at the step's midpoint ``t = (step + 1/2) / T``, the
-    point that decides its phase too:
+    form over time. The factor is read at the step's midpoint ``t = (step + 1/2) / T``:
 
     - a linear warmup from 0 to 1 over ``t < warmup`` (every shape);
     - ``"constant"``: 1 after it;
@@ -540,6 +539,8 @@ def lr_shape_at(step: int, total_steps: int, shape: str = "constant", warmup: fl
         >>> round(lr_shape_at(0, 100, "constant", warmup=0.1), 6)
         0.05
     """
+    int_in(step, "lr_shape_at: step", 0, total_steps - 1, expected=f"an int in [0, {total_steps})")
+    one_of(shape, "lr_shape_at: shape", LR_SHAPES)
     t = (step + 0.5) / total_steps
     if t < warmup:
         return t / warmup
