@@ -378,6 +378,21 @@ def test_a_fit_without_the_clan_callback_is_an_error():
     assert module.clan.global_step == 0
 
 
+def test_a_fit_without_the_clan_callback_is_an_error_also_when_on_fit_start_is_the_users_own():
+    """A module's own ``on_fit_start`` (Lightning's hooks are empty, so few call ``super()``) does not
+    lose the check: the first backward makes it, before any update."""
+    class Own(Tiny):
+        def on_fit_start(self):
+            self.started = True
+
+    module = Own()
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"ClanModule: the Trainer has no ClanCallback"):
+        trainer.fit(module)
+    assert module.started and module.clan.global_step == 0
+
+
 def test_base_member_validation_step_is_abstract():
     with pytest.raises(NotImplementedError, match=r"ClanModule must implement member_validation_step\(batch, batch_idx\)"):
         ClanModule(small_clan()).member_validation_step(DATA, 0)

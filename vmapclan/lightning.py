@@ -30,6 +30,7 @@ Example::
 The seed's pattern (``seeds/clan_training_api.md``, "Lightning Integration")::
 
     def backward(self, loss, *args, **kwargs):
+        self._require_callback()
         with self.member.sync_context():
             super().backward(loss, *args, **kwargs)
 
@@ -317,13 +318,20 @@ class ClanModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         """Refuse a fit without a :class:`ClanCallback`: without one the clan's clock never moves
         (no rounds, no selection, no lr shape over its horizon), while the optimizer still steps.
+        (:meth:`backward` checks it too, for a module whose own ``on_fit_start`` does not call this one.)
 
         Raises:
             ValueError: if none of the Trainer's callbacks is a :class:`ClanCallback`.
         """
+        self._require_callback()
+
+    def _require_callback(self) -> None:
+        if getattr(self, "_callback_checked", False):
+            return
         if not any(isinstance(callback, ClanCallback) for callback in self.trainer.callbacks):
             raise ValueError("ClanModule: the Trainer has no ClanCallback, so the clan would never step (no rounds, "
                              "selection or lr shape); pass callbacks=[ClanCallback(val_loader)] to the Trainer")
+        self._callback_checked = True
 
     def configure_optimizers(self):
         """The clan's batched AdamW (per-member hyperparameters, over the stacked members).
@@ -341,6 +349,7 @@ class ClanModule(pl.LightningModule):
             *args: Passed to ``LightningModule.backward``.
             **kwargs: Passed to ``LightningModule.backward``.
         """
+        self._require_callback()
         with self.member.sync_context():
             super().backward(loss, *args, **kwargs)
 
