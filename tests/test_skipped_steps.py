@@ -177,26 +177,50 @@ def test_the_vmap_backward_finds_the_parameters_the_loss_reaches_again_in_each_p
     assert clan.optimizer.adamw_state.skipped[:, :2].tolist() == [[5.0, 5.0]] * 2
 
 
-def test_with_the_accumulation_gene_a_backward_that_skips_a_parameter_gives_a_warning():
-    """With accumulation counts the host cannot tell where a member's window begins without a
-    synchronisation, so the record of reached parameters runs on, and a window that no micro-batch
-    reached is not skipped as ``torch.optim.AdamW`` would: the run says so, once."""
-    model = TwoLayers().double()
-    clan = Clan(model, torch.optim.AdamW(model.parameters(), **SETTINGS), population_size=2, round_length=8,
+def accumulated_reference(start, steps: int, accumulate: int, skipped_micro):
+    """Plain torch AdamW over ``accumulate`` micro-batches per update, ``a`` unreached in ``skipped_micro``."""
+    model = copy.deepcopy(start)
+    optimizer = torch.optim.AdamW(model.parameters(), **SETTINGS)
+    for i, (x, y) in enumerate(batches(steps)):
+        model.skip_a = i in skipped_micro
+        F.mse_loss(model(x), y).backward()
+        if (i + 1) % accumulate == 0:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad /= accumulate
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+@pytest.mark.parametrize("counts, path", [((1, 1), "member"), ((2, 2), "member"), ((1, 2), "member"),
+                                          ((2, 3), "member"), ((1, 2), "fused"), ((3, 2), "fused")])
+def test_with_the_accumulation_gene_each_members_window_without_gradient_is_skipped_as_torch_adamw(counts, path):
+    """Each member's update skips the parameters that no micro-batch of its own window reached, as
+    ``torch.optim.AdamW`` skips a ``None`` grad, also when the members accumulate different counts."""
+    steps, skipped_micro = 18, range(6, 12)
+    torch.manual_seed(0)
+    start = TwoLayers().double()
+    model = copy.deepcopy(start)
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), **SETTINGS), population_size=2, round_length=steps,
                 duty_cycle=1.0, selection=None, autobind=["adamw", "gradient_accumulation"])
-    clan.set_genome("num_grad_accum", torch.tensor([2, 2]))
+    for gene, values in clan.genes_in_force().items():  # every member at the optimizer's settings
+        if gene != "num_grad_accum":
+            clan.set_genome(gene, values[:1].expand(2).clone())
+    clan.set_genome("num_grad_accum", torch.tensor(counts))
+    step = FusedStep(clan, F.mse_loss) if path == "fused" else None
     member = clan.round()
-    data = batches(6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every parameter reached: nothing to say
-        for x, y in data[:3]:
+    for i, (x, y) in enumerate(batches(steps)):
+        clan.population.module.skip_a = i in skipped_micro
+        if step is not None:
+            step(member.share(x), member.share(y))
+        else:
             train_step(member, F.mse_loss, member.share(x), member.share(y))
-    clan.population.module.skip_a = True
-    with pytest.warns(UserWarning, match=r"gradient accumulation: a backward did not reach a\.bias, a\.weight; with "
-                                         r"accumulation counts, a parameter .* unlike torch\.optim\.AdamW"):
-        x, y = data[3]
-        train_step(member, F.mse_loss, member.share(x), member.share(y))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once
-        for x, y in data[4:]:
-            train_step(member, F.mse_loss, member.share(x), member.share(y))
+    for m, accumulate in enumerate(counts):
+        expected = accumulated_reference(start, steps, accumulate, skipped_micro)
+        got = clan.population.member_module(m)
+        for name, tensor in expected.named_parameters():
+            torch.testing.assert_close(got.get_parameter(name), tensor, rtol=1e-12, atol=1e-12, msg=f"{m} {name}")
+        updates = [(i + 1) // accumulate - 1 for i in range(steps) if (i + 1) % accumulate == 0]
+        sat_out = sum(all(j in skipped_micro for j in range(u * accumulate, (u + 1) * accumulate)) for u in updates)
+        assert clan.optimizer.adamw_state.skipped[m, :2].tolist() == [float(sat_out)] * 2

@@ -13,8 +13,6 @@ machine, Lightning) runs the same three steps, written here once:
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 __all__ = ["member_mean", "reduce_gradients_", "release_gradients_", "share_pending_sums_"]
@@ -85,15 +83,11 @@ def release_gradients_(population, accum_count: torch.Tensor | None = None) -> N
         population.grad_seen.clear()
         return
     grads.masked_fill_((accum_count[:grads.shape[0]] == 0).view(-1, 1), 0)
-    # With accumulation the record runs on: the host cannot tell, without a synchronisation,
-    # where each member's window of micro-batches begins. Say so when it matters.
-    if reached and len(reached) < len(population.columns) and not population.warned_partial_accumulation:
-        population.warned_partial_accumulation = True
-        missed = sorted(set(population.columns) - reached)
-        warnings.warn(f"gradient accumulation: a backward did not reach {', '.join(missed[:3])}"
-                      f"{' ...' if len(missed) > 3 else ''}; with accumulation counts, a parameter that some "
-                      "earlier backward reached is updated (weight decay, moments) even in a window where none "
-                      "did, unlike torch.optim.AdamW, which skips it", stacklevel=3)
+    # With accumulation the record runs on (a member's window may begin anywhere), with a log of
+    # what each update's backwards reached, which the update reads once one missed a parameter.
+    population.reached_log.append(frozenset(reached))
+    if reached and len(reached) < len(population.columns):
+        population.partial_backwards = True
 
 
 def share_pending_sums_(grad_row: torch.Tensor, group) -> None:

@@ -410,15 +410,24 @@ def adamw_update(update: str, *, compile: bool = False) -> Callable:
 def keep_columns(tensors: Sequence[torch.Tensor], columns: Sequence[slice]):
     """Undo whatever the block writes into ``columns`` of each ``[P, N]`` tensor.
 
+    Each entry is a ``slice`` (those columns of every row) or ``(rows, slice)`` (of the rows in
+    the index tensor ``rows`` only).
+
     This is how an update skips the parameters that received no gradient, as
     ``torch.optim.AdamW`` skips a parameter whose ``.grad`` is ``None``: their values and moments
     stay exactly as they were (no weight decay, no moment decay). Nothing is copied when
     ``columns`` is empty.
     """
-    saved = [(t, c, t[:, c].clone()) for c in columns for t in tensors]
+    saved = []
+    for entry in columns:
+        rows, c = (None, entry) if isinstance(entry, slice) else entry
+        saved += [(t, rows, c, (t[:, c] if rows is None else t[rows, c]).clone()) for t in tensors]
     yield
-    for t, c, values in saved:
-        t[:, c] = values
+    for t, rows, c, values in saved:
+        if rows is None:
+            t[:, c] = values
+        else:
+            t[rows, c] = values
 
 
 class BatchedAdamW(torch.optim.Optimizer):
@@ -626,15 +635,23 @@ class BatchedAdamW(torch.optim.Optimizer):
             state = state._replace(skipped=None)  # every count is the member's: no per-parameter work
         # A frozen parameter's update is undone (keep_columns), as is that of one the backward did
         # not reach; both count as updates sat out.
+        # With accumulation, after a backward that skipped a parameter, it is decided per member:
+        # each updating member's own window of micro-batches (groups of rows and parameters).
+        windows = None if accum is None or sizes is not None else pop.unreached_in_windows(state.accum_count, accum)
         if sizes is not None:  # a missing gradient is a None: the kernel skips it
             idle, unused = [k for k, g in enumerate(grads) if g is None], []
-        else:
+        elif windows is None:
             unused = pop.unused_columns()
             idle = [k for k, name in enumerate(pop.columns) if name not in pop.grad_seen] if unused else []
+        else:
+            idle, unused = [], []
         frozen = [(k, c) for k, c in zip(self.frozen, self._frozen_columns) if k not in idle]
         idle += [k for k, _ in frozen]
         unused += [c for _, c in frozen]
-        before = state.step.clone() if idle else None
+        columns = list(pop.columns.values())
+        windows = [(rows, [k for k in ks if k not in idle]) for rows, ks in windows or []]
+        unused += [(torch.tensor(rows, device=params.device), columns[k]) for rows, ks in windows for k in ks]
+        before = state.step.clone() if idle or windows else None
         with keep_columns((params, state.exp_avg, state.exp_avg_sq), unused):
             if sizes is not None:
                 step(params, grads, state, hyper, accum, self.max_grad_norm, sizes=sizes, **extra)
@@ -642,6 +659,10 @@ class BatchedAdamW(torch.optim.Optimizer):
                 step(params, grads, state, hyper, accum, self.max_grad_norm, **extra)
         if idle:
             self.skip_(idle, state.step - before)
+        for rows, ks in windows:
+            mask = torch.zeros_like(before)
+            mask[rows] = 1.0
+            self.skip_(ks, (state.step - before) * mask)
 
     @torch.no_grad()
     def step(self, closure=None):

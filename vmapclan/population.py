@@ -14,6 +14,7 @@ when something needs them (see :attr:`PopulationModel.one_model`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -32,6 +33,10 @@ from .recurrent import unsupported_recurrent
 
 __all__ = ["PopulationModel", "member_loss", "score_members", "additive_attention_mask", "check_growth",
            "stack_members", "check_fits"]
+
+REACHED_LOG_LENGTH = 4096
+"""Micro-batches of gradient accumulation whose reached parameters are remembered (see
+:meth:`PopulationModel.unreached_in_windows`)."""
 
 # The parameter views into ``flat`` are strided across members, so autograd notes once that
 # ``.grad`` (a view of ``grad_flat`` with the same strides) is not dense. Accumulation into it is
@@ -276,7 +281,10 @@ class PopulationModel:
         # autograd's post-accumulate hooks fill them in (note_grads).
         self.grad_seen: set[str] = set()
         self.grad_reached: set[str] = set()
-        self.warned_partial_accumulation = False  # the warning of release_gradients_, given once
+        # With accumulation: each update's grad_reached, newest last, and whether one of them
+        # missed a parameter (from then on the skipped parameters are found per member's window).
+        self.reached_log: collections.deque[frozenset[str]] = collections.deque(maxlen=REACHED_LOG_LENGTH)
+        self.partial_backwards = False
         offset = 0
         for name, shape in self.shapes.items():
             n = shape.numel()
@@ -661,6 +669,33 @@ class PopulationModel:
                     if stray is not None:
                         view.add_(stray)
                     leaf.grad = view
+
+    def unreached_in_windows(self, accum_count: torch.Tensor, num_grad_accum: torch.Tensor) -> list | None:
+        """With accumulation: for each member this update releases, the parameters no backward of its window reached.
+
+        A member's window is its pending micro-batches (``accum_count``) and the current one.
+        ``None`` while every backward has reached every parameter (then :meth:`unused_columns`
+        is exact, and nothing is read from the device); otherwise one host read of the counts,
+        and ``[(rows, parameter indices)]``, the members grouped by what their windows missed.
+        A window that reaches past :data:`REACHED_LOG_LENGTH` micro-batches, or holds one whose
+        gradients no backward wrote, counts every parameter as reached.
+        """
+        if self.grad_reached and len(self.grad_reached) < len(self.columns):  # this update's own backwards
+            self.partial_backwards = True
+        if not self.partial_backwards:
+            return None
+        pending, targets = accum_count.tolist(), num_grad_accum.tolist()
+        log, names = list(self.reached_log), list(self.columns)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for member, (count, target) in enumerate(zip(pending, targets)):
+            window = [self.grad_reached, *log[len(log) - count:]] if count else [self.grad_reached]
+            if count + 1 < target or count > len(log) or not all(window):
+                continue
+            reached = set().union(*window)
+            missed = tuple(k for k, name in enumerate(names) if name not in reached)
+            if missed:
+                groups.setdefault(missed, []).append(member)
+        return [(rows, list(missed)) for missed, rows in groups.items()]
 
     def unused_columns(self) -> list[slice]:
         """The columns of ``flat`` of every parameter the backwards since the last release did not reach.
