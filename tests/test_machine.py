@@ -5,10 +5,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vmapclan import (PhaseSchedule, RunConfig, TrainingMachine, default_schedule, export_schedule, load_run_checkpoint,
-                      read_schedule, replay, save_run_checkpoint)
+from vmapclan import (Clan, PhaseSchedule, RunConfig, TrainingMachine, default_schedule, export_schedule,
+                      load_run_checkpoint, member_loss, read_schedule, replay, save_run_checkpoint)
 from vmapclan.checkpoint import save_checkpoint
 from vmapclan.rounds import plan_rounds
 from vmapclan.tasks import get_task, stdlib_corpus, stdlib_files
@@ -180,6 +181,15 @@ def test_export_from_a_plain_clan_history():
     gap = [dict(history[0], start_step=2)]
     with pytest.raises(ValueError, match="export_schedule: the history has a gap or overlap at step 0"):
         export_schedule(gap, 10, duty_cycle=0.2, batch_size=4, population_size=2)
+    for member in (2, -1, 1.5, "a"):
+        with pytest.raises(ValueError, match=r"export_schedule: member must be an int in \[0, 2\), got "):
+            export_schedule(history, 10, member=member, duty_cycle=0.2, batch_size=4, population_size=2)
+    with pytest.raises(ValueError, match=r"export_schedule: population_size=3, but the history's rounds hold genomes "
+                                         r"of \[2\] members"):
+        export_schedule(history, 10, duty_cycle=0.2, batch_size=4, population_size=3)
+    for not_history in ("history.json", history[0], 3):
+        with pytest.raises(TypeError, match="export_schedule: history must be a list of history records"):
+            export_schedule(not_history, 10)
     no_genes = [dict(history[0], genomes={"lr": [1e-3, 1e-3]})]
     with pytest.raises(ValueError, match="round 0 has no gene 'weight_decay'; the clan needs autobind"):
         export_schedule(no_genes, 10, duty_cycle=0.2, batch_size=4, population_size=2)
@@ -379,16 +389,70 @@ def test_fused_options_are_checked_before_training(fused, error, match):
         TrainingMachine(tiny(total_steps=70), fused=fused)
 
 
-def test_truncation_runs_and_exports_round_winners():
-    config = tiny(total_steps=40, clan={"selection": "truncation", "duty_cycle": 1.0},
+def test_truncation_exports_the_ancestry_of_the_best_member():
+    """With truncation the members copy each other in many ways: each round's ``sources`` say who
+    copied whom, and the schedule follows the best member back through them, not each round's winner."""
+    config = tiny(total_steps=60, clan={"selection": "truncation", "duty_cycle": 1.0, "round_length": 10},
                   schedule=[{"name": "pbt", "start_t": 0, "end_t": 1}])
     results = TrainingMachine(config).train()
-    assert len(results.rounds) == 2
-    for record in results.rounds:
+    assert len(results.rounds) == 6 and all(len(r["sources"]) == 4 for r in results.rounds)
+    lineage, current = [], results.final["best_member"]
+    for record in reversed(results.rounds):
+        current = record["sources"][current]
+        lineage.append(current)
+    lineage.reverse()
+    for record, member in zip(results.rounds, lineage):
         for step in range(record["start_step"], record["end_step"]):
-            phase = results.schedule.phase_at_step(step, 40)
-            assert phase.optimizer["lr"] == record["genomes"]["lr"][record["winner"]]
+            phase = results.schedule.phase_at_step(step, 60)
+            assert phase.optimizer["lr"] == record["genomes"]["lr"][member] * record.get("competitive_lr_scale", 1.0)
             assert phase.data["batch_size"] == 16  # always competitive: B per step
+
+
+def test_a_truncation_schedule_replays_each_members_own_training_exactly():
+    """Retrained along its exported lineage on the same batches, a plain model ends with every member's weights."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01), population_size=4,
+                autobind=["adamw"], total_steps=60, seed=3, selection="truncation", truncation_fraction=0.5,
+                duty_cycle=1.0, round_length=10, lr_schedule="constant", warmup=0.0, competitive_lr="same")
+    generator, batches = torch.Generator().manual_seed(1), []
+    member = clan.round()
+    while not clan.done:
+        index = torch.randint(0, 64, (4, 8), generator=generator)
+        batches.append(index)
+        loss = member_loss(F.cross_entropy, member.model(x[index]), y[index])
+        loss.sum().backward()
+        member.optimizer.step()
+        member.optimizer.zero_grad()
+        member.step()
+        if member.done:
+            clan.step(torch.rand(4, generator=generator, dtype=torch.float64))
+            member = clan.round()
+    assert any(r["sources"] != [r["winner"]] * 4 and r["sources"] != [0, 1, 2, 3] for r in clan.history)
+    for final in range(4):
+        schedule = export_schedule(clan.history, 60, member=final, duty_cycle=1.0, batch_size=8, population_size=4)
+        plain = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        plain.load_state_dict(start)
+        optimizer = torch.optim.AdamW(plain.parameters())
+        lineage, current = [], final  # the member that trained the final one's ancestor, round by round
+        for record in reversed(clan.history):
+            current = record["sources"][current]
+            lineage.append(current)
+        lineage.reverse()
+        for step, index in enumerate(batches):
+            settings = schedule.phase_at_step(step, 60).optimizer
+            for group in optimizer.param_groups:
+                group.update(lr=settings["lr"], weight_decay=settings["weight_decay"], eps=settings["eps"],
+                             betas=(settings["betas/0"], settings["betas/1"]))
+            rows = index[lineage[step // 10]]  # rounds of 10 steps: that member's own batch
+            F.cross_entropy(plain(x[rows]), y[rows]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        got = clan.population.member_module(final)
+        for name, tensor in plain.named_parameters():
+            torch.testing.assert_close(got.get_parameter(name), tensor, rtol=1e-10, atol=1e-12, msg=f"{final} {name}")
 
 
 def test_a_run_is_reproducible_from_its_config():

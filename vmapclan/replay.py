@@ -47,6 +47,26 @@ def _planes_of(record: Mapping) -> tuple[dict, dict]:
     return dict(record.get("data", {})), model
 
 
+def _lineages(history: Sequence[Mapping], member: int | None, population_size: int | None) -> list[int | None]:
+    """The member each record's schedule follows: ``None`` (its winner) without ``member``, else
+    the ancestor of the run's final ``member`` that trained in it (the same member without ``sources``)."""
+    sizes = {len(r["genomes"]["lr"]) for r in history if r.get("kind") != "cooperative" and "lr" in r.get("genomes", {})}
+    size = population_size if population_size is not None else next(iter(sizes), None)
+    if population_size is not None and (not is_int(population_size) or sizes - {population_size}):
+        raise ValueError(f"export_schedule: population_size={population_size!r}, but the history's rounds hold "
+                         f"genomes of {sorted(sizes)} members")
+    if member is None:
+        return [None] * len(history)
+    if not is_int(member) or size is not None and not 0 <= member < size:
+        raise ValueError(f"export_schedule: member must be an int in [0, {size}), got {member!r}")
+    lineages, current = [], member
+    for record in reversed(history):  # member i of a round's end took member sources[i]'s state
+        if record.get("sources") is not None:
+            current = record["sources"][current]
+        lineages.append(current)
+    return lineages[::-1]
+
+
 def _pieces_of(record: Mapping, start: int, member: int | None, duty_cycle: float | None,
                batch_size: int | None, population_size: int | None) -> list[tuple]:
     """``(name, first_step, end_step, hyper, samples_per_step, (data, model))`` pieces of one history record.
@@ -108,8 +128,10 @@ def export_schedule(history: Sequence[Mapping], total_steps: int, *, member: int
             ``clan.history`` of contiguous rounds from step 0 (then give ``duty_cycle``,
             ``batch_size`` and ``population_size``).
         total_steps: Steps of the run; the history must cover ``[0, total_steps)``.
-        member: Follow this member in every round (for a sweep, where members never copy each
-            other) instead of each round's winner (winner selection).
+        member: Follow the member that ends the run at this index instead of each round's
+            winner (winner selection): for a sweep, where members never copy each other, the
+            same member in every round; for truncation selection, its ancestry, back through
+            each round's ``sources`` (who copied whom).
         duty_cycle: For a plain ``clan.history``: the clan's duty cycle.
         batch_size: For a plain ``clan.history``: per-member batch size.
         population_size: For a plain ``clan.history``: P.
@@ -122,19 +144,25 @@ def export_schedule(history: Sequence[Mapping], total_steps: int, *, member: int
         are merged.
 
     Raises:
-        ValueError: for an empty history, one with gaps, or one that does not end at ``total_steps``.
+        ValueError: for an empty history, one with gaps, or one that does not end at ``total_steps``;
+            a ``member`` or ``population_size`` that the history's genomes contradict.
+        TypeError: for a history that is not a list of records.
     """
     clock = TimeController(total_steps)
+    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Sequence) or \
+            not all(isinstance(r, Mapping) for r in history):
+        raise TypeError(f"export_schedule: history must be a list of history records (dicts), got "
+                        f"{type(history).__name__}")
     if not history:
         raise ValueError("export_schedule: the history is empty (no rounds ran)")
     pieces: list[tuple] = []
     position = 0
-    for record in history:
+    for record, lineage in zip(history, _lineages(history, member, population_size)):
         start = record.get("start_step", position)
         if start != position:
             raise ValueError(f"export_schedule: the history has a gap or overlap at step {position} "
                              f"(the next record starts at step {start})")
-        for piece in _pieces_of(record, start, member, duty_cycle, batch_size, population_size):
+        for piece in _pieces_of(record, start, lineage, duty_cycle, batch_size, population_size):
             if pieces and pieces[-1][3:] == piece[3:]:
                 pieces[-1] = (pieces[-1][0], pieces[-1][1], piece[2], *pieces[-1][3:])
             else:

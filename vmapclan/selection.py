@@ -299,6 +299,8 @@ def select(losses: torch.Tensor, genomes: Mapping[str, torch.Tensor], specs: Map
         genomes = dict(genomes)
     record = {"genomes": used, "val_losses": means.tolist(), "winner": winner,
               "incumbent": {n: v.item() for n, v in incumbent.items()}}
+    if selection == "truncation":  # who copied whom: the lineage a schedule's export follows
+        record["sources"] = sources.tolist()
     if selection is None and order.finite < p:  # said plainly: without selection it stays diverged to the end
         record["diverged_members"] = sorted(order[order.finite:])
     if choice is not None:
