@@ -187,12 +187,24 @@ def test_export_from_a_plain_clan_history():
     with pytest.raises(ValueError, match=r"export_schedule: population_size=3, but the history's rounds hold genomes "
                                          r"of \[2\] members"):
         export_schedule(history, 10, duty_cycle=0.2, batch_size=4, population_size=3)
+    with pytest.raises(ValueError, match=r"export_schedule: duty_cycle must be a number in \(0, 1\], got 2.0"):
+        export_schedule(history, 10, duty_cycle=2.0, batch_size=4, population_size=2)
     for not_history in ("history.json", history[0], 3):
         with pytest.raises(TypeError, match="export_schedule: history must be a list of history records"):
             export_schedule(not_history, 10)
     no_genes = [dict(history[0], genomes={"lr": [1e-3, 1e-3]})]
     with pytest.raises(ValueError, match="round 0 has no gene 'weight_decay'; the clan needs autobind"):
         export_schedule(no_genes, 10, duty_cycle=0.2, batch_size=4, population_size=2)
+
+
+def test_replay_refuses_arguments_of_the_wrong_kind_by_name(three_phase_run):
+    results, config = three_phase_run[0], tiny()
+    with pytest.raises(TypeError, match="replay: schedule must be a PhaseSchedule .*, got list"):
+        replay([1, 2], config)
+    with pytest.raises(TypeError, match=r"replay: config must be a RunConfig or a dict of its tables .*, got str"):
+        replay(results.schedule, "config.toml")
+    with pytest.raises(TypeError, match="replay: callback must be callable, got int"):
+        replay(results.schedule, config, callback=3)
 
 
 def test_replay_follows_the_schedule_exactly(three_phase_run, tmp_path):

@@ -220,6 +220,32 @@ def test_a_fifo_checkpoint_is_refused_without_blocking(tmp_path):
     assert "checkpoint.pt is not a regular file" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "replay"])
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_config_or_schedule_that_is_no_file_is_refused_in_one_line_without_blocking(tmp_path, command, kind):
+    path = tmp_path / ("config.toml" if command == "train" else "schedule.json")
+    path.mkdir() if kind == "directory" else os.mkfifo(path)
+    args = [str(path), "--out", str(tmp_path / "run")] if command == "train" else [str(path)]
+    done = subprocess.run([sys.executable, "-m", "vmapclan.cli", command, *args, "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_INPUT and "Traceback" not in done.stderr
+    said = "is a directory, not a file" if kind == "directory" else "is not a regular file"
+    assert done.stderr.count("\n") == 1 and f"{path} {said}" in done.stderr and done.stderr.count(str(path)) == 1
+
+
+def test_a_schedule_edited_into_settings_the_replay_refuses_is_one_line(tmp_path, capsys):
+    from vmapclan.cli import main
+
+    config = write(tmp_path, tiny(total_steps=20))
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--no-progress", "--no-plots"]) == EXIT_OK
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "run" / "schedule.json").read_text())
+    saved["clan"]["kept_step"] = 99999
+    (tmp_path / "edited.json").write_text(json.dumps(saved))
+    assert main(["replay", str(tmp_path / "edited.json"), "--no-progress", "--out", str(tmp_path / "o")]) == EXIT_INPUT
+    assert capsys.readouterr().err == "vmapclan: error: replay: keep_step must be an int in [0, 20], got 99999\n"
+
+
 @pytest.mark.parametrize("code, name", [(errno.ENOSPC, "No space left on device (ENOSPC)"),
                                         (errno.EROFS, "Read-only file system (EROFS)")])
 def test_a_write_error_is_named_in_one_line_and_the_old_checkpoint_stays(tmp_path, monkeypatch, capsys, code,

@@ -15,11 +15,11 @@ import io
 import os
 import pickle
 import re
-import stat
 import tempfile
 
 import torch
 
+from .checks import read_regular_file
 from .rundir import process_alive
 
 __all__ = ["save_checkpoint", "load_checkpoint", "FILE_FORMAT_VERSION"]
@@ -101,25 +101,6 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
             os.close(dir_fd)
 
 
-def _read_regular_file(path: str) -> bytes:
-    """The bytes of ``path``, refusing anything but a regular file without blocking on it."""
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}") from None
-    except OSError as err:
-        raise ValueError(f"load_checkpoint: cannot open {path}: {err.strerror or err}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"load_checkpoint: {path} is not a regular file")
-        try:
-            return f.read()
-        except OSError as err:
-            raise ValueError(f"load_checkpoint: cannot read {path}: {err.strerror or err}") from None
-
-
 def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`, after checking its size and hash.
 
@@ -133,7 +114,7 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
             version, truncated, or its contents do not match its hash.
     """
     path = os.fspath(path)
-    data = _read_regular_file(path)
+    data = read_regular_file(path, "load_checkpoint", "no checkpoint")
     if not data.startswith(_MAGIC):
         if data[:4] == b"PK\x03\x04":  # a bare torch.save zip: what format 1 wrote
             raise ValueError(f"load_checkpoint: {path} is a bare torch.save file: checkpoint format 1 (no content "

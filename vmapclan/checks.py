@@ -18,6 +18,8 @@ Example:
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections.abc import Collection
 from typing import NoReturn
 
@@ -108,3 +110,32 @@ def check_device(device, who: str) -> torch.device:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{who}: device {str(device)!r} cannot be used: {reason}") from None
     return device
+
+
+def read_regular_file(path, who: str | None, missing: str = "no such file") -> bytes:
+    """The bytes of the file ``path``, refusing anything else (a directory, a FIFO) without blocking on it.
+
+    Raises:
+        FileNotFoundError: ``"{who}: {missing} at {path}"`` when nothing is there.
+        ValueError: for a path that is not a regular file, or that cannot be read (the message
+            starts with ``"{who}: "``, or with the path when ``who`` is ``None``).
+    """
+    prefix = "" if who is None else f"{who}: "
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{prefix}{missing} at {path}") from None
+    except OSError as err:
+        raise ValueError(f"{prefix}cannot open {path}: {err.strerror or err}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{prefix}{path} is {'a directory, not a file' if stat.S_ISDIR(mode) else 'not a regular file'}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"{prefix}cannot read {path}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)

@@ -391,6 +391,8 @@ def _replay(args) -> int:
     start = time.perf_counter()
     try:
         result = replay(schedule, config, callback=on_step, task=task, keep_step=clan.get("kept_step"))
+    except (ValueError, TypeError) as err:  # a schedule.json edited into settings the replay refuses
+        raise _InputError(str(err)) from None
     finally:
         if bar is not None:
             bar.close()
@@ -502,8 +504,9 @@ def _main(argv) -> int:
                 config = RunConfig.from_toml(args.config)
             except FileNotFoundError:
                 raise _InputError(f"no such file: {args.config}") from None
-            except (ValueError, TypeError) as err:
-                raise _InputError(f"{args.config}: {err}") from None
+            except (ValueError, TypeError) as err:  # named by the path (once: a file it cannot read says it already)
+                text = str(err)
+                raise _InputError(text if text.startswith(str(args.config)) else f"{args.config}: {text}") from None
         return _train(config, args)
     except _InputError as err:
         print(f"vmapclan: error: {err}", file=sys.stderr)

@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from .checks import int_in, number_in, positive_int, refuse
+from .checks import int_in, number_in, positive_int, read_regular_file, refuse
 from .genome import ADAMW_GENES
 from .rounds import check_phases, round_problem
 from .settings import DEFAULTS, HORIZON_LR_SHAPE, HORIZON_WARMUP, WSD_DECAY
@@ -153,11 +153,11 @@ def read_toml(path) -> dict:
     except ImportError:  # Python 3.10
         import tomli as tomllib
 
-    with open(path, "rb") as f:
-        try:
-            return tomllib.load(f)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: invalid TOML: {err}") from None
+    text = read_regular_file(path, None)
+    try:
+        return tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: invalid TOML: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True)

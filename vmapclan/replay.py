@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .checks import is_int, refuse
+from .checks import is_int, number_in, read_regular_file, refuse
 from .genome import ADAMW_GENES, group_ratios, optimizer_settings
 from .plan import data_key, frozen_parameters, phase_data
 from .rounds import competitive_steps
@@ -155,6 +155,8 @@ def export_schedule(history: Sequence[Mapping], total_steps: int, *, member: int
                         f"{type(history).__name__}")
     if not history:
         raise ValueError("export_schedule: the history is empty (no rounds ran)")
+    if duty_cycle is not None:
+        number_in(duty_cycle, "export_schedule: duty_cycle", 0.0, 1.0, low_open=True)
     pieces: list[tuple] = []
     position = 0
     for record, lineage in zip(history, _lineages(history, member, population_size)):
@@ -203,11 +205,11 @@ def read_schedule(path: str | os.PathLike) -> tuple[PhaseSchedule, RunConfig, di
         FileNotFoundError: if there is no such file.
         ValueError: for a file that is not a vmapclan schedule.
     """
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not JSON: {err}") from None
+    text = read_regular_file(path, "read_schedule", "no schedule")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not JSON: {err}") from None
     if not isinstance(data, Mapping) or data.get("format_version") != SCHEDULE_VERSION:
         raise ValueError(f"{path}: not a vmapclan schedule (format_version {SCHEDULE_VERSION} expected)")
     for key in ("config", "total_steps", "phases"):
@@ -292,9 +294,18 @@ def replay(schedule: PhaseSchedule, config: RunConfig | Mapping, *, total_steps:
     Raises:
         ValueError: for a batch size larger than the training set, a task that cannot be
             imported, or model, data, freeze or growth settings the task refuses.
+        TypeError: for a schedule, config or callback of the wrong kind.
     """
+    if not isinstance(schedule, PhaseSchedule):
+        raise TypeError(f"replay: schedule must be a PhaseSchedule (read_schedule gives one), got "
+                        f"{type(schedule).__name__}")
     if isinstance(config, Mapping):
         config = RunConfig.from_dict(config)
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"replay: config must be a RunConfig or a dict of its tables (RunConfig.from_toml reads a "
+                        f"file), got {type(config).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"replay: callback must be callable, got {type(callback).__name__}")
     total = config.total_steps if total_steps is None else total_steps
     TimeController(total)  # validates total_steps
     if keep_step is not None and (not is_int(keep_step) or not 0 <= keep_step <= total):
