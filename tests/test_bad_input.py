@@ -146,6 +146,18 @@ def run_get_gene_unknown():
     clan().round().get_gene("learning_rate")
 
 
+def _clan_with(**settings):
+    model = nn.Linear(3, 2)
+    return Clan(model, torch.optim.AdamW(model.parameters(), **settings), population_size=4, autobind=["adamw"])
+
+
+def _results():
+    from vmapclan.record import TrainingResults
+
+    return TrainingResults(config=None, total_steps=1, history=[], metrics=[], final={}, best_model=None,
+                           schedule=None)
+
+
 def _adamw():
     population = PopulationModel(nn.Linear(2, 1), 2)
     return BatchedAdamW.for_population(population, {"lr": 1e-3, "weight_decay": 0.0, "betas/0": 0.9, "betas/1": 0.999,
@@ -265,6 +277,17 @@ CATALOGUE = [
      r"data.max_chars=1000 is too small for data.seq_len=500 \(\d+ training and \d+ validation characters\)"),
     ("an unknown task", lambda: get_task("mnist"), ValueError,
      r"task 'mnist' is neither a built-in task \['digits-mlp', 'stdlib-chars'\] nor 'package.module:ClassName'"),
+    ("loader tensors of different lengths",
+     lambda: clan().loader((torch.randn(100, 4), torch.zeros(50, dtype=torch.long)), 4), ValueError,
+     r"clan.loader: the tensors must hold the same number of samples \(their first dimension\), got \[\[100, 4\], \[50\]\]"),
+    ("an AdamW lr of 0 to evolve", lambda: _clan_with(lr=0.0), ValueError,
+     r"Clan: autobind=\['adamw'\] evolves the optimizer's lr by factors \(within lr / 100 and lr x 100\), so it must "
+     r"be positive, got 0.0"),
+    ("a checkpoint of a clan with other gene bounds",
+     lambda: _clan_with(lr=1e-2, eps=1e-6).load_state_dict(_clan_with(lr=1e-2).state_dict()), ValueError,
+     r"Clan.load_state_dict: the checkpoint's gene 'eps' has high 1e-06, this clan's 9.99+e-05$"),
+    ("a table of no rows", lambda: _results().rounds_table(max_rows=0), ValueError,
+     r"rounds_table: max_rows must be a positive int, got 0"),
     ("a population size that is not an int", lambda: PopulationModel(nn.Linear(2, 1), 2.7), ValueError,
      r"PopulationModel: population_size must be a positive int, got 2.7"),
     ("a population of none", lambda: PopulationModel(nn.Linear(2, 1), 0), ValueError,

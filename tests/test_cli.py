@@ -108,6 +108,7 @@ def test_the_python_machine_shows_the_same_bar(capsys):
     (["train", "x.toml", "--steps", "many"], EXIT_USAGE, "argument --steps: invalid int value: 'many'"),
     (["demo", "--threads", "0"], EXIT_USAGE, "--threads must be a positive int, got 0"),
     (["train", "x.toml", "--steps", "-3"], EXIT_USAGE, "--steps must be a positive int, got -3"),
+    (["train", "x.toml", "--rows", "0"], EXIT_USAGE, "--rows must be a positive int, got 0"),
     (["replay", "schedule.json", "--out", "x.json"], EXIT_USAGE,
      "vmapclan: error: replay --out is a directory (it gets replay.json, and tensorboard/ with --tensorboard), "
      "got 'x.json'"),

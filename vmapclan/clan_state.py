@@ -124,6 +124,17 @@ def _check_config(clan, theirs, who: str) -> None:
                 raise ValueError(f"{who}: the checkpoint's optimizer {differs} (no gene holds it) is "
                                  f"{theirs[key].get(differs)!r}, this clan's is {mine.get(differs)!r}")
             continue
+        if key == "genes" and isinstance(theirs.get(key), Mapping) and isinstance(mine, Mapping):
+            # name the gene and the field that differ, not both whole tables
+            for gene in sorted({*mine, *theirs[key]}):
+                a, b = theirs[key].get(gene), mine.get(gene)
+                if a != b:
+                    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+                        raise ValueError(f"{who}: the checkpoint's clan {'has' if a is not None else 'lacks'} the "
+                                         f"gene {gene!r}, this clan {'has' if b is not None else 'lacks'} it")
+                    field = next(k for k in sorted({*a, *b}, key=str) if a.get(k) != b.get(k))
+                    raise ValueError(f"{who}: the checkpoint's gene {gene!r} has {field} {a.get(field)!r}, "
+                                     f"this clan's {b.get(field)!r}")
         if mine != theirs.get(key):
             raise ValueError(f"{who}: the checkpoint's {key} is {theirs.get(key)!r}, this clan's is {mine!r}")
 

@@ -472,7 +472,7 @@ def _main(argv) -> int:
             return EXIT_USAGE
         except RuntimeError:
             pass
-    for option in ("threads", "steps"):  # bad command lines, like argparse's own refusals
+    for option in ("threads", "steps", "rows"):  # bad command lines, like argparse's own refusals
         value = getattr(args, option, None)
         if value is not None and value < 1:
             print(f"vmapclan: error: --{option} must be a positive int, got {value}", file=sys.stderr)

@@ -120,6 +120,10 @@ class ClanLoader:
     def __init__(self, clan, dataset, batch_size: int, *, device: torch.device | str | None = None,
                  stretches=None):
         if isinstance(dataset, (tuple, list)) and dataset and all(isinstance(t, torch.Tensor) for t in dataset):
+            lengths = [len(t) if t.dim() else None for t in dataset]
+            if len(set(lengths)) > 1 or None in lengths:
+                raise ValueError(f"clan.loader: the tensors must hold the same number of samples (their first "
+                                 f"dimension), got {[list(t.shape) for t in dataset]}")
             dataset = TensorDataset(*dataset)
         if not (isinstance(dataset, Dataset) or hasattr(dataset, "__getitem__")) or not hasattr(dataset, "__len__"):
             raise TypeError(

@@ -141,6 +141,10 @@ def autobind_genes(names, optimizer: torch.optim.Optimizer | None) -> dict[str, 
             settings = optimizer_settings(optimizer)
             lr, wd, eps = settings["lr"], settings["weight_decay"], settings["eps"]
             beta1, beta2 = settings["betas/0"], settings["betas/1"]
+            for key, value in (("lr", lr), ("eps", eps)):
+                if not value > 0:
+                    raise ValueError(f"Clan: autobind=['adamw'] evolves the optimizer's {key} by factors (within "
+                                     f"{key} / 100 and {key} x 100), so it must be positive, got {value}")
             genes["lr"] = Gene(lr / 100, lr * 100, init=lr)
             genes["weight_decay"] = (
                 Gene(wd / 100, wd * 100, init=wd) if wd > 0 else Gene(0.0, 1.0, init=0.0, scale="linear")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checks import is_int
+from .checks import is_int, positive_int
 from .config import RunConfig
 from .replay import write_schedule
 from .schedule import PhaseSchedule
@@ -230,7 +230,13 @@ class TrainingResults:
         return [r for r in self.history if r["kind"] == "round"]
 
     def rounds_table(self, max_rows: int | None = None) -> str:
-        """A text table: one row per round or cooperative stretch (the last ``max_rows`` if given)."""
+        """A text table: one row per round or cooperative stretch (the last ``max_rows`` if given).
+
+        Raises:
+            ValueError: for ``max_rows`` that is not a positive int.
+        """
+        if max_rows is not None:
+            positive_int(max_rows, "rounds_table: max_rows")
         head = f"{'phase':<12} {'round':>5} {'steps':>11} {'t_end':>6} {'winner':>6} {'best val':>9} " \
                f"{'lr':>9} {'wd':>9} {'beta1':>6} {'beta2':>7}"
         rows = [head, "-" * len(head)]
