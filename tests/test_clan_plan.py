@@ -295,6 +295,19 @@ def test_the_lr_factor_and_the_phase_ahead_inside_cooperate():
     assert clan.lr_factor == P ** -0.5  # a done round stays in its competitive phase until selection
 
 
+def test_inside_cooperate_the_genome_in_force_is_the_incumbents_the_one_model_trains_with():
+    model = nn.Linear(3, 2)
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), lr=1e-2), population_size=4, autobind=["adamw"],
+                round_length=4, duty_cycle=1.0)
+    finish(clan)
+    clan.step(torch.tensor([1.0, 2.0, 3.0, 0.5]))
+    member = clan.round()
+    assert len(set(member.genome["lr"].tolist())) > 1  # the winner's offspring differ
+    with clan.cooperate():
+        assert member.genome["lr"].tolist() == [clan.incumbent["lr"].item()] * 4
+    assert len(set(member.genome["lr"].tolist())) > 1
+
+
 def test_freezing_checks_its_indices_and_outlives_a_growth():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2))

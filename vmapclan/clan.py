@@ -203,7 +203,7 @@ class Clan:
     def genes_in_force(self) -> dict[str, torch.Tensor]:
         """The genes in force for this rank's members, ``{name: [local_size]}`` (see :meth:`GenePool.in_force`)."""
         overrides = self._stretch_hyper() if self.clock.in_cooperative_stretch else None
-        return self.genepool.in_force(self.phase == COOPERATIVE, self.members, overrides)
+        return self.genepool.in_force(self.cooperating, self.members, overrides)  # cooperate() too: one model
 
     lr_factor = property(lambda self: self.settings.lr_factor(self.time_step, self.cooperating), doc="The factor on "
                          "every member's lr at the next step: the time shape times the competitive share.")
