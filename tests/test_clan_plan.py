@@ -385,3 +385,16 @@ def test_a_loader_warns_when_the_data_would_get_another_default_plan():
     assert clan(total_steps=100, autobind=[]).settings.data_plan(100, 8) is None  # no lr gene: no search to plan
     with pytest.raises(ValueError, match="ClanSettings.data_plan: train_samples must be a positive int, got 0"):
         ClanSettings(population_size=4, total_steps=100).data_plan(0, 8)
+
+
+def test_a_decay_that_the_lr_shape_does_not_read_gives_a_warning():
+    model = nn.Linear(3, 2)
+    with pytest.warns(UserWarning, match=r"Clan: decay=0.3 is the share of the 'wsd' shape's final decay; "
+                                         r"lr_schedule='cosine' does not read it"):
+        Clan(model, torch.optim.AdamW(model.parameters()), population_size=2, total_steps=100, lr_schedule="cosine",
+             decay=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Clan(model, torch.optim.AdamW(model.parameters()), population_size=2, total_steps=100, lr_schedule="wsd",
+             decay=0.3)
+        Clan(model, torch.optim.AdamW(model.parameters()), population_size=2, total_steps=100, decay=0.2)

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 
 from .checks import is_int, number_in, one_of, positive_int, refuse
@@ -179,6 +180,9 @@ class ClanSettings:
         warmup = self.warmup if self.warmup is not None else (HORIZON_WARMUP if horizon is not None else 0.0)
         decay = self.decay if self.decay is not None else WSD_DECAY
         check_lr_shape(shape, warmup, decay, "Clan: ")
+        if shape != "wsd" and decay != WSD_DECAY:  # the default passes unremarked (the machine always gives one)
+            warnings.warn(f"Clan: decay={decay!r} is the share of the 'wsd' shape's final decay; "
+                          f"lr_schedule={shape!r} does not read it", stacklevel=5)
         object.__setattr__(self, "lr_schedule", shape)
         object.__setattr__(self, "warmup", float(warmup))
         object.__setattr__(self, "decay", float(decay))
