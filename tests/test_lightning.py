@@ -393,6 +393,17 @@ def test_a_fit_without_the_clan_callback_is_an_error_also_when_on_fit_start_is_t
     assert module.started and module.clan.global_step == 0
 
 
+def test_a_second_fit_without_the_clan_callback_is_refused_too():
+    module = Tiny()
+    fit(module, max_steps=2)
+    steps = module.clan.global_step
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"ClanModule: the Trainer has no ClanCallback"):
+        trainer.fit(module)
+    assert module.clan.global_step == steps
+
+
 def test_base_member_validation_step_is_abstract():
     with pytest.raises(NotImplementedError, match=r"ClanModule must implement member_validation_step\(batch, batch_idx\)"):
         ClanModule(small_clan()).member_validation_step(DATA, 0)

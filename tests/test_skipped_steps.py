@@ -193,24 +193,37 @@ def accumulated_reference(start, steps: int, accumulate: int, skipped_micro):
     return model
 
 
-@pytest.mark.parametrize("counts, path", [((1, 1), "member"), ((2, 2), "member"), ((1, 2), "member"),
-                                          ((2, 3), "member"), ((1, 2), "fused"), ((3, 2), "fused")])
-def test_with_the_accumulation_gene_each_members_window_without_gradient_is_skipped_as_torch_adamw(counts, path):
-    """Each member's update skips the parameters that no micro-batch of its own window reached, as
-    ``torch.optim.AdamW`` skips a ``None`` grad, also when the members accumulate different counts."""
-    steps, skipped_micro = 18, range(6, 12)
-    torch.manual_seed(0)
-    start = TwoLayers().double()
+def accumulating_clan(start, counts):
+    """A clan of ``len(counts)`` members at the optimizer's settings, accumulating ``counts`` micro-batches each."""
     model = copy.deepcopy(start)
-    clan = Clan(model, torch.optim.AdamW(model.parameters(), **SETTINGS), population_size=2, round_length=steps,
-                duty_cycle=1.0, selection=None, autobind=["adamw", "gradient_accumulation"])
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), **SETTINGS), population_size=len(counts),
+                round_length=18, duty_cycle=1.0, selection=None, autobind=["adamw", "gradient_accumulation"])
     for gene, values in clan.genes_in_force().items():  # every member at the optimizer's settings
         if gene != "num_grad_accum":
-            clan.set_genome(gene, values[:1].expand(2).clone())
+            clan.set_genome(gene, values[:1].expand(len(counts)).clone())
     clan.set_genome("num_grad_accum", torch.tensor(counts))
+    return clan
+
+
+@pytest.mark.parametrize("counts, path", [((1, 1), "member"), ((2, 2), "member"), ((1, 2), "member"),
+                                          ((2, 3), "member"), ((1, 2), "fused"), ((3, 2), "fused"),
+                                          ((2, 3), "resumed"), ((3, 3), "resumed")])
+def test_with_the_accumulation_gene_each_members_window_without_gradient_is_skipped_as_torch_adamw(counts, path):
+    """Each member's update skips the parameters that no micro-batch of its own window reached, as
+    ``torch.optim.AdamW`` skips a ``None`` grad: also when the members accumulate different counts,
+    and resumed from a state saved in the middle of a window."""
+    steps, skipped_micro = 18, range(6, 12) if path != "resumed" else range(2, 18)  # resumed: 'a' never again
+    torch.manual_seed(0)
+    start = TwoLayers().double()
+    clan = accumulating_clan(start, counts)
     step = FusedStep(clan, F.mse_loss) if path == "fused" else None
     member = clan.round()
     for i, (x, y) in enumerate(batches(steps)):
+        if path == "resumed" and i == 4:  # mid-window: 1 of 2 or 3 micro-batches pending
+            state = copy.deepcopy(clan.state_dict())
+            clan = accumulating_clan(start, counts)
+            clan.load_state_dict(state)
+            member = clan.round()
         clan.population.module.skip_a = i in skipped_micro
         if step is not None:
             step(member.share(x), member.share(y))
@@ -224,3 +237,33 @@ def test_with_the_accumulation_gene_each_members_window_without_gradient_is_skip
         updates = [(i + 1) // accumulate - 1 for i in range(steps) if (i + 1) % accumulate == 0]
         sat_out = sum(all(j in skipped_micro for j in range(u * accumulate, (u + 1) * accumulate)) for u in updates)
         assert clan.optimizer.adamw_state.skipped[m, :2].tolist() == [float(sat_out)] * 2
+
+
+@pytest.mark.parametrize("counts", [(1, 3), (3, 3)])
+def test_the_vmap_backward_with_accumulation_skips_what_a_phase_switches_off(counts):
+    """The vmap backward's reached parameters (found per phase) feed each member's window as autograd's do."""
+    from vmapclan import Phase
+
+    steps = 12
+    torch.manual_seed(0)
+    start = TwoLayers().double()
+    model = copy.deepcopy(start)
+    phases = [Phase("on", 0.0, 0.25), Phase("off", 0.25, 0.66), Phase("on-again", 0.66, 1.0)]
+    clan = Clan(model, torch.optim.AdamW(model.parameters(), **SETTINGS), population_size=2, total_steps=steps,
+                schedule=phases, round_length=1, duty_cycle=1.0, selection=None,
+                autobind=["adamw", "gradient_accumulation"], lr_schedule="constant", warmup=0.0, competitive_lr="same")
+    step = FusedStep(clan, F.mse_loss, backward="vmap")
+    member = clan.round()
+    for i, (x, y) in enumerate(batches(steps)):
+        if i == 0:  # the genes as the optimizer's, the counts as given (set_genome holds them to the next round)
+            for gene, values in clan.genes_in_force().items():
+                clan.set_genome(gene, torch.tensor(counts) if gene == "num_grad_accum" else values[:1].expand(2).clone())
+        clan.population.module.skip_a = i in SKIPPED
+        step(member.share(x), member.share(y))
+        clan.step(torch.tensor([1.0, 2.0]))
+        member = clan.round()
+    for m, accumulate in enumerate(counts):
+        expected = accumulated_reference(start, steps, accumulate, SKIPPED)
+        got = clan.population.member_module(m)
+        for name, tensor in expected.named_parameters():
+            torch.testing.assert_close(got.get_parameter(name), tensor, rtol=1e-12, atol=1e-12, msg=f"{m} {name}")

@@ -326,12 +326,14 @@ class ClanModule(pl.LightningModule):
         self._require_callback()
 
     def _require_callback(self) -> None:
-        if getattr(self, "_callback_checked", False):
+        trainer = self.trainer
+        checked = getattr(self, "_checked_trainer", None)  # a weak reference: the module must not hold its Trainer
+        if checked is not None and checked() is trainer:  # once per Trainer: a later fit may have none
             return
-        if not any(isinstance(callback, ClanCallback) for callback in self.trainer.callbacks):
+        if not any(isinstance(callback, ClanCallback) for callback in trainer.callbacks):
             raise ValueError("ClanModule: the Trainer has no ClanCallback, so the clan would never step (no rounds, "
                              "selection or lr shape); pass callbacks=[ClanCallback(val_loader)] to the Trainer")
-        self._callback_checked = True
+        self._checked_trainer = weakref.ref(trainer)
 
     def configure_optimizers(self):
         """The clan's batched AdamW (per-member hyperparameters, over the stacked members).

@@ -285,6 +285,7 @@ class PopulationModel:
         # missed a parameter (from then on the skipped parameters are found per member's window).
         self.reached_log: collections.deque[frozenset[str]] = collections.deque(maxlen=REACHED_LOG_LENGTH)
         self.partial_backwards = False
+        self.warned_partial_accumulation = False  # on CUDA, where the windows are not followed (said once)
         offset = 0
         for name, shape in self.shapes.items():
             n = shape.numel()
@@ -465,6 +466,7 @@ class PopulationModel:
 
     def note_grads(self, names) -> None:
         """Record that a backward reached the parameters ``names`` (see :meth:`unused_columns`)."""
+        names = tuple(names)  # read twice
         self.grad_seen.update(names)
         self.grad_reached.update(names)
 
@@ -674,22 +676,26 @@ class PopulationModel:
         """With accumulation: for each member this update releases, the parameters no backward of its window reached.
 
         A member's window is its pending micro-batches (``accum_count``) and the current one.
-        ``None`` while every backward has reached every parameter (then :meth:`unused_columns`
-        is exact, and nothing is read from the device); otherwise one host read of the counts,
+        ``None`` (then :meth:`unused_columns` decides, from every parameter reached since the
+        gradients were last released by all members, or since the clan was loaded) while every
+        backward has reached every parameter, where nothing needs reading from the device, and on
+        CUDA, where reading the counts would synchronise every step (see
+        :func:`~vmapclan.gradients.release_gradients_`). Otherwise one host read of the counts,
         and ``[(rows, parameter indices)]``, the members grouped by what their windows missed.
-        A window that reaches past :data:`REACHED_LOG_LENGTH` micro-batches, or holds one whose
-        gradients no backward wrote, counts every parameter as reached.
+        A window that reaches back before the log (a load, a growth, or more than
+        :data:`REACHED_LOG_LENGTH` micro-batches) counts what was reached since the log began; one
+        holding a micro-batch whose gradients no backward wrote counts every parameter as reached.
         """
         if self.grad_reached and len(self.grad_reached) < len(self.columns):  # this update's own backwards
             self.partial_backwards = True
-        if not self.partial_backwards:
+        if not self.partial_backwards or accum_count.is_cuda:
             return None
         pending, targets = accum_count.tolist(), num_grad_accum.tolist()
         log, names = list(self.reached_log), list(self.columns)
         groups: dict[tuple[int, ...], list[int]] = {}
         for member, (count, target) in enumerate(zip(pending, targets)):
-            window = [self.grad_reached, *log[len(log) - count:]] if count else [self.grad_reached]
-            if count + 1 < target or count > len(log) or not all(window):
+            window = [self.grad_reached, *log[max(len(log) - count, 0):]] if count else [self.grad_reached]
+            if count + 1 < target or not all(window):
                 continue
             reached = set().union(*window)
             missed = tuple(k for k, name in enumerate(names) if name not in reached)
