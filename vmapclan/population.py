@@ -276,16 +276,7 @@ class PopulationModel:
         self.grad_flat = torch.zeros_like(self.flat)
         self._params: dict[str, torch.Tensor] = {}
         self.columns: dict[str, slice] = {}  # each parameter's columns of flat and grad_flat
-        # Names of the parameters that received a gradient since the gradients were last released
-        # (see unused_columns), and by the backwards since the last update (one micro-batch's):
-        # autograd's post-accumulate hooks fill them in (note_grads).
-        self.grad_seen: set[str] = set()
-        self.grad_reached: set[str] = set()
-        # With accumulation: each update's grad_reached, newest last, and whether one of them
-        # missed a parameter (from then on the skipped parameters are found per member's window).
-        self.reached_log: collections.deque[frozenset[str]] = collections.deque(maxlen=REACHED_LOG_LENGTH)
-        self.partial_backwards = False
-        self.warned_partial_accumulation = False  # on CUDA, where the windows are not followed (said once)
+        self._start_grad_record()
         offset = 0
         for name, shape in self.shapes.items():
             n = shape.numel()
@@ -463,6 +454,19 @@ class PopulationModel:
                 raise ValueError(f"{who}: the checkpoint's {'/'.join(map(str, path))} is {got}, "
                                  f"expected {target.dtype} {list(target.shape)}")
         return tree
+
+    def _start_grad_record(self) -> None:
+        """The record of which parameters the backwards reached (see :meth:`unused_columns`)."""
+        # Names of the parameters that received a gradient since the gradients were last released,
+        # and by the backwards since the last update (one micro-batch's): autograd's
+        # post-accumulate hooks fill them in (note_grads).
+        self.grad_seen: set[str] = set()
+        self.grad_reached: set[str] = set()
+        # With accumulation: each update's grad_reached, newest last, and whether one of them
+        # missed a parameter (from then on the skipped parameters are found per member's window).
+        self.reached_log: collections.deque[frozenset[str]] = collections.deque(maxlen=REACHED_LOG_LENGTH)
+        self.partial_backwards = False
+        self.warned_partial_accumulation = False  # on CUDA, where the windows are not followed (said once)
 
     def note_grads(self, names) -> None:
         """Record that a backward reached the parameters ``names`` (see :meth:`unused_columns`)."""
