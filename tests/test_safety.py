@@ -246,6 +246,22 @@ def test_a_schedule_edited_into_settings_the_replay_refuses_is_one_line(tmp_path
     assert capsys.readouterr().err == "vmapclan: error: replay: keep_step must be an int in [0, 20], got 99999\n"
 
 
+def test_an_error_in_the_replay_that_is_not_its_input_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Only the replay's own refusals of its input are one line: a bug elsewhere is not hidden as exit 3."""
+    import vmapclan.replay as replay_module
+    from vmapclan.cli import main
+
+    config = write(tmp_path, tiny(total_steps=20))
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--no-progress", "--no-plots"]) == EXIT_OK
+
+    def broken(*args, **kwargs):
+        raise ValueError("a model's own bug")
+
+    monkeypatch.setattr(replay_module, "replay", broken)
+    with pytest.raises(ValueError, match="a model's own bug"):
+        main(["replay", str(tmp_path / "run" / "schedule.json"), "--no-progress"])
+
+
 @pytest.mark.parametrize("code, name", [(errno.ENOSPC, "No space left on device (ENOSPC)"),
                                         (errno.EROFS, "Read-only file system (EROFS)")])
 def test_a_write_error_is_named_in_one_line_and_the_old_checkpoint_stays(tmp_path, monkeypatch, capsys, code,

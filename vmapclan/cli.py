@@ -391,8 +391,10 @@ def _replay(args) -> int:
     start = time.perf_counter()
     try:
         result = replay(schedule, config, callback=on_step, task=task, keep_step=clan.get("kept_step"))
-    except (ValueError, TypeError) as err:  # a schedule.json edited into settings the replay refuses
-        raise _InputError(str(err)) from None
+    except (ValueError, TypeError) as err:
+        if not str(err).startswith("replay: "):
+            raise  # not the replay's refusal of its input (a bug in a model's code, say): its traceback
+        raise _InputError(str(err)) from None  # a schedule.json edited into settings the replay refuses
     finally:
         if bar is not None:
             bar.close()
