@@ -248,8 +248,9 @@ def test_a_schedule_edited_into_settings_the_replay_refuses_is_one_line(tmp_path
 
 def test_an_error_in_the_replay_that_is_not_its_input_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     """Only the replay's own refusals of its input are one line: a bug elsewhere is not hidden as exit 3."""
-    import vmapclan.replay as replay_module
     from vmapclan.cli import main
+
+    replay_module = sys.modules["vmapclan.replay"]  # the module: vmapclan.replay is also the function's name
 
     config = write(tmp_path, tiny(total_steps=20))
     assert main(["train", str(config), "--out", str(tmp_path / "run"), "--no-progress", "--no-plots"]) == EXIT_OK
