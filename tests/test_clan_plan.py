@@ -398,3 +398,14 @@ def test_a_decay_that_the_lr_shape_does_not_read_gives_a_warning():
         Clan(model, torch.optim.AdamW(model.parameters()), population_size=2, total_steps=100, lr_schedule="wsd",
              decay=0.3)
         Clan(model, torch.optim.AdamW(model.parameters()), population_size=2, total_steps=100, decay=0.2)
+
+
+def test_a_grown_population_resolves_an_auto_update_for_its_new_size_and_keeps_an_explicit_one():
+    model = nn.Sequential(nn.Linear(8, 8))  # 72 values a member: the batched update
+    clan = Clan(model, torch.optim.AdamW(model.parameters()), population_size=4, round_length=4, duty_cycle=0.5)
+    assert clan.optimizer.update == "batched"
+    clan.grow(lambda m: nn.Sequential(*m, nn.Linear(8, 1024), nn.Linear(1024, 8)))  # 17k values: the per-member kernel
+    assert clan.optimizer.update == "per-member" and clan.optimizer.requested_update == "auto"
+    clan.optimizer.update = "batched"
+    clan.grow(lambda m: nn.Sequential(*m, nn.Linear(8, 8)))
+    assert clan.optimizer.update == "batched"

@@ -76,7 +76,7 @@ def grow_population(old: PopulationModel, optimizer: BatchedAdamW, fn: Callable[
         ratios = [before_ratios.get(n, (1.0, 1.0)) for n in new.columns]
     scales = group_scales(ratios, [new.shapes[n].numel() for n in new.columns], new.dtype, device)
     grown = BatchedAdamW(new, optimizer.hyper, optimizer.num_grad_accum, max_grad_norm=optimizer.max_grad_norm,
-                         update=optimizer.update, scales=scales)
+                         update=optimizer.requested_update, scales=scales)
     grown.lr_factor = optimizer.lr_factor
     old_names, new_index = list(old.columns), {name: k for k, name in enumerate(new.columns)}
     grown.freeze([new_index[old_names[k]] for k in optimizer.frozen])  # the same parameters stay frozen

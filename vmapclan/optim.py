@@ -499,6 +499,8 @@ class BatchedAdamW(torch.optim.Optimizer):
     @update.setter
     def update(self, update: str) -> None:
         flat = self.population.flat
+        #: The update as asked for (``"auto"`` stays so: a grown population resolves it again).
+        self.requested_update = update
         self._update = resolve_update(update, flat)
         #: The update for member 0's row alone, while the members train as one model.
         self.one_model_update = resolve_update(update, flat[:1])
