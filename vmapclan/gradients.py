@@ -13,8 +13,6 @@ machine, Lightning) runs the same three steps, written here once:
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 __all__ = ["member_mean", "reduce_gradients_", "release_gradients_", "share_pending_sums_"]
@@ -86,16 +84,8 @@ def release_gradients_(population, accum_count: torch.Tensor | None = None) -> N
         return
     grads.masked_fill_((accum_count[:grads.shape[0]] == 0).view(-1, 1), 0)
     # With accumulation the record runs on (a member's window may begin anywhere), with a log of
-    # what each update's backwards reached, which the update reads once one missed a parameter.
+    # what each update's backwards reached (see PopulationModel.unreached_in_windows).
     population.reached_log.append(frozenset(reached))
-    if reached and len(reached) < len(population.columns):
-        population.partial_backwards = True
-        if grads.is_cuda and not population.warned_partial_accumulation:  # see unreached_in_windows
-            population.warned_partial_accumulation = True
-            warnings.warn("gradient accumulation on CUDA: a backward did not reach every parameter; a parameter "
-                          "that some earlier backward reached is updated (weight decay, moments) even in a window "
-                          "where none did, unlike torch.optim.AdamW, which skips it (on CPU each window is exact)",
-                          stacklevel=3)
 
 
 def share_pending_sums_(grad_row: torch.Tensor, group) -> None:

@@ -94,7 +94,8 @@ def grow_population(old: PopulationModel, optimizer: BatchedAdamW, fn: Callable[
             for before_columns, after_columns in pairs:
                 target[:, after_columns].copy_(source[:, before_columns])
     new.grad_seen, new.grad_reached = set(old.grad_seen), set(old.grad_reached)
-    new.partial_backwards = old.partial_backwards  # the log of names stays behind: windows before growth count as reached
+    # The log of names stays behind: a window that reaches back before the growth counts what was reached since.
+    new.partial_backwards = old.partial_backwards
     new.train(old.training)
     new.one_model = old.one_model
     return new, grown

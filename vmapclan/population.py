@@ -683,8 +683,8 @@ class PopulationModel:
         ``None`` (then :meth:`unused_columns` decides, from every parameter reached since the
         gradients were last released by all members, or since the clan was loaded) while every
         backward has reached every parameter, where nothing needs reading from the device, and on
-        CUDA, where reading the counts would synchronise every step (see
-        :func:`~vmapclan.gradients.release_gradients_`). Otherwise one host read of the counts,
+        CUDA, where reading the counts would synchronise every step (it says so once, in a
+        warning). Otherwise one host read of the counts,
         and ``[(rows, parameter indices)]``, the members grouped by what their windows missed.
         A window that reaches back before the log (a load, a growth, or more than
         :data:`REACHED_LOG_LENGTH` micro-batches) counts what was reached since the log began; one
@@ -692,7 +692,15 @@ class PopulationModel:
         """
         if self.grad_reached and len(self.grad_reached) < len(self.columns):  # this update's own backwards
             self.partial_backwards = True
-        if not self.partial_backwards or accum_count.is_cuda:
+        if not self.partial_backwards:
+            return None
+        if accum_count.is_cuda:
+            if not self.warned_partial_accumulation:
+                self.warned_partial_accumulation = True
+                warnings.warn("gradient accumulation on CUDA: a backward did not reach every parameter; a parameter "
+                              "that some earlier backward reached is updated (weight decay, moments) even in a "
+                              "window where none did, unlike torch.optim.AdamW, which skips it (on CPU each window "
+                              "is exact)", stacklevel=3)
             return None
         pending, targets = accum_count.tolist(), num_grad_accum.tolist()
         log, names = list(self.reached_log), list(self.columns)

@@ -535,7 +535,7 @@ class FusedStep:
         """The one-model form for this model and loss (see :data:`ONE_MODEL_FORMS`), found on the first call."""
         # The answer depends on the modules' training modes (BatchNorm couples samples in
         # training mode only): found again for every combination of them.
-        modes = tuple(m.training for m in self._population.module.modules())
+        modes = self._training_modes()
         form = self._forms.get(modes)
         if form is None:
             form = self._forms[modes] = "batch" if self._batch_form_matches(kwargs, batch) else "members"
@@ -593,10 +593,13 @@ class FusedStep:
         torch.cat([row.new_zeros(row.shape) if g is None else g.reshape(row.shape) for row, g in zip(rows, leaves)],
                   dim=1, out=self._population.grad_flat)
 
+    def _training_modes(self) -> tuple[bool, ...]:
+        return tuple(m.training for m in self._population.module.modules())
+
     def _used_key(self) -> tuple:
         """What the parameters a loss reaches may change with: the plan's phase and the modules' training modes."""
         stretch = self.clan.stretch
-        return (None if stretch is None else stretch.index, tuple(m.training for m in self._population.module.modules()))
+        return None if stretch is None else stretch.index, self._training_modes()
 
     def _find_used(self, kwargs: dict, batch: tuple[torch.Tensor, ...]) -> None:
         """Find which parameters the loss reaches: ``torch.func.grad`` gives the others zeros.
