@@ -728,11 +728,12 @@ class TrainingMachine:
         clan = self.clan
         scores, best, best_model = final_model(self.task, clan, self._datasets[()])
         # A sweep's members never copy each other: the best one's own genes are its schedule.
-        # With truncation its rounds' sources say who copied whom: the best one's ancestry is.
-        lineage = self.config.clan.selection == "none" or all(
-            "sources" in r for r in self.history if r.get("kind") == "round" and r.get("winner") is not None)
-        schedule = export_schedule(self.history, self.total_steps, member=best if lineage and
-                                   self.config.clan.selection != "winner" else None)
+        # With truncation its rounds' sources (who copied whom) lead back through its ancestors;
+        # a run begun before rounds recorded them follows each round's winner.
+        selection = self.config.clan.selection
+        follows_best = selection == "none" or selection == "truncation" and all(
+            "sources" in r for r in self.history if r.get("kind") == "round")
+        schedule = export_schedule(self.history, self.total_steps, member=best if follows_best else None)
         seconds = self.log.elapsed()  # this evaluation's up to here
         final = {"event": "final", "step": clan.time_step, **scores, "best_member": best,
                  "rounds": sum(r["kind"] == "round" for r in self.history),
